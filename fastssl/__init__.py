@@ -1,0 +1,43 @@
+"""fastssl: fast, memory-lean drop-in losses for self-supervised learning.
+
+    >>> from fastssl import NTXentLoss          # was: from lightly.loss import NTXentLoss
+    >>> loss = NTXentLoss(temperature=0.5)(z0, z1)
+
+Modules (``fastssl.losses``) hold hyper-parameters; ``fastssl.functional`` has the functions;
+``fastssl.reference`` is the plain-PyTorch spec; ``fastssl.backends`` chooses between the
+reference, torch, triton and native implementations; ``python -m fastssl.info`` reports them.
+"""
+from . import backends, distributed, functional, ops, reference  # noqa: F401
+from .backends import BackendUnavailableError
+from .functional import (
+    barlow_twins,
+    clip_loss,
+    dino,
+    dino_center,
+    info_nce,
+    negative_cosine_similarity,
+    nt_xent,
+    sinkhorn,
+    sinkhorn_knopp,
+    swav,
+    vicreg,
+)
+from .losses import (
+    BarlowTwinsLoss,
+    DINOLoss,
+    MemoryBankModule,
+    NegativeCosineSimilarity,
+    NTXentLoss,
+    SwaVLoss,
+    VICRegLoss,
+)
+from .momentum import cosine_schedule, update_momentum
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NTXentLoss", "MemoryBankModule", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss",
+    "NegativeCosineSimilarity", "DINOLoss", "info_nce", "nt_xent", "clip_loss", "barlow_twins",
+    "vicreg", "sinkhorn_knopp", "sinkhorn", "swav", "dino", "dino_center",
+    "negative_cosine_similarity", "update_momentum", "cosine_schedule", "BackendUnavailableError",
+]

@@ -1,0 +1,137 @@
+"""``torch.library`` registration of the loss cores, and their backend table.
+
+Each core op is a ``torch.library.custom_op`` in the ``fastssl`` namespace with a fake (meta)
+implementation and an autograd formula, so that ``torch.compile(fullgraph=True)`` traces through
+it and ``torch.library.opcheck`` passes. The backward is an op of its own
+(``fastssl::<name>_backward``), so a compiled graph holds two opaque calls and nothing else.
+
+The ``torch`` backend of every core is registered here. Until a kernel issue gives an op a
+fused algorithm, its forward runs the reference formula without building an autograd graph and
+its backward recomputes the forward under ``torch.func.vjp``: the N×M / D×D intermediates live
+only inside one call instead of being saved between forward and backward.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from . import backends, reference
+
+_OP_SCHEMAS = {
+    "info_nce": "(Tensor query, Tensor keys, Tensor? positive_keys, Tensor? query_labels, "
+    "Tensor? key_labels, Tensor? self_index, float scale, bool symmetric) -> (Tensor, Tensor)",
+    "barlow_twins": "(Tensor z_a, Tensor z_b, float lambda_param) -> Tensor",
+    "vicreg_variance_covariance": "(Tensor z_a, Tensor z_b, float eps) -> Tensor",
+    "soft_cross_entropy_pairs": "(Tensor targets, Tensor logits, float scale) -> Tensor",
+    "negative_cosine_similarity": "(Tensor x0, Tensor x1, float eps) -> Tensor",
+    "sinkhorn": "(Tensor scores, int iterations, float epsilon, Tensor? row_marginals, "
+    "Tensor? col_marginals, float tolerance, bool gather_distributed) -> Tensor",
+}
+
+
+def _as_tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _empty_grad(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+def define_recompute_op(name: str, impl: Callable, fake: Callable, differentiable: Sequence[int]):
+    """Define ``fastssl::<name>`` running ``impl``, with a backward op that recomputes it.
+
+    ``differentiable``: positions of the tensor arguments that receive gradients (an absent
+    optional tensor gets none). Returns the forward op.
+    """
+    schema = _OP_SCHEMAS[name]
+    op = torch.library.custom_op(f"fastssl::{name}", mutates_args=(), schema=schema)(impl)
+    op.register_fake(fake)
+    if not differentiable:
+        return op
+
+    arguments = schema[1 : schema.index(") ->")]
+    backward_schema = f"(Tensor[] grad_outputs, {arguments}) -> Tensor[]"
+
+    def backward_impl(grad_outputs, *args):
+        present = [i for i in differentiable if args[i] is not None]
+
+        def forward(*primals):
+            full = list(args)
+            for i, primal in zip(present, primals):
+                full[i] = primal
+            return _as_tuple(impl(*full))
+
+        _, vjp = torch.func.vjp(forward, *[args[i] for i in present])
+        grads = dict(zip(present, vjp(tuple(grad_outputs))))
+        return [grads[i] if i in grads else _empty_grad(args[0]) for i in differentiable]
+
+    def backward_fake(grad_outputs, *args):
+        return [torch.empty_like(args[i]) if args[i] is not None else _empty_grad(args[0])
+                for i in differentiable]
+
+    backward_op = torch.library.custom_op(
+        f"fastssl::{name}_backward", mutates_args=(), schema=backward_schema
+    )(backward_impl)
+    backward_op.register_fake(backward_fake)
+
+    def setup_context(ctx, inputs, output):
+        tensor_positions = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        ctx.tensor_positions = tensor_positions
+        ctx.constants = [None if i in tensor_positions else x for i, x in enumerate(inputs)]
+        ctx.save_for_backward(*[inputs[i] for i in tensor_positions])
+
+    def backward(ctx, *grad_outputs):
+        args = list(ctx.constants)
+        for i, saved in zip(ctx.tensor_positions, ctx.saved_tensors):
+            args[i] = saved
+        grads = backward_op(list(grad_outputs), *args)
+        result = [None] * len(args)
+        for i, grad in zip(differentiable, grads):
+            if args[i] is not None:
+                result[i] = grad
+        return tuple(result)
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+# --- fake (shape) functions: outputs are float32, float64 for float64 inputs -----------------
+def _info_nce_fake(query, keys, positive_keys, query_labels, key_labels, self_index, scale, symmetric):
+    dtype = reference.compute_dtype(query, keys, positive_keys)
+    cols = keys.shape[0] if symmetric else 0
+    return query.new_empty(query.shape[0], dtype=dtype), query.new_empty(cols, dtype=dtype)
+
+
+def _scalar_fake(a, b, *_):
+    return a.new_empty((), dtype=reference.compute_dtype(a, b))
+
+
+def _vicreg_fake(z_a, z_b, eps):
+    return z_a.new_empty(2, dtype=reference.compute_dtype(z_a, z_b))
+
+
+def _pairs_fake(targets, logits, scale):
+    return logits.new_empty(targets.shape[0], logits.shape[0], dtype=reference.compute_dtype(targets, logits))
+
+
+def _sinkhorn_fake(scores, *_):
+    return torch.empty_like(scores)
+
+
+info_nce = define_recompute_op("info_nce", reference.info_nce, _info_nce_fake, differentiable=(0, 1, 2))
+barlow_twins = define_recompute_op("barlow_twins", reference.barlow_twins, _scalar_fake, differentiable=(0, 1))
+vicreg_variance_covariance = define_recompute_op(
+    "vicreg_variance_covariance", reference.vicreg_variance_covariance, _vicreg_fake, differentiable=(0, 1)
+)
+soft_cross_entropy_pairs = define_recompute_op(
+    "soft_cross_entropy_pairs", reference.soft_cross_entropy_pairs, _pairs_fake, differentiable=(0, 1)
+)
+negative_cosine_similarity = define_recompute_op(
+    "negative_cosine_similarity", reference.negative_cosine_similarity, _scalar_fake, differentiable=(0, 1)
+)
+sinkhorn = define_recompute_op("sinkhorn", reference.sinkhorn, _sinkhorn_fake, differentiable=())
+
+for _name in _OP_SCHEMAS:
+    backends.register(_name, "reference", getattr(reference, _name))
+    backends.register(_name, "torch", getattr(torch.ops.fastssl, _name))

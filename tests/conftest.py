@@ -1,0 +1,41 @@
+"""Shared test setup.
+
+Triton kernels run on the CPU through the interpreter: ``TRITON_INTERPRET=1`` must be set
+before anything imports ``triton``, so it is set here, at the top of the first module pytest
+imports. (On a machine with a CUDA device the variable is left alone unless already set, so the
+GPU tests run the compiled kernels.)
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastssl import backends  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: pass --run-slow to run")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    skip_triton = pytest.mark.skip(reason="triton unusable: " + "; ".join(backends.triton_import_reasons()))
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(skip_slow)
+        if "requires_cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+        if "triton" in item.keywords and backends.triton_import_reasons():
+            item.add_marker(skip_triton)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_isolate_backend(monkeypatch):
+    """Every test starts from seed 0 and without a FASTSSL_BACKEND override from the shell."""
+    monkeypatch.delenv("FASTSSL_BACKEND", raising=False)
+    torch.manual_seed(0)

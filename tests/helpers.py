@@ -1,0 +1,23 @@
+"""Helpers shared by the tests."""
+import pytest
+import torch
+
+BACKENDS_ON_CPU = ["reference", "torch"]
+
+# (dtype, rtol, atol) against float64 formulas, with readable ids.
+DTYPE_TOLERANCES = [
+    pytest.param(torch.float32, 1e-5, 1e-6, id="fp32"),
+    pytest.param(torch.float64, 1e-10, 1e-12, id="fp64"),
+]
+HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def half_error_within_twice_reference(result_half, result_ref_half, exact, factor=2.0, floor=1e-6):
+    """flash-attention's rule: |fastssl(half) − exact| ≤ factor · |reference(half) − exact| (+ floor).
+
+    ``result_half``: the backend run on half-precision inputs; ``result_ref_half``: the reference
+    computed in that dtype (inputs and arithmetic); ``exact``: float64 on the same (rounded) inputs.
+    """
+    err = (result_half.double() - exact).abs().max().item()
+    ref_err = (result_ref_half.double() - exact).abs().max().item()
+    assert err <= factor * ref_err + floor, f"error {err:.3g} > {factor} × reference error {ref_err:.3g}"
