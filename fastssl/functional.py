@@ -42,7 +42,7 @@ from .validation import (
 Tensor = torch.Tensor
 
 
-def _check_views(names: Sequence[str], tensors: Sequence[Tensor], ndim: Optional[int] = 2) -> None:
+def check_views(names: Sequence[str], tensors: Sequence[Tensor], ndim: Optional[int] = 2) -> None:
     for name, tensor in zip(names, tensors):
         check_float_tensor(name, tensor, ndim=ndim)
     check_same_shape(names, tensors)
@@ -150,10 +150,9 @@ def info_nce(
             raise ValueError(f"self_index must lie in [-1, {m}) for keys of shape {tuple(keys.shape)}")
 
     if normalize:
-        dtype = reference.compute_dtype(query)
-        query, keys = F.normalize(query.to(dtype), dim=1), F.normalize(keys.to(dtype), dim=1)
+        query, keys = reference.l2_normalize(query), reference.l2_normalize(keys)
         if positive_keys is not None:
-            positive_keys = F.normalize(positive_keys.to(dtype), dim=1)
+            positive_keys = reference.l2_normalize(positive_keys)
     _, core = backends.select("info_nce", backend, (query, keys, positive_keys))
     row_loss, col_loss = core(query, keys, positive_keys, query_labels, key_labels, self_index,
                               scale, symmetric)
@@ -216,7 +215,7 @@ def nt_xent(
     """
     views = (out0, out1) + more_views
     names = [f"out{i}" if i < 2 else f"more_views[{i - 2}]" for i in range(len(views))]
-    _check_views(names, views)
+    check_views(names, views)
     check_choice("mode", mode, NT_XENT_MODES)
     check_choice("convention", convention, NT_XENT_CONVENTIONS)
     temperature = check_positive("temperature", temperature)
@@ -226,8 +225,7 @@ def nt_xent(
     if mode != "simclr" and len(views) != 2:
         raise ValueError(f"mode={mode!r} takes exactly two views, got {len(views)}")
     if normalize:
-        dtype = reference.compute_dtype(out0)
-        views = tuple(F.normalize(v.to(dtype), dim=1) for v in views)
+        views = tuple(reference.l2_normalize(v) for v in views)
     common = dict(temperature=temperature, normalize=False, backend=backend)
 
     if negatives is not None:
@@ -293,7 +291,7 @@ def clip_loss(
 
     Args: image_features, text_features: (B, D). Returns: 0-dim float32 loss.
     """
-    _check_views(("image_features", "text_features"), (image_features, text_features))
+    check_views(("image_features", "text_features"), (image_features, text_features))
     if isinstance(logit_scale, Tensor):
         if logit_scale.numel() != 1:
             raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
@@ -301,9 +299,8 @@ def clip_loss(
             check_positive("logit_scale", logit_scale.detach())
     else:
         check_positive("logit_scale", logit_scale)
-    dtype = reference.compute_dtype(image_features)
-    image = F.normalize(image_features.to(dtype), dim=1) * logit_scale
-    text = F.normalize(text_features.to(dtype), dim=1)
+    image = reference.l2_normalize(image_features) * logit_scale
+    text = reference.l2_normalize(text_features)
     return nt_xent(image, text, temperature=1.0, mode="symmetric", normalize=False,
                    gather_distributed=gather_distributed, backend=backend)
 
@@ -343,7 +340,7 @@ def barlow_twins(
 
         >>> loss = fastssl.functional.barlow_twins(projector(y1), projector(y2))
     """
-    _check_views(("z_a", "z_b"), (z_a, z_b))
+    check_views(("z_a", "z_b"), (z_a, z_b))
     check_batch_at_least("z_a", z_a, 2, "batch-norm statistics need two rows")
     lambda_param = check_non_negative("lambda_param", lambda_param)
     check_choice("distributed_convention", distributed_convention, ("global", "lightly"))
@@ -389,7 +386,7 @@ def vicreg(
 
         >>> loss = fastssl.functional.vicreg(expander(y1), expander(y2))
     """
-    _check_views(("z_a", "z_b"), (z_a, z_b), ndim=None)
+    check_views(("z_a", "z_b"), (z_a, z_b), ndim=None)
     check_float_tensor("z_a", z_a, min_ndim=2)
     check_batch_at_least("z_a", z_a, 2, "the unbiased variance needs two rows")
     for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
@@ -514,7 +511,7 @@ def swav(
         raise ValueError(f"SwAV needs at least two crops in all, got {len(crops)}")
     names = [f"high_resolution_outputs[{i}]" for i in range(len(high))] + [
         f"low_resolution_outputs[{i}]" for i in range(len(low))]
-    _check_views(names, crops)
+    check_views(names, crops)
     temperature = check_positive("temperature", temperature)
     if queue_outputs is not None:
         queue = check_tensor_list("queue_outputs", queue_outputs, len(high))
@@ -546,7 +543,7 @@ def _as_crops(name: str, value) -> Tensor:
         check_float_tensor(name, value, ndim=3)
         return value
     crops = check_tensor_list(name, value, 1)
-    _check_views([f"{name}[{i}]" for i in range(len(crops))], crops)
+    check_views([f"{name}[{i}]" for i in range(len(crops))], crops)
     return torch.stack(crops)
 
 
@@ -630,7 +627,7 @@ def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float 
         >>> loss = 0.5 * (negative_cosine_similarity(p0, z1.detach())
         ...               + negative_cosine_similarity(p1, z0.detach()))
     """
-    _check_views(("x0", "x1"), (x0, x1), ndim=None)
+    check_views(("x0", "x1"), (x0, x1), ndim=None)
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x0.dim() <= dim < x0.dim():
         raise ValueError(f"dim must be an int in [{-x0.dim()}, {x0.dim()}) for shape {tuple(x0.shape)}, got {dim}")
     eps = check_positive("eps", eps)

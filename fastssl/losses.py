@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed, functional
+from . import distributed, functional, reference
 from .validation import check_choice, check_float_tensor, check_int_at_least, check_non_negative, check_positive
 
 Tensor = torch.Tensor
@@ -47,6 +47,13 @@ class MemoryBankModule(nn.Module):
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=True)
         if len(self.size) == 2:
             self._init_bank(self.size[1], torch.device("cpu"), torch.float32)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A bank not yet created (first forward not run) takes the checkpoint's shape.
+        saved = state_dict.get(prefix + "bank")
+        if saved is not None and self.bank.numel() == 0:
+            self.bank = torch.empty_like(saved, device=self.bank_ptr.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _init_bank(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
         self.bank = F.normalize(torch.randn(self.size[0], dim, device=device, dtype=dtype), dim=-1)
@@ -113,15 +120,19 @@ class NTXentLoss(nn.Module):
         self.mode, self.convention, self.normalize, self.backend = mode, convention, normalize, backend
 
     def forward(self, out0: Tensor, out1: Tensor, *more_views: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        negatives = None
-        if self.memory_bank.size[0] > 0:
-            check_float_tensor("out1", out1, ndim=2)
-            if self.normalize:
-                out1 = F.normalize(out1, dim=1)
-            negatives = self.memory_bank.queue(out1, update=out0.requires_grad)
+        if self.memory_bank.size[0] == 0:
+            return self._loss(out0, out1, *more_views, labels=labels)
+        functional.check_views(("out0", "out1"), (out0, out1))
+        keys = reference.l2_normalize(out1) if self.normalize else out1
+        loss = self._loss(out0, out1, *more_views, labels=labels, negatives=self.memory_bank.queue(keys))
+        if out0.requires_grad:  # lightly's rule: a loss without gradient leaves the bank as it is
+            self.memory_bank.enqueue(keys)
+        return loss
+
+    def _loss(self, *views: Tensor, labels: Optional[Tensor], negatives: Optional[Tensor] = None) -> Tensor:
         return functional.nt_xent(
-            out0, out1, *more_views, temperature=self.temperature, labels=labels, negatives=negatives,
-            mode=self.mode, convention=self.convention, gather_distributed=self.gather_distributed,
+            *views, temperature=self.temperature, labels=labels, negatives=negatives, mode=self.mode,
+            convention=self.convention, gather_distributed=self.gather_distributed,
             normalize=self.normalize, backend=self.backend)
 
 

@@ -28,12 +28,15 @@ def update_momentum(model: nn.Module, model_ema: nn.Module, m: float) -> None:
 
 
 def cosine_schedule(step: int, max_steps: int, start_value: float, end_value: float) -> float:
-    """Cosine ramp from ``start_value`` (step 0) to ``end_value`` (step ``max_steps``), as lightly's.
+    """Cosine ramp from ``start_value`` (step 0) to ``end_value`` (step ``max_steps - 1`` and
+    after), as lightly 1.6's ``cosine_schedule``.
 
     Used for BYOL / DINO momentum (0.996 → 1) and DINO's weight decay.
     """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    if step >= max_steps:
+    if max_steps == 1 or step >= max_steps - 1:
         return end_value
-    return end_value - (end_value - start_value) * (math.cos(math.pi * step / max_steps) + 1) / 2
+    return end_value - (end_value - start_value) * (math.cos(math.pi * step / (max_steps - 1)) + 1) / 2

@@ -28,6 +28,17 @@ def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float32
 
 
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (N, D) scaled to unit L2 norm, in the compute dtype (``F.normalize``, eps 1e-12).
+
+    Each row is first divided by its largest magnitude (no gradient: normalising removes any
+    positive scale), so squares cannot overflow for huge inputs (fp32 rows of ~1e20).
+    """
+    x = x.to(compute_dtype(x))
+    peak = x.detach().abs().amax(dim=1, keepdim=True)
+    return F.normalize(x / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
+
+
 # --------------------------------------------------------------------------------------------
 # Contrastive: NT-Xent / InfoNCE
 # --------------------------------------------------------------------------------------------
@@ -75,21 +86,21 @@ def info_nce(
         logits = logits.masked_fill(self_mask, float("-inf"))
     empty = logits.new_zeros(0)
 
+    # -log_softmax, not logsumexp - positive: at low temperature both terms are ~1/τ and their
+    # difference would lose every digit of a small loss.
     if positive_keys is not None:
         positive = scale * (query.to(dtype) * positive_keys.to(dtype)).sum(dim=1, keepdim=True)
-        all_logits = torch.cat([positive, logits], dim=1)
-        return torch.logsumexp(all_logits, dim=1) - positive[:, 0], empty
+        return -F.log_softmax(torch.cat([positive, logits], dim=1), dim=1)[:, 0], empty
 
     positive_mask = query_labels[:, None] == key_labels[None, :]
     if self_mask is not None:
         positive_mask &= ~self_mask
-    positive_logits = torch.where(positive_mask, logits, torch.zeros_like(logits))
 
     def side_loss(dim: int) -> torch.Tensor:
+        log_probs = F.log_softmax(logits, dim=dim)
         count = positive_mask.sum(dim)
-        mean_positive = positive_logits.sum(dim) / count.clamp_min(1)
-        loss = torch.logsumexp(logits, dim=dim) - mean_positive
-        return torch.where(count > 0, loss, torch.zeros_like(loss))
+        positive_sum = torch.where(positive_mask, log_probs, torch.zeros_like(log_probs)).sum(dim)
+        return -positive_sum / count.clamp_min(1)  # 0 for rows without a positive
 
     return side_loss(1), (side_loss(0) if symmetric else empty)
 

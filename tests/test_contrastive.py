@@ -1,0 +1,927 @@
+"""Contrastive losses: ``info_nce``, ``nt_xent``, ``clip_loss``, ``NTXentLoss``, ``MemoryBankModule``.
+
+Every value is checked against an independent float64 formula written here (lightly 1.6's
+``NTXentLoss`` code for the default, the textbook definitions for the rest), never against
+fastssl's own reference. Backends that run on the CPU are all checked.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastssl import MemoryBankModule, NTXentLoss, clip_loss, info_nce, nt_xent
+from helpers import BACKENDS_ON_CPU, DTYPE_TOLERANCES, HALF_DTYPES, half_error_within_twice_reference
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+
+RAGGED_SHAPES = [
+    pytest.param(7, 37, id="B7-D37"),
+    pytest.param(1, 5, id="B1-D5"),
+    pytest.param(8, 16, id="B8-D16"),
+    pytest.param(13, 3, id="B13-D3"),
+]
+TEMPERATURES = [pytest.param(t, id=f"tau{t}") for t in (0.5, 0.1, 0.07, 0.01)]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+# ============================================================================================
+# Independent float64 formulas
+# ============================================================================================
+def lightly_nt_xent(out0, out1, temperature):
+    """lightly 1.6 ``NTXentLoss.forward`` without a memory bank, in float64."""
+    out0 = F.normalize(out0.double(), dim=1)
+    out1 = F.normalize(out1.double(), dim=1)
+    batch = out0.shape[0]
+    logits_00 = out0 @ out0.T / temperature
+    logits_01 = out0 @ out1.T / temperature
+    logits_10 = out1 @ out0.T / temperature
+    logits_11 = out1 @ out1.T / temperature
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool)
+    logits_00 = logits_00[off_diagonal].view(batch, -1)
+    logits_11 = logits_11[off_diagonal].view(batch, -1)
+    logits = torch.cat([torch.cat([logits_01, logits_00], dim=1),
+                        torch.cat([logits_10, logits_11], dim=1)], dim=0)
+    labels = torch.arange(batch).repeat(2)
+    return F.cross_entropy(logits, labels, reduction="mean")
+
+
+def lightly_nt_xent_in_dtype(out0, out1, temperature):
+    """The same lightly code without the float64 cast (the naive error budget of a dtype)."""
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    batch = out0.shape[0]
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool)
+    logits_00 = (out0 @ out0.T / temperature)[off_diagonal].view(batch, -1)
+    logits_11 = (out1 @ out1.T / temperature)[off_diagonal].view(batch, -1)
+    logits = torch.cat([torch.cat([out0 @ out1.T / temperature, logits_00], dim=1),
+                        torch.cat([out1 @ out0.T / temperature, logits_11], dim=1)], dim=0)
+    return F.cross_entropy(logits, torch.arange(batch).repeat(2))
+
+
+def lightly_moco(out0, out1, bank, temperature):
+    """lightly 1.6 ``NTXentLoss`` with a memory bank (K, D): [pos | out0·bankᵀ]/τ, label 0."""
+    out0 = F.normalize(out0.double(), dim=1)
+    out1 = F.normalize(out1.double(), dim=1)
+    positive = (out0 * out1).sum(dim=1, keepdim=True)
+    negative = out0 @ bank.double().T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(out0.shape[0], dtype=torch.long))
+
+
+def clip_formula(image, text, logit_scale):
+    """CLIP's symmetric CE in the inputs' dtype (float64 inputs: the exact formula)."""
+    logits = logit_scale * (F.normalize(image, dim=1) @ F.normalize(text, dim=1).T)
+    targets = torch.arange(image.shape[0])
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def moco_formula(out0, out1, bank, temperature):
+    """lightly's memory-bank logits in the inputs' dtype (float64 inputs: the exact formula)."""
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    logits = torch.cat([(out0 * out1).sum(dim=1, keepdim=True), out0 @ bank.to(out0.dtype).T], dim=1)
+    return F.cross_entropy(logits / temperature, torch.zeros(out0.shape[0], dtype=torch.long))
+
+
+def multi_positive_rows(query, keys, positive, allowed, temperature, normalize=True):
+    """Per-row SupCon L_out in float64, one row at a time.
+
+    Row i: log-softmax of q_i·k_j/τ over the keys with ``allowed[i, j]``; loss = mean over the
+    allowed positives ``positive[i, j]`` of −log p; 0 for a row without any positive.
+    """
+    query, keys = query.double(), keys.double()
+    if normalize:
+        query, keys = F.normalize(query, dim=1), F.normalize(keys, dim=1)
+    losses = []
+    for i in range(query.shape[0]):
+        logits = (keys @ query[i]) / temperature
+        log_p = logits - torch.logsumexp(logits[allowed[i]], dim=0)
+        chosen = positive[i] & allowed[i]
+        losses.append(-log_p[chosen].mean() if chosen.any() else logits.new_zeros(()))
+    return torch.stack(losses)
+
+
+def multi_view_formula(views, temperature, labels=None):
+    """SimCLR over V views (SupCon-style positives) in float64: mean over the V·B rows."""
+    batch, n_views = views[0].shape[0], len(views)
+    stacked = torch.cat(views)
+    ids = torch.arange(batch).repeat(n_views) if labels is None else labels.repeat(n_views)
+    not_self = ~torch.eye(n_views * batch, dtype=torch.bool)
+    positive = (ids[:, None] == ids[None, :]) & not_self
+    return multi_positive_rows(stacked, stacked, positive, not_self, temperature).mean()
+
+
+def cross_entropy_formula(query, keys, temperature, normalize=True):
+    """(N, M) float64 logits q·kᵀ/τ (normalised rows when ``normalize``)."""
+    query, keys = query.double(), keys.double()
+    if normalize:
+        query, keys = F.normalize(query, dim=1), F.normalize(keys, dim=1)
+    return query @ keys.T / temperature
+
+
+def views_for(batch, dim, dtype=torch.float32, n_views=2, scale=1.0, noise=0.5):
+    """Correlated views: a shared signal plus noise, so positives are meaningfully closer."""
+    base = torch.randn(batch, dim, dtype=torch.float64)
+    return [((base + noise * torch.randn(batch, dim, dtype=torch.float64)) * scale).to(dtype)
+            for _ in range(n_views)]
+
+
+def with_grad(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def assert_grads_close(actual, expected, rtol, naive=None):
+    """Gradients: relative ``rtol`` plus an absolute floor at ``rtol`` × the largest entry.
+
+    ``naive``: the same gradients from the float64 formula's code run in the inputs' dtype. When
+    the softmax saturates (τ = 0.01), 1 − p is below the dtype's resolution and no formula in
+    that dtype gets small gradients right, so the floor also allows 2× the naive error
+    (flash-attention's rule).
+    """
+    naive = naive or [None] * len(expected)
+    for a, e, n in zip(actual, expected, naive):
+        assert a is not None
+        scale = e.abs().max().item()
+        floor = 0.0 if n is None else 2 * (n.double() - e.double()).abs().max().item()
+        torch.testing.assert_close(a.double(), e.double(), rtol=rtol, atol=max(rtol * scale, floor) + 1e-12)
+
+
+# ============================================================================================
+# 1. The lightly default: SimCLR, two views
+# ============================================================================================
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLERANCES)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("batch, dim", RAGGED_SHAPES)
+def test_ntxent_default_equals_lightly_formula(backend, batch, dim, temperature, dtype, rtol, atol):
+    out0, out1 = with_grad(*views_for(batch, dim, dtype))
+    loss = NTXentLoss(temperature=temperature, backend=backend)(out0, out1)
+    x0, x1 = with_grad(out0.double(), out1.double())
+    expected = lightly_nt_xent(x0, x1, temperature)
+    assert loss.dtype == dtype and loss.dim() == 0
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=rtol, atol=atol)
+    loss.backward()
+    expected.backward()
+    n0, n1 = with_grad(out0, out1)
+    lightly_nt_xent_in_dtype(n0, n1, temperature).backward()
+    assert out0.grad.dtype == dtype and out1.grad.dtype == dtype
+    assert_grads_close([out0.grad, out1.grad], [x0.grad, x1.grad], rtol=1e-4 if dtype == torch.float32 else 1e-9,
+                       naive=[n0.grad, n1.grad])
+
+
+def test_ntxent_single_sample_is_zero(backend):
+    # B = 1: each row's only candidate is its positive, so the loss is exactly log 1 = 0.
+    out0, out1 = torch.randn(1, 5), torch.randn(1, 5)
+    loss = nt_xent(out0, out1, backend=backend)
+    assert lightly_nt_xent(out0, out1, 0.5).item() == 0.0
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("scale", [pytest.param(1e3, id="x1e3"), pytest.param(1e-3, id="x1e-3"),
+                                   pytest.param(3e4, id="x3e4")])
+@pytest.mark.parametrize("temperature", [pytest.param(0.01, id="tau0.01"), pytest.param(0.05, id="tau0.05")])
+def test_ntxent_low_temperature_unnormalised_inputs(backend, temperature, scale):
+    out0, out1 = views_for(9, 33, scale=scale, noise=2.0)
+    loss = nt_xent(out0, out1, temperature=temperature, backend=backend)
+    expected = lightly_nt_xent(out0, out1, temperature)
+    assert torch.isfinite(loss)
+    assert expected.item() > 1.0  # the logits span ~2/τ: a real low-temperature stress
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+SATURATED_BANK = F.normalize(torch.randn(20, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+SATURATED_CASES = [
+    pytest.param(lambda a, b, be: nt_xent(a, b, negatives=SATURATED_BANK, temperature=0.01, backend=be),
+                 lambda a, b: moco_formula(a, b, SATURATED_BANK, 0.01), id="bank-tau0.01"),
+    pytest.param(lambda a, b, be: nt_xent(a, b, temperature=0.01, backend=be),
+                 lambda a, b: lightly_nt_xent_in_dtype(a, b, 0.01), id="nt_xent-tau0.01"),
+    pytest.param(lambda a, b, be: clip_loss(a, b, 100.0, backend=be),
+                 lambda a, b: clip_formula(a, b, 100.0), id="clip-scale100"),
+]
+
+
+@pytest.mark.parametrize("loss_fn, formula", SATURATED_CASES)
+def test_saturated_softmax_fp32_accuracy(backend, loss_fn, formula):
+    # Strongly aligned views at τ = 0.01 (CLIP's logit scale 100): each positive takes almost all
+    # of its row's softmax, the loss is ~1e-6 and 1 − p is near fp32 resolution. fastssl in fp32
+    # must be as accurate as the plain lightly / CLIP code in fp32 (within 2×), in value and
+    # gradients — which needs the log-softmax form (subtract the row max before the positive),
+    # not logsumexp(logits) − logit, whose rounding is ulp(1/τ).
+    out0, out1 = views_for(8, 16, noise=0.5)
+    got0, got1 = with_grad(out0, out1)
+    loss = loss_fn(got0, got1, backend)
+    naive0, naive1 = with_grad(out0, out1)
+    naive = formula(naive0, naive1)
+    exact0, exact1 = with_grad(out0.double(), out1.double())
+    exact = formula(exact0, exact1)
+    assert exact.item() < 1e-3  # saturated indeed
+    half_error_within_twice_reference(loss.detach(), naive.detach(), exact.detach(), floor=1e-12)
+    for t in (loss, naive, exact):
+        t.backward()
+    for got, ref, ex in ((got0, naive0, exact0), (got1, naive1, exact1)):
+        half_error_within_twice_reference(got.grad, ref.grad, ex.grad, floor=1e-12)
+
+
+def test_ntxent_extreme_magnitude_fp32(backend):
+    # Finite fp32 inputs whose squared norm overflows fp32 (|x| ~ 1e20): normalisation must not
+    # turn them into zero vectors (which silently gives log(2B - 1) whatever the inputs).
+    out0, out1 = views_for(6, 10, scale=1e20, noise=0.3)
+    loss = nt_xent(out0, out1, temperature=0.1, backend=backend)
+    expected = lightly_nt_xent(out0, out1, 0.1)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ntxent_fp16_inputs_whose_squares_overflow_fp16(backend):
+    # |x| ~ 1000 in fp16: x² overflows fp16, but arithmetic runs in fp32, so the loss is the
+    # float64 formula on the same (exactly representable) fp16 inputs to fp32 accuracy.
+    out0, out1 = views_for(10, 24, dtype=torch.float16, scale=1000.0)
+    assert torch.isinf(out0.float().pow(2).sum(1).half()).any()
+    loss = nt_xent(out0, out1, temperature=0.1, backend=backend)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), lightly_nt_xent(out0, out1, 0.1), rtol=1e-5, atol=1e-6)
+
+
+# ============================================================================================
+# 2. Memory bank (MoCo)
+# ============================================================================================
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLERANCES)
+def test_memory_bank_first_call_without_grad_uses_random_bank_and_keeps_it(backend, dtype, rtol, atol):
+    size, batch, dim = 11, 5, 7
+    criterion = NTXentLoss(temperature=0.2, memory_bank_size=size, backend=backend)
+    out0, out1 = views_for(batch, dim, dtype)
+    loss = criterion(out0, out1)  # no grad: the bank is created but not updated
+    bank = criterion.memory_bank.bank
+    assert bank.shape == (size, dim)
+    torch.testing.assert_close(bank.double().norm(dim=1), torch.ones(size, dtype=torch.float64))
+    assert int(criterion.memory_bank.bank_ptr) == 0
+    # Random, not the batch: no bank row equals a normalised out1 row.
+    assert not torch.isclose(bank.double() @ F.normalize(out1.double(), dim=1).T,
+                             torch.ones((), dtype=torch.float64)).any()
+    torch.testing.assert_close(loss.double(), lightly_moco(out0, out1, bank, 0.2), rtol=rtol, atol=atol)
+    # A second no-grad call sees (and leaves) the same bank.
+    loss_again = criterion(out0, out1)
+    assert torch.equal(criterion.memory_bank.bank, bank)
+    torch.testing.assert_close(loss_again, loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLERANCES)
+def test_memory_bank_first_call_with_grad_uses_bank_before_update(backend, dtype, rtol, atol):
+    size, batch, dim = 11, 4, 6
+    out0, out1 = views_for(batch, dim, dtype)
+    # Two criteria created from the same RNG state draw the same initial bank; the one called
+    # without gradients keeps it, so it shows the bank the other one used before its update.
+    torch.manual_seed(123)
+    witness = NTXentLoss(temperature=0.3, memory_bank_size=size, backend=backend)
+    witness(out0, out1)
+    initial_bank = witness.memory_bank.bank.clone()
+    torch.manual_seed(123)
+    criterion = NTXentLoss(temperature=0.3, memory_bank_size=size, backend=backend)
+    q = out0.clone().requires_grad_(True)
+    loss = criterion(q, out1)
+    torch.testing.assert_close(loss.double(), lightly_moco(out0, out1, initial_bank, 0.3), rtol=rtol, atol=atol)
+    bank = criterion.memory_bank.bank
+    torch.testing.assert_close(bank[:batch].double(), F.normalize(out1.double(), dim=1))
+    assert torch.equal(bank[batch:], initial_bank[batch:])
+    assert int(criterion.memory_bank.bank_ptr) == batch
+
+
+def test_memory_bank_fifo_wraps_around(backend):
+    size, batch, dim, tau = 10, 4, 5, 0.2
+    criterion = NTXentLoss(temperature=tau, memory_bank_size=size, backend=backend)
+    expected_bank = None
+    pointer = 0
+    for step in range(4):  # writes rows 0-3, 4-7, 8,9,0,1, 2-5
+        out0, out1 = views_for(batch, dim)
+        out0.requires_grad_(True)
+        if expected_bank is None:
+            criterion(out0.detach(), out1)  # create the random bank without updating it
+            expected_bank = criterion.memory_bank.bank.clone()
+        before = criterion.memory_bank.bank.clone()
+        # the bank holds fastssl's normalisation of out1: equal to F.normalize up to rounding
+        torch.testing.assert_close(before, expected_bank, rtol=1e-6, atol=1e-7)
+        loss = criterion(out0, out1)
+        torch.testing.assert_close(loss.double(), lightly_moco(out0.detach(), out1, before, tau),
+                                   rtol=1e-5, atol=1e-6)
+        rows = [(pointer + i) % size for i in range(batch)]
+        expected_bank[rows] = F.normalize(out1, dim=1)
+        pointer = (pointer + batch) % size
+        torch.testing.assert_close(criterion.memory_bank.bank, expected_bank, rtol=1e-6, atol=1e-7)
+        assert int(criterion.memory_bank.bank_ptr) == pointer, f"step {step}"
+    assert pointer == 6
+
+
+def test_memory_bank_unchanged_without_grad(backend):
+    criterion = NTXentLoss(memory_bank_size=9, backend=backend)
+    out0, out1 = views_for(4, 6)
+    criterion(out0.requires_grad_(True), out1)
+    bank, pointer = criterion.memory_bank.bank.clone(), int(criterion.memory_bank.bank_ptr)
+    for _ in range(3):
+        a, b = views_for(4, 6)
+        criterion(a, b)
+        leaf = a.clone().requires_grad_(True)
+        with torch.no_grad():  # evaluation: the model's output does not require grad
+            criterion(leaf * 1.0, b)
+    assert torch.equal(criterion.memory_bank.bank, bank)
+    assert int(criterion.memory_bank.bank_ptr) == pointer
+
+
+def test_memory_bank_gradients_match_formula(backend):
+    criterion = NTXentLoss(temperature=0.15, memory_bank_size=12, backend=backend)
+    out0, out1 = views_for(5, 8)
+    criterion(out0, out1)
+    bank = criterion.memory_bank.bank.clone()
+    a, b = with_grad(out0, out1)
+    criterion(a, b).backward()
+    x0, x1 = with_grad(out0.double(), out1.double())
+    lightly_moco(x0, x1, bank, 0.15).backward()
+    assert_grads_close([a.grad, b.grad], [x0.grad, x1.grad], rtol=1e-4)
+
+
+def test_memory_bank_failed_call_leaves_bank_untouched(backend):
+    criterion = NTXentLoss(memory_bank_size=8, backend=backend)
+    out0, out1 = views_for(4, 6)
+    criterion(out0.requires_grad_(True), out1)
+    bank, pointer = criterion.memory_bank.bank.clone(), int(criterion.memory_bank.bank_ptr)
+    bad0 = torch.randn(3, 6, requires_grad=True)  # batch 3 against out1's batch 4
+    with pytest.raises(ValueError, match="out0.*out1"):
+        criterion(bad0, torch.randn(4, 6))
+    assert torch.equal(criterion.memory_bank.bank, bank)
+    assert int(criterion.memory_bank.bank_ptr) == pointer
+
+
+def test_memory_bank_checkpoint_round_trip(backend):
+    # A training run saved with the criterion (e.g. inside a LightningModule) must load into a
+    # freshly built criterion and continue with the same bank.
+    criterion = NTXentLoss(temperature=0.2, memory_bank_size=8, backend=backend)
+    out0, out1 = views_for(3, 5)
+    criterion(out0.requires_grad_(True), out1)
+    fresh = NTXentLoss(temperature=0.2, memory_bank_size=8, backend=backend)
+    fresh.load_state_dict(criterion.state_dict())
+    a, b = views_for(3, 5)
+    torch.testing.assert_close(fresh(a, b), criterion(a, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("feature_dim_first, shape", [pytest.param(True, (6, 10), id="feature_dim_first"),
+                                                      pytest.param(False, (10, 6), id="rows_first")])
+def test_memory_bank_module_layout(backend, feature_dim_first, shape):
+    del backend  # the bank has no backend; parametrized with the rest of the file
+    bank_module = MemoryBankModule(10, feature_dim_first=feature_dim_first)
+    first = torch.randn(4, 6)
+    output, bank = bank_module(first, update=True)
+    assert output is first
+    assert bank.shape == shape
+    rows = bank.T if feature_dim_first else bank
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(10))
+    # The returned bank is a copy from before the update; the next call sees the new rows.
+    _, bank_after = bank_module(torch.randn(4, 6), update=False)
+    rows_after = bank_after.T if feature_dim_first else bank_after
+    torch.testing.assert_close(rows_after[:4], first)
+    torch.testing.assert_close(rows_after[4:], rows[4:])
+
+
+def test_memory_bank_module_disabled_and_sized_up_front(backend):
+    del backend
+    assert MemoryBankModule(0)(torch.randn(3, 4))[1] is None
+    module = MemoryBankModule((7, 5), feature_dim_first=False)
+    assert module.bank.shape == (7, 5)  # created at construction when D is known
+    with pytest.raises(ValueError, match="output"):
+        module(torch.randn(2, 6))
+
+
+# ============================================================================================
+# 3. Beyond lightly: more views, labels, modes, CLIP, conventions
+# ============================================================================================
+@pytest.mark.parametrize("n_views", [3, 4])
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLERANCES)
+def test_multi_view_positives(backend, n_views, dtype, rtol, atol):
+    views = with_grad(*views_for(5, 11, dtype, n_views=n_views))
+    loss = nt_xent(*views, temperature=0.3, backend=backend)
+    exact_views = with_grad(*[v.double() for v in views])
+    expected = multi_view_formula(exact_views, 0.3)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=rtol, atol=atol)
+    loss.backward()
+    expected.backward()
+    assert_grads_close([v.grad for v in views], [v.grad for v in exact_views],
+                       rtol=1e-4 if dtype == torch.float32 else 1e-9)
+
+
+def test_two_view_multi_positive_formula_is_lightly(backend):
+    # The generic V-view formula with V = 2 reduces to lightly's loss (checks the oracle too).
+    out0, out1 = views_for(6, 9)
+    torch.testing.assert_close(multi_view_formula([out0, out1], 0.4), lightly_nt_xent(out0, out1, 0.4))
+    torch.testing.assert_close(nt_xent(out0, out1, temperature=0.4, backend=backend).double(),
+                               multi_view_formula([out0, out1], 0.4), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_views", [2, 3])
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLERANCES)
+def test_supervised_labels(backend, n_views, dtype, rtol, atol):
+    views = with_grad(*views_for(9, 7, dtype, n_views=n_views))
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2, 2])
+    loss = nt_xent(*views, temperature=0.2, labels=labels, backend=backend)
+    exact_views = with_grad(*[v.double() for v in views])
+    expected = multi_view_formula(exact_views, 0.2, labels=labels)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=rtol, atol=atol)
+    loss.backward()
+    expected.backward()
+    assert_grads_close([v.grad for v in views], [v.grad for v in exact_views],
+                       rtol=1e-4 if dtype == torch.float32 else 1e-9)
+    # Labels change the loss: distinct labels give back the self-supervised loss.
+    unsupervised = nt_xent(*views, temperature=0.2, backend=backend)
+    distinct = nt_xent(*views, temperature=0.2, labels=torch.arange(9) * 7, backend=backend)
+    torch.testing.assert_close(distinct, unsupervised, rtol=1e-6, atol=1e-7)
+    assert not torch.isclose(loss, unsupervised, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLERANCES)
+def test_simcse_mode_is_one_directional(backend, dtype, rtol, atol):
+    out0, out1 = views_for(7, 13, dtype)
+    loss = nt_xent(out0, out1, temperature=0.05, mode="simcse", backend=backend)
+    expected = F.cross_entropy(cross_entropy_formula(out0, out1, 0.05), torch.arange(7))
+    torch.testing.assert_close(loss.double(), expected, rtol=rtol, atol=atol)
+    reverse = F.cross_entropy(cross_entropy_formula(out1, out0, 0.05), torch.arange(7))
+    assert not torch.isclose(expected, reverse, rtol=1e-3)  # the direction matters
+    module = NTXentLoss(temperature=0.05, mode="simcse", backend=backend)(out0, out1)
+    torch.testing.assert_close(module, loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLERANCES)
+def test_symmetric_mode_averages_both_directions(backend, dtype, rtol, atol):
+    out0, out1 = views_for(7, 13, dtype)
+    loss = nt_xent(out0, out1, temperature=0.1, mode="symmetric", backend=backend)
+    logits = cross_entropy_formula(out0, out1, 0.1)
+    expected = 0.5 * (F.cross_entropy(logits, torch.arange(7)) + F.cross_entropy(logits.T, torch.arange(7)))
+    torch.testing.assert_close(loss.double(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("mode", ["simcse", "symmetric"])
+def test_two_view_modes_with_labels(backend, mode):
+    out0, out1 = views_for(8, 6)
+    labels = torch.tensor([1, 1, 2, 3, 2, 1, 4, 3])
+    loss = nt_xent(out0, out1, temperature=0.25, labels=labels, mode=mode, backend=backend)
+    positive = labels[:, None] == labels[None, :]
+    everything = torch.ones(8, 8, dtype=torch.bool)
+    rows = multi_positive_rows(out0, out1, positive, everything, 0.25).mean()
+    expected = rows if mode == "simcse" else 0.5 * (
+        rows + multi_positive_rows(out1, out0, positive.T, everything, 0.25).mean())
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPE_TOLERANCES)
+def test_clip_loss_with_learnable_logit_scale(backend, dtype, rtol, atol):
+    image, text = views_for(6, 10, dtype)
+    image, text = with_grad(image, text)
+    log_scale = torch.tensor(math.log(1 / 0.07), dtype=dtype, requires_grad=True)
+    loss = clip_loss(image, text, log_scale.exp(), backend=backend)
+
+    x_image, x_text = with_grad(image.double(), text.double())
+    x_log_scale = log_scale.detach().double().requires_grad_(True)
+    logits = x_log_scale.exp() * (F.normalize(x_image, dim=1) @ F.normalize(x_text, dim=1).T)
+    targets = torch.arange(6)
+    expected = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=rtol, atol=atol)
+    loss.backward()
+    expected.backward()
+    assert log_scale.grad is not None and log_scale.grad.dtype == dtype
+    grad_rtol = 1e-4 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(log_scale.grad.double(), x_log_scale.grad, rtol=grad_rtol, atol=grad_rtol)
+    assert_grads_close([image.grad, text.grad], [x_image.grad, x_text.grad], rtol=grad_rtol)
+    # A plain float scale gives the same value as the tensor.
+    as_float = clip_loss(image, text, math.exp(log_scale.item()), backend=backend)
+    torch.testing.assert_close(as_float, loss, rtol=1e-6, atol=1e-7)
+
+
+CONVENTION_CASES = [
+    # (views, mode, directions summed by convention="sum")
+    pytest.param(2, "simclr", 2, id="simclr-2views"),
+    pytest.param(3, "simclr", 3, id="simclr-3views"),
+    pytest.param(2, "simcse", 1, id="simcse"),
+    pytest.param(2, "symmetric", 2, id="symmetric"),
+]
+
+
+@pytest.mark.parametrize("n_views, mode, directions", CONVENTION_CASES)
+def test_conventions_scale_the_mean(backend, n_views, mode, directions):
+    tau = 0.2
+    views = views_for(6, 8, n_views=n_views)
+    mean = nt_xent(*views, temperature=tau, mode=mode, backend=backend)
+    summed = nt_xent(*views, temperature=tau, mode=mode, convention="sum", backend=backend)
+    mocov3 = nt_xent(*views, temperature=tau, mode=mode, convention="mocov3", backend=backend)
+    torch.testing.assert_close(summed, directions * mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mocov3, directions * 2 * tau * mean, rtol=1e-6, atol=0)
+    module = NTXentLoss(temperature=tau, mode=mode, convention="mocov3", backend=backend)(*views)
+    torch.testing.assert_close(module, mocov3, rtol=0, atol=0)
+
+
+def test_sum_convention_is_official_simclr(backend):
+    # Official SimCLR: the mean loss of the view-0 rows plus the mean loss of the view-1 rows.
+    out0, out1 = views_for(7, 9)
+    both = torch.cat([out0, out1])
+    not_self = ~torch.eye(14, dtype=torch.bool)
+    positive = torch.arange(14)[:, None] == ((torch.arange(14) + 7) % 14)[None, :]
+    rows = multi_positive_rows(both, both, positive, not_self, 0.5)
+    expected = rows[:7].mean() + rows[7:].mean()
+    loss = nt_xent(out0, out1, convention="sum", backend=backend)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mocov3_convention_with_memory_bank(backend):
+    tau = 0.2
+    out0, out1 = views_for(5, 6)
+    bank = F.normalize(torch.randn(9, 6), dim=1)
+    loss = nt_xent(out0, out1, temperature=tau, negatives=bank, convention="mocov3", backend=backend)
+    torch.testing.assert_close(loss.double(), 2 * tau * lightly_moco(out0, out1, bank, tau), rtol=1e-5, atol=1e-6)
+    summed = nt_xent(out0, out1, temperature=tau, negatives=bank, convention="sum", backend=backend)
+    torch.testing.assert_close(summed.double(), lightly_moco(out0, out1, bank, tau), rtol=1e-5, atol=1e-6)
+
+
+# ============================================================================================
+# 4. info_nce
+# ============================================================================================
+def reduce_rows(rows, cols, reduction, symmetric=False):
+    if reduction == "none":
+        return rows, cols
+    if reduction == "sum":
+        return rows.sum() + cols.sum()
+    return 0.5 * (rows.mean() + cols.mean()) if symmetric else rows.mean()
+
+
+def assert_reduced_close(result, expected, reduction, rtol=1e-5, atol=1e-6):
+    if reduction == "none":
+        assert isinstance(result, tuple) and len(result) == 2
+        for r, e in zip(result, expected):
+            assert r.shape == e.shape
+            torch.testing.assert_close(r.double(), e, rtol=rtol, atol=atol)
+    else:
+        assert result.dim() == 0
+        torch.testing.assert_close(result.double(), expected, rtol=rtol, atol=atol)
+
+
+NO_COLS = torch.zeros(0, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_info_nce_positive_index(backend, reduction):
+    query, keys = torch.randn(5, 12), torch.randn(9, 12)
+    positive_index = torch.tensor([8, 0, 3, 3, 6])
+    result = info_nce(query, keys, 0.3, positive_index, reduction=reduction, backend=backend)
+    rows = F.cross_entropy(cross_entropy_formula(query, keys, 0.3), positive_index, reduction="none")
+    assert_reduced_close(result, reduce_rows(rows, NO_COLS, reduction), reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_info_nce_default_diagonal_positives(backend, reduction):
+    query, keys = torch.randn(4, 7), torch.randn(6, 7)  # N < M: extra keys are negatives only
+    result = info_nce(query, keys, reduction=reduction, backend=backend)
+    rows = F.cross_entropy(cross_entropy_formula(query, keys, 0.1), torch.arange(4), reduction="none")
+    assert_reduced_close(result, reduce_rows(rows, NO_COLS, reduction), reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_info_nce_labels_rows_without_positive_count_as_zero(backend, reduction):
+    query, keys = torch.randn(6, 10), torch.randn(8, 10)
+    query_labels = torch.tensor([0, 1, 2, 9, 1, 7])  # labels 9 and 7 have no key
+    key_labels = torch.tensor([1, 0, 2, 1, 3, 0, 2, 1])
+    result = info_nce(query, keys, 0.2, query_labels=query_labels, key_labels=key_labels,
+                      reduction=reduction, backend=backend)
+    positive = query_labels[:, None] == key_labels[None, :]
+    rows = multi_positive_rows(query, keys, positive, torch.ones(6, 8, dtype=torch.bool), 0.2)
+    assert rows[3] == 0 and rows[5] == 0 and (rows[[0, 1, 2, 4]] > 0).all()
+    assert_reduced_close(result, reduce_rows(rows, NO_COLS, reduction), reduction)
+    if reduction == "mean":  # the empty rows still count in the mean
+        torch.testing.assert_close(result.double(), rows.sum() / 6, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_info_nce_positive_keys(backend, reduction):
+    query, positive_keys, keys = torch.randn(5, 8), torch.randn(5, 8), torch.randn(11, 8)
+    result = info_nce(query, keys, 0.07, positive_keys=positive_keys, reduction=reduction, backend=backend)
+    rows = torch.stack([lightly_moco(query[i:i + 1], positive_keys[i:i + 1], F.normalize(keys, dim=1), 0.07)
+                        for i in range(5)])
+    assert_reduced_close(result, reduce_rows(rows, NO_COLS, reduction), reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_info_nce_self_index(backend, reduction):
+    keys = torch.randn(7, 9)
+    query = keys[:5] + 0.1 * torch.randn(5, 9)
+    self_index = torch.tensor([0, 1, -1, 3, 4])  # row 2 keeps every key
+    positive_index = torch.tensor([5, 6, 2, 0, 1])
+    result = info_nce(query, keys, 0.4, positive_index, self_index=self_index, reduction=reduction,
+                      backend=backend)
+    allowed = torch.ones(5, 7, dtype=torch.bool)
+    allowed[[0, 1, 3, 4], [0, 1, 3, 4]] = False
+    positive = torch.zeros(5, 7, dtype=torch.bool)
+    positive[torch.arange(5), positive_index] = True
+    rows = multi_positive_rows(query, keys, positive, allowed, 0.4)
+    assert_reduced_close(result, reduce_rows(rows, NO_COLS, reduction), reduction)
+    if reduction == "none":  # removing a (close) self entry from the denominator lowers the loss
+        with_self = info_nce(query, keys, 0.4, positive_index, reduction="none", backend=backend)[0]
+        assert (with_self[[0, 1, 3, 4]] > result[0][[0, 1, 3, 4]]).all()
+        torch.testing.assert_close(with_self[2], result[0][2])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_info_nce_symmetric(backend, reduction):
+    query, keys = torch.randn(6, 10), torch.randn(6, 10)
+    result = info_nce(query, keys, 0.1, symmetric=True, reduction=reduction, backend=backend)
+    logits = cross_entropy_formula(query, keys, 0.1)
+    rows = F.cross_entropy(logits, torch.arange(6), reduction="none")
+    cols = F.cross_entropy(logits.T, torch.arange(6), reduction="none")
+    assert_reduced_close(result, reduce_rows(rows, cols, reduction, symmetric=True), reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_info_nce_symmetric_with_labels_rectangular(backend, reduction):
+    query, keys = torch.randn(5, 8), torch.randn(7, 8)
+    query_labels = torch.tensor([0, 1, 2, 1, 0])
+    key_labels = torch.tensor([2, 0, 5, 1, 1, 0, 3])  # keys 2 and 6 are nobody's positive
+    result = info_nce(query, keys, 0.3, query_labels=query_labels, key_labels=key_labels, symmetric=True,
+                      reduction=reduction, backend=backend)
+    positive = query_labels[:, None] == key_labels[None, :]
+    rows = multi_positive_rows(query, keys, positive, torch.ones(5, 7, dtype=torch.bool), 0.3)
+    cols = multi_positive_rows(keys, query, positive.T, torch.ones(7, 5, dtype=torch.bool), 0.3)
+    assert cols[2] == 0 and cols[6] == 0
+    assert_reduced_close(result, reduce_rows(rows, cols, reduction, symmetric=True), reduction)
+
+
+def test_info_nce_without_normalisation(backend):
+    query, keys = 0.3 * torch.randn(5, 6), 0.3 * torch.randn(5, 6)
+    loss = info_nce(query, keys, 0.5, normalize=False, backend=backend)
+    expected = F.cross_entropy(cross_entropy_formula(query, keys, 0.5, normalize=False), torch.arange(5))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    normalised = info_nce(query, keys, 0.5, backend=backend)
+    assert not torch.isclose(loss, normalised, rtol=1e-3)
+
+
+# ============================================================================================
+# 5. Invariants
+# ============================================================================================
+@pytest.mark.parametrize("mode", ["simclr", "symmetric"])
+def test_swapping_views_keeps_the_loss(backend, mode):
+    out0, out1 = views_for(9, 17)
+    forward = nt_xent(out0, out1, temperature=0.2, mode=mode, backend=backend)
+    swapped = nt_xent(out1, out0, temperature=0.2, mode=mode, backend=backend)
+    torch.testing.assert_close(swapped, forward, rtol=1e-6, atol=1e-7)
+
+
+def test_permuting_the_batch_keeps_the_loss(backend):
+    out0, out1 = views_for(9, 17)
+    labels = torch.tensor([0, 1, 1, 2, 0, 2, 3, 3, 1])
+    perm = torch.randperm(9)
+    loss = nt_xent(out0, out1, temperature=0.2, labels=labels, backend=backend)
+    permuted = nt_xent(out0[perm], out1[perm], temperature=0.2, labels=labels[perm], backend=backend)
+    torch.testing.assert_close(permuted, loss, rtol=1e-6, atol=1e-7)
+
+
+def test_positive_rescaling_keeps_the_loss(backend):
+    out0, out1 = views_for(6, 9)
+    loss = nt_xent(out0, out1, backend=backend)
+    torch.testing.assert_close(nt_xent(5.0 * out0, 0.25 * out1, backend=backend), loss, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param({}, id="default"),
+    pytest.param({"temperature": 0.07, "mode": "symmetric"}, id="symmetric"),
+    pytest.param({"temperature": 0.05, "mode": "simcse", "convention": "sum"}, id="simcse-sum"),
+])
+def test_module_equals_functional(backend, kwargs):
+    out0, out1 = views_for(6, 9)
+    module = NTXentLoss(backend=backend, **kwargs)(out0, out1)
+    functional = nt_xent(out0, out1, backend=backend, **kwargs)
+    torch.testing.assert_close(module, functional, rtol=0, atol=0)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    torch.testing.assert_close(NTXentLoss(backend=backend, **kwargs)(out0, out1, labels=labels),
+                               nt_xent(out0, out1, labels=labels, backend=backend, **kwargs), rtol=0, atol=0)
+
+
+BACKEND_AGREEMENT_CASES = [
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], backend=b), 2, id="default"),
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], v[2], temperature=0.1, backend=b), 3, id="3views"),
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], labels=torch.tensor([0, 1, 0, 2, 1, 2, 0]), backend=b),
+                 2, id="labels"),
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], negatives=v[2], temperature=0.1, backend=b), 3, id="bank"),
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], mode="symmetric", backend=b), 2, id="symmetric"),
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], mode="simcse", temperature=0.05, backend=b), 2, id="simcse"),
+    pytest.param(lambda v, b: clip_loss(v[0], v[1], v[2][0, 0].abs() + 10.0, backend=b), 3, id="clip"),
+    pytest.param(lambda v, b: info_nce(v[0], v[1], 0.2, torch.tensor([6, 5, 4, 3, 2, 1, 0]),
+                                       self_index=torch.tensor([0, 1, 2, 3, -1, -1, -1]), backend=b),
+                 2, id="info_nce-self_index"),
+]
+
+
+@pytest.mark.parametrize("loss_fn, n_inputs", BACKEND_AGREEMENT_CASES)
+def test_backends_agree(backend, loss_fn, n_inputs):
+    inputs = views_for(7, 11, n_views=n_inputs)
+    got_inputs, ref_inputs = with_grad(*inputs), with_grad(*inputs)
+    got = loss_fn(got_inputs, backend)
+    expected = loss_fn(ref_inputs, "reference")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    got.backward()
+    expected.backward()
+    for g, e in zip(got_inputs, ref_inputs):
+        assert g.grad is not None and e.grad is not None
+        torch.testing.assert_close(g.grad, e.grad, rtol=1e-4, atol=1e-6)
+
+
+# ============================================================================================
+# 6. gradcheck in float64
+# ============================================================================================
+GRADCHECK_CASES = [
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], backend=b), 2, id="default"),
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], negatives=v[2], temperature=0.2, backend=b), 3,
+                 id="bank-negatives"),
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], labels=torch.tensor([0, 1, 0]), temperature=0.3, backend=b),
+                 2, id="labels"),
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], mode="symmetric", temperature=0.3, backend=b), 2,
+                 id="symmetric"),
+    pytest.param(lambda v, b: nt_xent(v[0], v[1], v[2], temperature=0.4, backend=b), 3, id="3views"),
+    pytest.param(lambda v, b: clip_loss(v[0], v[1], v[2][0, 0].exp(), backend=b), 3, id="clip-logit_scale"),
+    pytest.param(lambda v, b: info_nce(v[0], v[1], 0.3, torch.tensor([2, 0, 0]),
+                                       self_index=torch.tensor([0, -1, 2]), backend=b), 2, id="info_nce-self_index"),
+]
+
+
+@pytest.mark.parametrize("loss_fn, n_inputs", GRADCHECK_CASES)
+def test_gradcheck(backend, loss_fn, n_inputs):
+    inputs = with_grad(*views_for(3, 4, torch.float64, n_views=n_inputs))
+    assert torch.autograd.gradcheck(lambda *v: loss_fn(v, backend), inputs, eps=1e-6, atol=1e-7)
+
+
+# ============================================================================================
+# 7. Half precision
+# ============================================================================================
+def naive_half_nt_xent(out0, out1, temperature):
+    """lightly's formula with every step in the inputs' half dtype (the error budget)."""
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    batch = out0.shape[0]
+    both = torch.cat([out0, out1])
+    logits = both @ both.T / temperature
+    logits = logits.masked_fill(torch.eye(2 * batch, dtype=torch.bool), float("-inf"))
+    targets = (torch.arange(2 * batch) + batch) % (2 * batch)
+    return F.cross_entropy(logits, targets)
+
+
+def symmetric_formula(out0, out1, temperature):
+    """½ (CE rows + CE columns) of out0·out1ᵀ/τ in the inputs' dtype (float64: exact)."""
+    return clip_formula(out0, out1, 1 / temperature)
+
+
+HALF_CASES = [
+    pytest.param("simclr", lightly_nt_xent, naive_half_nt_xent, id="simclr"),
+    pytest.param("symmetric", symmetric_formula, symmetric_formula, id="symmetric"),
+]
+
+
+@pytest.mark.parametrize("mode, exact_fn, naive_fn", HALF_CASES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_inputs(backend, dtype, mode, exact_fn, naive_fn):
+    tau = 0.1
+    out0, out1 = with_grad(*views_for(16, 40, dtype, noise=1.0))
+    loss = nt_xent(out0, out1, temperature=tau, mode=mode, backend=backend)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    loss.backward()
+    assert out0.grad.dtype == dtype and out1.grad.dtype == dtype
+    assert torch.isfinite(out0.grad).all() and torch.isfinite(out1.grad).all()
+
+    # Value: fastssl's error against float64 (on the same rounded inputs) vs the naive half error.
+    x0, x1 = with_grad(out0.double(), out1.double())
+    exact = exact_fn(x0, x1, tau)
+    h0, h1 = with_grad(out0, out1)
+    naive = naive_fn(h0, h1, tau)
+    assert naive.dtype == dtype
+    half_error_within_twice_reference(loss.detach(), naive.detach(), exact.detach())
+
+    # Gradients, by the same rule.
+    exact.backward()
+    naive.backward()
+    for got, ref, ex in ((out0.grad, h0.grad, x0.grad), (out1.grad, h1.grad, x1.grad)):
+        half_error_within_twice_reference(got, ref, ex)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_inputs_with_memory_bank(backend, dtype):
+    criterion = NTXentLoss(temperature=0.1, memory_bank_size=20, backend=backend)
+    out0, out1 = views_for(8, 12, dtype)
+    criterion(out0, out1)
+    bank = criterion.memory_bank.bank.clone()
+    q = out0.clone().requires_grad_(True)
+    loss = criterion(q, out1)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert q.grad.dtype == dtype
+    # Arithmetic (normalisation included) in fp32 on the half inputs and the stored bank:
+    # fp32-level accuracy against float64 on the same inputs.
+    exact = lightly_moco(out0, out1, bank, 0.1)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6)
+
+
+# ============================================================================================
+# 8. Bad input
+# ============================================================================================
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+BAD_INPUTS = [
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(5, 8), backend=b), ValueError, r"out0.*out1", id="batch-mismatch"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 7), backend=b), ValueError, r"out0.*out1", id="dim-mismatch"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), _x(4, 9), backend=b), ValueError, r"more_views\[0\]",
+                 id="third-view-mismatch"),
+    pytest.param(lambda b: nt_xent(_x(8), _x(8), backend=b), ValueError, r"out0.*2 dimensions", id="1d"),
+    pytest.param(lambda b: nt_xent(_x(2, 4, 8), _x(2, 4, 8), backend=b), ValueError, r"out0.*2 dimensions",
+                 id="3d"),
+    pytest.param(lambda b: nt_xent(torch.ones(4, 8, dtype=torch.long), _x(4, 8), backend=b), TypeError, r"out0",
+                 id="int-out0"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), torch.ones(4, 8, dtype=torch.int32), backend=b), TypeError, r"out1",
+                 id="int-out1"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8, dtype=torch.float64), backend=b), TypeError,
+                 r"out0.*out1.*dtype", id="dtype-mismatch"),
+    pytest.param(lambda b: nt_xent(_x(0, 8), _x(0, 8), backend=b), ValueError, r"out0.*empty", id="empty-batch"),
+    pytest.param(lambda b: nt_xent(_x(4, 0), _x(4, 0), backend=b), ValueError, r"out0.*empty", id="empty-dim"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), temperature=0.0, backend=b), ValueError, r"temperature",
+                 id="temperature-0"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), temperature=-0.5, backend=b), ValueError, r"temperature",
+                 id="temperature-negative"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), temperature=float("nan"), backend=b), ValueError,
+                 r"temperature", id="temperature-nan"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), temperature=float("inf"), backend=b), ValueError,
+                 r"temperature", id="temperature-inf"),
+    pytest.param(lambda b: NTXentLoss(temperature=0.0, backend=b), ValueError, r"temperature",
+                 id="module-temperature-0"),
+    pytest.param(lambda b: NTXentLoss(temperature=-1.0, memory_bank_size=8, backend=b), ValueError,
+                 r"temperature", id="module-temperature-negative"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), labels=torch.arange(5), backend=b), ValueError, r"labels",
+                 id="labels-length"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), labels=torch.zeros(4), backend=b), TypeError, r"labels",
+                 id="labels-float"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), labels=torch.zeros(4, 1, dtype=torch.long), backend=b),
+                 ValueError, r"labels", id="labels-2d"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), mode="simsiam", backend=b), ValueError, r"mode",
+                 id="unknown-mode"),
+    pytest.param(lambda b: NTXentLoss(mode="moco", backend=b), ValueError, r"mode", id="module-unknown-mode"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), convention="max", backend=b), ValueError, r"convention",
+                 id="unknown-convention"),
+    pytest.param(lambda b: NTXentLoss(convention="official", backend=b), ValueError, r"convention",
+                 id="module-unknown-convention"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), backend="cuda"), ValueError, r"backend",
+                 id="unknown-backend"),
+    pytest.param(lambda b: NTXentLoss(backend="fast")(_x(4, 8), _x(4, 8)), ValueError, r"backend",
+                 id="module-unknown-backend"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), _x(4, 8), mode="simcse", backend=b), ValueError,
+                 r"simcse.*two views", id="simcse-3views"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), _x(4, 8), mode="symmetric", backend=b), ValueError,
+                 r"symmetric.*two views", id="symmetric-3views"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), negatives=_x(10, 7), backend=b), ValueError, r"negatives",
+                 id="negatives-dim"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), negatives=_x(10), backend=b), ValueError, r"negatives",
+                 id="negatives-1d"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), negatives=torch.ones(10, 8, dtype=torch.long), backend=b),
+                 TypeError, r"negatives", id="negatives-int"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), _x(4, 8), negatives=_x(10, 8), backend=b), ValueError,
+                 r"negatives", id="negatives-3views"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), labels=torch.arange(4), negatives=_x(10, 8), backend=b),
+                 ValueError, r"negatives", id="negatives-labels"),
+    pytest.param(lambda b: NTXentLoss(memory_bank_size=8, backend=b)(_x(4, 8), _x(4, 9)), ValueError,
+                 r"out0.*out1", id="module-bank-dim-mismatch"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 7), backend=b), ValueError, r"query.*keys", id="info_nce-dim"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), positive_index=torch.tensor([0, 1, 2, 6]), backend=b),
+                 ValueError, r"positive_index", id="positive_index-too-large"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), positive_index=torch.tensor([0, -1, 2, 3]), backend=b),
+                 ValueError, r"positive_index", id="positive_index-negative"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), positive_index=torch.tensor([0, 1, 2]), backend=b),
+                 ValueError, r"positive_index", id="positive_index-length"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), positive_index=torch.zeros(4), backend=b),
+                 TypeError, r"positive_index", id="positive_index-float"),
+    pytest.param(lambda b: info_nce(_x(6, 8), _x(4, 8), backend=b), ValueError, r"positive_index",
+                 id="diagonal-needs-N<=M"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), query_labels=torch.arange(4), backend=b), ValueError,
+                 r"key_labels", id="query_labels-alone"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), query_labels=torch.arange(4),
+                                    key_labels=torch.arange(5), backend=b), ValueError, r"key_labels",
+                 id="key_labels-length"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), positive_keys=_x(4, 7), backend=b), ValueError,
+                 r"positive_keys", id="positive_keys-shape"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), positive_keys=_x(4, 8), positive_index=torch.arange(4),
+                                    backend=b), ValueError, r"positive_index.*positive_keys", id="two-positive-kinds"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), self_index=torch.tensor([0, 1, 2, 6]), backend=b),
+                 ValueError, r"self_index", id="self_index-too-large"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(4, 8), symmetric=True, self_index=torch.arange(4), backend=b),
+                 ValueError, r"self_index", id="symmetric-self_index"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), reduction="avg", backend=b), ValueError, r"reduction",
+                 id="unknown-reduction"),
+    pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), temperature=0.0, backend=b), ValueError, r"temperature",
+                 id="info_nce-temperature-0"),
+    pytest.param(lambda b: clip_loss(_x(4, 8), _x(4, 8), torch.tensor(-1.0), backend=b), ValueError,
+                 r"logit_scale", id="clip-negative-scale"),
+    pytest.param(lambda b: clip_loss(_x(4, 8), _x(4, 8), torch.ones(2), backend=b), ValueError, r"logit_scale",
+                 id="clip-vector-scale"),
+    pytest.param(lambda b: clip_loss(_x(4, 8), _x(5, 8), 10.0, backend=b), ValueError,
+                 r"image_features.*text_features", id="clip-shape-mismatch"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_INPUTS)
+def test_bad_input_raises(backend, call, error, message):
+    with pytest.raises(error, match=message):
+        call(backend)
