@@ -119,18 +119,25 @@ def _sinkhorn_fake(scores, *_):
     return torch.empty_like(scores)
 
 
+# --- contrastive: NT-Xent / InfoNCE --------------------------------------------------------
 info_nce = define_recompute_op("info_nce", reference.info_nce, _info_nce_fake, differentiable=(0, 1, 2))
+
+# --- redundancy reduction: Barlow Twins, VICReg ---------------------------------------------
 barlow_twins = define_recompute_op("barlow_twins", reference.barlow_twins, _scalar_fake, differentiable=(0, 1))
 vicreg_variance_covariance = define_recompute_op(
     "vicreg_variance_covariance", reference.vicreg_variance_covariance, _vicreg_fake, differentiable=(0, 1)
 )
+
+# --- clustering & distillation: Sinkhorn-Knopp, SwAV / DINO cross-entropy ---------------------
+sinkhorn = define_recompute_op("sinkhorn", reference.sinkhorn, _sinkhorn_fake, differentiable=())
 soft_cross_entropy_pairs = define_recompute_op(
     "soft_cross_entropy_pairs", reference.soft_cross_entropy_pairs, _pairs_fake, differentiable=(0, 1)
 )
+
+# --- BYOL / SimSiam ------------------------------------------------------------------------
 negative_cosine_similarity = define_recompute_op(
     "negative_cosine_similarity", reference.negative_cosine_similarity, _scalar_fake, differentiable=(0, 1)
 )
-sinkhorn = define_recompute_op("sinkhorn", reference.sinkhorn, _sinkhorn_fake, differentiable=())
 
 for _name in _OP_SCHEMAS:
     backends.register(_name, "reference", getattr(reference, _name))
