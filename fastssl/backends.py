@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import pkgutil
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -128,8 +129,8 @@ def load_triton_kernels() -> None:
     """Import the Triton kernel families (they register themselves), once, if Triton is usable."""
     if not triton_import_reasons():
         kernels = importlib.import_module("fastssl.kernels")
-        for family in kernels.FAMILIES:
-            importlib.import_module(f"fastssl.kernels.{family}")
+        for family in pkgutil.iter_modules(kernels.__path__):
+            importlib.import_module(f"fastssl.kernels.{family.name}")
 
 
 def unavailable_reasons(op: str, backend: str, tensors: Sequence[torch.Tensor]) -> List[str]:

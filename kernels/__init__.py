@@ -1,7 +1,7 @@
 """Triton kernels of fastssl, installed as ``fastssl.kernels``: one module per op family.
 
-Each module holds ``@triton.jit`` kernels and their launchers and registers itself with
-``fastssl.backends`` under the ``triton`` backend. Importing this package never imports Triton;
-``fastssl`` imports the family modules only when Triton is usable (see ``fastssl.backends``).
+Each module holds ``@triton.jit`` kernels and their launchers and registers its ops with
+``fastssl.backends`` under the ``triton`` backend when imported. Importing this package never
+imports Triton: ``fastssl.backends.load_triton_kernels`` imports every module here, once, the
+first time the triton backend is considered and only if Triton is usable.
 """
-FAMILIES: tuple = ()  # modules filled in by the kernel issues, e.g. ("contrastive",)
