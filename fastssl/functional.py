@@ -508,11 +508,14 @@ def swav(
     low = check_tensor_list("low_resolution_outputs", low_resolution_outputs, 0)
     crops = high + low
     if len(crops) < 2:
-        raise ValueError(f"SwAV needs at least two crops in all, got {len(crops)}")
+        raise ValueError("high_resolution_outputs and low_resolution_outputs must hold at least two "
+                         f"crops in all, got {len(crops)}")
     names = [f"high_resolution_outputs[{i}]" for i in range(len(high))] + [
         f"low_resolution_outputs[{i}]" for i in range(len(low))]
     check_views(names, crops)
     temperature = check_positive("temperature", temperature)
+    check_int_at_least("sinkhorn_iterations", sinkhorn_iterations, 0)
+    check_positive("sinkhorn_epsilon", sinkhorn_epsilon)
     if queue_outputs is not None:
         queue = check_tensor_list("queue_outputs", queue_outputs, len(high))
         if len(queue) != len(high):
@@ -577,8 +580,8 @@ def dino(
     teacher = _as_crops("teacher_out", teacher_out)
     student = _as_crops("student_out", student_out)
     if teacher.shape[1:] != student.shape[1:]:
-        raise ValueError(f"teacher and student crops must share (B, D), got teacher "
-                         f"{tuple(teacher.shape)} and student {tuple(student.shape)}")
+        raise ValueError(f"teacher_out and student_out crops must share (B, D), got teacher_out "
+                         f"{tuple(teacher.shape)} and student_out {tuple(student.shape)}")
     check_float_tensor("center", center)
     check_same_device(("teacher_out", "student_out", "center"), (teacher, student, center))
     if center.shape[-1] != teacher.shape[-1] or center[..., 0].numel() != 1:
