@@ -16,11 +16,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import backends, reference
+from . import backends, contrastive, reference
 
 _OP_SCHEMAS = {
-    "info_nce": "(Tensor query, Tensor keys, Tensor? positive_keys, Tensor? query_labels, "
-    "Tensor? key_labels, Tensor? self_index, float scale, bool symmetric) -> (Tensor, Tensor)",
     "barlow_twins": "(Tensor z_a, Tensor z_b, float lambda_param) -> Tensor",
     "vicreg_variance_covariance": "(Tensor z_a, Tensor z_b, float eps) -> Tensor",
     "soft_cross_entropy_pairs": "(Tensor targets, Tensor logits, float scale) -> Tensor",
@@ -120,25 +118,94 @@ def _sinkhorn_fake(scores, *_):
 
 
 # --- contrastive: NT-Xent / InfoNCE --------------------------------------------------------
-info_nce = define_recompute_op("info_nce", reference.info_nce, _info_nce_fake, differentiable=(0, 1, 2))
+_INFO_NCE_INPUTS = ("Tensor query, Tensor keys, Tensor? positive_keys, Tensor? query_labels, Tensor? key_labels, "
+                    "Tensor? self_index")
+
+
+def define_info_nce_op(name: str, forward: Callable, backward: Callable) -> Callable:
+    """Register a fused InfoNCE (``fastssl::<name>`` and ``fastssl::<name>_backward``).
+
+    ``forward(query, keys, positive_keys, query_labels, key_labels, self_index, scale, symmetric)``
+    returns (row_loss (N,), col_loss (M,) or (0,), row_stats (2, N), col_stats (2, M) or (2, 0)):
+    the losses and, for the backward, each row's (column's) max logit and exp-sum.
+    ``backward(grad_row, grad_col, <inputs>, row_stats, col_stats, scale, symmetric)`` returns
+    the gradients of query, keys and positive_keys (None when absent).
+    Returns a function with ``reference.info_nce``'s signature and outputs.
+    """
+    op = torch.library.custom_op(
+        f"fastssl::{name}", mutates_args=(),
+        schema=f"({_INFO_NCE_INPUTS}, float scale, bool symmetric) -> (Tensor, Tensor, Tensor, Tensor)",
+    )(forward)
+
+    @op.register_fake
+    def _(query, keys, positive_keys, query_labels, key_labels, self_index, scale, symmetric):
+        row_loss, col_loss = _info_nce_fake(query, keys, positive_keys, query_labels, key_labels, self_index,
+                                            scale, symmetric)
+        return row_loss, col_loss, row_loss.new_empty(2, row_loss.shape[0]), col_loss.new_empty(2, col_loss.shape[0])
+
+    def backward_impl(grad_row, grad_col, query, keys, positive_keys, *rest):
+        grad_query, grad_keys, grad_positive_keys = backward(grad_row, grad_col, query, keys, positive_keys, *rest)
+        return grad_query, grad_keys, grad_positive_keys if grad_positive_keys is not None else _empty_grad(query)
+
+    backward_op = torch.library.custom_op(
+        f"fastssl::{name}_backward", mutates_args=(),
+        schema=f"(Tensor grad_row, Tensor grad_col, {_INFO_NCE_INPUTS}, Tensor row_stats, Tensor col_stats, "
+               "float scale, bool symmetric) -> (Tensor, Tensor, Tensor)",
+    )(backward_impl)
+
+    @backward_op.register_fake
+    def _(grad_row, grad_col, query, keys, positive_keys, *rest):
+        return (torch.empty_like(query), torch.empty_like(keys),
+                torch.empty_like(positive_keys) if positive_keys is not None else _empty_grad(query))
+
+    def setup_context(ctx, inputs, output):
+        query, keys, positive_keys, query_labels, key_labels, self_index, ctx.scale, ctx.symmetric = inputs
+        ctx.save_for_backward(query, keys, positive_keys, query_labels, key_labels, self_index, output[2], output[3])
+        ctx.mark_non_differentiable(output[2], output[3])
+
+    def autograd_backward(ctx, grad_row, grad_col, _grad_row_stats, _grad_col_stats):
+        *inputs, row_stats, col_stats = ctx.saved_tensors
+        grad_query, grad_keys, grad_positive_keys = backward_op(
+            grad_row, grad_col, *inputs, row_stats, col_stats, ctx.scale, ctx.symmetric)
+        return (grad_query, grad_keys, grad_positive_keys if inputs[2] is not None else None,
+                None, None, None, None, None)
+
+    op.register_autograd(autograd_backward, setup_context=setup_context)
+
+    def info_nce_core(query, keys, positive_keys, query_labels, key_labels, self_index, scale, symmetric):
+        row_loss, col_loss, _, _ = op(query, keys, positive_keys, query_labels, key_labels, self_index,
+                                      scale, symmetric)
+        return row_loss, col_loss
+
+    info_nce_core.op = op
+    return info_nce_core
+
+
+info_nce = define_info_nce_op("info_nce", contrastive.info_nce_forward, contrastive.info_nce_backward)
+backends.register("info_nce", "torch", info_nce)
 
 # --- redundancy reduction: Barlow Twins, VICReg ---------------------------------------------
 barlow_twins = define_recompute_op("barlow_twins", reference.barlow_twins, _scalar_fake, differentiable=(0, 1))
 vicreg_variance_covariance = define_recompute_op(
     "vicreg_variance_covariance", reference.vicreg_variance_covariance, _vicreg_fake, differentiable=(0, 1)
 )
+backends.register("barlow_twins", "torch", barlow_twins)
+backends.register("vicreg_variance_covariance", "torch", vicreg_variance_covariance)
 
 # --- clustering & distillation: Sinkhorn-Knopp, SwAV / DINO cross-entropy ---------------------
 sinkhorn = define_recompute_op("sinkhorn", reference.sinkhorn, _sinkhorn_fake, differentiable=())
 soft_cross_entropy_pairs = define_recompute_op(
     "soft_cross_entropy_pairs", reference.soft_cross_entropy_pairs, _pairs_fake, differentiable=(0, 1)
 )
+backends.register("sinkhorn", "torch", sinkhorn)
+backends.register("soft_cross_entropy_pairs", "torch", soft_cross_entropy_pairs)
 
 # --- BYOL / SimSiam ------------------------------------------------------------------------
 negative_cosine_similarity = define_recompute_op(
     "negative_cosine_similarity", reference.negative_cosine_similarity, _scalar_fake, differentiable=(0, 1)
 )
+backends.register("negative_cosine_similarity", "torch", negative_cosine_similarity)
 
-for _name in _OP_SCHEMAS:
+for _name in ("info_nce", "barlow_twins", "vicreg_variance_covariance", "sinkhorn", "soft_cross_entropy_pairs",
+              "negative_cosine_similarity"):
     backends.register(_name, "reference", getattr(reference, _name))
-    backends.register(_name, "torch", getattr(torch.ops.fastssl, _name))

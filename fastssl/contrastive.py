@@ -1,0 +1,229 @@
+"""The ``torch`` backend of InfoNCE: blocked, O(N + M) memory, recompute in backward.
+
+Same contract as ``reference.info_nce`` (see there for the formula). The N×M logit matrix
+never exists: rows are processed in blocks of ``rows_per_block(M)`` rows (a block of logits is
+~2 MiB of fp32, sized for a core's L2 cache), each block does one GEMM, and the forward keeps
+only two numbers per row: the row max m_i and the row sum l_i = Σ_j exp(s_ij − m_i). The
+backward recomputes each block of logits once and feeds both gradients from it:
+
+    dL/ds_ij = g_i · (exp(s_ij − m_i) / l_i − [j ∈ P_i] / |P_i|)        (+ the column term)
+    dQ_blk = (scale · dL/ds) @ K,      dK += (scale · dL/ds)ᵀ @ Q_blk
+
+so the algorithm does four GEMMs of N×M×D (one forward, three backward) and a few passes over
+a cache-sized block. The loss is assembled as (m_i − mean_p s_ip) + log l_i, never as
+logsumexp − positive: at τ = 0.01 both of those are ~100 and their difference would lose the
+digits of a small loss (the reference's ``log_softmax`` keeps them the same way).
+
+Positives are found once per call from the labels: as an explicit list of (row, column) pairs
+when there are few per row (SimCLR, SimCSE, CLIP, MoCo: one or V − 1), or as a per-block label
+comparison when there are many (SupCon with few classes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .reference import compute_dtype
+
+Tensor = torch.Tensor
+
+BLOCK_ELEMENTS = 1 << 19  # logits per block: 2 MiB of fp32
+MAX_PAIRS_PER_ROW = 16  # above this many positives per row on average, compare labels per block
+
+
+def rows_per_block(num_keys: int) -> int:
+    return max(16, min(4096, BLOCK_ELEMENTS // max(num_keys, 1)))
+
+
+@dataclass
+class Positives:
+    """Where the positives of each row are. count: (N,) float, number of positives per row.
+
+    Sparse form: ``pair_rows``/``pair_cols`` (P,) sorted by row and ``row_start`` (N + 1 ints) so
+    that rows [a, b) own pairs [row_start[a], row_start[b]). Dense form (``pair_rows`` None):
+    compare ``query_labels`` with ``key_labels`` per block, minus self.
+    """
+
+    count: Tensor
+    query_labels: Tensor
+    key_labels: Tensor
+    self_index: Optional[Tensor]
+    pair_rows: Optional[Tensor] = None
+    pair_cols: Optional[Tensor] = None
+    row_start: Optional[list] = None
+
+    def block_pairs(self, start: int, stop: int) -> Tuple[Tensor, Tensor]:
+        """(rows relative to ``start``, columns) of the pairs of rows [start, stop)."""
+        a, b = self.row_start[start], self.row_start[stop]
+        return self.pair_rows[a:b] - start, self.pair_cols[a:b]
+
+    def block_mask(self, start: int, stop: int) -> Tensor:
+        """(stop − start, M) bool: positive entries of rows [start, stop) (dense form)."""
+        mask = self.query_labels[start:stop, None] == self.key_labels[None, :]
+        if self.self_index is not None:
+            _mask_self(mask, self.self_index[start:stop], False)
+        return mask
+
+
+def find_positives(query_labels: Tensor, key_labels: Tensor, self_index: Optional[Tensor]) -> Positives:
+    """Positives of every row: keys with the row's label, its own entry excluded. O((N + M) log M)."""
+    n = query_labels.shape[0]
+    sorted_labels, order = torch.sort(key_labels)
+    low = torch.searchsorted(sorted_labels, query_labels, right=False)
+    high = torch.searchsorted(sorted_labels, query_labels, right=True)
+    per_row = high - low
+    if self_index is not None:
+        has_self = self_index >= 0
+        own_label = key_labels[self_index.clamp_min(0)]
+        per_row = per_row - (has_self & (own_label == query_labels)).long()
+    count = per_row.to(torch.float64)
+    total = int((high - low).sum())
+    positives = Positives(count, query_labels, key_labels, self_index)
+    if total > MAX_PAIRS_PER_ROW * max(n, 1):
+        return positives
+    with_self = high - low
+    rows = torch.repeat_interleave(torch.arange(n, device=query_labels.device), with_self)
+    first = torch.cumsum(with_self, 0) - with_self
+    cols = order[low[rows] + torch.arange(total, device=query_labels.device) - first[rows]]
+    if self_index is not None:
+        keep = cols != self_index[rows]
+        rows, cols = rows[keep], cols[keep]
+    row_start = torch.cat([torch.zeros(1, dtype=torch.long, device=rows.device),
+                           torch.cumsum(torch.bincount(rows, minlength=n), 0)])
+    positives.pair_rows, positives.pair_cols, positives.row_start = rows, cols, row_start.tolist()
+    return positives
+
+
+def _mask_self(block: Tensor, self_index: Tensor, value) -> None:
+    """block[i, self_index[i]] = value for the rows that have a self entry (in place)."""
+    rows = torch.nonzero(self_index >= 0).squeeze(1)
+    block[rows, self_index[rows]] = value
+
+
+def _block_logits(scaled_query: Tensor, keys: Tensor, self_index: Optional[Tensor], start: int, stop: int) -> Tensor:
+    """scale · Q[start:stop] Kᵀ with self entries set to −inf: (stop − start, M)."""
+    logits = scaled_query[start:stop] @ keys.T
+    if self_index is not None:
+        _mask_self(logits, self_index[start:stop], float("-inf"))
+    return logits
+
+
+def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor], positives: Optional[Positives],
+                    self_index: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, max m and sum l = Σ exp(s − m) (the extra logit included), all (N,)."""
+    n = scaled_query.shape[0]
+    dtype = scaled_query.dtype
+    loss, row_max, row_sum = (torch.empty(n, dtype=dtype, device=keys.device) for _ in range(3))
+    step = rows_per_block(keys.shape[0])
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        logits = _block_logits(scaled_query, keys, self_index, start, stop)
+        m = logits.amax(dim=1)
+        if extra is not None:
+            m = torch.maximum(m, extra[start:stop])
+        logits.sub_(m[:, None])  # shifted logits s − m: exactly 0 at the row max
+        if extra is not None:
+            positive_shifted = extra[start:stop] - m
+        elif positives.pair_rows is not None:
+            rows, cols = positives.block_pairs(start, stop)
+            positive_sum = torch.zeros(stop - start, dtype=dtype, device=keys.device)
+            positive_sum.index_add_(0, rows, logits[rows, cols])
+            positive_shifted = positive_sum / positives.count[start:stop].clamp_min(1).to(dtype)
+        else:
+            mask = positives.block_mask(start, stop)
+            positive_sum = torch.where(mask, logits, torch.zeros((), dtype=dtype, device=keys.device)).sum(1)
+            positive_shifted = positive_sum / positives.count[start:stop].clamp_min(1).to(dtype)
+        total = logits.exp_().sum(dim=1)
+        if extra is not None:
+            total += torch.exp(positive_shifted)
+        block_loss = torch.log(total) - positive_shifted
+        if positives is not None:
+            block_loss = torch.where(positives.count[start:stop] > 0, block_loss, torch.zeros_like(block_loss))
+        loss[start:stop], row_max[start:stop], row_sum[start:stop] = block_loss, m, total
+    return loss, row_max, row_sum
+
+
+def _positive_labels(query_labels, key_labels, self_index) -> Optional[Positives]:
+    return None if query_labels is None else find_positives(query_labels, key_labels, self_index)
+
+
+def info_nce_forward(query: Tensor, keys: Tensor, positive_keys: Optional[Tensor], query_labels: Optional[Tensor],
+                     key_labels: Optional[Tensor], self_index: Optional[Tensor], scale: float, symmetric: bool
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Blocked forward. Returns (row_loss (N,), col_loss (M,) or (0,), row_stats (2, N), col_stats (2, M) or (2, 0)).
+
+    ``*_stats`` stack the max and the exp-sum of each row (column) for the backward.
+    """
+    dtype = compute_dtype(query, keys, positive_keys)
+    q, k = query.to(dtype), keys.to(dtype)
+    extra = scale * (q * positive_keys.to(dtype)).sum(1) if positive_keys is not None else None
+    row_loss, row_max, row_sum = _row_statistics(
+        q * scale, k, extra, _positive_labels(query_labels, key_labels, self_index), self_index)
+    if not symmetric:
+        empty = q.new_zeros(0)
+        return row_loss, empty, torch.stack([row_max, row_sum]), q.new_zeros(2, 0)
+    col_loss, col_max, col_sum = _row_statistics(
+        k * scale, q, None, _positive_labels(key_labels, query_labels, None), None)
+    return row_loss, col_loss, torch.stack([row_max, row_sum]), torch.stack([col_max, col_sum])
+
+
+def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: Tensor,
+                      positive_keys: Optional[Tensor], query_labels: Optional[Tensor], key_labels: Optional[Tensor],
+                      self_index: Optional[Tensor], row_stats: Tensor, col_stats: Tensor, scale: float,
+                      symmetric: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Blocked backward: one recompute of each logit block feeds dQ and dK. Returns input-dtype grads."""
+    dtype = compute_dtype(query, keys, positive_keys)
+    q, k = query.to(dtype), keys.to(dtype)
+    n = q.shape[0]
+    row_max, row_sum = row_stats.to(dtype)
+    positives = _positive_labels(query_labels, key_labels, self_index)
+    # per-row factor of the softmax term: g_i · scale / l_i (0 for rows without positives)
+    row_coef = grad_row.to(dtype) * scale
+    if positives is not None:
+        row_coef = torch.where(positives.count > 0, row_coef, torch.zeros_like(row_coef))
+        row_positive_weight = row_coef / positives.count.clamp_min(1).to(dtype)
+    row_softmax_coef = row_coef / row_sum
+    if symmetric:
+        col_max, col_sum = col_stats.to(dtype)
+        col_count = _positive_labels(key_labels, query_labels, None).count
+        col_coef = torch.where(col_count > 0, grad_col.to(dtype) * scale, torch.zeros_like(col_sum))
+        col_positive_weight = col_coef / col_count.clamp_min(1).to(dtype)
+        col_softmax_coef = col_coef / col_sum
+
+    grad_q = torch.empty_like(q)
+    grad_k = torch.zeros_like(k)
+    scaled_q = q * scale
+    step = rows_per_block(k.shape[0])
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        logits = _block_logits(scaled_q, k, self_index, start, stop)
+        if symmetric:
+            grad_logits = torch.exp(logits - col_max[None, :]).mul_(col_softmax_coef[None, :])
+            grad_logits.addcmul_(logits.sub_(row_max[start:stop, None]).exp_(), row_softmax_coef[start:stop, None])
+        else:
+            grad_logits = logits.sub_(row_max[start:stop, None]).exp_().mul_(row_softmax_coef[start:stop, None])
+        if positives is not None:
+            if positives.pair_rows is not None:
+                rows, cols = positives.block_pairs(start, stop)
+                weight = row_positive_weight[start:stop][rows]
+                if symmetric:
+                    weight = weight + col_positive_weight[cols]
+                grad_logits.index_put_((rows, cols), -weight, accumulate=True)
+            else:
+                mask = positives.block_mask(start, stop).to(dtype)
+                grad_logits.sub_(mask * row_positive_weight[start:stop, None])
+                if symmetric:
+                    grad_logits.sub_(mask * col_positive_weight[None, :])
+        grad_q[start:stop] = grad_logits @ k
+        grad_k.addmm_(grad_logits.T, q[start:stop])
+
+    grad_positive_keys = None
+    if positive_keys is not None:
+        p = positive_keys.to(dtype)
+        extra = scale * (q * p).sum(1)
+        positive_coef = torch.exp(extra - row_max) / row_sum * row_coef - row_coef  # (p_pos − 1) · g · scale
+        grad_q += positive_coef[:, None] * p
+        grad_positive_keys = (positive_coef[:, None] * q).to(positive_keys.dtype)
+    return grad_q.to(query.dtype), grad_k.to(keys.dtype), grad_positive_keys
