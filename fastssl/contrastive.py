@@ -227,3 +227,129 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
         grad_q += positive_coef[:, None] * p
         grad_positive_keys = (positive_coef[:, None] * q).to(positive_keys.dtype)
     return grad_q.to(query.dtype), grad_k.to(keys.dtype), grad_positive_keys
+
+
+# --------------------------------------------------------------------------------------------
+# Self-similarity (SimCLR): keys are the queries themselves, so S = scale · Z Zᵀ is symmetric.
+# Only tiles on and above the diagonal are computed; each serves the rows of both of its blocks
+# (online max / exp-sum merges, as flash attention does along a row). The backward folds the two
+# orientations of a tile into W = G_IJ + G_JIᵀ and needs two GEMMs per tile:
+#     dZ_I += W Z_J,   dZ_J += Wᵀ Z_I
+# — half the GEMM work of the general path (which must treat Q and K as different tensors).
+# --------------------------------------------------------------------------------------------
+TILE_ELEMENTS = 1 << 18  # logits per tile: 1 MiB of fp32
+
+
+def tile_size(n: int) -> int:
+    return max(16, min(n, int(TILE_ELEMENTS ** 0.5)))
+
+
+def _merge_statistics(row_max: Tensor, row_sum: Tensor, start: int, tile: Tensor, dim: int) -> None:
+    """Fold a tile into the running max / exp-sum of the rows it covers along ``dim`` (in place)."""
+    stop = start + tile.shape[1 - dim]
+    old_max = row_max[start:stop]
+    new_max = torch.maximum(old_max, tile.amax(dim=dim))
+    shifted = tile - (new_max[:, None] if dim == 1 else new_max[None, :])
+    row_sum[start:stop] = row_sum[start:stop] * torch.exp(old_max - new_max) + shifted.exp_().sum(dim=dim)
+    row_max[start:stop] = new_max
+
+
+def _tile_pairs(positives: Positives, row_start: int, row_stop: int, col_start: int, col_stop: int):
+    """Positive pairs with row in [row_start, row_stop) and column in [col_start, col_stop),
+    relative to the tile's corner."""
+    rows, cols = positives.block_pairs(row_start, row_stop)
+    inside = (cols >= col_start) & (cols < col_stop)
+    return rows[inside], cols[inside] - col_start
+
+
+def _tile_mask(positives: Positives, row_start: int, row_stop: int, col_start: int, col_stop: int) -> Tensor:
+    """(rows, cols) bool: same label (dense form), the diagonal of a diagonal tile excluded."""
+    mask = positives.query_labels[row_start:row_stop, None] == positives.key_labels[None, col_start:col_stop]
+    if row_start == col_start and positives.self_index is not None:
+        mask.fill_diagonal_(False)
+    return mask
+
+
+def _tiles(n: int):
+    step = tile_size(n)
+    for i in range(0, n, step):
+        for j in range(i, n, step):
+            yield i, min(i + step, n), j, min(j + step, n)
+
+
+def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool, scale: float
+                          ) -> Tuple[Tensor, Tensor]:
+    """Row losses (N,) and (max, exp-sum) stats (2, N) of InfoNCE of ``embeddings`` against itself."""
+    dtype = compute_dtype(embeddings)
+    z = embeddings.to(dtype)
+    n = z.shape[0]
+    self_index = torch.arange(n, device=z.device) if exclude_self else None
+    positives = find_positives(labels, labels, self_index)
+    scaled = z * scale
+    row_max = torch.full((n,), float("-inf"), dtype=dtype, device=z.device)
+    row_sum = torch.zeros(n, dtype=dtype, device=z.device)
+    positive_sum = torch.zeros(n, dtype=dtype, device=z.device)  # raw logits: exact at the row max
+    for i0, i1, j0, j1 in _tiles(n):
+        tile = scaled[i0:i1] @ z[j0:j1].T
+        if i0 == j0 and exclude_self:
+            tile.fill_diagonal_(float("-inf"))
+        _merge_statistics(row_max, row_sum, i0, tile, dim=1)
+        if i0 != j0:
+            _merge_statistics(row_max, row_sum, j0, tile, dim=0)
+        if positives.pair_rows is not None:
+            rows, cols = _tile_pairs(positives, i0, i1, j0, j1)
+            values = tile[rows, cols]
+            positive_sum.index_add_(0, rows + i0, values)
+            if i0 != j0:  # the mirrored pair (col, row) lies in the tile below the diagonal
+                positive_sum.index_add_(0, cols + j0, values)
+        else:
+            kept = torch.where(_tile_mask(positives, i0, i1, j0, j1), tile, torch.zeros((), dtype=dtype))
+            positive_sum[i0:i1] += kept.sum(1)
+            if i0 != j0:
+                positive_sum[j0:j1] += kept.sum(0)
+    count = positives.count.to(dtype)
+    loss = (row_max - positive_sum / count.clamp_min(1)) + torch.log(row_sum)
+    loss = torch.where(count > 0, loss, torch.zeros_like(loss))
+    return loss, torch.stack([row_max, row_sum])
+
+
+def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor, stats: Tensor,
+                           exclude_self: bool, scale: float) -> Tensor:
+    """Gradient of Σ_i grad_row_i · loss_i with respect to ``embeddings`` (its dtype)."""
+    dtype = compute_dtype(embeddings)
+    z = embeddings.to(dtype)
+    n = z.shape[0]
+    self_index = torch.arange(n, device=z.device) if exclude_self else None
+    positives = find_positives(labels, labels, self_index)
+    row_max, row_sum = stats.to(dtype)
+    count = positives.count.to(dtype)
+    coef = torch.where(count > 0, grad_row.to(dtype) * scale, torch.zeros_like(row_sum))
+    softmax_coef = coef / row_sum
+    positive_weight = coef / count.clamp_min(1)
+    scaled = z * scale
+    grad = torch.zeros_like(z)
+    for i0, i1, j0, j1 in _tiles(n):
+        tile = scaled[i0:i1] @ z[j0:j1].T
+        if i0 == j0 and exclude_self:
+            tile.fill_diagonal_(float("-inf"))
+        # W = G_IJ (rows of block I) + G_JIᵀ (rows of block J, seen through the tile's columns)
+        weights = torch.exp(tile - row_max[i0:i1, None]).mul_(softmax_coef[i0:i1, None])
+        if i0 != j0:
+            weights.addcmul_(tile.sub_(row_max[None, j0:j1]).exp_(), softmax_coef[None, j0:j1])
+        if positives.pair_rows is not None:
+            rows, cols = _tile_pairs(positives, i0, i1, j0, j1)
+            weight = positive_weight[rows + i0]
+            if i0 != j0:
+                weight = weight + positive_weight[cols + j0]
+            weights.index_put_((rows, cols), -weight, accumulate=True)
+        else:
+            mask = _tile_mask(positives, i0, i1, j0, j1).to(dtype)
+            weights.sub_(mask * positive_weight[i0:i1, None])
+            if i0 != j0:
+                weights.sub_(mask * positive_weight[None, j0:j1])
+        if i0 == j0:
+            grad[i0:i1] += (weights + weights.T) @ z[i0:i1]
+        else:
+            grad[i0:i1] += weights @ z[j0:j1]
+            grad[j0:j1] += weights.T @ z[i0:i1]
+    return grad.to(embeddings.dtype)

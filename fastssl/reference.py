@@ -105,6 +105,16 @@ def info_nce(
     return side_loss(1), (side_loss(0) if symmetric else empty)
 
 
+def info_nce_self(embeddings: torch.Tensor, labels: torch.Tensor, exclude_self: bool, scale: float) -> torch.Tensor:
+    """InfoNCE of ``embeddings`` (N, D) against themselves (SimCLR): row losses (N,).
+
+    ``info_nce(z, z, None, labels, labels, arange(N) if exclude_self else None, scale, False)``;
+    a separate op because keys that *are* the queries let a backend halve its work.
+    """
+    self_index = torch.arange(embeddings.shape[0], device=embeddings.device) if exclude_self else None
+    return info_nce(embeddings, embeddings, None, labels, labels, self_index, scale, False)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Redundancy reduction: Barlow Twins, VICReg
 # --------------------------------------------------------------------------------------------
