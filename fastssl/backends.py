@@ -64,13 +64,26 @@ def ops() -> List[str]:
     return sorted(_IMPLEMENTATIONS)
 
 
+def _once(probe: Callable[[], object]) -> Callable[[], object]:
+    """Memoise a probe that takes no argument (a plain dict, which Dynamo traces without fuss)."""
+    results: dict = {}
+
+    @functools.wraps(probe)
+    def cached():
+        if "value" not in results:
+            results["value"] = probe()
+        return results["value"]
+
+    return cached
+
+
 def _triton_version() -> Tuple[int, ...]:
     import triton
 
     return tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
 
 
-@functools.lru_cache(maxsize=None)
+@_once
 def triton_import_reasons() -> Tuple[str, ...]:
     """Why Triton cannot be used at all in this process (empty when it can)."""
     try:
@@ -103,7 +116,7 @@ def triton_device_reasons(tensors: Sequence[torch.Tensor]) -> List[str]:
     return reasons
 
 
-@functools.lru_cache(maxsize=None)
+@_once
 def native_import_reasons() -> Tuple[str, ...]:
     """Why the native (csrc/) extension cannot be used (empty when it can)."""
     try:
@@ -124,7 +137,7 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+@_once
 def load_triton_kernels() -> None:
     """Import the Triton kernel families (they register themselves), once, if Triton is usable."""
     if not triton_import_reasons():

@@ -67,18 +67,30 @@ class Positives:
         return mask
 
 
-def find_positives(query_labels: Tensor, key_labels: Tensor, self_index: Optional[Tensor]) -> Positives:
-    """Positives of every row: keys with the row's label, its own entry excluded. O((N + M) log M)."""
-    n = query_labels.shape[0]
+def _label_ranges(query_labels: Tensor, key_labels: Tensor):
+    """Keys sorted by label, and each row's [low, high) range of keys with its label."""
     sorted_labels, order = torch.sort(key_labels)
     low = torch.searchsorted(sorted_labels, query_labels, right=False)
     high = torch.searchsorted(sorted_labels, query_labels, right=True)
+    return order, low, high
+
+
+def count_positives(query_labels: Tensor, key_labels: Tensor, self_index: Optional[Tensor],
+                    ranges=None) -> Tensor:
+    """(N,) float64: the number of keys with each row's label, its own entry excluded."""
+    _, low, high = ranges if ranges is not None else _label_ranges(query_labels, key_labels)
     per_row = high - low
     if self_index is not None:
-        has_self = self_index >= 0
         own_label = key_labels[self_index.clamp_min(0)]
-        per_row = per_row - (has_self & (own_label == query_labels)).long()
-    count = per_row.to(torch.float64)
+        per_row = per_row - ((self_index >= 0) & (own_label == query_labels)).long()
+    return per_row.to(torch.float64)
+
+
+def find_positives(query_labels: Tensor, key_labels: Tensor, self_index: Optional[Tensor]) -> Positives:
+    """Positives of every row: keys with the row's label, its own entry excluded. O((N + M) log M)."""
+    n = query_labels.shape[0]
+    order, low, high = ranges = _label_ranges(query_labels, key_labels)
+    count = count_positives(query_labels, key_labels, self_index, ranges)
     total = int((high - low).sum())
     positives = Positives(count, query_labels, key_labels, self_index)
     if total > MAX_PAIRS_PER_ROW * max(n, 1):

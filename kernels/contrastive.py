@@ -1,0 +1,311 @@
+"""Triton kernels of the contrastive family: InfoNCE / NT-Xent in O(N + M) memory.
+
+Registered as the ``triton`` backend of the ``info_nce`` and ``info_nce_self`` ops (custom ops
+``fastssl::info_nce_triton`` / ``_backward``). Same contract as ``fastssl.reference.info_nce``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastssl import backends, contrastive, ops
+
+Tensor = torch.Tensor
+
+# Forward, one program per BLOCK_M query rows, streaming BLOCK_N key columns at a time:
+#
+#   s_ij = scale · q_i · k_j                  (tl.dot over BLOCK_D chunks of D, fp32 accumulate)
+#   s_ij = -inf  where j is out of range or j == self_index[i]
+#   m_i  = max_j s_ij,  l_i = Σ_j exp(s_ij - m_i)   (online: rescale l by exp(m_old - m_new))
+#   P_i  = {j : key_label_j == query_label_i, j not self}:  Σ_{P_i} s_ij and |P_i| accumulated
+#   loss_i = (m_i - mean_{P_i} s_ij) + log l_i      (0 when P_i is empty)
+#
+# With an extra logit e_i per row (MoCo's positive q_i·p_i, computed outside), the running
+# (m, l) start at (e_i, 1) and loss_i = (m_i - e_i) + log l_i. Saved for the backward: m and l
+# per row (the loss is assembled from m − positive so a tiny loss keeps its digits at τ = 0.01).
+
+
+@triton.jit
+def _info_nce_fwd_kernel(
+    # pointers
+    q_ptr, k_ptr, query_label_ptr, key_label_ptr, self_index_ptr, extra_ptr,
+    loss_ptr, max_ptr, sum_ptr,
+    # sizes
+    N, M, D, scale,
+    # strides
+    stride_qn, stride_qd, stride_kn, stride_kd,
+    # meta-parameters
+    HAS_LABELS: tl.constexpr, HAS_SELF: tl.constexpr, HAS_EXTRA: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    if HAS_LABELS:
+        query_label = tl.load(query_label_ptr + rows, mask=row_ok, other=0)
+    if HAS_SELF:
+        self_col = tl.load(self_index_ptr + rows, mask=row_ok, other=-1)
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    if HAS_EXTRA:
+        extra = tl.load(extra_ptr + rows, mask=row_ok, other=0.0)
+        row_max = extra
+        row_sum = tl.full((BLOCK_M,), 1.0, tl.float32)
+    positive_sum = tl.zeros((BLOCK_M,), tl.float32)
+    positive_count = tl.zeros((BLOCK_M,), tl.float32)
+    dims = tl.arange(0, BLOCK_D)
+    for col_start in range(0, M, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for d_start in range(0, D, BLOCK_D):
+            d = d_start + dims
+            q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+            k = tl.load(k_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
+                        mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+            if IEEE:
+                acc += tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                acc += tl.dot(q, tl.trans(k))
+        valid = row_ok[:, None] & col_ok[None, :]
+        if HAS_SELF:
+            valid = valid & (cols[None, :] != self_col[:, None])
+        logits = tl.where(valid, acc * scale, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with nothing seen yet
+        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
+        row_max = new_max
+        if HAS_LABELS:
+            key_label = tl.load(key_label_ptr + cols, mask=col_ok, other=0)
+            positive = valid & (query_label[:, None] == key_label[None, :])
+            positive_sum += tl.sum(tl.where(positive, logits, 0.0), 1)
+            positive_count += tl.sum(positive.to(tl.float32), 1)
+    log_sum = tl.log(tl.where(row_ok, row_sum, 1.0))  # padding rows saw no column
+    if HAS_EXTRA:
+        loss = (row_max - extra) + log_sum
+    else:
+        loss = (row_max - positive_sum / tl.maximum(positive_count, 1.0)) + log_sum
+        loss = tl.where(positive_count > 0, loss, 0.0)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(max_ptr + rows, row_max, mask=row_ok)
+    tl.store(sum_ptr + rows, row_sum, mask=row_ok)
+
+
+# Backward, one program per BLOCK_N key columns (it owns dK of those columns), looping over all
+# query tiles; each logit tile is recomputed once and feeds both gradients:
+#
+#   G_ij = c_i · exp(s_ij - m_i) / l_i - w_i · [j ∈ P_i]              c_i = g_i·scale, w_i = c_i/|P_i|
+#        (+ c'_j · exp(s_ij - m'_j) / l'_j - w'_j · [i ∈ P'_j]   for the column losses, symmetric)
+#   dQ_i += Σ_j G_ij k_j    (atomic add: other programs own other columns of the same rows)
+#   dK_j += Σ_i G_ij q_i    (read-modify-write: only this program touches these rows of dK)
+#
+# D is processed in BLOCK_D chunks, so any feature size fits; dQ and dK accumulate in fp32.
+
+
+@triton.jit
+def _info_nce_bwd_kernel(
+    # pointers
+    q_ptr, k_ptr, query_label_ptr, key_label_ptr, self_index_ptr,
+    row_max_ptr, row_sum_ptr, row_coef_ptr, row_weight_ptr,
+    col_max_ptr, col_sum_ptr, col_coef_ptr, col_weight_ptr,
+    grad_q_ptr, grad_k_ptr,
+    # sizes
+    N, M, D, scale,
+    # strides (grad_q and grad_k are contiguous (N, D) and (M, D))
+    stride_qn, stride_qd, stride_kn, stride_kd,
+    # meta-parameters
+    HAS_LABELS: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < M
+    dims = tl.arange(0, BLOCK_D)
+    if HAS_LABELS:
+        key_label = tl.load(key_label_ptr + cols, mask=col_ok, other=0)
+    if SYMMETRIC:
+        col_max = tl.load(col_max_ptr + cols, mask=col_ok, other=0.0)
+        col_sum = tl.load(col_sum_ptr + cols, mask=col_ok, other=1.0)
+        col_coef = tl.load(col_coef_ptr + cols, mask=col_ok, other=0.0)
+        col_weight = tl.load(col_weight_ptr + cols, mask=col_ok, other=0.0)
+    for row_start in range(0, N, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_ok = rows < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for d_start in range(0, D, BLOCK_D):
+            d = d_start + dims
+            q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+            k = tl.load(k_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
+                        mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+            if IEEE:
+                acc += tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                acc += tl.dot(q, tl.trans(k))
+        valid = row_ok[:, None] & col_ok[None, :]
+        if HAS_SELF:
+            self_col = tl.load(self_index_ptr + rows, mask=row_ok, other=-1)
+            valid = valid & (cols[None, :] != self_col[:, None])
+        logits = acc * scale
+        row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
+        row_sum = tl.load(row_sum_ptr + rows, mask=row_ok, other=1.0)
+        row_coef = tl.load(row_coef_ptr + rows, mask=row_ok, other=0.0)
+        grad = tl.exp(logits - row_max[:, None]) * (row_coef / row_sum)[:, None]
+        if SYMMETRIC:
+            grad += tl.exp(logits - col_max[None, :]) * (col_coef / col_sum)[None, :]
+        if HAS_LABELS:
+            query_label = tl.load(query_label_ptr + rows, mask=row_ok, other=0)
+            positive = query_label[:, None] == key_label[None, :]
+            row_weight = tl.load(row_weight_ptr + rows, mask=row_ok, other=0.0)
+            positive_weight = row_weight[:, None]
+            if SYMMETRIC:
+                positive_weight = positive_weight + col_weight[None, :]
+            grad -= tl.where(positive, positive_weight, 0.0)
+        grad = tl.where(valid, grad, 0.0)
+        for d_start in range(0, D, BLOCK_D):
+            d = d_start + dims
+            d_ok = d[None, :] < D
+            q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & d_ok, other=0.0)
+            k = tl.load(k_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
+                        mask=col_ok[:, None] & d_ok, other=0.0)
+            if IEEE:
+                grad_q_part = tl.dot(grad, k, input_precision="ieee")
+                grad_k_part = tl.dot(tl.trans(grad), q, input_precision="ieee")
+            else:
+                grad_q_part = tl.dot(grad.to(k.dtype), k)
+                grad_k_part = tl.dot(tl.trans(grad.to(q.dtype)), q)
+            tl.atomic_add(grad_q_ptr + rows[:, None] * D + d[None, :], grad_q_part, mask=row_ok[:, None] & d_ok)
+            grad_k_ptrs = grad_k_ptr + cols[:, None] * D + d[None, :]
+            grad_k_mask = col_ok[:, None] & d_ok
+            tl.store(grad_k_ptrs, tl.load(grad_k_ptrs, mask=grad_k_mask, other=0.0) + grad_k_part, mask=grad_k_mask)
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _blocks(n: int, m: int, d: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_D): tiles of at least 16 (tl.dot's minimum), 64 when the sizes allow."""
+    def fit(size, largest):
+        return max(16, min(largest, triton.next_power_of_2(size)))
+
+    return fit(n, 64), fit(m, 64), fit(d, 64)
+
+
+def _row_statistics(query: Tensor, keys: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
+                    self_index: Optional[Tensor], extra: Optional[Tensor], scale: float):
+    """Launch the forward kernel: (loss, max, sum), each (N,) float32."""
+    n, d = query.shape
+    m = keys.shape[0]
+    loss, row_max, row_sum = (torch.empty(n, dtype=torch.float32, device=query.device) for _ in range(3))
+    block_m, block_n, block_d = _blocks(n, m, d)
+    unused = loss  # a placeholder pointer for absent optional inputs (never dereferenced)
+    _info_nce_fwd_kernel[(triton.cdiv(n, block_m),)](
+        query, keys,
+        query_labels if query_labels is not None else unused,
+        key_labels if key_labels is not None else unused,
+        self_index if self_index is not None else unused,
+        extra if extra is not None else unused,
+        loss, row_max, row_sum,
+        n, m, d, scale,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+        HAS_LABELS=query_labels is not None, HAS_SELF=self_index is not None, HAS_EXTRA=extra is not None,
+        IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+    )
+    return loss, row_max, row_sum
+
+
+def _labels(labels: Optional[Tensor]) -> Optional[Tensor]:
+    return labels.to(torch.int64).contiguous() if labels is not None else None
+
+
+def _positive_extra(query: Tensor, positive_keys: Optional[Tensor], scale: float) -> Optional[Tensor]:
+    """scale · q_i·p_i (N,) float32, MoCo's positive logit, computed outside the kernels."""
+    if positive_keys is None:
+        return None
+    return scale * (query.float() * positive_keys.float()).sum(1)
+
+
+def info_nce_forward(query, keys, positive_keys, query_labels, key_labels, self_index, scale, symmetric):
+    """Triton forward: (row_loss, col_loss, row_stats (2, N), col_stats (2, M) or (2, 0)), float32."""
+    query_labels, key_labels, self_index = _labels(query_labels), _labels(key_labels), _labels(self_index)
+    row_loss, row_max, row_sum = _row_statistics(query, keys, query_labels, key_labels, self_index,
+                                                 _positive_extra(query, positive_keys, scale), scale)
+    if not symmetric:
+        return row_loss, row_loss.new_zeros(0), torch.stack([row_max, row_sum]), row_loss.new_zeros(2, 0)
+    col_loss, col_max, col_sum = _row_statistics(keys, query, key_labels, query_labels, None, None, scale)
+    return row_loss, col_loss, torch.stack([row_max, row_sum]), torch.stack([col_max, col_sum])
+
+
+def _coefficients(grad: Tensor, labels: Optional[Tensor], other_labels: Optional[Tensor],
+                  self_index: Optional[Tensor], scale: float):
+    """Per-row softmax factor c = g·scale (0 without positives) and positive weight c/|P|."""
+    coef = grad.float() * scale
+    if labels is None:
+        return coef, torch.zeros_like(coef)
+    count = contrastive.count_positives(labels, other_labels, self_index).float()
+    coef = torch.where(count > 0, coef, torch.zeros_like(coef))
+    return coef, coef / count.clamp_min(1)
+
+
+def info_nce_backward(grad_row, grad_col, query, keys, positive_keys, query_labels, key_labels, self_index,
+                      row_stats, col_stats, scale, symmetric):
+    """Triton backward: gradients of query, keys (and positive_keys), in their dtypes."""
+    query_labels, key_labels, self_index = _labels(query_labels), _labels(key_labels), _labels(self_index)
+    n, d = query.shape
+    m = keys.shape[0]
+    row_coef, row_weight = _coefficients(grad_row, query_labels, key_labels, self_index, scale)
+    if symmetric:
+        col_coef, col_weight = _coefficients(grad_col, key_labels, query_labels, None, scale)
+        col_max, col_sum = col_stats
+    else:
+        col_coef = col_weight = col_max = col_sum = row_coef  # placeholders, never read
+    grad_q = torch.zeros(n, d, dtype=torch.float32, device=query.device)
+    grad_k = torch.zeros(m, d, dtype=torch.float32, device=query.device)
+    block_m, block_n, block_d = _blocks(n, m, d)
+    row_max, row_sum = row_stats
+    _info_nce_bwd_kernel[(triton.cdiv(m, block_n),)](
+        query, keys,
+        query_labels if query_labels is not None else row_coef,
+        key_labels if key_labels is not None else row_coef,
+        self_index if self_index is not None else row_coef,
+        row_max, row_sum, row_coef, row_weight, col_max, col_sum, col_coef, col_weight,
+        grad_q, grad_k,
+        n, m, d, scale,
+        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+        HAS_LABELS=query_labels is not None, HAS_SELF=self_index is not None, SYMMETRIC=symmetric,
+        IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+    )
+    grad_positive_keys = None
+    if positive_keys is not None:
+        extra = _positive_extra(query, positive_keys, scale)
+        positive_coef = torch.exp(extra - row_max) / row_sum * row_coef - row_coef  # (p_pos − 1)·g·scale
+        grad_q += positive_coef[:, None] * positive_keys.float()
+        grad_positive_keys = (positive_coef[:, None] * query.float()).to(positive_keys.dtype)
+    return grad_q.to(query.dtype), grad_k.to(keys.dtype), grad_positive_keys
+
+
+def supports(tensors) -> list:
+    reasons = backends.triton_device_reasons(tensors)
+    bad = sorted({str(t.dtype) for t in tensors if t.dtype.is_floating_point and t.dtype not in KERNEL_DTYPES})
+    if bad:
+        reasons.append(f"the triton InfoNCE kernels take float16, bfloat16 or float32, got {', '.join(bad)}")
+    dtypes = {t.dtype for t in tensors if t.dtype.is_floating_point}
+    if len(dtypes) > 1:
+        reasons.append(f"the triton InfoNCE kernels need one dtype for all inputs, got {sorted(map(str, dtypes))}")
+    return reasons
+
+
+info_nce = ops.define_info_nce_op("info_nce_triton", info_nce_forward, info_nce_backward)
+
+
+def info_nce_self(embeddings: Tensor, labels: Tensor, exclude_self: bool, scale: float) -> Tensor:
+    """SimCLR's self-similarity through the general kernels (keys = queries; autograd sums both grads)."""
+    self_index = torch.arange(embeddings.shape[0], device=embeddings.device) if exclude_self else None
+    return info_nce(embeddings, embeddings, None, labels, labels, self_index, scale, False)[0]
+
+
+backends.register("info_nce", "triton", info_nce, supports=supports)
+backends.register("info_nce_self", "triton", info_nce_self, supports=supports)
