@@ -5,6 +5,7 @@ Registered as the ``triton`` backend of the ``info_nce`` and ``info_nce_self`` o
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -194,27 +195,53 @@ def _blocks(n: int, m: int, d: int):
     return fit(n, 64), fit(m, 64), fit(d, 64)
 
 
+AUTOTUNE_CANDIDATES = ((64, 64, 64), (128, 64, 64), (64, 128, 64), (128, 128, 32), (64, 64, 128), (32, 32, 64))
+_TUNED_BLOCKS: dict = {}
+
+
+def _choose_blocks(kind: str, n: int, m: int, d: int, dtype: torch.dtype, trial) -> tuple:
+    """The heuristic's blocks, or with ``FASTSSL_TRITON_AUTOTUNE=1`` the fastest candidate.
+
+    ``trial(blocks)`` runs the kernel once on scratch outputs; each shape is timed once per process
+    with ``triton.testing.do_bench`` (median, warm-up excluded).
+    """
+    heuristic = _blocks(n, m, d)
+    if os.environ.get("FASTSSL_TRITON_AUTOTUNE", "0") in ("", "0"):
+        return heuristic
+    key = (kind, n, m, d, dtype)
+    if key not in _TUNED_BLOCKS:
+        candidates = {heuristic} | {blocks for blocks in AUTOTUNE_CANDIDATES if blocks[2] <= max(16, d * 2)}
+        timings = {blocks: triton.testing.do_bench(lambda blocks=blocks: trial(blocks)) for blocks in candidates}
+        _TUNED_BLOCKS[key] = min(timings, key=timings.get)
+    return _TUNED_BLOCKS[key]
+
+
 def _row_statistics(query: Tensor, keys: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
                     self_index: Optional[Tensor], extra: Optional[Tensor], scale: float):
     """Launch the forward kernel: (loss, max, sum), each (N,) float32."""
     n, d = query.shape
     m = keys.shape[0]
-    loss, row_max, row_sum = (torch.empty(n, dtype=torch.float32, device=query.device) for _ in range(3))
-    block_m, block_n, block_d = _blocks(n, m, d)
-    unused = loss  # a placeholder pointer for absent optional inputs (never dereferenced)
-    _info_nce_fwd_kernel[(triton.cdiv(n, block_m),)](
-        query, keys,
-        query_labels if query_labels is not None else unused,
-        key_labels if key_labels is not None else unused,
-        self_index if self_index is not None else unused,
-        extra if extra is not None else unused,
-        loss, row_max, row_sum,
-        n, m, d, scale,
-        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
-        HAS_LABELS=query_labels is not None, HAS_SELF=self_index is not None, HAS_EXTRA=extra is not None,
-        IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-    )
-    return loss, row_max, row_sum
+
+    def launch(blocks, outputs):
+        block_m, block_n, block_d = blocks
+        unused = outputs[0]  # a placeholder pointer for absent optional inputs (never dereferenced)
+        _info_nce_fwd_kernel[(triton.cdiv(n, block_m),)](
+            query, keys,
+            query_labels if query_labels is not None else unused,
+            key_labels if key_labels is not None else unused,
+            self_index if self_index is not None else unused,
+            extra if extra is not None else unused,
+            *outputs,
+            n, m, d, scale,
+            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+            HAS_LABELS=query_labels is not None, HAS_SELF=self_index is not None, HAS_EXTRA=extra is not None,
+            IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        )
+
+    outputs = torch.empty(3, n, dtype=torch.float32, device=query.device)  # loss, max, sum
+    blocks = _choose_blocks("forward", n, m, d, query.dtype, lambda b: launch(b, torch.empty_like(outputs)))
+    launch(blocks, outputs)
+    return outputs[0], outputs[1], outputs[2]
 
 
 def _labels(labels: Optional[Tensor]) -> Optional[Tensor]:
@@ -262,22 +289,30 @@ def info_nce_backward(grad_row, grad_col, query, keys, positive_keys, query_labe
         col_max, col_sum = col_stats
     else:
         col_coef = col_weight = col_max = col_sum = row_coef  # placeholders, never read
-    grad_q = torch.zeros(n, d, dtype=torch.float32, device=query.device)
-    grad_k = torch.zeros(m, d, dtype=torch.float32, device=query.device)
-    block_m, block_n, block_d = _blocks(n, m, d)
     row_max, row_sum = row_stats
-    _info_nce_bwd_kernel[(triton.cdiv(m, block_n),)](
-        query, keys,
-        query_labels if query_labels is not None else row_coef,
-        key_labels if key_labels is not None else row_coef,
-        self_index if self_index is not None else row_coef,
-        row_max, row_sum, row_coef, row_weight, col_max, col_sum, col_coef, col_weight,
-        grad_q, grad_k,
-        n, m, d, scale,
-        query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
-        HAS_LABELS=query_labels is not None, HAS_SELF=self_index is not None, SYMMETRIC=symmetric,
-        IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-    )
+
+    def launch(blocks, grad_q, grad_k):
+        block_m, block_n, block_d = blocks
+        _info_nce_bwd_kernel[(triton.cdiv(m, block_n),)](
+            query, keys,
+            query_labels if query_labels is not None else row_coef,
+            key_labels if key_labels is not None else row_coef,
+            self_index if self_index is not None else row_coef,
+            row_max, row_sum, row_coef, row_weight, col_max, col_sum, col_coef, col_weight,
+            grad_q, grad_k,
+            n, m, d, scale,
+            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+            HAS_LABELS=query_labels is not None, HAS_SELF=self_index is not None, SYMMETRIC=symmetric,
+            IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        )
+
+    def zeros():  # dQ and dK accumulate, so every launch starts from zero
+        return (torch.zeros(n, d, dtype=torch.float32, device=query.device),
+                torch.zeros(m, d, dtype=torch.float32, device=query.device))
+
+    blocks = _choose_blocks("backward", n, m, d, query.dtype, lambda b: launch(b, *zeros()))
+    grad_q, grad_k = zeros()
+    launch(blocks, grad_q, grad_k)
     grad_positive_keys = None
     if positive_keys is not None:
         extra = _positive_extra(query, positive_keys, scale)

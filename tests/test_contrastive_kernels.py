@@ -255,6 +255,33 @@ def test_triton_rejects_what_it_cannot_run(monkeypatch):
         fn.info_nce(q64.float(), q64.float(), backend="triton")
 
 
+@pytest.mark.triton
+def test_triton_autotune_opt_in_picks_the_fastest_candidate(monkeypatch):
+    """FASTSSL_TRITON_AUTOTUNE=1 times each candidate once per shape and keeps the fastest."""
+    backends.load_triton_kernels()
+    from fastssl.kernels import contrastive as kernels
+
+    monkeypatch.setenv("FASTSSL_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(kernels, "AUTOTUNE_CANDIDATES", ((16, 16, 16), (32, 16, 16)))
+    monkeypatch.setattr(kernels, "_TUNED_BLOCKS", {})
+    timed = []
+
+    def fake_bench(fn):
+        fn()
+        timed.append(1)
+        return float(len(timed))  # the first candidate timed is the fastest
+
+    monkeypatch.setattr(kernels.triton.testing, "do_bench", fake_bench)
+    q, k = _inputs(20, 23, 7)
+    loss = fn.info_nce(q, k, 0.2, backend="triton")
+    grads = torch.autograd.grad(loss, (q, k))
+    assert {key[0] for key in kernels._TUNED_BLOCKS} == {"forward", "backward"}
+    expected = fn.info_nce(q, k, 0.2, backend="reference")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(expected, (q, k))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_triton_on_cuda_equals_reference(dtype):
