@@ -150,6 +150,8 @@ def unavailable_reasons(op: str, backend: str, tensors: Sequence[torch.Tensor]) 
     """Every reason ``backend`` cannot run ``op`` on ``tensors`` (empty list: it can)."""
     if backend == "triton":
         load_triton_kernels()
+    elif backend == "native":
+        native_import_reasons()  # builds or loads the extension, which registers its ops, once
     implementation = _IMPLEMENTATIONS.get(op, {}).get(backend)
     if implementation is None:
         reasons = [f"fastssl has no {backend} implementation of {op} yet"]

@@ -16,6 +16,11 @@ import pytest  # noqa: E402
 
 from fastssl import backends  # noqa: E402
 
+# Decorate every kernel now, while TRITON_INTERPRET is set: @triton.jit picks interpreter or
+# compiler when a kernel module is imported, and tests that unset the variable must not be the
+# first to import one.
+backends.load_triton_kernels()
+
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow")

@@ -1,0 +1,38 @@
+// exp() that the compiler can vectorise: no library call, no branch, so a loop of
+// `fast_exp` under `#pragma omp simd` becomes AVX2/AVX-512 code (glibc's expf is a call that
+// gcc only vectorises under -ffast-math, which would also break the -inf handling below).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace fastssl {
+
+// float: Cephes' expf. x = n·ln2 + r with |r| ≤ ln2/2 (ln2 split in two for an exact
+// product), exp(r) by a degree-7 polynomial, 2^n built in the exponent bits. Relative error
+// below 2 ulp on [-87.3, 88]; arguments below -87.33 (where expf leaves the normal numbers)
+// give 0, arguments above 88 are clamped (every caller passes x ≤ 0), NaN stays NaN.
+inline float fast_exp(float x) {
+  const float clamped = std::fmin(std::fmax(x, -87.3365447f), 88.0f);
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  float r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &exponent_bits, sizeof(two_to_n));
+  const float value = x < -87.3365447f ? 0.0f : p * two_to_n;
+  return x != x ? x : value;
+}
+
+// double: the library exp (float64 is the accuracy path, not the fast one).
+inline double fast_exp(double x) { return std::exp(x); }
+
+}  // namespace fastssl

@@ -1,0 +1,240 @@
+"""The native (csrc/) backend: its ops against the reference, the JIT build's robustness, and
+the CUDA sources compiling with nvcc.
+
+The extension is built (or loaded from its cache) once per session by the ``native`` fixture;
+tests that need it are skipped, with the reason, where it cannot be built.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastssl.functional as fn
+from fastssl import backends, native, reference
+
+CUDA_SOURCES = sorted((native.SOURCE_DIR / "cuda").glob("*.cu"))
+
+
+@pytest.fixture(scope="module")
+def built():
+    reasons = backends.native_import_reasons()
+    if reasons:
+        pytest.skip("native extension unavailable: " + "; ".join(reasons))
+
+
+def sinkhorn64(scores, iterations, epsilon, row_marginals=None, col_marginals=None, tolerance=0.0):
+    """The reference iteration in float64: the independent float64 formula."""
+    as64 = [None if t is None else t.double() for t in (scores, row_marginals, col_marginals)]
+    return reference.sinkhorn(as64[0], iterations, epsilon, as64[1], as64[2], tolerance, False)
+
+
+def cosine_scores(batch, prototypes, dtype=torch.float32):
+    """SwAV's scores: cosines of unit vectors (the kernel path of the CPU op)."""
+    z = torch.nn.functional.normalize(torch.randn(batch, 16), dim=1)
+    w = torch.nn.functional.normalize(torch.randn(prototypes, 16), dim=1)
+    return (z @ w.T).to(dtype)
+
+
+SHAPES = [(1, 1), (7, 5), (37, 19), (129, 301), (3, 1000)]
+
+
+# --- values ----------------------------------------------------------------------------------
+def max_error(codes, exact):
+    return (codes.double() - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("batch,prototypes", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("scores_kind", ["cosine", "wide"])  # kernel path / log-domain path
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float64, 1e-13)], ids=["fp32", "fp64"])
+def test_sinkhorn_matches_reference_and_float64(built, batch, prototypes, scores_kind, dtype, atol):
+    """Error against the float64 iteration at most 2× the reference's (plus a rounding floor):
+    scores/ε of magnitude X carry a rounding of X·eps in the log domain in either backend."""
+    scores = cosine_scores(batch, prototypes, dtype) if scores_kind == "cosine" else 4 * torch.randn(batch, prototypes, dtype=dtype)
+    codes = fn.sinkhorn_knopp(scores, iterations=3, epsilon=0.05, backend="native")
+    expected = fn.sinkhorn_knopp(scores, iterations=3, epsilon=0.05, backend="reference")
+    exact = sinkhorn64(scores, 3, 0.05)
+    assert codes.dtype == dtype and codes.shape == scores.shape
+    assert max_error(codes, exact) <= 2 * max_error(expected, exact) + atol
+    torch.testing.assert_close(codes.sum(dim=1), torch.ones(batch, dtype=dtype), atol=atol * 10, rtol=0)
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 2, 7])
+def test_sinkhorn_iterations_and_marginals(built, iterations):
+    scores = cosine_scores(45, 23)
+    row = torch.rand(23) + 0.1
+    col = torch.rand(45) + 0.1
+    codes = fn.sinkhorn_knopp(scores, iterations, 0.05, row_marginals=row, col_marginals=col, backend="native")
+    torch.testing.assert_close(codes.double(), sinkhorn64(scores, iterations, 0.05, row, col), atol=3e-6, rtol=1e-5)
+
+
+def test_sinkhorn_tolerance_stops_where_the_reference_stops(built):
+    scores = torch.randn(60, 17, dtype=torch.float64)
+    for tolerance in (1e-1, 1e-3, 1e-8):
+        codes = fn.sinkhorn_knopp(scores, 200, 0.5, tolerance=tolerance, backend="native")
+        torch.testing.assert_close(codes, sinkhorn64(scores, 200, 0.5, tolerance=tolerance), atol=1e-12, rtol=1e-10)
+
+
+def test_sinkhorn_hard_inputs(built):
+    """Tiny ε, huge scores, and a prototype that no sample reaches (sums that underflow)."""
+    scores = torch.randn(50, 20)
+    unreachable = cosine_scores(31, 9)
+    unreachable[:, 0] = -30.0
+    for s, epsilon in ((scores, 1e-3), (scores * 1e4, 0.05), (unreachable, 0.05)):
+        codes = fn.sinkhorn_knopp(s, 4, epsilon, backend="native")
+        exact = sinkhorn64(s, 4, epsilon)
+        assert torch.isfinite(codes).all()
+        reference_error = max_error(fn.sinkhorn_knopp(s, 4, epsilon, backend="reference"), exact)
+        assert max_error(codes, exact) <= 2 * reference_error + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_sinkhorn_half_precision_error_at_most_twice_the_references(built, dtype):
+    scores = cosine_scores(67, 41, dtype)
+    exact = sinkhorn64(scores, 3, 0.05)
+    codes = fn.sinkhorn_knopp(scores, 3, 0.05, backend="native")
+    assert codes.dtype == dtype
+    reference_error = (fn.sinkhorn_knopp(scores, 3, 0.05, backend="reference").double() - exact).abs().max()
+    assert (codes.double() - exact).abs().max() <= 2 * reference_error + 1e-6
+
+
+def test_sinkhorn_has_no_gradient_and_auto_picks_native(built):
+    scores = cosine_scores(8, 6).requires_grad_()
+    assert not fn.sinkhorn_knopp(scores, backend="native").requires_grad
+    assert backends.select("sinkhorn", "auto", [scores])[0] == "native"
+
+
+# --- the op ----------------------------------------------------------------------------------
+def _op_args(dtype):
+    scores = cosine_scores(13, 7, dtype)
+    return (scores, 3, 0.05, torch.full((7,), -torch.log(torch.tensor(7.0)).item(), dtype=dtype),
+            torch.full((13,), -torch.log(torch.tensor(13.0)).item(), dtype=dtype), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_opcheck(built, dtype):
+    torch.library.opcheck(torch.ops.fastssl.sinkhorn_native.default, _op_args(dtype))
+
+
+def test_compile_fullgraph_equals_eager(built):
+    scores = cosine_scores(21, 11)
+    def codes(s):
+        return fn.sinkhorn_knopp(s, 3, 0.05, backend="native")
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(codes, fullgraph=True)(scores), codes(scores), atol=0, rtol=0)
+
+
+def test_op_rejects_mismatched_marginals(built):
+    scores, iterations, epsilon, log_r, log_c, tolerance = _op_args(torch.float32)
+    with pytest.raises(RuntimeError, match=r"log_row_marginals \(K,\) and log_col_marginals \(B,\) must match"):
+        torch.ops.fastssl.sinkhorn_native(scores, iterations, epsilon, log_c, log_r, tolerance)
+    with pytest.raises(RuntimeError, match="log marginals must be Float"):
+        torch.ops.fastssl.sinkhorn_native(scores, iterations, epsilon, log_r.double(), log_c, tolerance)
+    with pytest.raises(RuntimeError, match="iterations must be >= 1"):
+        torch.ops.fastssl.sinkhorn_native(scores, 0, epsilon, log_r, log_c, tolerance)
+
+
+def test_public_api_errors_name_the_argument_with_native(built):
+    with pytest.raises(ValueError, match="col_marginals"):
+        fn.sinkhorn_knopp(torch.randn(5, 3), col_marginals=torch.ones(4), backend="native")
+
+
+@pytest.mark.requires_cuda
+def test_sinkhorn_cuda_matches_reference(built):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastssl::sinkhorn_native", "CUDA"):
+        pytest.skip("the extension was built without CUDA (torch without CUDA, or no nvcc)")
+    for batch, prototypes in SHAPES + [(1000, 3000)]:
+        scores = 4 * torch.randn(batch, prototypes, device="cuda")
+        for tolerance in (0.0, 1e-3):
+            codes = fn.sinkhorn_knopp(scores, 5, 0.05, tolerance=tolerance, backend="native")
+            expected = sinkhorn64(scores, 5, 0.05, tolerance=tolerance)
+            torch.testing.assert_close(codes.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+# --- build robustness ------------------------------------------------------------------------
+def _python(code, env, timeout=120):
+    environment = {**os.environ, "TRITON_INTERPRET": "0", **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
+FALLBACK_PROBE = """
+    import torch, fastssl
+    from fastssl import backends, info
+    scores = torch.randn(6, 4)
+    print("auto ->", backends.select("sinkhorn", "auto", [scores])[0])
+    print(fastssl.functional.sinkhorn_knopp(scores).sum().item())
+    print(info.report())
+"""
+
+
+@pytest.mark.parametrize("env,reason", [
+    ({"CXX": "/nonexistent/c++"}, "no C++ compiler: '/nonexistent/c++' is not on PATH"),
+    ({"CXX": "false"}, "building the native extension failed"),
+    ({"FASTSSL_NATIVE": "0"}, "disabled by FASTSSL_NATIVE=0"),
+], ids=["no-compiler", "failed-build", "opt-out"])
+def test_unusable_extension_falls_back_and_says_why(tmp_path, env, reason):
+    out = _python(FALLBACK_PROBE, {"FASTSSL_NATIVE_CACHE": str(tmp_path), **env})
+    assert out.returncode == 0, out.stderr
+    assert "auto -> torch" in out.stdout
+    assert f"native backend     unavailable: {reason}" in out.stdout
+
+
+def test_cache_directory_is_predictable(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTSSL_NATIVE_CACHE", str(tmp_path))
+    directory = native.build_directory(with_cuda=False)
+    assert directory.parent == tmp_path
+    assert directory.name.startswith(f"torch{torch.__version__}-cpu-")
+    assert native.build_directory(with_cuda=False) == directory
+    assert native.build_directory(with_cuda=True) != directory
+    monkeypatch.delenv("FASTSSL_NATIVE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert native.cache_root() == tmp_path / "xdg" / "fastssl" / "native"
+
+
+def test_a_second_process_waits_for_the_build_lock(built):
+    """While one process holds the build lock, another one's first use blocks, then loads."""
+    if native._prebuilt_library() is not None:
+        pytest.skip("a prebuilt library is loaded without building")
+    directory = native.build_directory(with_cuda=native._cuda_home() is not None)
+    code = """
+        import sys, time
+        from fastssl import native
+        print("ready", flush=True)
+        start = time.perf_counter()
+        print(native.unavailable_reasons(), round(time.perf_counter() - start, 1), flush=True)
+    """
+    with native.build_lock(directory):
+        process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(2.0)
+        assert process.poll() is None, "the second process did not wait for the lock"
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    reasons, waited = stdout.split("] ")[0] + "]", float(stdout.split("] ")[1])
+    assert reasons == "[]" and waited >= 1.5
+
+
+# --- CUDA sources ----------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
+def test_cuda_sources_compile_for_sm80_and_sm90_without_warnings(source, tmp_path):
+    command = ["nvcc", "-c", str(source), "-o", str(tmp_path / "out.o"), "-std=c++17",
+               "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+               "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cuda_sources_include_no_torch_header():
+    assert CUDA_SOURCES
+    for path in CUDA_SOURCES + sorted((native.SOURCE_DIR / "cuda").glob("*.cuh")):
+        text = Path(path).read_text()
+        for header in ("<ATen/", "<torch/", "<c10/"):
+            assert header not in text, f"{path.name} includes {header}"
