@@ -1,0 +1,80 @@
+"""Clustering and distillation: SwAV (with Sinkhorn-Knopp codes), Sinkhorn alone, DINO.
+
+Sizes (full set): SwAV with K=3000 prototypes and 2+6 crops (2 high-resolution, 6 low) of
+64-1024 rows; Sinkhorn-Knopp on B×3000 scores, B up to 16,384 (4096 is SwAV's gathered batch);
+DINO with 2 teacher and 2+10 student crops of 16-128 rows at 65,536 output dims.
+
+None of these does a GEMM (prototype scores and head outputs are inputs): no GEMM floor.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List
+
+import fastssl
+
+from . import core, peers
+
+PROTOTYPES = 3000
+DINO_DIM = 65536
+
+
+def swav(batch: int, prototypes: int = PROTOTYPES, high: int = 2, low: int = 6) -> core.Case:
+    def make(device, dtype) -> core.Inputs:
+        crops = [core.randn((batch, prototypes), device, dtype) for _ in range(high + low)]
+        return (crops[:high], crops[high:]), crops
+
+    return core.Case(
+        family="clustering", loss="swav", name=f"swav-b{batch}-k{prototypes}-{high}+{low}crops",
+        sizes={"batch": batch, "prototypes": prototypes, "crops": high + low},
+        make_inputs=make,
+        make_loss=lambda backend: fastssl.SwaVLoss(backend=backend),
+        peers={"lightly": peers.lightly("SwaVLoss")},
+        series=((f"SwAV, K={prototypes}, {high}+{low} crops", "batch"),),
+    )
+
+
+def sinkhorn(batch: int, prototypes: int = PROTOTYPES) -> core.Case:
+    def make(device, dtype) -> core.Inputs:
+        return (core.randn((batch, prototypes), device, dtype, requires_grad=False),), []
+
+    return core.Case(
+        family="clustering", loss="sinkhorn_knopp", name=f"sinkhorn-b{batch}-k{prototypes}",
+        sizes={"batch": batch, "prototypes": prototypes},
+        make_inputs=make,
+        make_loss=lambda backend: functools.partial(fastssl.functional.sinkhorn_knopp, backend=backend),
+        peers={"lightly": peers.lightly_sinkhorn()},
+        differentiable=False,
+        series=((f"Sinkhorn-Knopp, K={prototypes}, 3 iterations", "batch"),),
+    )
+
+
+def dino(batch: int, dim: int = DINO_DIM, global_crops: int = 2, local_crops: int = 10) -> core.Case:
+    """The teacher (an EMA copy) sees the global crops without gradient; the student sees all."""
+    def make(device, dtype) -> core.Inputs:
+        teacher = [core.randn((batch, dim), device, dtype, requires_grad=False) for _ in range(global_crops)]
+        student = [core.randn((batch, dim), device, dtype) for _ in range(global_crops + local_crops)]
+        return (teacher, student), student
+
+    return core.Case(
+        family="clustering", loss="dino", name=f"dino-b{batch}-d{dim}-{global_crops}+{local_crops}crops",
+        sizes={"batch": batch, "dim": dim, "crops": global_crops + local_crops},
+        make_inputs=make,
+        make_loss=lambda backend: fastssl.DINOLoss(output_dim=dim, backend=backend),
+        peers={"lightly": peers.lightly("DINOLoss", output_dim=dim)},
+        series=((f"DINO, D={dim}, {global_crops}+{local_crops} crops", "batch"),),
+    )
+
+
+def cases(size_set: str) -> List[core.Case]:
+    if size_set == "smoke":
+        return [swav(6, 10, high=2, low=1), sinkhorn(6, 10), dino(3, 10, global_crops=2, local_crops=1)]
+    if size_set == "quick":
+        return ([swav(b) for b in (32, 64)] + [sinkhorn(b) for b in (256, 1024)]
+                + [dino(b) for b in (4, 8)])
+    return ([swav(b) for b in (64, 128, 256, 512, 1024)] + [sinkhorn(b) for b in (1024, 4096, 16384)]
+            + [dino(b) for b in (16, 32, 64, 128)])
+
+
+def test_clustering(benchmark, bench_job):
+    core.benchmark_job(benchmark, bench_job)

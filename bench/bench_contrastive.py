@@ -1,0 +1,77 @@
+"""Contrastive losses: SimCLR's NT-Xent, MoCo's InfoNCE against a 65,536-row queue, CLIP.
+
+Sizes (full set): SimCLR batch 256-8192 at D=128 (the paper's projection) and D=768 (ViT-B
+features); MoCo v2 batch 256-1024 against its 65,536-row queue at D=128; CLIP at D=768, batch
+256-16384 per device.
+
+GEMM floor: the logits S = Q Kᵀ (N×M from D) cost 2NMD FLOPs forward; the backward needs
+dQ = G K and, when the keys receive a gradient, dK = Gᵀ Q: 2NMD each.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List
+
+import fastssl
+
+from . import core, peers
+
+SIMCLR_TEMPERATURE = 0.5  # lightly's default
+MOCO_TEMPERATURE = 0.2  # MoCo v2
+CLIP_LOGIT_SCALE = 100.0  # CLIP's learned scale saturates at its clamp, 100
+
+
+def simclr(batch: int, dim: int) -> core.Case:
+    rows = 2 * batch  # both views are queries and keys
+    return core.Case(
+        family="contrastive", loss="nt_xent", name=f"simclr-b{batch}-d{dim}",
+        sizes={"batch": batch, "dim": dim},
+        make_inputs=core.two_views(batch, dim),
+        make_loss=lambda backend: fastssl.NTXentLoss(SIMCLR_TEMPERATURE, backend=backend),
+        peers={"lightly": peers.lightly("NTXentLoss", temperature=SIMCLR_TEMPERATURE),
+               "pytorch-metric-learning": peers.metric_learning_nt_xent(SIMCLR_TEMPERATURE)},
+        gemm_flops={"fwd": 2 * rows * rows * dim, "bwd": 4 * rows * rows * dim},
+        series=((f"SimCLR NT-Xent, D={dim}", "batch"),),
+    )
+
+
+def moco(batch: int, dim: int = 128, queue: int = 65536) -> core.Case:
+    """MoCo: ``out0`` queries against their positive ``out1`` (the momentum encoder's, no gradient)
+    and the queue, which every call updates (lightly's and fastssl's memory bank alike)."""
+    return core.Case(
+        family="contrastive", loss="nt_xent_memory_bank", name=f"moco-b{batch}-d{dim}-q{queue}",
+        sizes={"batch": batch, "dim": dim, "queue": queue},
+        make_inputs=core.two_views(batch, dim, second_requires_grad=False),
+        make_loss=lambda backend: fastssl.NTXentLoss(MOCO_TEMPERATURE, memory_bank_size=(queue, dim),
+                                                     backend=backend),
+        peers={"lightly": peers.lightly("NTXentLoss", temperature=MOCO_TEMPERATURE,
+                                        memory_bank_size=(queue, dim))},
+        gemm_flops={"fwd": 2 * batch * queue * dim, "bwd": 2 * batch * queue * dim},
+        series=((f"MoCo InfoNCE, queue {queue}, D={dim}", "batch"),),
+    )
+
+
+def clip(batch: int, dim: int = 768) -> core.Case:
+    return core.Case(
+        family="contrastive", loss="clip_loss", name=f"clip-b{batch}-d{dim}",
+        sizes={"batch": batch, "dim": dim},
+        make_inputs=core.two_views(batch, dim),
+        make_loss=lambda backend: functools.partial(fastssl.functional.clip_loss, logit_scale=CLIP_LOGIT_SCALE,
+                                                    backend=backend),
+        gemm_flops={"fwd": 2 * batch * batch * dim, "bwd": 4 * batch * batch * dim},
+        series=((f"CLIP, D={dim}", "batch"),),
+    )
+
+
+def cases(size_set: str) -> List[core.Case]:
+    if size_set == "smoke":
+        return [simclr(6, 10), moco(6, 10, queue=24), clip(6, 10)]
+    if size_set == "quick":
+        return ([simclr(b, 128) for b in (128, 256, 512)] + [simclr(b, 768) for b in (128, 256)]
+                + [moco(b, queue=16384) for b in (64, 128)] + [clip(b) for b in (128, 256)])
+    return ([simclr(b, d) for d in (128, 768) for b in (256, 512, 1024, 2048, 4096, 8192)]
+            + [moco(b) for b in (256, 512, 1024)] + [clip(b) for b in (256, 1024, 4096, 16384)])
+
+
+def test_contrastive(benchmark, bench_job):
+    core.benchmark_job(benchmark, bench_job)

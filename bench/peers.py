@@ -1,0 +1,37 @@
+"""Other libraries' losses, run at the same inputs as fastssl's (optional: never a dependency).
+
+Each function returns a factory for :attr:`bench.core.Case.peers`: it imports the library when the
+case runs (ImportError when it is missing: the row says "unavailable" and why) and returns a
+callable taking the case's positional arguments.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Callable
+
+import torch
+
+
+def lightly(name: str, **kwargs) -> Callable[[], Callable]:
+    """``lightly.loss.<name>(**kwargs)``: lightly's modules take the same arguments as fastssl's."""
+    return lambda: getattr(importlib.import_module("lightly.loss"), name)(**kwargs)
+
+
+def lightly_sinkhorn(**kwargs) -> Callable[[], Callable]:
+    """lightly's ``sinkhorn(out, iterations, epsilon)`` (the function SwaVLoss calls)."""
+    return lambda: functools.partial(importlib.import_module("lightly.loss.swav_loss").sinkhorn, **kwargs)
+
+
+def metric_learning_nt_xent(temperature: float) -> Callable[[], Callable]:
+    """pytorch-metric-learning's ``NTXentLoss`` on two views: the 2B rows, labelled by sample."""
+    def build() -> Callable:
+        loss = importlib.import_module("pytorch_metric_learning.losses").NTXentLoss(temperature=temperature)
+
+        def nt_xent(out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+            labels = torch.arange(out0.shape[0], device=out0.device).repeat(2)
+            return loss(torch.cat([out0, out1]), labels)
+
+        return nt_xent
+
+    return build
