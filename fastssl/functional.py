@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import backends, distributed, ops, reference  # noqa: F401  (ops registers the backends)
+from . import backends, distributed, ops, redundancy, reference  # noqa: F401  (ops registers the backends)
 from .validation import (
     check_batch_at_least,
     check_choice,
@@ -249,7 +249,12 @@ def nt_xent(
         def gathered(view: Tensor) -> Tensor:
             return distributed.gather(view) if world > 1 else view
 
-        if mode == "simclr":
+        if mode == "simclr" and world == 1:
+            embeddings = torch.cat(views)
+            _, core = backends.select("info_nce_self", backend, (embeddings,))
+            loss = core(embeddings, local_labels.repeat(len(views)), True, 1.0 / temperature).mean()
+            directions = len(views)
+        elif mode == "simclr":
             queries = torch.cat(views)
             keys = torch.cat([gathered(v) for v in views])
             self_index = torch.cat([local + v * world * batch for v in range(len(views))])
@@ -316,6 +321,7 @@ def barlow_twins(
     gather_distributed: bool = False,
     distributed_convention: str = "global",
     scale_loss: float = 1.0,
+    algorithm: str = "auto",
     backend: str = "auto",
 ) -> Tensor:
     r"""Barlow Twins: :math:`\sum_i (1 - C_{ii})^2 + \lambda \sum_{i \ne j} C_{ij}^2`.
@@ -334,6 +340,10 @@ def barlow_twins(
 
     ``scale_loss`` multiplies the result (0.024 in solo-learn / VISSL).
 
+    ``algorithm``: how the fused backends get ‖C‖²_F — ``"gram"`` from the two N×N Gram matrices
+    (O(N²D), never D×D), ``"direct"`` from C itself (O(ND²)), ``"auto"`` Gram exactly when N < D.
+    Same numbers to float rounding; the reference backend always builds C.
+
     Args: z_a, z_b: (N, D), N >= 2. Returns: 0-dim float32 loss (float64 for float64 inputs).
 
     Example::
@@ -344,6 +354,7 @@ def barlow_twins(
     check_batch_at_least("z_a", z_a, 2, "batch-norm statistics need two rows")
     lambda_param = check_non_negative("lambda_param", lambda_param)
     check_choice("distributed_convention", distributed_convention, ("global", "lightly"))
+    check_choice("algorithm", algorithm, redundancy.ALGORITHMS)
     if isinstance(scale_loss, bool) or not isinstance(scale_loss, (int, float)):
         raise TypeError(f"scale_loss must be a number, got {type(scale_loss).__name__}")
     world = distributed.world_size() if gather_distributed else 1
@@ -355,8 +366,9 @@ def barlow_twins(
         return scale_loss * reference.barlow_twins_from_correlation(c, lambda_param)
     if world > 1:
         z_a, z_b = distributed.gather(z_a), distributed.gather(z_b)
-    _, core = backends.select("barlow_twins", backend, (z_a, z_b))
-    return scale_loss * core(z_a, z_b, lambda_param)
+    chosen, core = backends.select("barlow_twins", backend, (z_a, z_b))
+    options = () if chosen == "reference" else (algorithm,)
+    return scale_loss * core(z_a, z_b, lambda_param, *options)
 
 
 def vicreg(
@@ -368,6 +380,7 @@ def vicreg(
     eps: float = 1e-4,
     *,
     gather_distributed: bool = False,
+    algorithm: str = "auto",
     backend: str = "auto",
 ) -> Tensor:
     r"""VICReg: λ · invariance + μ · variance + ν · covariance, as lightly's ``VICRegLoss``.
@@ -379,6 +392,10 @@ def vicreg(
     Inputs (B, …, D): the middle dims are independent groups; variance and covariance are
     averaged over them. With ``gather_distributed``, variance and covariance use the batch
     gathered from all ranks (with gradient); invariance stays local.
+
+    ``algorithm``: ``"gram"`` takes ‖Cov‖²_F from the B×B Gram matrix x xᵀ (O(B²D), never D×D),
+    ``"direct"`` from Cov itself (O(BD²)), ``"auto"`` Gram exactly when B < D (see
+    :func:`barlow_twins`).
 
     Args: z_a, z_b: (B, …, D), B >= 2. Returns: 0-dim float32 loss (float64 for float64 inputs).
 
@@ -392,13 +409,15 @@ def vicreg(
     for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
         check_non_negative(name, value)
     eps = check_non_negative("eps", eps)
+    check_choice("algorithm", algorithm, redundancy.ALGORITHMS)
     dtype = reference.compute_dtype(z_a)
     invariance = F.mse_loss(z_a.to(dtype), z_b.to(dtype))
     if gather_distributed and distributed.world_size() > 1:
         z_a, z_b = distributed.gather(z_a), distributed.gather(z_b)
     grouped = [z.reshape(z.shape[0], -1, z.shape[-1]) for z in (z_a, z_b)]
-    _, core = backends.select("vicreg_variance_covariance", backend, grouped)
-    variance, covariance = core(grouped[0], grouped[1], eps).unbind()
+    chosen, core = backends.select("vicreg_variance_covariance", backend, grouped)
+    options = () if chosen == "reference" else (algorithm,)
+    variance, covariance = core(grouped[0], grouped[1], eps, *options).unbind()
     return lambda_param * invariance + mu_param * variance + nu_param * covariance
 
 
@@ -482,6 +501,7 @@ def swav(
     sinkhorn_iterations: int = 3,
     sinkhorn_epsilon: float = 0.05,
     sinkhorn_gather_distributed: bool = False,
+    prototypes: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     r"""SwAV's swapped prediction, as lightly's ``SwaVLoss``.
@@ -497,6 +517,11 @@ def swav(
     Args:
         high_resolution_outputs: H >= 1 tensors (B, K) of prototype scores.
         low_resolution_outputs: tensors (B, K). queue_outputs: H tensors (Q, K), or None.
+        prototypes: (K, D) prototype weights, or None. When given, every crop (and queue entry)
+            is a (B, D) embedding whose scores are ``crop @ prototypes.T``, and the
+            cross-entropy is fused with that product: the (B, K) scores of the crops are
+            never held for the backward (the high-resolution ones are made once, without
+            gradient, for Sinkhorn).
     Returns:
         0-dim float32 loss (float64 for float64 inputs).
 
@@ -525,19 +550,40 @@ def swav(
             check_float_tensor(f"queue_outputs[{i}]", q, ndim=2)
             if q.shape[1] != crops[0].shape[1]:
                 raise ValueError(f"queue_outputs[{i}] must be (Q, {crops[0].shape[1]}), got {tuple(q.shape)}")
+    if prototypes is not None:
+        _check_last_layer("prototypes", prototypes, crops[0])
     batch = crops[0].shape[0]
     codes = []
     for i, scores in enumerate(high):
         scores = scores.detach()
         if queue_outputs is not None:
             scores = torch.cat([scores, queue_outputs[i].detach().to(scores.dtype)])
+        if prototypes is not None:
+            scores = scores @ prototypes.detach().to(scores.dtype).T
         codes.append(sinkhorn_knopp(scores, sinkhorn_iterations, sinkhorn_epsilon,
                                     gather_distributed=sinkhorn_gather_distributed,
                                     backend=backend)[:batch])
     targets = torch.stack(codes)
-    logits = torch.stack(crops)
-    _, core = backends.select("soft_cross_entropy_pairs", backend, (targets, logits))
-    return _off_diagonal_mean(core(targets, logits, 1.0 / temperature))
+    return _off_diagonal_mean(_pair_losses(targets, torch.stack(crops), prototypes, 1.0 / temperature, backend))
+
+
+def _check_last_layer(name: str, weight: Tensor, crop: Tensor) -> None:
+    """A (K, D) weight for (B, D) crops, on their device."""
+    check_float_tensor(name, weight, ndim=2)
+    if weight.shape[1] != crop.shape[-1]:
+        raise ValueError(f"{name} must be (K, {crop.shape[-1]}) for crops of shape {tuple(crop.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    check_same_device(("crops", name), (crop, weight))
+
+
+def _pair_losses(targets: Tensor, students: Tensor, weight: Optional[Tensor], scale: float, backend: str) -> Tensor:
+    """(T, S) soft cross-entropies of targets (T, B, K) and student logits (S, B, K), or of
+    student features (S, B, D) through a fused last layer ``weight`` (K, D)."""
+    if weight is None:
+        _, core = backends.select("soft_cross_entropy_pairs", backend, (targets, students))
+        return core(targets, students, scale)
+    _, core = backends.select("linear_soft_cross_entropy_pairs", backend, (targets, students, weight))
+    return core(targets, students, weight, scale)
 
 
 def _as_crops(name: str, value) -> Tensor:
@@ -557,6 +603,7 @@ def dino(
     teacher_temp: float = 0.04,
     student_temp: float = 0.1,
     *,
+    last_layer_weight: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     r"""DINO's cross-entropy between centred, sharpened teacher and student distributions.
@@ -570,6 +617,10 @@ def dino(
     Args:
         teacher_out: T crops (B, D) (list or a (T, B, D) tensor). student_out: S crops (B, D).
         center: broadcastable to (B, D), e.g. (1, 1, D) or (D,).
+        last_layer_weight: (D, E) weight of the student head's last linear layer, or None.
+            When given, ``student_out`` crops are its (B, E) inputs and the student outputs
+            ``student_out @ last_layer_weight.T`` are fused with the cross-entropy: the
+            (S, B, D) outputs are never held (a 65,536-dim head saves S·B·D·4 bytes twice).
     Returns:
         0-dim float32 loss (float64 for float64 inputs).
 
@@ -579,7 +630,12 @@ def dino(
     """
     teacher = _as_crops("teacher_out", teacher_out)
     student = _as_crops("student_out", student_out)
-    if teacher.shape[1:] != student.shape[1:]:
+    if last_layer_weight is not None:
+        _check_last_layer("last_layer_weight", last_layer_weight, student)
+        if last_layer_weight.shape[0] != teacher.shape[-1]:
+            raise ValueError(f"last_layer_weight must have one row per output dim ({teacher.shape[-1]}), got "
+                             f"{tuple(last_layer_weight.shape)}")
+    if teacher.shape[1] != student.shape[1] or (last_layer_weight is None and teacher.shape[2] != student.shape[2]):
         raise ValueError(f"teacher_out and student_out crops must share (B, D), got teacher_out "
                          f"{tuple(teacher.shape)} and student_out {tuple(student.shape)}")
     check_float_tensor("center", center)
@@ -594,8 +650,7 @@ def dino(
                          f"{teacher.shape[0]} teacher and {student.shape[0]} student crop(s)")
     dtype = reference.compute_dtype(teacher)
     targets = F.softmax((teacher.to(dtype) - center.reshape(-1).to(dtype)) / teacher_temp, dim=-1)
-    _, core = backends.select("soft_cross_entropy_pairs", backend, (targets, student))
-    return _off_diagonal_mean(core(targets, student, 1.0 / student_temp))
+    return _off_diagonal_mean(_pair_losses(targets, student, last_layer_weight, 1.0 / student_temp, backend))
 
 
 @torch.no_grad()
@@ -611,6 +666,80 @@ def dino_center(teacher_out: Union[Sequence[Tensor], Tensor], center: Tensor, mo
     if distributed.world_size() > 1:
         batch_center = distributed.all_reduce_no_grad(batch_center, "sum") / distributed.world_size()
     return center * momentum + batch_center.reshape(center.shape).to(center.dtype) * (1 - momentum)
+
+
+def _check_points_and_centroids(x: Tensor, centroids: Tensor) -> None:
+    check_float_tensor("x", x, ndim=2)
+    check_float_tensor("centroids", centroids, ndim=2)
+    if centroids.shape[1] != x.shape[1]:
+        raise ValueError(f"centroids must be (K, {x.shape[1]}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(centroids.shape)}")
+    check_same_device(("x", "centroids"), (x, centroids))
+
+
+def kmeans_assign(x: Tensor, centroids: Tensor, *, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Nearest centroid of every row (DeepCluster's k-means assignment step), without gradient.
+
+    The torch backend fuses the distances with the argmin over blocks of centroids, so the
+    (N, K) distance matrix never exists; it ranks centroids by ‖c‖² − 2 x·c, so centroids whose
+    squared distances differ by less than the rounding of that form (~1e-7 · (‖x‖² + ‖c‖²) in
+    float32) may be ranked either way. The distance returned is computed directly.
+
+    Args: x (N, D); centroids (K, D). Returns: assignments (N,) int64 (ties: lowest index) and
+    squared Euclidean distances (N,), float32 (float64 for float64 inputs).
+
+    Example::
+
+        >>> labels, _ = fastssl.functional.kmeans_assign(features, centroids)  # pseudo-labels
+    """
+    _check_points_and_centroids(x, centroids)
+    x, centroids = x.detach(), centroids.detach()
+    _, core = backends.select("kmeans_assign", backend, (x, centroids))
+    return core(x, centroids)
+
+
+@torch.no_grad()
+def kmeans_update(
+    x: Tensor,
+    centroids: Tensor,
+    counts: Tensor,
+    assignments: Optional[Tensor] = None,
+    *,
+    gather_distributed: bool = False,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """One mini-batch k-means step (Sculley, 2010): each centroid becomes the mean of every row
+    ever assigned to it, c_k ← (n_k c_k + Σ_{b→k} x_b) / (n_k + m_k), n_k ← n_k + m_k.
+
+    Equal to the per-row updates c_k += (x_b − c_k) / n_k taken one row at a time. Centroids
+    that no row has reached keep their value. With ``gather_distributed`` the sums and counts
+    of every rank are added (all ranks get the same centroids).
+
+    Args:
+        x: (N, D). centroids: (K, D). counts: (K,) rows assigned so far (any number type).
+        assignments: (N,) int64 from :func:`kmeans_assign`, or None to compute them here.
+    Returns:
+        (new centroids (K, D) in the dtype of ``centroids``, new counts (K,) like ``counts``).
+    """
+    _check_points_and_centroids(x, centroids)
+    if not isinstance(counts, Tensor) or counts.shape != (centroids.shape[0],):
+        raise ValueError(f"counts must be a tensor of shape ({centroids.shape[0]},), got "
+                         f"{tuple(counts.shape) if isinstance(counts, Tensor) else type(counts).__name__}")
+    if assignments is None:
+        assignments, _ = kmeans_assign(x, centroids, backend=backend)
+    check_label_tensor("assignments", assignments, x.shape[0])
+    if _eager() and (assignments.min() < 0 or assignments.max() >= centroids.shape[0]):
+        raise ValueError(f"assignments must lie in [0, {centroids.shape[0]}) for centroids of shape "
+                         f"{tuple(centroids.shape)}")
+    dtype = reference.compute_dtype(x, centroids)
+    sums = torch.zeros(centroids.shape, dtype=dtype, device=x.device).index_add_(0, assignments, x.to(dtype))
+    new_rows = torch.bincount(assignments, minlength=centroids.shape[0]).to(dtype)
+    if gather_distributed and distributed.world_size() > 1:
+        sums = distributed.all_reduce_no_grad(sums, "sum")
+        new_rows = distributed.all_reduce_no_grad(new_rows, "sum")
+    total = counts.to(dtype) + new_rows
+    step = (sums - new_rows[:, None] * centroids.to(dtype)) / total.clamp_min(1)[:, None]
+    return (centroids.to(dtype) + step).to(centroids.dtype), (counts + new_rows.to(counts.dtype))
 
 
 # ============================================================================================
@@ -641,5 +770,5 @@ def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float 
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
-    "swav", "dino", "dino_center", "negative_cosine_similarity",
+    "swav", "dino", "dino_center", "kmeans_assign", "kmeans_update", "negative_cosine_similarity",
 ]

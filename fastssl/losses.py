@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed, functional, reference
+from . import distributed, functional, redundancy, reference
 from .validation import check_choice, check_float_tensor, check_int_at_least, check_non_negative, check_positive
 
 Tensor = torch.Tensor
@@ -145,10 +145,12 @@ class BarlowTwinsLoss(nn.Module):
     """
 
     def __init__(self, lambda_param: float = 5e-3, gather_distributed: bool = False, *,
-                 distributed_convention: str = "global", scale_loss: float = 1.0, backend: str = "auto"):
+                 distributed_convention: str = "global", scale_loss: float = 1.0, algorithm: str = "auto",
+                 backend: str = "auto"):
         super().__init__()
         self.lambda_param = check_non_negative("lambda_param", lambda_param)
         check_choice("distributed_convention", distributed_convention, ("global", "lightly"))
+        self.algorithm = check_choice("algorithm", algorithm, redundancy.ALGORITHMS)
         self.gather_distributed = gather_distributed
         self.distributed_convention, self.scale_loss, self.backend = distributed_convention, scale_loss, backend
 
@@ -156,7 +158,7 @@ class BarlowTwinsLoss(nn.Module):
         return functional.barlow_twins(
             z_a, z_b, self.lambda_param, gather_distributed=self.gather_distributed,
             distributed_convention=self.distributed_convention, scale_loss=self.scale_loss,
-            backend=self.backend)
+            algorithm=self.algorithm, backend=self.backend)
 
 
 class VICRegLoss(nn.Module):
@@ -168,17 +170,20 @@ class VICRegLoss(nn.Module):
     """
 
     def __init__(self, lambda_param: float = 25.0, mu_param: float = 25.0, nu_param: float = 1.0,
-                 gather_distributed: bool = False, eps: float = 0.0001, *, backend: str = "auto"):
+                 gather_distributed: bool = False, eps: float = 0.0001, *, algorithm: str = "auto",
+                 backend: str = "auto"):
         super().__init__()
         self.lambda_param = check_non_negative("lambda_param", lambda_param)
         self.mu_param = check_non_negative("mu_param", mu_param)
         self.nu_param = check_non_negative("nu_param", nu_param)
         self.eps = check_non_negative("eps", eps)
+        self.algorithm = check_choice("algorithm", algorithm, redundancy.ALGORITHMS)
         self.gather_distributed, self.backend = gather_distributed, backend
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         return functional.vicreg(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, self.eps,
-                                 gather_distributed=self.gather_distributed, backend=self.backend)
+                                 gather_distributed=self.gather_distributed, algorithm=self.algorithm,
+                                 backend=self.backend)
 
 
 class SwaVLoss(nn.Module):

@@ -16,15 +16,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import backends, contrastive, reference
+from . import backends, clustering, contrastive, redundancy, reference
 
 _OP_SCHEMAS = {
-    "barlow_twins": "(Tensor z_a, Tensor z_b, float lambda_param) -> Tensor",
-    "vicreg_variance_covariance": "(Tensor z_a, Tensor z_b, float eps) -> Tensor",
-    "soft_cross_entropy_pairs": "(Tensor targets, Tensor logits, float scale) -> Tensor",
     "negative_cosine_similarity": "(Tensor x0, Tensor x1, float eps) -> Tensor",
-    "sinkhorn": "(Tensor scores, int iterations, float epsilon, Tensor? row_marginals, "
-    "Tensor? col_marginals, float tolerance, bool gather_distributed) -> Tensor",
 }
 
 
@@ -105,18 +100,6 @@ def _scalar_fake(a, b, *_):
     return a.new_empty((), dtype=reference.compute_dtype(a, b))
 
 
-def _vicreg_fake(z_a, z_b, eps):
-    return z_a.new_empty(2, dtype=reference.compute_dtype(z_a, z_b))
-
-
-def _pairs_fake(targets, logits, scale):
-    return logits.new_empty(targets.shape[0], logits.shape[0], dtype=reference.compute_dtype(targets, logits))
-
-
-def _sinkhorn_fake(scores, *_):
-    return torch.empty_like(scores)
-
-
 # --- contrastive: NT-Xent / InfoNCE --------------------------------------------------------
 _INFO_NCE_INPUTS = ("Tensor query, Tensor keys, Tensor? positive_keys, Tensor? query_labels, Tensor? key_labels, "
                     "Tensor? self_index")
@@ -184,21 +167,194 @@ def define_info_nce_op(name: str, forward: Callable, backward: Callable) -> Call
 info_nce = define_info_nce_op("info_nce", contrastive.info_nce_forward, contrastive.info_nce_backward)
 backends.register("info_nce", "torch", info_nce)
 
+
+@torch.library.custom_op("fastssl::info_nce_self", mutates_args=(),
+                         schema="(Tensor embeddings, Tensor labels, bool exclude_self, float scale) -> (Tensor, Tensor)")
+def _info_nce_self(embeddings, labels, exclude_self, scale):
+    return contrastive.info_nce_self_forward(embeddings, labels, exclude_self, scale)
+
+
+@_info_nce_self.register_fake
+def _(embeddings, labels, exclude_self, scale):
+    n, dtype = embeddings.shape[0], reference.compute_dtype(embeddings)
+    return embeddings.new_empty(n, dtype=dtype), embeddings.new_empty(2, n, dtype=dtype)
+
+
+@torch.library.custom_op("fastssl::info_nce_self_backward", mutates_args=(),
+                         schema="(Tensor grad_row, Tensor embeddings, Tensor labels, Tensor stats, bool exclude_self, "
+                                "float scale) -> Tensor")
+def _info_nce_self_backward(grad_row, embeddings, labels, stats, exclude_self, scale):
+    return contrastive.info_nce_self_backward(grad_row, embeddings, labels, stats, exclude_self, scale)
+
+
+@_info_nce_self_backward.register_fake
+def _(grad_row, embeddings, *rest):
+    return torch.empty_like(embeddings)
+
+
+def _info_nce_self_setup(ctx, inputs, output):
+    embeddings, labels, ctx.exclude_self, ctx.scale = inputs
+    ctx.save_for_backward(embeddings, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _info_nce_self_autograd(ctx, grad_row, _grad_stats):
+    embeddings, labels, stats = ctx.saved_tensors
+    return _info_nce_self_backward(grad_row, embeddings, labels, stats, ctx.exclude_self, ctx.scale), None, None, None
+
+
+_info_nce_self.register_autograd(_info_nce_self_autograd, setup_context=_info_nce_self_setup)
+
+
+def info_nce_self(embeddings, labels, exclude_self, scale):
+    return _info_nce_self(embeddings, labels, exclude_self, scale)[0]
+
+
+info_nce_self.op = _info_nce_self
+backends.register("info_nce_self", "torch", info_nce_self)
+
 # --- redundancy reduction: Barlow Twins, VICReg ---------------------------------------------
-barlow_twins = define_recompute_op("barlow_twins", reference.barlow_twins, _scalar_fake, differentiable=(0, 1))
-vicreg_variance_covariance = define_recompute_op(
-    "vicreg_variance_covariance", reference.vicreg_variance_covariance, _vicreg_fake, differentiable=(0, 1)
-)
+def define_two_view_op(name: str, parameters: str, forward: Callable, forward_fake: Callable,
+                       backward: Callable) -> Callable:
+    """Register ``fastssl::<name>`` and ``fastssl::<name>_backward`` for a loss of two views.
+
+    ``parameters``: the schema of the arguments after ``Tensor z_a, Tensor z_b``.
+    ``forward(z_a, z_b, *params)`` returns (loss, stats, products), the last two being what the
+    backward needs (saved, not differentiable); ``backward(grad, stats, products, z_a, z_b,
+    *params)`` returns the gradients of z_a and z_b. Returns the core ``(z_a, z_b, *params) ->
+    loss`` (the op is its ``.op``).
+    """
+    inputs = f"Tensor z_a, Tensor z_b, {parameters}"
+    op = torch.library.custom_op(f"fastssl::{name}", mutates_args=(),
+                                 schema=f"({inputs}) -> (Tensor, Tensor, Tensor)")(forward)
+    op.register_fake(forward_fake)
+    backward_op = torch.library.custom_op(
+        f"fastssl::{name}_backward", mutates_args=(),
+        schema=f"(Tensor grad, Tensor stats, Tensor products, {inputs}) -> (Tensor, Tensor)")(backward)
+
+    @backward_op.register_fake
+    def _(grad, stats, products, z_a, z_b, *params):
+        return torch.empty_like(z_a), torch.empty_like(z_b)
+
+    def setup_context(ctx, inputs, output):
+        ctx.params = inputs[2:]
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved outputs
+        ctx.save_for_backward(output[1], output[2], inputs[0], inputs[1])
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def autograd_backward(ctx, grad, _grad_stats, _grad_products):
+        if grad is None:  # the loss is not part of the graph being differentiated
+            return (None,) * (2 + len(ctx.params))
+        grad_a, grad_b = backward_op(grad, *ctx.saved_tensors, *ctx.params)
+        return (grad_a, grad_b) + (None,) * len(ctx.params)
+
+    op.register_autograd(autograd_backward, setup_context=setup_context)
+
+    def core(z_a, z_b, *params):
+        return op(z_a, z_b, *params)[0]
+
+    core.op = op
+    return core
+
+
+barlow_twins = define_two_view_op("barlow_twins", 'float lambda_param, str algorithm="auto"',
+                                  redundancy.barlow_twins_forward, redundancy.barlow_twins_forward_fake,
+                                  redundancy.barlow_twins_backward)
+vicreg_variance_covariance = define_two_view_op(
+    "vicreg_variance_covariance", 'float eps, str algorithm="auto"',
+    redundancy.vicreg_variance_covariance_forward, redundancy.vicreg_variance_covariance_forward_fake,
+    redundancy.vicreg_variance_covariance_backward)
 backends.register("barlow_twins", "torch", barlow_twins)
 backends.register("vicreg_variance_covariance", "torch", vicreg_variance_covariance)
 
 # --- clustering & distillation: Sinkhorn-Knopp, SwAV / DINO cross-entropy ---------------------
-sinkhorn = define_recompute_op("sinkhorn", reference.sinkhorn, _sinkhorn_fake, differentiable=())
-soft_cross_entropy_pairs = define_recompute_op(
-    "soft_cross_entropy_pairs", reference.soft_cross_entropy_pairs, _pairs_fake, differentiable=(0, 1)
-)
+def define_sinkhorn_op(name: str, impl: Callable) -> Callable:
+    """Register ``fastssl::<name>`` with ``reference.sinkhorn``'s signature (codes carry no gradient)."""
+    op = torch.library.custom_op(
+        f"fastssl::{name}", mutates_args=(),
+        schema="(Tensor scores, int iterations, float epsilon, Tensor? row_marginals, Tensor? col_marginals, "
+               "float tolerance, bool gather_distributed) -> Tensor")(impl)
+
+    @op.register_fake
+    def _(scores, *_):
+        return scores.new_empty(scores.shape)  # contiguous, whatever the layout of the scores
+
+    return op
+
+
+def define_pair_loss_op(name: str, inputs: str, forward: Callable, backward: Callable) -> Callable:
+    """Register a soft-target cross-entropy of crop pairs (``fastssl::<name>`` and ``_backward``).
+
+    ``inputs``: the schema of the tensor arguments, the first being ``targets`` (T, B, K) and
+    the second the student crops (S, B, ...); a ``float scale`` follows them.
+    ``forward(*tensors, scale)`` returns (loss (T, S), student LSE (S, B)), the LSE saved for
+    ``backward(grad_loss, *tensors, lse, scale, needs_grad)``, which returns one gradient per
+    tensor (an empty tensor where ``needs_grad`` is False). Returns the core ``(*tensors,
+    scale) -> loss`` (the op is its ``.op``).
+    """
+    op = torch.library.custom_op(f"fastssl::{name}", mutates_args=(),
+                                 schema=f"({inputs}, float scale) -> (Tensor, Tensor)")(forward)
+
+    @op.register_fake
+    def _(targets, students, *rest):
+        dtype = reference.compute_dtype(targets, students, *rest[:-1])
+        return (targets.new_empty(targets.shape[0], students.shape[0], dtype=dtype),
+                targets.new_empty(students.shape[0], students.shape[1], dtype=dtype))
+
+    backward_op = torch.library.custom_op(
+        f"fastssl::{name}_backward", mutates_args=(),
+        schema=f"(Tensor grad_loss, {inputs}, Tensor lse, float scale, bool[] needs_grad) -> Tensor[]")(backward)
+
+    @backward_op.register_fake
+    def _(grad_loss, *args):
+        tensors, needs_grad = args[:-3], args[-1]
+        return [torch.empty_like(t) if need else _empty_grad(t) for t, need in zip(tensors, needs_grad)]
+
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[-1]
+        ctx.save_for_backward(*inputs[:-1], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def autograd_backward(ctx, grad_loss, _grad_lse):
+        *tensors, lse = ctx.saved_tensors
+        needs_grad = list(ctx.needs_input_grad[:-1])
+        grads = backward_op(grad_loss, *tensors, lse, ctx.scale, needs_grad)
+        return tuple(g if need else None for g, need in zip(grads, needs_grad)) + (None,)
+
+    op.register_autograd(autograd_backward, setup_context=setup_context)
+
+    def pair_loss_core(*args):
+        return op(*args)[0]
+
+    pair_loss_core.op = op
+    return pair_loss_core
+
+
+sinkhorn = define_sinkhorn_op("sinkhorn", clustering.sinkhorn)
+soft_cross_entropy_pairs = define_pair_loss_op(
+    "soft_cross_entropy_pairs", "Tensor targets, Tensor logits", clustering.soft_cross_entropy_pairs_forward,
+    clustering.soft_cross_entropy_pairs_backward)
+linear_soft_cross_entropy_pairs = define_pair_loss_op(
+    "linear_soft_cross_entropy_pairs", "Tensor targets, Tensor features, Tensor weight",
+    clustering.linear_soft_cross_entropy_pairs_forward, clustering.linear_soft_cross_entropy_pairs_backward)
 backends.register("sinkhorn", "torch", sinkhorn)
 backends.register("soft_cross_entropy_pairs", "torch", soft_cross_entropy_pairs)
+backends.register("linear_soft_cross_entropy_pairs", "torch", linear_soft_cross_entropy_pairs)
+backends.register("linear_soft_cross_entropy_pairs", "reference", reference.linear_soft_cross_entropy_pairs)
+
+kmeans_assign = torch.library.custom_op("fastssl::kmeans_assign", mutates_args=(),
+                                        schema="(Tensor x, Tensor centroids) -> (Tensor, Tensor)")(
+    clustering.kmeans_assign)
+
+
+@kmeans_assign.register_fake
+def _(x, centroids):
+    dtype = reference.compute_dtype(x, centroids)
+    return x.new_empty(x.shape[0], dtype=torch.long), x.new_empty(x.shape[0], dtype=dtype)
+
+
+backends.register("kmeans_assign", "torch", kmeans_assign)
+backends.register("kmeans_assign", "reference", reference.kmeans_assign)
 
 # --- BYOL / SimSiam ------------------------------------------------------------------------
 negative_cosine_similarity = define_recompute_op(
@@ -206,6 +362,6 @@ negative_cosine_similarity = define_recompute_op(
 )
 backends.register("negative_cosine_similarity", "torch", negative_cosine_similarity)
 
-for _name in ("info_nce", "barlow_twins", "vicreg_variance_covariance", "sinkhorn", "soft_cross_entropy_pairs",
+for _name in ("info_nce", "info_nce_self", "barlow_twins", "vicreg_variance_covariance", "sinkhorn", "soft_cross_entropy_pairs",
               "negative_cosine_similarity"):
     backends.register(_name, "reference", getattr(reference, _name))

@@ -182,6 +182,27 @@ def _distributed_logsumexp(x: torch.Tensor, dim: int, gather_distributed: bool) 
     return torch.log(total) + m_safe
 
 
+def _marginal_logs(
+    scores: torch.Tensor, row_marginals: Optional[torch.Tensor], col_marginals: Optional[torch.Tensor], world: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sinkhorn's log r (K,) and log c (B,) for (B, K) scores, each normalised to total mass 1
+    (c over all ``world`` ranks); uniform when not given."""
+    dtype = compute_dtype(scores)
+    batch, num_prototypes = scores.shape
+    if col_marginals is None:
+        log_c = torch.full((batch,), -math.log(batch * world), dtype=dtype, device=scores.device)
+    else:
+        c = col_marginals.to(dtype)
+        total = distributed.all_reduce_no_grad(c.sum(), op="sum") if world > 1 else c.sum()
+        log_c = torch.log(c / total)
+    if row_marginals is None:
+        log_r = torch.full((num_prototypes,), -math.log(num_prototypes), dtype=dtype, device=scores.device)
+    else:
+        r = row_marginals.to(dtype)
+        log_r = torch.log(r / r.sum())
+    return log_r, log_c
+
+
 @torch.no_grad()
 def sinkhorn(
     scores: torch.Tensor,
@@ -206,22 +227,9 @@ def sinkhorn(
 
     Returns (B, K) codes in the dtype of ``scores`` (float32 arithmetic inside).
     """
-    dtype = compute_dtype(scores)
-    log_q = scores.to(dtype).T / epsilon  # (K, B)
-    num_prototypes, batch = log_q.shape
+    log_q = scores.to(compute_dtype(scores)).T / epsilon  # (K, B)
     world = distributed.world_size() if gather_distributed else 1
-    if col_marginals is None:
-        log_c = torch.full((batch,), -math.log(batch * world), dtype=dtype, device=scores.device)
-    else:
-        c = col_marginals.to(dtype)
-        total = distributed.all_reduce_no_grad(c.sum(), op="sum") if world > 1 else c.sum()
-        log_c = torch.log(c / total)
-    if row_marginals is None:
-        log_r = torch.full((num_prototypes,), -math.log(num_prototypes), dtype=dtype, device=scores.device)
-    else:
-        r = row_marginals.to(dtype)
-        log_r = torch.log(r / r.sum())
-
+    log_r, log_c = _marginal_logs(scores, row_marginals, col_marginals, world)
     log_q = log_q - _distributed_logsumexp(log_q, None, gather_distributed)
     for _ in range(iterations):
         log_q = log_q - _distributed_logsumexp(log_q, 1, gather_distributed)[:, None] + log_r[:, None]
@@ -244,6 +252,30 @@ def soft_cross_entropy_pairs(targets: torch.Tensor, logits: torch.Tensor, scale:
     dtype = compute_dtype(targets, logits)
     log_p = F.log_softmax(scale * logits.to(dtype), dim=-1)
     return -torch.einsum("tbk,sbk->ts", targets.to(dtype), log_p) / logits.shape[1]
+
+
+def linear_soft_cross_entropy_pairs(targets: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+                                    scale: float) -> torch.Tensor:
+    """``soft_cross_entropy_pairs(targets, features @ weightᵀ, scale)``: the last linear layer
+    (SwAV prototypes, DINO head) applied to the student crops.
+
+    Args: targets (T, B, K); features (S, B, D); weight (K, D). Returns: (T, S), as above.
+    """
+    dtype = compute_dtype(targets, features, weight)
+    return soft_cross_entropy_pairs(targets, features.to(dtype) @ weight.to(dtype).T, scale)
+
+
+@torch.no_grad()
+def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every row (DeepCluster's k-means assignment).
+
+    Args: x (N, D); centroids (K, D). Returns: assignments (N,) int64 (ties: lowest index) and
+    squared Euclidean distances (N,), float32 (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(x, centroids)
+    distances = torch.cdist(x.to(dtype), centroids.to(dtype), compute_mode="donot_use_mm_for_euclid_dist")
+    best, assignments = distances.pow(2).min(dim=1)
+    return assignments, best
 
 
 # --------------------------------------------------------------------------------------------

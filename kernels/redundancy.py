@@ -1,0 +1,446 @@
+"""Triton kernels of the redundancy-reduction family: Barlow Twins and VICReg.
+
+Registered as the ``triton`` backend of ``barlow_twins`` and ``vicreg_variance_covariance``
+(custom ops ``fastssl::barlow_twins_triton`` / ``fastssl::vicreg_variance_covariance_triton``
+and their ``_backward``). Same contracts and algebra as ``fastssl.redundancy`` (see there for
+the formulas and the Gram / direct choice); what the kernels add:
+
+* the forward never writes a normalised view nor a product matrix: one kernel takes the column
+  statistics of both views (with the diagonal terms of Barlow Twins and the variance hinge of
+  VICReg), one more multiplies tiles of the normalised views — normalising them as they are
+  loaded — and reduces each tile of the Gram or correlation matrix to its share of ‖·‖²_F;
+* so the forward saves O(D) statistics only, and the backward rebuilds what it needs: the
+  normalised views (a kernel), the products (torch GEMMs, cuBLAS being the better GEMM), and
+  the input gradients (one fused kernel per loss).
+
+Inputs of any float dtype are read as they are and computed in float32 (float64 for float64).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastssl import backends, ops, redundancy
+from fastssl.reference import compute_dtype
+
+Tensor = torch.Tensor
+
+BLOCK_ROWS = 32  # rows of a view per step of the column kernels
+BLOCK_COLUMNS = 64  # columns per program of the column kernels
+BLOCK_REDUCED = 32  # step along the reduced dimension of a product tile
+
+
+def _tile(size: int) -> int:
+    """Side of a square product tile: 16 (tl.dot's minimum) to 64, no larger than needed."""
+    return max(16, min(64, triton.next_power_of_2(size)))
+
+
+@triton.jit
+def _row_block(start, cols, batch, columns, BLOCK_ROWS: tl.constexpr):
+    """Rows [start, start + BLOCK_ROWS) of columns ``cols`` of a (batch, columns) matrix:
+    (rows, element offsets, in-bounds mask)."""
+    rows = start + tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    return rows, rows[:, None] * columns + cols[None, :], (rows[:, None] < batch) & (cols[None, :] < columns)
+
+
+# Column statistics, one program per BLOCK_COLUMNS columns of both views (B, C), C = G·D:
+#
+#   pass 1:  mean = Σ_n z / B
+#   pass 2:  ss = Σ_n (z − mean)² − (Σ_n (z − mean))² / B,  cross = Σ_n (z_a − mean_a)(z_b − mean_b)
+#            (the corrected two-pass algorithm: stable, and free of the rounding of the mean)
+#
+#   Barlow Twins (biased variance):  rstd = 1 / sqrt(ss / B + bn_eps),  c = cross · rstd_a · rstd_b / B
+#       stats = [mean_a, rstd_a, mean_b, rstd_b, c, (1 − c)² − λ c²]       (the diagonal terms)
+#   VICReg (unbiased variance):      var = ss / (B − 1),  hinge = relu(1 − sqrt(var + eps))
+#       stats = [mean_a, var_a, mean_b, var_b, hinge_a, hinge_b]
+#
+# Accumulates in the dtype of ``stats`` (float32, float64 for float64 inputs).
+@triton.jit
+def _column_stats_kernel(
+    # pointers
+    za_ptr, zb_ptr, stats_ptr,
+    # sizes
+    batch, columns,
+    # parameters: Barlow Twins λ and batch-norm eps, or VICReg's eps (second unused)
+    param, bn_eps,
+    # meta-parameters
+    BARLOW: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+):
+    acc_dtype = stats_ptr.dtype.element_ty
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    col_ok = cols < columns
+    sum_a = tl.zeros((BLOCK_COLUMNS,), acc_dtype)
+    sum_b = tl.zeros((BLOCK_COLUMNS,), acc_dtype)
+    for start in range(0, batch, BLOCK_ROWS):
+        _, offsets, mask = _row_block(start, cols, batch, columns, BLOCK_ROWS)
+        sum_a += tl.sum(tl.load(za_ptr + offsets, mask=mask, other=0.0).to(acc_dtype), axis=0)
+        sum_b += tl.sum(tl.load(zb_ptr + offsets, mask=mask, other=0.0).to(acc_dtype), axis=0)
+    mean_a = sum_a / batch
+    mean_b = sum_b / batch
+    ss_a = tl.zeros((BLOCK_COLUMNS,), acc_dtype)
+    ss_b = tl.zeros((BLOCK_COLUMNS,), acc_dtype)
+    residual_a = tl.zeros((BLOCK_COLUMNS,), acc_dtype)
+    residual_b = tl.zeros((BLOCK_COLUMNS,), acc_dtype)
+    cross = tl.zeros((BLOCK_COLUMNS,), acc_dtype)
+    for start in range(0, batch, BLOCK_ROWS):
+        _, offsets, mask = _row_block(start, cols, batch, columns, BLOCK_ROWS)
+        xa = tl.where(mask, tl.load(za_ptr + offsets, mask=mask, other=0.0).to(acc_dtype) - mean_a[None, :], 0.0)
+        xb = tl.where(mask, tl.load(zb_ptr + offsets, mask=mask, other=0.0).to(acc_dtype) - mean_b[None, :], 0.0)
+        ss_a += tl.sum(xa * xa, axis=0)
+        ss_b += tl.sum(xb * xb, axis=0)
+        residual_a += tl.sum(xa, axis=0)
+        residual_b += tl.sum(xb, axis=0)
+        if BARLOW:
+            cross += tl.sum(xa * xb, axis=0)
+    ss_a -= residual_a * residual_a / batch
+    ss_b -= residual_b * residual_b / batch
+    tl.store(stats_ptr + cols, mean_a, mask=col_ok)
+    tl.store(stats_ptr + 2 * columns + cols, mean_b, mask=col_ok)
+    if BARLOW:
+        rstd_a = 1.0 / tl.sqrt(ss_a / batch + bn_eps)
+        rstd_b = 1.0 / tl.sqrt(ss_b / batch + bn_eps)
+        c = cross * rstd_a * rstd_b / batch
+        tl.store(stats_ptr + columns + cols, rstd_a, mask=col_ok)
+        tl.store(stats_ptr + 3 * columns + cols, rstd_b, mask=col_ok)
+        tl.store(stats_ptr + 4 * columns + cols, c, mask=col_ok)
+        tl.store(stats_ptr + 5 * columns + cols, (1.0 - c) * (1.0 - c) - param * c * c, mask=col_ok)
+    else:
+        var_a = ss_a / (batch - 1)
+        var_b = ss_b / (batch - 1)
+        tl.store(stats_ptr + columns + cols, var_a, mask=col_ok)
+        tl.store(stats_ptr + 3 * columns + cols, var_b, mask=col_ok)
+        tl.store(stats_ptr + 4 * columns + cols, tl.maximum(1.0 - tl.sqrt(var_a + param), 0.0), mask=col_ok)
+        tl.store(stats_ptr + 5 * columns + cols, tl.maximum(1.0 - tl.sqrt(var_b + param), 0.0), mask=col_ok)
+
+
+@triton.jit
+def _load_normalized(z_ptr, stats_ptr, mean_row, batch_index, feature_index, group,
+                     batch, dim, columns, SCALED: tl.constexpr):
+    """(z − mean) [· scale] at (batch_index, group·dim + feature_index), 0 outside the view.
+
+    mean and scale are rows ``mean_row`` and ``mean_row + 1`` of ``stats``; the result has
+    the dtype of ``stats``.
+    """
+    mask = (batch_index < batch) & (feature_index < dim)
+    column = group * dim + feature_index
+    z = tl.load(z_ptr + batch_index * columns + column, mask=mask, other=0.0)
+    mean = tl.load(stats_ptr + mean_row * columns + column, mask=mask, other=0.0)
+    x = z.to(stats_ptr.dtype.element_ty) - mean
+    if SCALED:
+        x = x * tl.load(stats_ptr + (mean_row + 1) * columns + column, mask=mask, other=0.0)
+    return tl.where(mask, x, 0.0)
+
+
+# Squared Frobenius norm of a product, tile by tile, without writing the product. For views
+# u, v (B, G, D), normalised as they are loaded (rows ``U_ROW`` / ``V_ROW`` of stats):
+#
+#   GRAM:  P = u vᵀ (B×B per group, reduced over D)     else  P = uᵀ v (D×D, reduced over B)
+#   TWO_PRODUCTS:  partial = Σ_tile (u ⋆ u) ⊙ (v ⋆ v)      (Barlow Gram: ⟨a aᵀ, b bᵀ⟩)
+#   otherwise:     partial = Σ_tile (u ⋆ v)²                (Barlow direct ‖aᵀb‖², VICReg ‖x xᵀ‖²)
+#
+# Grid (tiles, tiles, G); each program accumulates its BLOCK×BLOCK tile(s) over BLOCK_REDUCED
+# steps with tl.dot and writes one partial sum. A SYMMETRIC product skips the tiles below the
+# diagonal and counts those above it twice. Nothing is saved: the forward keeps O(D) statistics.
+@triton.jit
+def _product_frobenius_kernel(
+    # pointers
+    u_ptr, v_ptr, stats_ptr, partial_ptr,
+    # sizes
+    batch, dim, columns,
+    # meta-parameters
+    U_ROW: tl.constexpr, V_ROW: tl.constexpr, GRAM: tl.constexpr, TWO_PRODUCTS: tl.constexpr,
+    SYMMETRIC: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_REDUCED: tl.constexpr,
+):
+    acc_dtype = stats_ptr.dtype.element_ty
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    group = tl.program_id(2).to(tl.int64)
+    rows_i = pid_i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rows_j = pid_j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    reduced = dim if GRAM else batch
+    weight = 1.0
+    if SYMMETRIC:
+        weight = tl.where(pid_j > pid_i, 2.0, tl.where(pid_j == pid_i, 1.0, 0.0))
+        reduced = tl.where(pid_j >= pid_i, reduced, 0)
+    first = tl.zeros((BLOCK, BLOCK), acc_dtype)
+    second = tl.zeros((BLOCK, BLOCK), acc_dtype)
+    for start in range(0, reduced, BLOCK_REDUCED):
+        steps = start + tl.arange(0, BLOCK_REDUCED).to(tl.int64)
+        if GRAM:  # tile[i, j] = Σ_d u[i, d] v[j, d]: left (BLOCK, R) over rows, right (R, BLOCK)
+            left_batch, left_feature = rows_i[:, None], steps[None, :]
+            right_batch, right_feature = rows_j[None, :], steps[:, None]
+        else:  # tile[i, j] = Σ_n u[n, i] v[n, j]: left (BLOCK, R) over features
+            left_batch, left_feature = steps[None, :], rows_i[:, None]
+            right_batch, right_feature = steps[:, None], rows_j[None, :]
+        left = _load_normalized(u_ptr, stats_ptr, U_ROW, left_batch, left_feature, group,
+                                batch, dim, columns, SCALED)
+        if TWO_PRODUCTS:
+            right = _load_normalized(u_ptr, stats_ptr, U_ROW, right_batch, right_feature, group,
+                                     batch, dim, columns, SCALED)
+            first += tl.dot(left, right, input_precision="ieee")
+            left = _load_normalized(v_ptr, stats_ptr, V_ROW, left_batch, left_feature, group,
+                                    batch, dim, columns, SCALED)
+        right = _load_normalized(v_ptr, stats_ptr, V_ROW, right_batch, right_feature, group,
+                                 batch, dim, columns, SCALED)
+        second += tl.dot(left, right, input_precision="ieee")
+    if TWO_PRODUCTS:
+        tile = first * second
+    else:
+        tile = second * second
+    tiles = tl.num_programs(0)
+    tl.store(partial_ptr + (group * tiles + pid_i) * tiles + pid_j, weight * tl.sum(tl.sum(tile, axis=1), axis=0))
+
+
+# (z − mean) [· scale] of one view (B, C) into ``out`` in the stats' dtype (for the GEMMs of
+# the backward). Grid (row blocks, column blocks).
+@triton.jit
+def _normalize_kernel(
+    # pointers
+    z_ptr, stats_ptr, out_ptr,
+    # sizes
+    batch, columns,
+    # meta-parameters
+    MEAN_ROW: tl.constexpr, SCALED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+):
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    rows, offsets, mask = _row_block(tl.program_id(0).to(tl.int64) * BLOCK_ROWS, cols, batch, columns, BLOCK_ROWS)
+    x = _load_normalized(z_ptr, stats_ptr, MEAN_ROW, rows[:, None], cols[None, :], 0, batch, columns, columns,
+                         SCALED)
+    tl.store(out_ptr + offsets, x, mask=mask)
+
+
+# Barlow Twins input gradient of one view, one program per BLOCK_COLUMNS columns (B, D):
+#
+#   g = coef ⊙ partner + α · product       (∂L/∂a; product = (b bᵀ) a or b Cᵀ, from torch)
+#   coef = 2 ((c − 1) − λ c) / B,  projection = mean_n(g ⊙ a) = coef ⊙ c + α · mean_n(product ⊙ a)
+#   dz = grad · rstd ⊙ (g − mean_n g − a ⊙ projection)       (batch-norm backward)
+#
+# Two passes over the rows: mean_n g and the projection, then dz in the input's dtype.
+@triton.jit
+def _barlow_input_gradient_kernel(
+    # pointers
+    product_ptr, own_ptr, partner_ptr, stats_ptr, grad_ptr, out_ptr,
+    # sizes
+    batch, dim,
+    # parameters
+    lambda_param, alpha,
+    # meta-parameters
+    RSTD_ROW: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+):
+    acc_dtype = stats_ptr.dtype.element_ty
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    col_ok = cols < dim
+    c = tl.load(stats_ptr + 4 * dim + cols, mask=col_ok, other=0.0)
+    coefficient = 2.0 * ((c - 1.0) - lambda_param * c) / batch
+    scale = tl.load(stats_ptr + RSTD_ROW * dim + cols, mask=col_ok, other=0.0) * tl.load(grad_ptr).to(acc_dtype)
+    dot = tl.zeros((BLOCK_COLUMNS,), acc_dtype)
+    grad_sum = tl.zeros((BLOCK_COLUMNS,), acc_dtype)
+    for start in range(0, batch, BLOCK_ROWS):
+        _, offsets, mask = _row_block(start, cols, batch, dim, BLOCK_ROWS)
+        product = tl.load(product_ptr + offsets, mask=mask, other=0.0)
+        dot += tl.sum(product * tl.load(own_ptr + offsets, mask=mask, other=0.0), axis=0)
+        grad_sum += tl.sum(alpha * product + coefficient[None, :] * tl.load(partner_ptr + offsets, mask=mask,
+                                                                            other=0.0), axis=0)
+    mean_grad = grad_sum / batch
+    projection = coefficient * c + alpha * dot / batch
+    for start in range(0, batch, BLOCK_ROWS):
+        _, offsets, mask = _row_block(start, cols, batch, dim, BLOCK_ROWS)
+        g = (alpha * tl.load(product_ptr + offsets, mask=mask, other=0.0)
+             + coefficient[None, :] * tl.load(partner_ptr + offsets, mask=mask, other=0.0)
+             - mean_grad[None, :] - projection[None, :] * tl.load(own_ptr + offsets, mask=mask, other=0.0))
+        tl.store(out_ptr + offsets, (scale[None, :] * g).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# VICReg input gradient of one view (B, G, D), one program per BLOCK_COLUMNS columns of G·D:
+#
+#   dx = α · product + column ⊙ x,   product = (x xᵀ) x or x (xᵀx) per group (from torch)
+#   α = 4 g_cov / (G D (B − 1)²)
+#   column = −g_var [s < 1] / (2 G D (B − 1) s) − 4 g_cov v / (G D (B − 1))
+#   dz = dx − mean_b dx               (the centring's backward)
+#
+# with v the unbiased variance and s = sqrt(v + eps) (the variance hinge's gradient). Two passes
+# over the rows: mean_b dx, then dz in the input's dtype.
+@triton.jit
+def _vicreg_input_gradient_kernel(
+    # pointers
+    product_ptr, x_ptr, stats_ptr, grad_ptr, out_ptr,
+    # sizes
+    batch, groups, dim,
+    # strides of product (G, B, D); x and out are (B, G·D)
+    stride_product_group, stride_product_row,
+    # parameters
+    eps,
+    # meta-parameters
+    VAR_ROW: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
+):
+    acc_dtype = stats_ptr.dtype.element_ty
+    columns = groups * dim
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    col_ok = cols < columns
+    grad_variance = tl.load(grad_ptr).to(acc_dtype)
+    grad_covariance = tl.load(grad_ptr + 1).to(acc_dtype)
+    var = tl.load(stats_ptr + VAR_ROW * columns + cols, mask=col_ok, other=1.0)
+    std = tl.sqrt(var + eps)
+    normaliser = groups * dim * (batch - 1.0)
+    hinge = tl.where(std < 1.0, 1.0 / (2.0 * normaliser * std), 0.0)
+    column = -grad_variance * hinge - grad_covariance * 4.0 * var / normaliser
+    alpha = grad_covariance * 4.0 / (normaliser * (batch - 1.0))
+    product_columns = (cols // dim) * stride_product_group + cols % dim
+    grad_sum = tl.zeros((BLOCK_COLUMNS,), acc_dtype)
+    for start in range(0, batch, BLOCK_ROWS):
+        rows, offsets, mask = _row_block(start, cols, batch, columns, BLOCK_ROWS)
+        product = tl.load(product_ptr + rows[:, None] * stride_product_row + product_columns[None, :], mask=mask,
+                          other=0.0)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        grad_sum += tl.sum(alpha * product + column[None, :] * x, axis=0)
+    mean_grad = grad_sum / batch
+    for start in range(0, batch, BLOCK_ROWS):
+        rows, offsets, mask = _row_block(start, cols, batch, columns, BLOCK_ROWS)
+        product = tl.load(product_ptr + rows[:, None] * stride_product_row + product_columns[None, :], mask=mask,
+                          other=0.0)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        grad = alpha * product + column[None, :] * x - mean_grad[None, :]
+        tl.store(out_ptr + offsets, grad.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _column_stats(z_a: Tensor, z_b: Tensor, barlow: bool, param: float) -> Tensor:
+    """(6, C) statistics of two (B, C) views (layout: see ``_column_stats_kernel``)."""
+    batch, columns = z_a.shape
+    stats = torch.empty(6, columns, dtype=compute_dtype(z_a, z_b), device=z_a.device)
+    _column_stats_kernel[(triton.cdiv(columns, BLOCK_COLUMNS),)](
+        z_a, z_b, stats, batch, columns, param, redundancy.BATCH_NORM_EPS,
+        BARLOW=barlow, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
+    return stats
+
+
+def _squared_norms(u: Tensor, v: Tensor, stats: Tensor, rows: Tuple[int, int], groups: int, gram: bool,
+                   two_products: bool, symmetric: bool, scaled: bool) -> Tensor:
+    """(G,) Σ over tiles of ``_product_frobenius_kernel`` for views u, v (B, G·D)."""
+    batch, columns = u.shape
+    dim = columns // groups
+    size = batch if gram else dim
+    block = _tile(size)
+    tiles = triton.cdiv(size, block)
+    partial = torch.empty(groups, tiles, tiles, dtype=stats.dtype, device=u.device)
+    _product_frobenius_kernel[(tiles, tiles, groups)](
+        u, v, stats, partial, batch, dim, columns,
+        U_ROW=rows[0], V_ROW=rows[1], GRAM=gram, TWO_PRODUCTS=two_products, SYMMETRIC=symmetric, SCALED=scaled,
+        BLOCK=block, BLOCK_REDUCED=BLOCK_REDUCED)
+    return partial.flatten(1).sum(dim=1)
+
+
+def _normalize(z: Tensor, stats: Tensor, mean_row: int, scaled: bool) -> Tensor:
+    batch, columns = z.shape
+    out = torch.empty(batch, columns, dtype=stats.dtype, device=z.device)
+    grid = (triton.cdiv(batch, BLOCK_ROWS), triton.cdiv(columns, BLOCK_COLUMNS))
+    _normalize_kernel[grid](z, stats, out, batch, columns, MEAN_ROW=mean_row, SCALED=scaled,
+                            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
+    return out
+
+
+def barlow_twins_forward(z_a: Tensor, z_b: Tensor, lambda_param: float, algorithm: str = "auto"):
+    """→ (loss, stats (6, D), empty products): see ``fastssl.redundancy.barlow_twins_forward``."""
+    z_a, z_b = z_a.contiguous(), z_b.contiguous()
+    batch, dim = z_a.shape
+    gram = redundancy.use_gram(batch, dim, algorithm)
+    stats = _column_stats(z_a, z_b, True, lambda_param)
+    squared_norm = _squared_norms(z_a, z_b, stats, (0, 2), 1, gram=gram, two_products=gram, symmetric=gram,
+                                  scaled=True)[0] / batch**2
+    loss = stats[5].sum() + lambda_param * squared_norm
+    return loss, stats, stats.new_empty(0)
+
+
+def barlow_twins_backward(grad: Tensor, stats: Tensor, products: Tensor, z_a: Tensor, z_b: Tensor,
+                          lambda_param: float, algorithm: str = "auto") -> Tuple[Tensor, Tensor]:
+    z_a, z_b, grad = z_a.contiguous(), z_b.contiguous(), grad.contiguous()
+    batch, dim = z_a.shape
+    a, b = _normalize(z_a, stats, 0, True), _normalize(z_b, stats, 2, True)
+    if redundancy.use_gram(batch, dim, algorithm):  # (b bᵀ) a, (a aᵀ) b
+        grams = torch.empty(2, batch, batch, dtype=a.dtype, device=a.device)
+        redundancy.gram(a.unsqueeze(0), grams[:1])
+        redundancy.gram(b.unsqueeze(0), grams[1:])
+        product_a, product_b = grams[1] @ a, grams[0] @ b
+        alpha = 2 * lambda_param / batch**2
+    else:  # b Cᵀ, a C with C = aᵀ b / B
+        correlation = (a.T @ b).div_(batch)
+        product_a, product_b = b @ correlation.T, a @ correlation
+        alpha = 2 * lambda_param / batch
+    grads = []
+    for product, own, partner, z, rstd_row in ((product_a, a, b, z_a, 1), (product_b, b, a, z_b, 3)):
+        out = torch.empty_like(z)
+        _barlow_input_gradient_kernel[(triton.cdiv(dim, BLOCK_COLUMNS),)](
+            product, own, partner, stats, grad, out, batch, dim, lambda_param, alpha,
+            RSTD_ROW=rstd_row, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
+        grads.append(out)
+    return grads[0], grads[1]
+
+
+def barlow_twins_forward_fake(z_a: Tensor, z_b: Tensor, lambda_param: float, algorithm: str = "auto"):
+    dtype = compute_dtype(z_a, z_b)
+    return (z_a.new_empty((), dtype=dtype), z_a.new_empty(6, z_a.shape[1], dtype=dtype),
+            z_a.new_empty(0, dtype=dtype))
+
+
+def vicreg_variance_covariance_forward(z_a: Tensor, z_b: Tensor, eps: float, algorithm: str = "auto"):
+    """→ ([variance, covariance], stats (6, G·D), empty products): see ``fastssl.redundancy``."""
+    batch, groups, dim = z_a.shape
+    z_a, z_b = z_a.reshape(batch, groups * dim).contiguous(), z_b.reshape(batch, groups * dim).contiguous()
+    gram = redundancy.use_gram(batch, dim, algorithm)
+    stats = _column_stats(z_a, z_b, False, eps)
+    variance = 0.5 * (stats[4].mean() + stats[5].mean())
+    covariance = 0.0
+    for z, mean_row in ((z_a, 0), (z_b, 2)):
+        squared_norm = _squared_norms(z, z, stats, (mean_row, mean_row), groups, gram=gram, two_products=False,
+                                      symmetric=True, scaled=False)
+        var = stats[mean_row + 1].view(groups, dim)
+        covariance = covariance + ((squared_norm / (batch - 1) ** 2 - var.pow(2).sum(dim=1)) / dim).mean()
+    return torch.stack([variance, covariance]), stats, stats.new_empty(0)
+
+
+def vicreg_variance_covariance_backward(grad: Tensor, stats: Tensor, products: Tensor, z_a: Tensor, z_b: Tensor,
+                                        eps: float, algorithm: str = "auto") -> Tuple[Tensor, Tensor]:
+    batch, groups, dim = z_a.shape
+    gram = redundancy.use_gram(batch, dim, algorithm)
+    grad = grad.contiguous()  # the kernel reads [g_var, g_cov] from two adjacent elements
+    grads = []
+    for z, mean_row in ((z_a, 0), (z_b, 2)):
+        z = z.reshape(batch, groups * dim).contiguous()
+        x = _normalize(z, stats, mean_row, False)
+        by_group = x.view(batch, groups, dim).transpose(0, 1)  # (G, B, D)
+        size = batch if gram else dim
+        product_matrix = redundancy.gram(by_group if gram else by_group.transpose(1, 2),
+                                         x.new_empty(groups, size, size))
+        product = torch.bmm(product_matrix, by_group) if gram else torch.bmm(by_group, product_matrix)
+        out = torch.empty(batch, groups, dim, dtype=z.dtype, device=z.device)
+        _vicreg_input_gradient_kernel[(triton.cdiv(groups * dim, BLOCK_COLUMNS),)](
+            product, x, stats, grad, out, batch, groups, dim, product.stride(0), product.stride(1), eps,
+            VAR_ROW=mean_row + 1, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
+        grads.append(out)
+    return grads[0], grads[1]
+
+
+def vicreg_variance_covariance_forward_fake(z_a: Tensor, z_b: Tensor, eps: float, algorithm: str = "auto"):
+    batch, groups, dim = z_a.shape
+    dtype = compute_dtype(z_a, z_b)
+    return (z_a.new_empty(2, dtype=dtype), z_a.new_empty(6, groups * dim, dtype=dtype),
+            z_a.new_empty(0, dtype=dtype))
+
+
+def supports(tensors: Sequence[Tensor]) -> List[str]:
+    return backends.triton_device_reasons(tensors)
+
+
+barlow_twins = ops.define_two_view_op(
+    "barlow_twins_triton", 'float lambda_param, str algorithm="auto"', barlow_twins_forward,
+    barlow_twins_forward_fake, barlow_twins_backward)
+vicreg_variance_covariance = ops.define_two_view_op(
+    "vicreg_variance_covariance_triton", 'float eps, str algorithm="auto"', vicreg_variance_covariance_forward,
+    vicreg_variance_covariance_forward_fake, vicreg_variance_covariance_backward)
+backends.register("barlow_twins", "triton", barlow_twins, supports=supports)
+backends.register("vicreg_variance_covariance", "triton", vicreg_variance_covariance, supports=supports)

@@ -1,0 +1,65 @@
+"""Barlow Twins and VICReg on two gloo processes through both fused paths: the gathered N·D views
+(not an all-reduced D×D matrix) give the single-process loss and gradients of the concatenated
+batch, on the Gram path (global batch 6 < D = 11) as on the direct one (tests/test_distributed.py
+covers the default path and lightly's per-rank convention)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastssl.functional as fn
+
+from test_distributed import BATCH, WORLD, local_slice
+
+pytestmark = pytest.mark.distributed
+
+DIM = 11
+CASES = {
+    f"{name}-{algorithm}": (loss, algorithm)
+    for name, loss in (("barlow_twins", lambda a, b, **kw: fn.barlow_twins(a, b, 0.02, backend="torch", **kw)),
+                       ("vicreg", lambda a, b, **kw: fn.vicreg(a, b, 2.0, 3.0, 0.5, backend="torch", **kw)))
+    for algorithm in ("gram", "direct")
+}
+
+
+def global_views():
+    g = torch.Generator().manual_seed(4321)
+    base = torch.randn(WORLD * BATCH, DIM, generator=g, dtype=torch.float64)
+    return (0.6 * base + 0.3 * torch.randn(WORLD * BATCH, DIM, generator=g, dtype=torch.float64),
+            0.6 * base + 0.3 * torch.randn(WORLD * BATCH, DIM, generator=g, dtype=torch.float64))
+
+
+def run_case(name, z_a, z_b, gather):
+    loss_fn, algorithm = CASES[name]
+    z_a, z_b = z_a.clone().requires_grad_(), z_b.clone().requires_grad_()
+    loss = loss_fn(z_a, z_b, algorithm=algorithm, gather_distributed=gather)
+    return (loss.detach(), *torch.autograd.grad(loss, (z_a, z_b)))
+
+
+def worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    z_a, z_b = (local_slice(z, rank) for z in global_views())
+    results = {name: run_case(name, z_a, z_b, gather=True) for name in CASES}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp_redundancy")
+    mp.spawn(worker, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ddp_equals_single_process_on_both_paths(ranks, name):
+    single_loss, *single_grads = run_case(name, *global_views(), gather=False)
+    mean_loss = sum(r[name][0] for r in ranks) / WORLD
+    torch.testing.assert_close(mean_loss, single_loss, rtol=1e-10, atol=1e-12)
+    for rank, result in enumerate(ranks):
+        for got, want in zip(result[name][1:], single_grads):
+            assert got.abs().sum() > 0
+            torch.testing.assert_close(got, WORLD * local_slice(want, rank), rtol=1e-8, atol=1e-10)
