@@ -30,6 +30,25 @@ Tensor = torch.Tensor
 
 
 @triton.jit
+def _logit_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, scale, stride_qn, stride_qd, stride_kn, stride_kd,
+                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """scale · Q[rows] K[cols]ᵀ, (BLOCK_M, BLOCK_N) fp32, accumulated over BLOCK_D chunks of D."""
+    dims = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for d_start in range(0, D, BLOCK_D):
+        d = d_start + dims
+        q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        k = tl.load(k_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
+                    mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+        if IEEE:
+            acc += tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            acc += tl.dot(q, tl.trans(k))
+    return acc * scale
+
+
+@triton.jit
 def _info_nce_fwd_kernel(
     # pointers
     q_ptr, k_ptr, query_label_ptr, key_label_ptr, self_index_ptr, extra_ptr,
@@ -56,25 +75,15 @@ def _info_nce_fwd_kernel(
         row_sum = tl.full((BLOCK_M,), 1.0, tl.float32)
     positive_sum = tl.zeros((BLOCK_M,), tl.float32)
     positive_count = tl.zeros((BLOCK_M,), tl.float32)
-    dims = tl.arange(0, BLOCK_D)
     for col_start in range(0, M, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for d_start in range(0, D, BLOCK_D):
-            d = d_start + dims
-            q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-            k = tl.load(k_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
-                        mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
-            if IEEE:
-                acc += tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                acc += tl.dot(q, tl.trans(k))
+        logits = _logit_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, scale,
+                             stride_qn, stride_qd, stride_kn, stride_kd, IEEE, BLOCK_M, BLOCK_N, BLOCK_D)
         valid = row_ok[:, None] & col_ok[None, :]
         if HAS_SELF:
             valid = valid & (cols[None, :] != self_col[:, None])
-        logits = tl.where(valid, acc * scale, float("-inf"))
+        logits = tl.where(valid, logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with nothing seen yet
         row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), 1)
@@ -134,22 +143,12 @@ def _info_nce_bwd_kernel(
     for row_start in range(0, N, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
         row_ok = rows < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for d_start in range(0, D, BLOCK_D):
-            d = d_start + dims
-            q = tl.load(q_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-            k = tl.load(k_ptr + cols[:, None] * stride_kn + d[None, :] * stride_kd,
-                        mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
-            if IEEE:
-                acc += tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                acc += tl.dot(q, tl.trans(k))
+        logits = _logit_tile(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, scale,
+                             stride_qn, stride_qd, stride_kn, stride_kd, IEEE, BLOCK_M, BLOCK_N, BLOCK_D)
         valid = row_ok[:, None] & col_ok[None, :]
         if HAS_SELF:
             self_col = tl.load(self_index_ptr + rows, mask=row_ok, other=-1)
             valid = valid & (cols[None, :] != self_col[:, None])
-        logits = acc * scale
         row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
         row_sum = tl.load(row_sum_ptr + rows, mask=row_ok, other=1.0)
         row_coef = tl.load(row_coef_ptr + rows, mask=row_ok, other=0.0)
