@@ -34,7 +34,7 @@ Tensor = torch.Tensor
 # costs milliseconds where other processes share the cores (DINO's 64 one-row blocks ran 5x
 # slower than 8 blocks with 2 threads on the README's shared machine).
 BLOCK_ELEMENTS = 1 << 20
-MAX_BLOCKS = 16
+MAX_BLOCKS = 8
 
 
 def _blocks(count: int, elements_each: int) -> List[slice]:
@@ -139,20 +139,11 @@ class StabilisedKernelPasses:
         return self._first_prototype_lse
 
     def column_step_prototype_lse(self, prototype_potential, log_col_marginals):
-        # One read of each block of E: its samples' LSEs, then (while it is in cache) its share
-        # of the prototype sums Σ_b E_bk e^(b_b + m_b − β), rescaled when β grows.
         alpha = prototype_potential.max()
-        weights = torch.exp(prototype_potential - alpha)
-        sums = torch.zeros(self.kernel.shape[1], dtype=self.kernel.dtype, device=self.kernel.device)
-        beta = torch.full((), -math.inf, dtype=self.kernel.dtype, device=self.kernel.device)
-        for rows in _blocks(*self.kernel.shape):
-            block, shift = self.kernel[rows], self.shift[rows]
-            sample_lse = torch.log(torch.mv(block, weights)) + alpha + shift
-            shifted = log_col_marginals[rows] - sample_lse + shift  # b + m
-            new_beta = torch.maximum(beta, shifted.max())
-            sums.mul_(torch.exp(beta - new_beta)).addmv_(block.T, torch.exp(shifted - new_beta))
-            beta = new_beta
-        return torch.log(sums) + beta
+        sample_lse = torch.log(torch.mv(self.kernel, torch.exp(prototype_potential - alpha))) + alpha + self.shift
+        shifted = log_col_marginals - sample_lse + self.shift  # b + m
+        beta = shifted.max()
+        return torch.log(torch.mv(self.kernel.T, torch.exp(shifted - beta))) + beta
 
     def codes(self, prototype_potential):
         weights = torch.exp(prototype_potential - prototype_potential.max())
