@@ -15,6 +15,8 @@ from .functional import (
     dino,
     dino_center,
     info_nce,
+    kmeans_assign,
+    kmeans_update,
     negative_cosine_similarity,
     nt_xent,
     sinkhorn,
@@ -39,5 +41,6 @@ __all__ = [
     "NTXentLoss", "MemoryBankModule", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss",
     "NegativeCosineSimilarity", "DINOLoss", "info_nce", "nt_xent", "clip_loss", "barlow_twins",
     "vicreg", "sinkhorn_knopp", "sinkhorn", "swav", "dino", "dino_center",
-    "negative_cosine_similarity", "update_momentum", "cosine_schedule", "BackendUnavailableError",
+    "negative_cosine_similarity", "kmeans_assign", "kmeans_update", "update_momentum", "cosine_schedule",
+    "BackendUnavailableError",
 ]

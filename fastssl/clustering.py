@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 import torch
 
 from . import distributed, reference
-from .reference import _marginal_logs, compute_dtype
+from .reference import compute_dtype, marginal_logs
 
 Tensor = torch.Tensor
 
@@ -175,7 +175,7 @@ def sinkhorn_with(
     """
     scores = scores.contiguous()  # the codes come back contiguous whatever the layout of the scores
     world = distributed.world_size() if gather_distributed else 1
-    log_r, log_c = _marginal_logs(scores, row_marginals, col_marginals, world)
+    log_r, log_c = marginal_logs(scores, row_marginals, col_marginals, world)
     if iterations == 0:  # the globally normalised plan, without any scaling
         logits = scores.to(log_c.dtype) / epsilon
         total = reference._distributed_logsumexp(logits, None, world > 1)

@@ -33,7 +33,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import backends, clustering, distributed
+from . import backends, clustering, distributed, reference
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("cpu/sinkhorn.cpp",)
@@ -218,7 +218,7 @@ def sinkhorn(
     if world > 1 or iterations == 0:
         return clustering.sinkhorn(scores, iterations, epsilon, row_marginals, col_marginals, tolerance,
                                    gather_distributed)
-    log_r, log_c = clustering._marginal_logs(scores, row_marginals, col_marginals, world)
+    log_r, log_c = reference.marginal_logs(scores, row_marginals, col_marginals, world)
     return torch.ops.fastssl.sinkhorn_native(scores, iterations, epsilon, log_r, log_c, tolerance)
 
 

@@ -182,7 +182,7 @@ def _distributed_logsumexp(x: torch.Tensor, dim: int, gather_distributed: bool) 
     return torch.log(total) + m_safe
 
 
-def _marginal_logs(
+def marginal_logs(
     scores: torch.Tensor, row_marginals: Optional[torch.Tensor], col_marginals: Optional[torch.Tensor], world: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sinkhorn's log r (K,) and log c (B,) for (B, K) scores, each normalised to total mass 1
@@ -229,7 +229,7 @@ def sinkhorn(
     """
     log_q = scores.to(compute_dtype(scores)).T / epsilon  # (K, B)
     world = distributed.world_size() if gather_distributed else 1
-    log_r, log_c = _marginal_logs(scores, row_marginals, col_marginals, world)
+    log_r, log_c = marginal_logs(scores, row_marginals, col_marginals, world)
     log_q = log_q - _distributed_logsumexp(log_q, None, gather_distributed)
     for _ in range(iterations):
         log_q = log_q - _distributed_logsumexp(log_q, 1, gather_distributed)[:, None] + log_r[:, None]
