@@ -44,8 +44,10 @@ def test_every_method_trains_a_few_steps_and_reports(method, capsys):
 
 def test_same_seed_same_run_other_seed_other_run():
     args = ["--method", "moco"] + TINY  # momentum encoder and memory bank: the most state
+    threads = torch.get_num_threads()
     first, second = train.run(args), train.run(args)
-    other = train.run(args + ["--seed", "1"])
+    other = train.run(args + ["--seed", "1", "--threads", str(threads + 1)])
+    assert torch.get_num_threads() == threads  # runs set their own thread count, then restore the caller's
 
     def losses(result):
         return [record["loss"] for record in result["history"]]

@@ -45,6 +45,11 @@ def encode(network: nn.Module, views: Sequence[Tensor]) -> List[Tensor]:
     return outputs
 
 
+def projection_head(feature_dim: int, config: SimpleNamespace) -> nn.Module:
+    """feature_dim → 2·feature_dim → projection_dim: SimCLR's head, also MoCo v2's, SwAV's and BYOL's."""
+    return mlp(feature_dim, 2 * feature_dim, config.projection_dim)
+
+
 def frozen_copy(network: nn.Module) -> nn.Module:
     """A momentum teacher: a copy of ``network`` that the optimizer never touches."""
     teacher = copy.deepcopy(network)
@@ -107,9 +112,7 @@ class SimCLR(TwoViewMethod):
 
     defaults = dict(temperature=0.2, projection_dim=64)
 
-    @staticmethod
-    def projector(feature_dim, config):
-        return mlp(feature_dim, 2 * feature_dim, config.projection_dim)
+    projector = staticmethod(projection_head)
 
     @staticmethod
     def make_criterion(config):
@@ -127,7 +130,7 @@ class MoCo(MomentumMethod):
 
     def __init__(self, backbone, feature_dim, config):
         super().__init__(backbone, feature_dim, config)
-        self.student = nn.Sequential(backbone, mlp(feature_dim, 2 * feature_dim, config.projection_dim))
+        self.student = nn.Sequential(backbone, projection_head(feature_dim, config))
         self.teacher = frozen_copy(self.student)
         self.criterion = fastssl.NTXentLoss(
             config.temperature, memory_bank_size=(config.memory_bank_size, config.projection_dim),
@@ -147,13 +150,13 @@ class SwAV(Method):
     """SwAV: swapped prediction of Sinkhorn codes over learnable prototypes, with multi-crop and,
     once it is full, a queue of past projections per global crop appended to the Sinkhorn input."""
 
-    defaults = dict(temperature=0.1, projection_dim=64, prototypes=64, local_crops=2, queue_size=256,
+    defaults = dict(temperature=0.2, projection_dim=64, prototypes=64, local_crops=2, queue_size=256,
                     freeze_prototypes_epochs=1)
 
     def __init__(self, backbone, feature_dim, config):
         super().__init__(backbone, feature_dim, config)
         self.local_crops = config.local_crops
-        self.encoder = nn.Sequential(backbone, mlp(feature_dim, 2 * feature_dim, config.projection_dim))
+        self.encoder = nn.Sequential(backbone, projection_head(feature_dim, config))
         self.prototypes = CosineLinear(config.projection_dim, config.prototypes)
         self.queues = nn.ModuleList(
             fastssl.MemoryBankModule((config.queue_size, config.projection_dim), gather_distributed=config.gather,
@@ -195,9 +198,8 @@ class BYOL(MomentumMethod):
 
     def __init__(self, backbone, feature_dim, config):
         super().__init__(backbone, feature_dim, config)
-        hidden = 2 * feature_dim
-        self.student = nn.Sequential(backbone, mlp(feature_dim, hidden, config.projection_dim))
-        self.predictor = mlp(config.projection_dim, hidden, config.projection_dim)
+        self.student = nn.Sequential(backbone, projection_head(feature_dim, config))
+        self.predictor = mlp(config.projection_dim, 2 * feature_dim, config.projection_dim)
         self.teacher = frozen_copy(self.student)
         self.criterion = fastssl.NegativeCosineSimilarity(backend=config.backend)
 
@@ -262,7 +264,7 @@ class DINO(MomentumMethod):
     """DINO: the student matches the centred, sharpened momentum teacher across crops; the
     teacher sees the global crops, the student every crop."""
 
-    defaults = dict(lr=1e-3, projection_dim=64, output_dim=256, local_crops=2, momentum=0.9, teacher_temp=0.07,
+    defaults = dict(lr=1e-3, projection_dim=64, output_dim=256, local_crops=2, momentum=0.9, teacher_temp=0.04,
                     warmup_teacher_temp_epochs=10)
 
     def __init__(self, backbone, feature_dim, config):

@@ -176,15 +176,24 @@ def format_accuracies(trained: Dict[str, float], random_init: Dict[str, float]) 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Trains as the command line ``argv`` says; returns the per-epoch history and, on rank 0,
-    the final evaluation."""
+    the final evaluation. The caller's torch thread count is restored afterwards."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return train(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train(args: argparse.Namespace) -> Dict[str, object]:
+    """The whole run for parsed arguments: data, method, training loop, evaluation."""
     wall_start = time.perf_counter()
     device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     init_distributed(device)
     world, rank = fastssl.distributed.world_size(), fastssl.distributed.rank()
     log = print if rank == 0 else (lambda *_, **__: None)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     dataset = datasets.load(args.data, args.image_size)
