@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 import torch
 
 from . import distributed, reference
-from .reference import compute_dtype, marginal_logs
+from .reference import compute_dtype, marginal_logs, max_exp_span
 
 Tensor = torch.Tensor
 
@@ -88,7 +88,7 @@ class LogDomainPasses:
 class StabilisedKernelPasses:
     """exp(s/ε) = E · exp(m) per sample, with m_b = max_k s_bk/ε and E = exp(s/ε − m) in (0, 1].
 
-    While every sample's range max_k − min_k of s/ε is at most ``max_span(dtype)`` (SwAV's cosine
+    While every sample's range max_k − min_k of s/ε is at most ``max_exp_span(dtype)`` (SwAV's cosine
     scores at ε = 0.05 span at most 40), E ≥ e^−span is a normal number and every LSE of the
     iteration is a matrix-vector product with E and a shifted exponential of the other
     potential: no exponential per element. The largest term of every such sum is
@@ -99,10 +99,6 @@ class StabilisedKernelPasses:
     caller then uses :class:`LogDomainPasses`. E is built in row blocks fused with the first
     row step's sums, and for float32 scores lives in the buffer that will hold the codes.
     """
-
-    @staticmethod
-    def max_span(dtype: torch.dtype) -> float:
-        return -0.5 * math.log(torch.finfo(dtype).tiny)
 
     @classmethod
     def build(cls, scores: Tensor, epsilon: float) -> Optional["StabilisedKernelPasses"]:
@@ -127,7 +123,7 @@ class StabilisedKernelPasses:
             new_beta = torch.maximum(beta, high.max())
             first_sums.mul_(torch.exp(beta - new_beta)).addmv_(block.T, torch.exp(high - new_beta))
             beta = new_beta
-        if span.item() > cls.max_span(dtype):
+        if span.item() > max_exp_span(dtype):
             return None
         return cls(kernel, shift, torch.log(first_sums) + beta, scores.dtype)
 

@@ -10,7 +10,8 @@ backward recomputes each block of logits once and feeds both gradients from it:
     dQ_blk = (scale · dL/ds) @ K,      dK += (scale · dL/ds)ᵀ @ Q_blk
 
 so the algorithm does four GEMMs of N×M×D (one forward, three backward) and a few passes over
-a cache-sized block. The loss is assembled as (m_i − mean_p s_ip) + log l_i, never as
+a cache-sized block. When no logit can make exp() leave the normal numbers (cosine logits at
+τ ≥ 0.046, see ``exps_stay_normal``) the shift m is 0 and the max passes disappear. The loss is assembled as (m_i − mean_p s_ip) + log l_i, never as
 logsumexp − positive: at τ = 0.01 both of those are ~100 and their difference would lose the
 digits of a small loss (the reference's ``log_softmax`` keeps them the same way).
 
@@ -25,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .reference import compute_dtype
+from .reference import compute_dtype, max_exp_span
 
 Tensor = torch.Tensor
 
@@ -35,6 +36,23 @@ MAX_PAIRS_PER_ROW = 16  # above this many positives per row on average, compare 
 
 def rows_per_block(num_keys: int) -> int:
     return max(16, min(4096, BLOCK_ELEMENTS // max(num_keys, 1)))
+
+
+def exps_stay_normal(scale: float, queries: Tensor, keys: Tensor) -> bool:
+    """True when every logit s = scale · q_i·k_j has exp(±s) normal: |s| ≤ ½ ``max_exp_span``
+    (bounded by scale · max‖q_i‖ · max‖k_j‖).
+
+    Then exp(s) needs no shift: no running max is kept, and in the self-similarity path exp(S)
+    of a tile serves the exp-sums of its rows and of its columns alike and the backward's two
+    orientations of a tile share one exp() — one elementwise exp pass per tile instead of two
+    max passes and two exp passes. Cosine logits (|s| ≤ scale) take this path for τ ≥ 0.046
+    in float32. The loss keeps the precision of the logits themselves: log Σ exp(s) − s_pos
+    cancels digits of size |s|, which the logits' own rounding already has.
+    """
+    if queries.shape[0] == 0 or keys.shape[0] == 0:
+        return True
+    bound = scale * (queries.pow(2).sum(dim=1).max() * keys.pow(2).sum(dim=1).max()).sqrt().item()
+    return 2 * bound <= max_exp_span(queries.dtype)
 
 
 @dataclass
@@ -123,8 +141,11 @@ def _block_logits(scaled_query: Tensor, keys: Tensor, self_index: Optional[Tenso
 
 
 def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor], positives: Optional[Positives],
-                    self_index: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row loss, max m and sum l = Σ exp(s − m) (the extra logit included), all (N,)."""
+                    self_index: Optional[Tensor], unshifted: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, shift m and sum l = Σ exp(s − m) (the extra logit included), all (N,).
+
+    m is the row max, or 0 when ``unshifted`` (see ``exps_stay_normal``).
+    """
     n = scaled_query.shape[0]
     dtype = scaled_query.dtype
     loss, row_max, row_sum = (torch.empty(n, dtype=dtype, device=keys.device) for _ in range(3))
@@ -132,10 +153,13 @@ def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor],
     for start in range(0, n, step):
         stop = min(start + step, n)
         logits = _block_logits(scaled_query, keys, self_index, start, stop)
-        m = logits.amax(dim=1)
-        if extra is not None:
-            m = torch.maximum(m, extra[start:stop])
-        logits.sub_(m[:, None])  # shifted logits s − m: exactly 0 at the row max
+        if unshifted:
+            m = torch.zeros(stop - start, dtype=dtype, device=keys.device)
+        else:
+            m = logits.amax(dim=1)
+            if extra is not None:
+                m = torch.maximum(m, extra[start:stop])
+            logits.sub_(m[:, None])  # shifted logits s − m: exactly 0 at the row max
         if extra is not None:
             positive_shifted = extra[start:stop] - m
         elif positives.pair_rows is not None:
@@ -171,13 +195,14 @@ def info_nce_forward(query: Tensor, keys: Tensor, positive_keys: Optional[Tensor
     dtype = compute_dtype(query, keys, positive_keys)
     q, k = query.to(dtype), keys.to(dtype)
     extra = scale * (q * positive_keys.to(dtype)).sum(1) if positive_keys is not None else None
+    unshifted = exps_stay_normal(scale, q, k) and (positive_keys is None or exps_stay_normal(scale, q, positive_keys))
     row_loss, row_max, row_sum = _row_statistics(
-        q * scale, k, extra, _positive_labels(query_labels, key_labels, self_index), self_index)
+        q * scale, k, extra, _positive_labels(query_labels, key_labels, self_index), self_index, unshifted)
     if not symmetric:
         empty = q.new_zeros(0)
         return row_loss, empty, torch.stack([row_max, row_sum]), q.new_zeros(2, 0)
     col_loss, col_max, col_sum = _row_statistics(
-        k * scale, q, None, _positive_labels(key_labels, query_labels, None), None)
+        k * scale, q, None, _positive_labels(key_labels, query_labels, None), None, unshifted)
     return row_loss, col_loss, torch.stack([row_max, row_sum]), torch.stack([col_max, col_sum])
 
 
@@ -197,8 +222,10 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
         row_coef = torch.where(positives.count > 0, row_coef, torch.zeros_like(row_coef))
         row_positive_weight = row_coef / positives.count.clamp_min(1).to(dtype)
     row_softmax_coef = row_coef / row_sum
+    unshifted = not bool(row_max.any())  # the forward's shift was 0 for every row (exps_stay_normal)
     if symmetric:
         col_max, col_sum = col_stats.to(dtype)
+        unshifted = unshifted and not bool(col_max.any())
         col_count = _positive_labels(key_labels, query_labels, None).count
         col_coef = torch.where(col_count > 0, grad_col.to(dtype) * scale, torch.zeros_like(col_sum))
         col_positive_weight = col_coef / col_count.clamp_min(1).to(dtype)
@@ -211,9 +238,15 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
     for start in range(0, n, step):
         stop = min(start + step, n)
         logits = _block_logits(scaled_q, k, self_index, start, stop)
-        if symmetric:
+        if symmetric and unshifted:  # one exp() serves both directions
+            logits.exp_()
+            grad_logits = torch.mul(logits, col_softmax_coef[None, :])
+            grad_logits.addcmul_(logits, row_softmax_coef[start:stop, None])
+        elif symmetric:
             grad_logits = torch.exp(logits - col_max[None, :]).mul_(col_softmax_coef[None, :])
             grad_logits.addcmul_(logits.sub_(row_max[start:stop, None]).exp_(), row_softmax_coef[start:stop, None])
+        elif unshifted:
+            grad_logits = logits.exp_().mul_(row_softmax_coef[start:stop, None])
         else:
             grad_logits = logits.sub_(row_max[start:stop, None]).exp_().mul_(row_softmax_coef[start:stop, None])
         if positives is not None:
@@ -266,12 +299,28 @@ def _merge_statistics(row_max: Tensor, row_sum: Tensor, start: int, tile: Tensor
     row_max[start:stop] = new_max
 
 
-def _tile_pairs(positives: Positives, row_start: int, row_stop: int, col_start: int, col_stop: int):
-    """Positive pairs with row in [row_start, row_stop) and column in [col_start, col_stop),
-    relative to the tile's corner."""
-    rows, cols = positives.block_pairs(row_start, row_stop)
-    inside = (cols >= col_start) & (cols < col_stop)
-    return rows[inside], cols[inside] - col_start
+def _pairs_by_tile(positives: Positives, n: int) -> dict:
+    """Positive pairs grouped by the tile of ``_tiles(n)`` that holds them, each relative to its
+    tile's corner: {(row start, column start): (rows, cols)}, only tiles that have pairs.
+
+    Pairs below the diagonal tiles are left out: labels make the pairs symmetric, so each is the
+    mirror of one above. Grouped once per call, so a tile without pairs costs one dict lookup.
+    """
+    if positives.pair_rows is None:
+        return {}
+    step = tile_size(n)
+    rows, cols = positives.pair_rows, positives.pair_cols
+    row_tile, col_tile = rows // step, cols // step
+    above = row_tile <= col_tile
+    rows, cols, row_tile, col_tile = rows[above], cols[above], row_tile[above], col_tile[above]
+    key = row_tile * (n // step + 1) + col_tile
+    key, order = torch.sort(key, stable=True)
+    keys, counts = torch.unique_consecutive(key, return_counts=True)
+    groups = {}
+    for key, rows, cols in zip(keys.tolist(), rows[order].split(counts.tolist()), cols[order].split(counts.tolist())):
+        i0, j0 = divmod(key, n // step + 1)
+        groups[i0 * step, j0 * step] = (rows - i0 * step, cols - j0 * step)
+    return groups
 
 
 def _tile_mask(positives: Positives, row_start: int, row_stop: int, col_start: int, col_stop: int) -> Tensor:
@@ -289,37 +338,66 @@ def _tiles(n: int):
             yield i, min(i + step, n), j, min(j + step, n)
 
 
+def _tile(scaled: Tensor, z: Tensor, i0: int, i1: int, j0: int, j1: int, buffer: Tensor) -> Tensor:
+    """scale · Z_I Z_Jᵀ written into ``buffer`` (reused across tiles: no allocation per tile)."""
+    return torch.mm(scaled[i0:i1], z[j0:j1].T, out=buffer[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
+
+
+def _add_positive_logits(positive_sum: Tensor, positives: Positives, pairs: dict, tile: Tensor, i0: int, i1: int,
+                         j0: int, j1: int) -> None:
+    """Add the tile's positive logits to the sums of the rows they belong to, both orientations."""
+    if positives.pair_rows is not None:
+        if (i0, j0) not in pairs:
+            return
+        rows, cols = pairs[i0, j0]
+        values = tile[rows, cols]
+        positive_sum.index_add_(0, rows + i0, values)
+        if i0 != j0:  # the mirrored pair (col, row) lies in the tile below the diagonal
+            positive_sum.index_add_(0, cols + j0, values)
+    else:
+        kept = torch.where(_tile_mask(positives, i0, i1, j0, j1), tile, torch.zeros((), dtype=tile.dtype))
+        positive_sum[i0:i1] += kept.sum(1)
+        if i0 != j0:
+            positive_sum[j0:j1] += kept.sum(0)
+
+
 def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool, scale: float
                           ) -> Tuple[Tensor, Tensor]:
-    """Row losses (N,) and (max, exp-sum) stats (2, N) of InfoNCE of ``embeddings`` against itself."""
+    """Row losses (N,) and (max, exp-sum) stats (2, N) of InfoNCE of ``embeddings`` against itself.
+
+    The "max" of the stats is the shift of the row's exp-sum: the running row max, or 0 for
+    every row when ``exps_stay_normal`` (which the backward recognises).
+    """
     dtype = compute_dtype(embeddings)
     z = embeddings.to(dtype)
     n = z.shape[0]
     self_index = torch.arange(n, device=z.device) if exclude_self else None
     positives = find_positives(labels, labels, self_index)
+    pairs = _pairs_by_tile(positives, n)
     scaled = z * scale
-    row_max = torch.full((n,), float("-inf"), dtype=dtype, device=z.device)
+    unshifted = exps_stay_normal(scale, z, z)
+    row_max = torch.full((n,), 0.0 if unshifted else float("-inf"), dtype=dtype, device=z.device)
     row_sum = torch.zeros(n, dtype=dtype, device=z.device)
-    positive_sum = torch.zeros(n, dtype=dtype, device=z.device)  # raw logits: exact at the row max
+    positive_sum = torch.zeros(n, dtype=dtype, device=z.device)
+    buffer = torch.empty(tile_size(n) ** 2, dtype=dtype, device=z.device)
     for i0, i1, j0, j1 in _tiles(n):
-        tile = scaled[i0:i1] @ z[j0:j1].T
-        if i0 == j0 and exclude_self:
-            tile.fill_diagonal_(float("-inf"))
-        _merge_statistics(row_max, row_sum, i0, tile, dim=1)
-        if i0 != j0:
-            _merge_statistics(row_max, row_sum, j0, tile, dim=0)
-        if positives.pair_rows is not None:
-            rows, cols = _tile_pairs(positives, i0, i1, j0, j1)
-            values = tile[rows, cols]
-            positive_sum.index_add_(0, rows + i0, values)
-            if i0 != j0:  # the mirrored pair (col, row) lies in the tile below the diagonal
-                positive_sum.index_add_(0, cols + j0, values)
-        else:
-            kept = torch.where(_tile_mask(positives, i0, i1, j0, j1), tile, torch.zeros((), dtype=dtype))
-            positive_sum[i0:i1] += kept.sum(1)
+        tile = _tile(scaled, z, i0, i1, j0, j1, buffer)
+        _add_positive_logits(positive_sum, positives, pairs, tile, i0, i1, j0, j1)
+        if unshifted:
+            tile.exp_()
+            if i0 == j0 and exclude_self:
+                tile.fill_diagonal_(0.0)
+            row_sum[i0:i1] += tile.sum(dim=1)
             if i0 != j0:
-                positive_sum[j0:j1] += kept.sum(0)
+                row_sum[j0:j1] += tile.sum(dim=0)
+        else:
+            if i0 == j0 and exclude_self:
+                tile.fill_diagonal_(float("-inf"))
+            _merge_statistics(row_max, row_sum, i0, tile, dim=1)
+            if i0 != j0:
+                _merge_statistics(row_max, row_sum, j0, tile, dim=0)
     count = positives.count.to(dtype)
+    # (m − mean_p s_ip) + log l: at τ = 0.01 the logits are ~100 and the loss may be tiny
     loss = (row_max - positive_sum / count.clamp_min(1)) + torch.log(row_sum)
     loss = torch.where(count > 0, loss, torch.zeros_like(loss))
     return loss, torch.stack([row_max, row_sum])
@@ -333,35 +411,45 @@ def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor,
     n = z.shape[0]
     self_index = torch.arange(n, device=z.device) if exclude_self else None
     positives = find_positives(labels, labels, self_index)
+    pairs = _pairs_by_tile(positives, n)
     row_max, row_sum = stats.to(dtype)
     count = positives.count.to(dtype)
     coef = torch.where(count > 0, grad_row.to(dtype) * scale, torch.zeros_like(row_sum))
     softmax_coef = coef / row_sum
     positive_weight = coef / count.clamp_min(1)
     scaled = z * scale
+    # the forward's shift was 0 for every row (exps_stay_normal): one exp() per tile serves both orientations
+    unshifted = not bool(row_max.any())
+    buffer, weight_buffer = (torch.empty(tile_size(n) ** 2, dtype=dtype, device=z.device) for _ in range(2))
     grad = torch.zeros_like(z)
     for i0, i1, j0, j1 in _tiles(n):
-        tile = scaled[i0:i1] @ z[j0:j1].T
+        tile = _tile(scaled, z, i0, i1, j0, j1, buffer)
         if i0 == j0 and exclude_self:
             tile.fill_diagonal_(float("-inf"))
         # W = G_IJ (rows of block I) + G_JIᵀ (rows of block J, seen through the tile's columns)
-        weights = torch.exp(tile - row_max[i0:i1, None]).mul_(softmax_coef[i0:i1, None])
-        if i0 != j0:
-            weights.addcmul_(tile.sub_(row_max[None, j0:j1]).exp_(), softmax_coef[None, j0:j1])
-        if positives.pair_rows is not None:
-            rows, cols = _tile_pairs(positives, i0, i1, j0, j1)
+        if unshifted:
+            tile.exp_()
+            weights = torch.mul(tile, softmax_coef[i0:i1, None], out=weight_buffer[: tile.numel()].view(tile.shape))
+            if i0 != j0:
+                weights.addcmul_(tile, softmax_coef[None, j0:j1])
+        else:
+            weights = torch.exp(tile - row_max[i0:i1, None]).mul_(softmax_coef[i0:i1, None])
+            if i0 != j0:
+                weights.addcmul_(tile.sub_(row_max[None, j0:j1]).exp_(), softmax_coef[None, j0:j1])
+        if (i0, j0) in pairs:
+            rows, cols = pairs[i0, j0]
             weight = positive_weight[rows + i0]
             if i0 != j0:
                 weight = weight + positive_weight[cols + j0]
             weights.index_put_((rows, cols), -weight, accumulate=True)
-        else:
+        elif positives.pair_rows is None:
             mask = _tile_mask(positives, i0, i1, j0, j1).to(dtype)
             weights.sub_(mask * positive_weight[i0:i1, None])
             if i0 != j0:
                 weights.sub_(mask * positive_weight[None, j0:j1])
         if i0 == j0:
-            grad[i0:i1] += (weights + weights.T) @ z[i0:i1]
+            grad[i0:i1].addmm_(weights + weights.T, z[i0:i1])
         else:
-            grad[i0:i1] += weights @ z[j0:j1]
-            grad[j0:j1] += weights.T @ z[i0:i1]
+            grad[i0:i1].addmm_(weights, z[j0:j1])
+            grad[j0:j1].addmm_(weights.T, z[i0:i1])
     return grad.to(embeddings.dtype)

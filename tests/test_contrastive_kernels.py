@@ -78,7 +78,8 @@ def _compare(backend, q, k, kwargs, rtol, atol, temperature=0.2):
 @pytest.mark.parametrize("variant", range(6), ids=[v[0] for v in _variants(1, 1, 1)])
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-10, 1e-12)],
                          ids=["fp32", "fp64"])
-def test_torch_backend_blocks_equal_reference(small_blocks, positives_form, n, m, d, variant, dtype, rtol, atol):
+def test_torch_backend_blocks_equal_reference(small_blocks, positives_form, shift_path, n, m, d, variant, dtype, rtol,
+                                               atol):
     name, kwargs = _variants(n, m, d)[variant]
     if name.startswith("symmetric") and n != m and "labels" not in name:
         kwargs = {**kwargs, "positive_index": None}
@@ -90,7 +91,7 @@ def test_torch_backend_blocks_equal_reference(small_blocks, positives_form, n, m
 @pytest.mark.parametrize("views", [2, 3], ids=["2views", "3views"])
 @pytest.mark.parametrize("batch", [1, 8, 21], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("labels", [False, True], ids=["simclr", "supcon"])
-def test_torch_self_similarity_tiles_equal_reference(small_blocks, positives_form, views, batch, labels):
+def test_torch_self_similarity_tiles_equal_reference(small_blocks, positives_form, shift_path, views, batch, labels):
     """SimCLR's tiled path (upper-triangle tiles, mirrored) against the reference, in float64."""
     g = torch.Generator().manual_seed(batch)
     zs = [torch.randn(batch, 11, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(views)]
@@ -111,8 +112,57 @@ def test_self_similarity_op_is_chosen_for_simclr(monkeypatch):
     assert calls == [1]
 
 
+@pytest.fixture(params=["unshifted", "running_max"])
+def shift_path(request, monkeypatch):
+    """Both ways of keeping exp() in range: no shift where ``exps_stay_normal`` allows it (taken
+    by float64 inputs here), and the running row max, forced (always valid)."""
+    if request.param == "running_max":
+        monkeypatch.setattr(contrastive, "exps_stay_normal", lambda *args: False)
+    return request.param
+
+
+@pytest.mark.parametrize("temperature,unshifted", [(0.1, True), (0.046, True), (0.0457, False), (0.01, False)])
+@pytest.mark.parametrize("variant", range(6), ids=[v[0] for v in _variants(1, 1, 1)])
+def test_cosine_logits_take_the_unshifted_path_exactly_when_exps_stay_normal(small_blocks, monkeypatch, temperature,
+                                                                             unshifted, variant):
+    """fp32 cosine logits: the shift-free path is taken for τ ≥ 1 / (½ max_exp_span) ≈ 0.04580
+    and gives the float64 reference's value and gradients on both sides of that boundary."""
+    decisions = []
+    original = contrastive.exps_stay_normal
+    monkeypatch.setattr(contrastive, "exps_stay_normal", lambda *args: decisions.append(original(*args)) or decisions[-1])
+    name, kwargs = _variants(29, 29, 13)[variant]
+    q, k = (torch.nn.functional.normalize(x.detach(), dim=1).requires_grad_(True) for x in _inputs(29, 29, 13))
+    if "positive_keys" in kwargs:
+        kwargs = {**kwargs, "positive_keys": torch.nn.functional.normalize(kwargs["positive_keys"], dim=1)}
+    loss, inputs = _call("torch", q, k, kwargs, temperature)
+    assert decisions and all(d == unshifted for d in decisions)
+    exact, exact_inputs = _call("reference", q.detach().double().requires_grad_(True),
+                                k.detach().double().requires_grad_(True), kwargs, temperature)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(exact, exact_inputs)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("temperature,unshifted", [(0.1, True), (0.0457, False)])
+@pytest.mark.parametrize("labels", [False, True], ids=["simclr", "supcon"])
+def test_self_similarity_paths_equal_float64(small_blocks, monkeypatch, temperature, unshifted, labels):
+    decisions = []
+    original = contrastive.exps_stay_normal
+    monkeypatch.setattr(contrastive, "exps_stay_normal", lambda *args: decisions.append(original(*args)) or decisions[-1])
+    g = torch.Generator().manual_seed(5)
+    zs = [torch.randn(27, 10, generator=g, requires_grad=True) for _ in range(2)]
+    kwargs = {"labels": torch.randint(0, 4, (27,), generator=g)} if labels else {}
+    loss = fn.nt_xent(*zs, temperature=temperature, backend="torch", **kwargs)
+    assert decisions == [unshifted]
+    exact_zs = [z.detach().double().requires_grad_(True) for z in zs]
+    exact = fn.nt_xent(*exact_zs, temperature=temperature, backend="reference", **kwargs)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, zs), torch.autograd.grad(exact, exact_zs)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * max(1.0, want.abs().max().item()))
+
+
 @pytest.mark.parametrize("kind", ["self", "general"])
-def test_torch_backend_gradcheck(small_blocks, kind):
+def test_torch_backend_gradcheck(small_blocks, shift_path, kind):
     g = torch.Generator().manual_seed(3)
     z = torch.randn(19, 4, generator=g, dtype=torch.float64, requires_grad=True)
     if kind == "self":
