@@ -361,6 +361,14 @@ def _add_positive_logits(positive_sum: Tensor, positives: Positives, pairs: dict
             positive_sum[j0:j1] += kept.sum(0)
 
 
+def _self_positives(embeddings: Tensor, labels: Tensor, exclude_self: bool) -> Tuple[Tensor, Positives, dict]:
+    """The embeddings in the compute dtype, their positives and those grouped by tile."""
+    z = embeddings.to(compute_dtype(embeddings))
+    self_index = torch.arange(z.shape[0], device=z.device) if exclude_self else None
+    positives = find_positives(labels, labels, self_index)
+    return z, positives, _pairs_by_tile(positives, z.shape[0])
+
+
 def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool, scale: float
                           ) -> Tuple[Tensor, Tensor]:
     """Row losses (N,) and (max, exp-sum) stats (2, N) of InfoNCE of ``embeddings`` against itself.
@@ -368,12 +376,8 @@ def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool
     The "max" of the stats is the shift of the row's exp-sum: the running row max, or 0 for
     every row when ``exps_stay_normal`` (which the backward recognises).
     """
-    dtype = compute_dtype(embeddings)
-    z = embeddings.to(dtype)
-    n = z.shape[0]
-    self_index = torch.arange(n, device=z.device) if exclude_self else None
-    positives = find_positives(labels, labels, self_index)
-    pairs = _pairs_by_tile(positives, n)
+    z, positives, pairs = _self_positives(embeddings, labels, exclude_self)
+    dtype, n = z.dtype, z.shape[0]
     scaled = z * scale
     unshifted = exps_stay_normal(scale, z, z)
     row_max = torch.full((n,), 0.0 if unshifted else float("-inf"), dtype=dtype, device=z.device)
@@ -406,12 +410,8 @@ def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool
 def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor, stats: Tensor,
                            exclude_self: bool, scale: float) -> Tensor:
     """Gradient of Σ_i grad_row_i · loss_i with respect to ``embeddings`` (its dtype)."""
-    dtype = compute_dtype(embeddings)
-    z = embeddings.to(dtype)
-    n = z.shape[0]
-    self_index = torch.arange(n, device=z.device) if exclude_self else None
-    positives = find_positives(labels, labels, self_index)
-    pairs = _pairs_by_tile(positives, n)
+    z, positives, pairs = _self_positives(embeddings, labels, exclude_self)
+    dtype, n = z.dtype, z.shape[0]
     row_max, row_sum = stats.to(dtype)
     count = positives.count.to(dtype)
     coef = torch.where(count > 0, grad_row.to(dtype) * scale, torch.zeros_like(row_sum))

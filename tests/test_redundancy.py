@@ -209,6 +209,21 @@ def test_barlow_twins_gradcheck(n, d, backend):
     assert torch.autograd.gradcheck(lambda a, b: fn.barlow_twins(a, b, 0.3, backend=backend), (z_a, z_b))
 
 
+def _assert_half_error_within_twice_naive(formula, loss, grads, z_a, z_b):
+    """The loss and gradients of half-precision views against ``formula`` computed exactly
+    (float64, on the rounded inputs) and naively in the views' dtype."""
+    z_a64, z_b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
+    exact = formula(z_a64, z_b64)
+    exact_grads = _grads(exact, z_a64, z_b64)
+    z_ah, z_bh = (z.detach().clone().requires_grad_() for z in (z_a, z_b))
+    naive = formula(z_ah, z_bh)
+    assert naive.dtype == z_a.dtype
+    naive_grads = _grads(naive, z_ah, z_bh)
+    half_error_within_twice_reference(loss, naive, exact)
+    for g, g_naive, g_exact in zip(grads, naive_grads, exact_grads):
+        half_error_within_twice_reference(g, g_naive, g_exact)
+
+
 @pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_barlow_twins_half_inputs(dtype, backend):
@@ -219,18 +234,7 @@ def test_barlow_twins_half_inputs(dtype, backend):
     for g in grads:
         assert g.dtype == dtype and torch.isfinite(g).all()
 
-    # the exact answer on the rounded inputs, and the same formula computed naively in `dtype`
-    z_a64, z_b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
-    exact = barlow_formula(z_a64, z_b64)
-    exact_grads = _grads(exact, z_a64, z_b64)
-    z_ah, z_bh = (z.detach().clone().requires_grad_() for z in (z_a, z_b))
-    naive = barlow_formula(z_ah, z_bh)
-    assert naive.dtype == dtype
-    naive_grads = _grads(naive, z_ah, z_bh)
-
-    half_error_within_twice_reference(loss, naive, exact)
-    for g, g_naive, g_exact in zip(grads, naive_grads, exact_grads):
-        half_error_within_twice_reference(g, g_naive, g_exact)
+    _assert_half_error_within_twice_naive(barlow_formula, loss, grads, z_a, z_b)
 
 
 # ============================================================================================
@@ -376,17 +380,7 @@ def test_vicreg_half_inputs(shape, dtype, backend):
     for g in grads:
         assert g.dtype == dtype and torch.isfinite(g).all()
 
-    z_a64, z_b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
-    exact = vicreg_formula(z_a64, z_b64)
-    exact_grads = _grads(exact, z_a64, z_b64)
-    z_ah, z_bh = (z.detach().clone().requires_grad_() for z in (z_a, z_b))
-    naive = vicreg_formula(z_ah, z_bh)
-    assert naive.dtype == dtype
-    naive_grads = _grads(naive, z_ah, z_bh)
-
-    half_error_within_twice_reference(loss, naive, exact)
-    for g, g_naive, g_exact in zip(grads, naive_grads, exact_grads):
-        half_error_within_twice_reference(g, g_naive, g_exact)
+    _assert_half_error_within_twice_naive(vicreg_formula, loss, grads, z_a, z_b)
 
 
 # ============================================================================================
