@@ -39,7 +39,9 @@ SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("cpu/sinkhorn.cpp",)
 CUDA_SOURCES = ("cuda/sinkhorn.cu", "cuda/binding.cpp")
 EXTENSION_NAME = "fastssl_native"
-CXX_FLAGS = ("-O3", "-march=native", "-fopenmp")
+# -fno-trapping-math: with it gcc turns the comparisons of fast_exp.h into selects and vectorises
+# the loop (2-3x faster); nothing here reads floating-point exception flags.
+CXX_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp")
 LD_FLAGS = ("-fopenmp",)
 CUDA_FLAGS = ("-O3", "-std=c++17")
 # How many lines of a failed build's output a reason quotes.

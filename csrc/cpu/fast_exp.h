@@ -14,7 +14,9 @@ namespace fastssl {
 // below 2 ulp on [-87.3, 88]; arguments below -87.33 (where expf leaves the normal numbers)
 // give 0, arguments above 88 are clamped (every caller passes x ≤ 0), NaN stays NaN.
 inline float fast_exp(float x) {
-  const float clamped = std::fmin(std::fmax(x, -87.3365447f), 88.0f);
+  // Comparisons, not std::fmin/fmax (library calls); they vectorise as selects under
+  // -fno-trapping-math (fastssl/native.py).
+  const float clamped = x > 88.0f ? 88.0f : (x < -87.3365447f ? -87.3365447f : x);
   const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
   float r = clamped - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
