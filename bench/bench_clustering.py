@@ -5,11 +5,15 @@ Sizes (full set): SwAV with K=3000 prototypes and 2+6 crops (2 high-resolution, 
 DINO with 2 teacher and 2+10 student crops of 16-128 rows at 65,536 output dims.
 
 None of these does a GEMM (prototype scores and head outputs are inputs): no GEMM floor.
+Scores are uniform in [−1, 1] (cosine similarities); "linear-domain" is SwAV's and lightly's
+Sinkhorn algorithm (``peers.linear_domain_sinkhorn``), the issue's baseline.
 """
 from __future__ import annotations
 
 import functools
 from typing import List
+
+import torch
 
 import fastssl
 
@@ -19,9 +23,16 @@ PROTOTYPES = 3000
 DINO_DIM = 65536
 
 
+def cosine_scores(shape, device, dtype, requires_grad: bool = True):
+    """Uniform in [−1, 1]: the full range of SwAV's scores (normalised features · normalised
+    prototypes); at ε = 0.05 a row spans up to 40 nats, as in training."""
+    scores = torch.rand(*shape, device=device, dtype=torch.float32).mul_(2).sub_(1)
+    return scores.to(dtype).requires_grad_(requires_grad)
+
+
 def swav(batch: int, prototypes: int = PROTOTYPES, high: int = 2, low: int = 6) -> core.Case:
     def make(device, dtype) -> core.Inputs:
-        crops = [core.randn((batch, prototypes), device, dtype) for _ in range(high + low)]
+        crops = [cosine_scores((batch, prototypes), device, dtype) for _ in range(high + low)]
         return (crops[:high], crops[high:]), crops
 
     return core.Case(
@@ -36,14 +47,14 @@ def swav(batch: int, prototypes: int = PROTOTYPES, high: int = 2, low: int = 6) 
 
 def sinkhorn(batch: int, prototypes: int = PROTOTYPES) -> core.Case:
     def make(device, dtype) -> core.Inputs:
-        return (core.randn((batch, prototypes), device, dtype, requires_grad=False),), []
+        return (cosine_scores((batch, prototypes), device, dtype, requires_grad=False),), []
 
     return core.Case(
         family="clustering", loss="sinkhorn_knopp", name=f"sinkhorn-b{batch}-k{prototypes}",
         sizes={"batch": batch, "prototypes": prototypes},
         make_inputs=make,
         make_loss=lambda backend: functools.partial(fastssl.functional.sinkhorn_knopp, backend=backend),
-        peers={"lightly": peers.lightly_sinkhorn()},
+        peers={"lightly": peers.lightly_sinkhorn(), "linear-domain": peers.linear_domain_sinkhorn()},
         differentiable=False,
         series=((f"Sinkhorn-Knopp, K={prototypes}, 3 iterations", "batch"),),
     )

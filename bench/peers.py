@@ -23,6 +23,26 @@ def lightly_sinkhorn(**kwargs) -> Callable[[], Callable]:
     return lambda: functools.partial(importlib.import_module("lightly.loss.swav_loss").sinkhorn, **kwargs)
 
 
+def linear_domain_sinkhorn(iterations: int = 3, epsilon: float = 0.05) -> Callable[[], Callable]:
+    """The linear-domain Sinkhorn-Knopp of SwAV's official code and lightly (both compute this):
+    Q = exp(scores / ε)ᵀ normalised to total 1, then per iteration rows to 1/K, columns to 1/B,
+    codes (B·Q)ᵀ. Typed here from the algorithm, so the comparison runs without lightly; it
+    overflows for scores / ε above ~88 (fp32) or ~11 (fp16)."""
+    def build() -> Callable:
+        def sinkhorn(scores: torch.Tensor) -> torch.Tensor:
+            q = torch.exp(scores / epsilon).t()
+            q /= q.sum()
+            prototypes, batch = q.shape
+            for _ in range(iterations):
+                q /= q.sum(dim=1, keepdim=True) * prototypes
+                q /= q.sum(dim=0, keepdim=True) * batch
+            return (q * batch).t()
+
+        return sinkhorn
+
+    return build
+
+
 def metric_learning_nt_xent(temperature: float) -> Callable[[], Callable]:
     """pytorch-metric-learning's ``NTXentLoss`` on two views: the 2B rows, labelled by sample."""
     def build() -> Callable:
