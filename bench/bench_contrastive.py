@@ -5,7 +5,10 @@ features); MoCo v2 batch 256-1024 against its 65,536-row queue at D=128; CLIP at
 256-16384 per device.
 
 GEMM floor: the logits S = Q Kᵀ (N×M from D) cost 2NMD FLOPs forward; the backward needs
-dQ = G K and, when the keys receive a gradient, dK = Gᵀ Q: 2NMD each.
+dQ = G K and, when the keys receive a gradient, dK = Gᵀ Q: 2NMD each. SimCLR's keys are its
+queries (R = 2B rows): S is symmetric, so the forward needs only half of it (R²D), and an
+algorithm that keeps O(R) memory must make S again in the backward (R²D) before dZ = (G + Gᵀ) Z
+(2R²D): 4R²D in all, the floor of fastssl's tiled algorithm (the general form would be 6R²D).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def simclr(batch: int, dim: int) -> core.Case:
         make_loss=lambda backend: fastssl.NTXentLoss(SIMCLR_TEMPERATURE, backend=backend),
         peers={"lightly": peers.lightly("NTXentLoss", temperature=SIMCLR_TEMPERATURE),
                "pytorch-metric-learning": peers.metric_learning_nt_xent(SIMCLR_TEMPERATURE)},
-        gemm_flops={"fwd": 2 * rows * rows * dim, "bwd": 4 * rows * rows * dim},
+        gemm_flops={"fwd": rows * rows * dim, "bwd": 3 * rows * rows * dim},
         series=((f"SimCLR NT-Xent, D={dim}", "batch"),),
     )
 
