@@ -26,7 +26,7 @@ if os.environ.get("FASTSSL_BUILD_NATIVE", "0") == "1":
     extension = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     ext_modules = [extension(
         "fastssl._fastssl_native", sources,
-        extra_compile_args={"cxx": ["-O3", "-fno-trapping-math", "-fopenmp"], "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"], "nvcc": ["-O3"]},
         extra_link_args=["-fopenmp"],
     )]
     cmdclass = {"build_ext": cpp_extension.BuildExtension}

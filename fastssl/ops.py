@@ -294,18 +294,24 @@ def define_pair_loss_op(name: str, inputs: str, forward: Callable, backward: Cal
     """
     op = torch.library.custom_op(f"fastssl::{name}", mutates_args=(),
                                  schema=f"({inputs}, float scale) -> (Tensor, Tensor)")(forward)
+    backward_op = torch.library.custom_op(
+        f"fastssl::{name}_backward", mutates_args=(),
+        schema=f"(Tensor grad_loss, {inputs}, Tensor lse, float scale, bool[] needs_grad) -> Tensor[]")(backward)
+    return register_pair_loss_op(op, backward_op)
 
-    @op.register_fake
+
+def register_pair_loss_op(op, backward_op) -> Callable:
+    """Fake functions and autograd of a pair-loss op and its backward op, with the schemas of
+    :func:`define_pair_loss_op`: custom ops made there, or ops defined elsewhere (the C++ ops of
+    ``fastssl.native``, passed as ``OpOverload``). Returns the core ``(*tensors, scale) -> loss``.
+    """
+    @torch.library.register_fake(op)
     def _(targets, students, *rest):
         dtype = reference.compute_dtype(targets, students, *rest[:-1])
         return (targets.new_empty(targets.shape[0], students.shape[0], dtype=dtype),
                 targets.new_empty(students.shape[0], students.shape[1], dtype=dtype))
 
-    backward_op = torch.library.custom_op(
-        f"fastssl::{name}_backward", mutates_args=(),
-        schema=f"(Tensor grad_loss, {inputs}, Tensor lse, float scale, bool[] needs_grad) -> Tensor[]")(backward)
-
-    @backward_op.register_fake
+    @torch.library.register_fake(backward_op)
     def _(grad_loss, *args):
         tensors, needs_grad = args[:-3], args[-1]
         return [torch.empty_like(t) if need else _empty_grad(t) for t, need in zip(tensors, needs_grad)]
@@ -321,7 +327,7 @@ def define_pair_loss_op(name: str, inputs: str, forward: Callable, backward: Cal
         grads = backward_op(grad_loss, *tensors, lse, ctx.scale, needs_grad)
         return tuple(g if need else None for g, need in zip(grads, needs_grad)) + (None,)
 
-    op.register_autograd(autograd_backward, setup_context=setup_context)
+    torch.library.register_autograd(op, autograd_backward, setup_context=setup_context)
 
     def pair_loss_core(*args):
         return op(*args)[0]

@@ -29,16 +29,13 @@
 #include <omp.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
 #include "fast_exp.h"
 
 namespace fastssl {
@@ -52,21 +49,6 @@ __attribute__((noinline)) acc_t dot(const acc_t* __restrict x, const acc_t* __re
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < n; ++k) sum += x[k] * y[k];
   return sum;
-}
-
-// max and min of x_k · scale.
-template <typename scalar_t, typename acc_t>
-__attribute__((noinline)) void scaled_range(const scalar_t* __restrict x, acc_t scale, int64_t n, acc_t& high,
-                                            acc_t& low) {
-  acc_t top = -std::numeric_limits<acc_t>::infinity(), bottom = std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : top) reduction(min : bottom)
-  for (int64_t k = 0; k < n; ++k) {
-    const acc_t value = static_cast<acc_t>(x[k]) * scale;
-    top = value > top ? value : top;
-    bottom = value < bottom ? value : bottom;
-  }
-  high = top;
-  low = bottom;
 }
 
 // out_k = exp(x_k · scale − shift).
@@ -83,27 +65,6 @@ __attribute__((noinline)) void scaled_product(const acc_t* x, const acc_t* __res
                                               out_t* out) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<out_t>(x[k] * y[k] * factor);
-}
-
-// Ask for transparent huge pages for a large buffer that has not been written yet: filling
-// 49 MB of 4 KiB pages takes ~12,000 page faults, a fifth of the whole Sinkhorn here. Advice
-// only (no effect where THP is off or the region is already backed).
-void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
-template <typename acc_t>
-constexpr acc_t kInfinity = std::numeric_limits<acc_t>::infinity();
-
-// sqrt(smallest normal number): sums of terms ≤ 1 that reach it lost < K·sqrt(tiny) to underflow.
-template <typename acc_t>
-acc_t smallest_exact_sum() {
-  return std::sqrt(std::numeric_limits<acc_t>::min());
 }
 
 template <typename scalar_t, typename acc_t>
@@ -176,7 +137,7 @@ class SinkhornCpu {
       sample_potential_[b] = v;
       return std::make_pair(static_cast<const acc_t*>(e), row_max + v);
     });
-    if (*std::min_element(lse, lse + K) < smallest_exact_sum<acc_t>()) {
+    if (*std::min_element(lse, lse + K) < sqrt_tiny<acc_t>()) {  // some sum may have lost to underflow
       exact_prototype_lse(lse);
       return;
     }
