@@ -250,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
     parser.add_argument("--family", nargs="+", choices=core.FAMILIES, default=list(core.FAMILIES))
     parser.add_argument("--provider", nargs="+", help="only these providers (backends or peers)")
-    parser.add_argument("--case", help="only cases whose name contains this")
+    parser.add_argument("--case", nargs="+", help="only cases whose name contains one of these")
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results/<machine-key>/<size-set>)")
     parser.add_argument("--memory-process", choices=("case", "run"),
                         help="CPU peak memory in a fresh process per case, or one for the whole run "
@@ -275,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for device in devices:
         size_set = args.size_set or ("full" if device.type == "cuda" else "quick")
         cases = [case for family in args.family for case in core.family_cases(family, size_set)
-                 if not args.case or args.case in case.name]
+                 if not args.case or any(part in case.name for part in args.case)]
         settings = dataclasses.replace(core.SETTINGS[size_set], cpu_clock=args.cpu_clock)
         command = "python -m bench.report " + " ".join(argv if argv is not None else sys.argv[1:])
         result = run(device, getattr(torch, args.dtype), size_set, cases, settings, args.provider,
