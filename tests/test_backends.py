@@ -62,9 +62,9 @@ def test_environment_override_replaces_auto_only(monkeypatch):
     assert calls == ["reference"]
     fn.barlow_twins(a, b, backend="torch")  # an explicit argument wins over the environment
     assert calls == ["reference"]
-    monkeypatch.setenv("FASTSSL_BACKEND", "native")
+    monkeypatch.setenv("FASTSSL_BACKEND", "native")  # VICReg has no native op
     with pytest.raises(fastssl.BackendUnavailableError, match="backend 'native'"):
-        fn.barlow_twins(a, b)
+        fn.vicreg(a, b)
     monkeypatch.setenv("FASTSSL_BACKEND", "bogus")
     with pytest.raises(ValueError, match="got 'bogus'"):
         fn.barlow_twins(a, b)
