@@ -51,7 +51,8 @@ def exps_stay_normal(scale: float, queries: Tensor, keys: Tensor) -> bool:
     """
     if queries.shape[0] == 0 or keys.shape[0] == 0:
         return True
-    bound = scale * (queries.pow(2).sum(dim=1).max() * keys.pow(2).sum(dim=1).max()).sqrt().item()
+    norms = torch.linalg.vector_norm  # pow(2) would be ~4x slower on CPU
+    bound = scale * (norms(queries, dim=1).max() * norms(keys, dim=1).max()).item()
     return 2 * bound <= max_exp_span(queries.dtype)
 
 
@@ -209,8 +210,9 @@ def info_nce_forward(query: Tensor, keys: Tensor, positive_keys: Optional[Tensor
 def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: Tensor,
                       positive_keys: Optional[Tensor], query_labels: Optional[Tensor], key_labels: Optional[Tensor],
                       self_index: Optional[Tensor], row_stats: Tensor, col_stats: Tensor, scale: float,
-                      symmetric: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Blocked backward: one recompute of each logit block feeds dQ and dK. Returns input-dtype grads."""
+                      symmetric: bool, keys_grad: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Blocked backward: one recompute of each logit block feeds dQ and dK. Returns input-dtype grads
+    (for the keys an empty tensor without ``keys_grad``: MoCo's queue takes no gradient)."""
     dtype = compute_dtype(query, keys, positive_keys)
     q, k = query.to(dtype), keys.to(dtype)
     n = q.shape[0]
@@ -232,7 +234,7 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
         col_softmax_coef = col_coef / col_sum
 
     grad_q = torch.empty_like(q)
-    grad_k = torch.zeros_like(k)
+    grad_k = torch.zeros_like(k) if keys_grad else k.new_empty(0)
     scaled_q = q * scale
     step = rows_per_block(k.shape[0])
     for start in range(0, n, step):
@@ -261,8 +263,9 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
                 grad_logits.sub_(mask * row_positive_weight[start:stop, None])
                 if symmetric:
                     grad_logits.sub_(mask * col_positive_weight[None, :])
-        grad_q[start:stop] = grad_logits @ k
-        grad_k.addmm_(grad_logits.T, q[start:stop])
+        torch.mm(grad_logits, k, out=grad_q[start:stop])
+        if keys_grad:
+            grad_k.addmm_(grad_logits.T, q[start:stop])
 
     grad_positive_keys = None
     if positive_keys is not None:

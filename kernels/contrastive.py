@@ -127,8 +127,8 @@ def _info_nce_bwd_kernel(
     # strides (grad_q and grad_k are contiguous (N, D) and (M, D))
     stride_qn, stride_qd, stride_kn, stride_kd,
     # meta-parameters
-    HAS_LABELS: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr, KEYS_GRAD: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < M
@@ -173,14 +173,18 @@ def _info_nce_bwd_kernel(
                         mask=col_ok[:, None] & d_ok, other=0.0)
             if IEEE:
                 grad_q_part = tl.dot(grad, k, input_precision="ieee")
-                grad_k_part = tl.dot(tl.trans(grad), q, input_precision="ieee")
             else:
                 grad_q_part = tl.dot(grad.to(k.dtype), k)
-                grad_k_part = tl.dot(tl.trans(grad.to(q.dtype)), q)
             tl.atomic_add(grad_q_ptr + rows[:, None] * D + d[None, :], grad_q_part, mask=row_ok[:, None] & d_ok)
-            grad_k_ptrs = grad_k_ptr + cols[:, None] * D + d[None, :]
-            grad_k_mask = col_ok[:, None] & d_ok
-            tl.store(grad_k_ptrs, tl.load(grad_k_ptrs, mask=grad_k_mask, other=0.0) + grad_k_part, mask=grad_k_mask)
+            if KEYS_GRAD:
+                if IEEE:
+                    grad_k_part = tl.dot(tl.trans(grad), q, input_precision="ieee")
+                else:
+                    grad_k_part = tl.dot(tl.trans(grad.to(q.dtype)), q)
+                grad_k_ptrs = grad_k_ptr + cols[:, None] * D + d[None, :]
+                grad_k_mask = col_ok[:, None] & d_ok
+                tl.store(grad_k_ptrs, tl.load(grad_k_ptrs, mask=grad_k_mask, other=0.0) + grad_k_part,
+                         mask=grad_k_mask)
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -277,8 +281,9 @@ def _coefficients(grad: Tensor, labels: Optional[Tensor], other_labels: Optional
 
 
 def info_nce_backward(grad_row, grad_col, query, keys, positive_keys, query_labels, key_labels, self_index,
-                      row_stats, col_stats, scale, symmetric):
-    """Triton backward: gradients of query, keys (and positive_keys), in their dtypes."""
+                      row_stats, col_stats, scale, symmetric, keys_grad):
+    """Triton backward: gradients of query, keys (empty without ``keys_grad``) and positive_keys,
+    in their dtypes."""
     query_labels, key_labels, self_index = _labels(query_labels), _labels(key_labels), _labels(self_index)
     n, d = query.shape
     m = keys.shape[0]
@@ -302,12 +307,13 @@ def info_nce_backward(grad_row, grad_col, query, keys, positive_keys, query_labe
             n, m, d, scale,
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
             HAS_LABELS=query_labels is not None, HAS_SELF=self_index is not None, SYMMETRIC=symmetric,
-            IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            KEYS_GRAD=keys_grad, IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=block_d,
         )
 
     def zeros():  # dQ and dK accumulate, so every launch starts from zero
         return (torch.zeros(n, d, dtype=torch.float32, device=query.device),
-                torch.zeros(m, d, dtype=torch.float32, device=query.device))
+                torch.zeros(m if keys_grad else 0, d, dtype=torch.float32, device=query.device))
 
     blocks = _choose_blocks("backward", n, m, d, query.dtype, lambda b: launch(b, *zeros()))
     grad_q, grad_k = zeros()
@@ -318,7 +324,7 @@ def info_nce_backward(grad_row, grad_col, query, keys, positive_keys, query_labe
         positive_coef = torch.exp(extra - row_max) / row_sum * row_coef - row_coef  # (p_pos − 1)·g·scale
         grad_q += positive_coef[:, None] * positive_keys.float()
         grad_positive_keys = (positive_coef[:, None] * query.float()).to(positive_keys.dtype)
-    return grad_q.to(query.dtype), grad_k.to(keys.dtype), grad_positive_keys
+    return grad_q.to(query.dtype), (grad_k if keys_grad else keys.new_empty(0)).to(keys.dtype), grad_positive_keys
 
 
 def supports(tensors) -> list:

@@ -2,6 +2,7 @@
 the reference and float64 math, on ragged shapes that cross block and tile boundaries."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastssl
 import fastssl.functional as fn
@@ -110,6 +111,40 @@ def test_self_similarity_op_is_chosen_for_simclr(monkeypatch):
         lambda *args: calls.append(1) or original.fn(*args), original.supports))
     fastssl.NTXentLoss()(torch.randn(6, 4), torch.randn(6, 4))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("variant", ["diagonal", "positive_keys", "symmetric"])
+def test_keys_without_gradient_skip_their_gradient(backend, variant):
+    """MoCo's queue takes no gradient: the backward is told so and makes none, and the other
+    gradients equal the reference's."""
+    if backend == "triton":
+        backends.load_triton_kernels()
+    backward = getattr(torch.ops.fastssl, "info_nce_backward" if backend == "torch" else "info_nce_triton_backward")
+    calls = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is backward.default:
+                calls.append((args[-1], tuple(out[1].shape)))
+            return out
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(21, 9, generator=g, requires_grad=True)
+    keys = torch.randn(21, 9, generator=g)
+    kwargs = {"positive_keys": torch.randn(21, 9, generator=g, requires_grad=True)} if variant == "positive_keys" else {}
+    if variant == "symmetric":
+        kwargs["symmetric"] = True
+    differentiable = [q] + ([kwargs["positive_keys"]] if variant == "positive_keys" else [])
+    with Spy():
+        loss = fn.info_nce(q, keys, 0.2, backend=backend, **kwargs)
+        grads = torch.autograd.grad(loss, differentiable)
+    assert calls == [(False, (0,))]
+    expected = fn.info_nce(q, keys, 0.2, backend="reference", **kwargs)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(expected, differentiable)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(params=["unshifted", "running_max"])
