@@ -142,10 +142,13 @@ def _block_logits(scaled_query: Tensor, keys: Tensor, self_index: Optional[Tenso
 
 
 def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor], positives: Optional[Positives],
-                    self_index: Optional[Tensor], unshifted: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                    self_index: Optional[Tensor], unshifted: bool,
+                    columns: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row loss, shift m and sum l = Σ exp(s − m) (the extra logit included), all (N,).
 
-    m is the row max, or 0 when ``unshifted`` (see ``exps_stay_normal``).
+    m is the row max, or 0 when ``unshifted`` (see ``exps_stay_normal``). ``columns`` (unshifted,
+    symmetric, labels only): (M,) sums of each column's positive logits and of its exp(s), added
+    to in place from the same blocks — the symmetric loss then needs no second pass.
     """
     n = scaled_query.shape[0]
     dtype = scaled_query.dtype
@@ -165,14 +168,20 @@ def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor],
             positive_shifted = extra[start:stop] - m
         elif positives.pair_rows is not None:
             rows, cols = positives.block_pairs(start, stop)
+            values = logits[rows, cols]
             positive_sum = torch.zeros(stop - start, dtype=dtype, device=keys.device)
-            positive_sum.index_add_(0, rows, logits[rows, cols])
+            positive_sum.index_add_(0, rows, values)
             positive_shifted = positive_sum / positives.count[start:stop].clamp_min(1).to(dtype)
+            if columns is not None:  # same labels: the pair (i, j) is also column j's positive i
+                columns[0].index_add_(0, cols, values)
         else:
-            mask = positives.block_mask(start, stop)
-            positive_sum = torch.where(mask, logits, torch.zeros((), dtype=dtype, device=keys.device)).sum(1)
-            positive_shifted = positive_sum / positives.count[start:stop].clamp_min(1).to(dtype)
+            kept = torch.where(positives.block_mask(start, stop), logits, torch.zeros((), dtype=dtype, device=keys.device))
+            positive_shifted = kept.sum(1) / positives.count[start:stop].clamp_min(1).to(dtype)
+            if columns is not None:
+                columns[0].add_(kept.sum(0))
         total = logits.exp_().sum(dim=1)
+        if columns is not None:
+            columns[1].add_(logits.sum(dim=0))
         if extra is not None:
             total += torch.exp(positive_shifted)
         block_loss = torch.log(total) - positive_shifted
@@ -197,11 +206,18 @@ def info_nce_forward(query: Tensor, keys: Tensor, positive_keys: Optional[Tensor
     q, k = query.to(dtype), keys.to(dtype)
     extra = scale * (q * positive_keys.to(dtype)).sum(1) if positive_keys is not None else None
     unshifted = exps_stay_normal(scale, q, k) and (positive_keys is None or exps_stay_normal(scale, q, positive_keys))
+    columns = (k.new_zeros(k.shape[0]), k.new_zeros(k.shape[0])) if symmetric and unshifted else None
     row_loss, row_max, row_sum = _row_statistics(
-        q * scale, k, extra, _positive_labels(query_labels, key_labels, self_index), self_index, unshifted)
+        q * scale, k, extra, _positive_labels(query_labels, key_labels, self_index), self_index, unshifted, columns)
     if not symmetric:
         empty = q.new_zeros(0)
         return row_loss, empty, torch.stack([row_max, row_sum]), q.new_zeros(2, 0)
+    if columns is not None:
+        col_positive_sum, col_sum = columns
+        col_count = count_positives(key_labels, query_labels, None).to(dtype)
+        col_loss = torch.log(col_sum) - col_positive_sum / col_count.clamp_min(1)
+        col_loss = torch.where(col_count > 0, col_loss, torch.zeros_like(col_loss))
+        return row_loss, col_loss, torch.stack([row_max, row_sum]), torch.stack([torch.zeros_like(col_sum), col_sum])
     col_loss, col_max, col_sum = _row_statistics(
         k * scale, q, None, _positive_labels(key_labels, query_labels, None), None, unshifted)
     return row_loss, col_loss, torch.stack([row_max, row_sum]), torch.stack([col_max, col_sum])
