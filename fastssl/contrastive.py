@@ -296,7 +296,8 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
 # --------------------------------------------------------------------------------------------
 # Self-similarity (SimCLR): keys are the queries themselves, so S = scale · Z Zᵀ is symmetric.
 # Only tiles on and above the diagonal are computed; each serves the rows of both of its blocks
-# (online max / exp-sum merges, as flash attention does along a row). The backward folds the two
+# (online max / exp-sum merges, as flash attention does along a row; on the shift-free path one
+# exp() of the tile gives both its row and its column sums). The backward folds the two
 # orientations of a tile into W = G_IJ + G_JIᵀ and needs two GEMMs per tile:
 #     dZ_I += W Z_J,   dZ_J += Wᵀ Z_I
 # — half the GEMM work of the general path (which must treat Q and K as different tensors).
