@@ -11,9 +11,10 @@ backward recomputes each block of logits once and feeds both gradients from it:
 
 so the algorithm does four GEMMs of N×M×D (one forward, three backward) and a few passes over
 a cache-sized block. When no logit can make exp() leave the normal numbers (cosine logits at
-τ ≥ 0.046, see ``exps_stay_normal``) the shift m is 0 and the max passes disappear. The loss is assembled as (m_i − mean_p s_ip) + log l_i, never as
-logsumexp − positive: at τ = 0.01 both of those are ~100 and their difference would lose the
-digits of a small loss (the reference's ``log_softmax`` keeps them the same way).
+τ ≥ 0.046, see ``exps_stay_normal``) the shift m is 0 and the max passes disappear. The loss
+is assembled as (m_i − mean_p s_ip) + log l_i, never as logsumexp − positive: at τ = 0.01 both
+of those are ~100 and their difference would lose the digits of a small loss (the reference's
+``log_softmax`` keeps them the same way).
 
 Positives are found once per call from the labels: as an explicit list of (row, column) pairs
 when there are few per row (SimCLR, SimCSE, CLIP, MoCo: one or V − 1), or as a per-block label
@@ -38,9 +39,9 @@ def rows_per_block(num_keys: int) -> int:
     return max(16, min(4096, BLOCK_ELEMENTS // max(num_keys, 1)))
 
 
-def exps_stay_normal(scale: float, queries: Tensor, keys: Tensor) -> bool:
-    """True when every logit s = scale · q_i·k_j has exp(±s) normal: |s| ≤ ½ ``max_exp_span``
-    (bounded by scale · max‖q_i‖ · max‖k_j‖).
+def exps_stay_normal(scale: float, queries: Tensor, *key_sets: Tensor) -> bool:
+    """True when every logit s = scale · q_i·k_j, k_j a row of any of ``key_sets``, has exp(±s)
+    normal: |s| ≤ ½ ``max_exp_span`` (bounded by scale · max‖q_i‖ · max‖k_j‖).
 
     Then exp(s) needs no shift: no running max is kept, and in the self-similarity path exp(S)
     of a tile serves the exp-sums of its rows and of its columns alike and the backward's two
@@ -49,10 +50,11 @@ def exps_stay_normal(scale: float, queries: Tensor, keys: Tensor) -> bool:
     in float32. The loss keeps the precision of the logits themselves: log Σ exp(s) − s_pos
     cancels digits of size |s|, which the logits' own rounding already has.
     """
-    if queries.shape[0] == 0 or keys.shape[0] == 0:
+    rows = [keys for keys in key_sets if keys.shape[0]]
+    if queries.shape[0] == 0 or not rows:
         return True
-    norms = torch.linalg.vector_norm  # pow(2) would be ~4x slower on CPU
-    bound = scale * (norms(queries, dim=1).max() * norms(keys, dim=1).max()).item()
+    largest = [torch.linalg.vector_norm(x, dim=1).max() for x in [queries] + rows]  # pow(2): ~4x slower on CPU
+    bound = scale * (largest[0] * torch.stack(largest[1:]).max()).item()
     return 2 * bound <= max_exp_span(queries.dtype)
 
 
@@ -204,8 +206,9 @@ def info_nce_forward(query: Tensor, keys: Tensor, positive_keys: Optional[Tensor
     """
     dtype = compute_dtype(query, keys, positive_keys)
     q, k = query.to(dtype), keys.to(dtype)
-    extra = scale * (q * positive_keys.to(dtype)).sum(1) if positive_keys is not None else None
-    unshifted = exps_stay_normal(scale, q, k) and (positive_keys is None or exps_stay_normal(scale, q, positive_keys))
+    extra_keys = [] if positive_keys is None else [positive_keys.to(dtype)]  # the extra logit's keys
+    extra = scale * (q * extra_keys[0]).sum(1) if extra_keys else None
+    unshifted = exps_stay_normal(scale, q, k, *extra_keys)
     columns = (k.new_zeros(k.shape[0]), k.new_zeros(k.shape[0])) if symmetric and unshifted else None
     row_loss, row_max, row_sum = _row_statistics(
         q * scale, k, extra, _positive_labels(query_labels, key_labels, self_index), self_index, unshifted, columns)
@@ -244,7 +247,7 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
     if symmetric:
         col_max, col_sum = col_stats.to(dtype)
         unshifted = unshifted and not bool(col_max.any())
-        col_count = _positive_labels(key_labels, query_labels, None).count
+        col_count = count_positives(key_labels, query_labels, None)
         col_coef = torch.where(col_count > 0, grad_col.to(dtype) * scale, torch.zeros_like(col_sum))
         col_positive_weight = col_coef / col_count.clamp_min(1).to(dtype)
         col_softmax_coef = col_coef / col_sum
@@ -329,17 +332,16 @@ def _pairs_by_tile(positives: Positives, n: int) -> dict:
     if positives.pair_rows is None:
         return {}
     step = tile_size(n)
-    rows, cols = positives.pair_rows, positives.pair_cols
-    row_tile, col_tile = rows // step, cols // step
-    above = row_tile <= col_tile
-    rows, cols, row_tile, col_tile = rows[above], cols[above], row_tile[above], col_tile[above]
-    key = row_tile * (n // step + 1) + col_tile
-    key, order = torch.sort(key, stable=True)
-    keys, counts = torch.unique_consecutive(key, return_counts=True)
+    tiles_per_side = n // step + 1
+    above = positives.pair_rows // step <= positives.pair_cols // step
+    rows, cols = positives.pair_rows[above], positives.pair_cols[above]
+    tile_keys, order = torch.sort((rows // step) * tiles_per_side + cols // step, stable=True)
+    keys, counts = torch.unique_consecutive(tile_keys, return_counts=True)
     groups = {}
-    for key, rows, cols in zip(keys.tolist(), rows[order].split(counts.tolist()), cols[order].split(counts.tolist())):
-        i0, j0 = divmod(key, n // step + 1)
-        groups[i0 * step, j0 * step] = (rows - i0 * step, cols - j0 * step)
+    for key, tile_rows, tile_cols in zip(keys.tolist(), rows[order].split(counts.tolist()),
+                                         cols[order].split(counts.tolist())):
+        i0, j0 = (step * t for t in divmod(key, tiles_per_side))
+        groups[i0, j0] = (tile_rows - i0, tile_cols - j0)
     return groups
 
 
