@@ -93,7 +93,7 @@ class SinkhornCpu {
       shifted_exp(scores_ + b * K, inv_epsilon, high, K, e);
       return std::make_pair(static_cast<const acc_t*>(e), high);
     });
-    const acc_t max_span = -acc_t(0.5) * std::log(std::numeric_limits<acc_t>::min());
+    const acc_t max_span = -std::log(sqrt_tiny<acc_t>());  // reference.max_exp_span
     const acc_t span = *std::max_element(thread_values_.begin(), thread_values_.end());
     if (!(span <= max_span)) return false;
     for (int64_t k = 0; k < K; ++k) lse[k] = std::log(lse[k]) + beta;
