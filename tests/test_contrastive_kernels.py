@@ -156,15 +156,21 @@ def shift_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def decisions(monkeypatch):
+    """Every answer of ``contrastive.exps_stay_normal`` during the test, in order."""
+    answers = []
+    original = contrastive.exps_stay_normal
+    monkeypatch.setattr(contrastive, "exps_stay_normal", lambda *args: answers.append(original(*args)) or answers[-1])
+    return answers
+
+
 @pytest.mark.parametrize("temperature,unshifted", [(0.1, True), (0.046, True), (0.0457, False), (0.01, False)])
 @pytest.mark.parametrize("variant", range(6), ids=[v[0] for v in _variants(1, 1, 1)])
-def test_cosine_logits_take_the_unshifted_path_exactly_when_exps_stay_normal(small_blocks, monkeypatch, temperature,
+def test_cosine_logits_take_the_unshifted_path_exactly_when_exps_stay_normal(small_blocks, decisions, temperature,
                                                                              unshifted, variant):
     """fp32 cosine logits: the shift-free path is taken for τ ≥ 1 / (½ max_exp_span) ≈ 0.04580
     and gives the float64 reference's value and gradients on both sides of that boundary."""
-    decisions = []
-    original = contrastive.exps_stay_normal
-    monkeypatch.setattr(contrastive, "exps_stay_normal", lambda *args: decisions.append(original(*args)) or decisions[-1])
     name, kwargs = _variants(29, 29, 13)[variant]
     q, k = (torch.nn.functional.normalize(x.detach(), dim=1).requires_grad_(True) for x in _inputs(29, 29, 13))
     if "positive_keys" in kwargs:
@@ -180,10 +186,7 @@ def test_cosine_logits_take_the_unshifted_path_exactly_when_exps_stay_normal(sma
 
 @pytest.mark.parametrize("temperature,unshifted", [(0.1, True), (0.0457, False)])
 @pytest.mark.parametrize("labels", [False, True], ids=["simclr", "supcon"])
-def test_self_similarity_paths_equal_float64(small_blocks, monkeypatch, temperature, unshifted, labels):
-    decisions = []
-    original = contrastive.exps_stay_normal
-    monkeypatch.setattr(contrastive, "exps_stay_normal", lambda *args: decisions.append(original(*args)) or decisions[-1])
+def test_self_similarity_paths_equal_float64(small_blocks, decisions, temperature, unshifted, labels):
     g = torch.Generator().manual_seed(5)
     zs = [torch.randn(27, 10, generator=g, requires_grad=True) for _ in range(2)]
     kwargs = {"labels": torch.randint(0, 4, (27,), generator=g)} if labels else {}
