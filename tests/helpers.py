@@ -1,4 +1,6 @@
 """Helpers shared by the tests."""
+import os
+
 import pytest
 import torch
 
@@ -21,3 +23,16 @@ def half_error_within_twice_reference(result_half, result_ref_half, exact, facto
     err = (result_half.double() - exact).abs().max().item()
     ref_err = (result_ref_half.double() - exact).abs().max().item()
     assert err <= factor * ref_err + floor, f"error {err:.3g} > {factor} × reference error {ref_err:.3g}"
+
+
+def one_intra_op_thread_unless_asked():
+    """Module fixture body: run on one intra-op thread (tiny tensors only pay synchronisation on a
+    shared 2-core machine, 10-50× for long Sinkhorn loops), unless OMP_NUM_THREADS names a count,
+    as ``.ci/portability`` does to run these tests on other thread counts too."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,19 +14,11 @@ import fastssl
 import fastssl.functional as fn
 from fastssl import DINOLoss, SwaVLoss
 
-from helpers import BACKENDS_ON_CPU, DTYPE_TOLERANCES, HALF_DTYPES, half_error_within_twice_reference
+from helpers import (BACKENDS_ON_CPU, DTYPE_TOLERANCES, HALF_DTYPES, half_error_within_twice_reference,
+                     one_intra_op_thread_unless_asked)
 
 BACKENDS = [pytest.param(b, id=b) for b in BACKENDS_ON_CPU]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Every tensor here is tiny: intra-op threads only add synchronisation (10-50× slower on a
-    shared 2-core machine for the 300-iteration Sinkhorn loops). Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_intra_op_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread_unless_asked)
 RAGGED_SHAPES = [pytest.param(7, 13, id="B7-K13"), pytest.param(33, 100, id="B33-K100")]
 EPSILONS = [pytest.param(0.05, id="eps0.05"), pytest.param(0.5, id="eps0.5")]
 
@@ -254,12 +246,38 @@ def test_sinkhorn_knopp_keeps_dtype_and_blocks_gradient(dtype, backend):
     assert not codes.requires_grad and codes.grad_fn is None
 
 
-def test_sinkhorn_knopp_backends_agree():
+def marginal_check_per_iteration64(scores, iterations, epsilon, row_marginals):
+    """The stopping statistic max_k |total_k / r_k − 1| after each iteration (float64 oracle)."""
+    return [(marginal_sinkhorn64(scores, n, epsilon, row_marginals)[0].sum(dim=0)
+             / (row_marginals.double() / row_marginals.sum()) / scores.shape[0] - 1).abs().max().item()
+            for n in range(1, iterations + 1)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sinkhorn_knopp_float32_with_marginals_and_tolerance_matches_float64(backend):
     scores = prototype_scores(33, 100)
     r = torch.rand(100) + 0.5
-    results = [fn.sinkhorn_knopp(scores, 50, 0.1, row_marginals=r, tolerance=1e-5, backend=b)
-               for b in BACKENDS_ON_CPU]
-    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+    epsilon, u32 = 0.1, torch.finfo(torch.float32).eps / 2
+    # Logs reach L = max|s|/ε + ln(B·K) (scores, then the normaliser): each fp32 rounding of a
+    # log entry is ≤ L·u absolute, i.e. ≤ L·u relative in exp.
+    log_span = scores.abs().max().item() / epsilon + math.log(scores.numel())
+    # A tolerance halfway (geometrically) between two iterations' stopping statistics, where one
+    # iteration's change (≈ ×2 here) dwarfs the statistic's fp32 error (≤ L·u + B·u), so every
+    # backend on every CPU stops after the same iteration as the float64 oracle.
+    checks = marginal_check_per_iteration64(scores, 50, epsilon, r)
+    stop = next(n for n, value in enumerate(checks, start=1) if value < 1e-4)
+    tolerance = math.sqrt(checks[stop - 2] * checks[stop - 1])
+    margin = min(checks[stop - 2] - tolerance, tolerance - checks[stop - 1])
+    assert margin > 10 * (log_span + scores.shape[0]) * u32 * tolerance
+    expected, ran = marginal_sinkhorn64(scores, 50, epsilon, r, tolerance=tolerance)
+    assert ran == stop < 50
+    codes = fn.sinkhorn_knopp(scores, 50, epsilon, row_marginals=r, tolerance=tolerance, backend=backend)
+    # Each iteration updates two potentials by a logsumexp over shifted logs: ≤ 2·L·u each,
+    # with no credit taken for Sinkhorn's contraction, so after T iterations the log plan is
+    # within 4·T·L·u, plus a few u for the final exp and row normalisation; it is relative per
+    # entry (a log error), whatever the entry's size.
+    bound = (4 * ran * log_span + 4) * u32
+    torch.testing.assert_close(codes.double(), expected, rtol=bound, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastssl.functional as fn
 from fastssl import BackendUnavailableError, backends, clustering, reference
-from helpers import half_error_within_twice_reference
+from helpers import half_error_within_twice_reference, one_intra_op_thread_unless_asked
 from test_clustering import (
     lightly_dino64,
     lightly_sinkhorn64,
@@ -26,13 +26,7 @@ FLOAT_DTYPES = [pytest.param(torch.float32, 1e-4, 1e-6, id="fp32"),
                 pytest.param(torch.float64, 1e-10, 1e-12, id="fp64")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: intra-op threads only add synchronisation on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_intra_op_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread_unless_asked)
 
 
 @pytest.fixture(params=[pytest.param(None, id="one-block"), pytest.param(37, id="ragged-blocks")])
