@@ -24,7 +24,7 @@ PEER_DISTRIBUTIONS = ("lightly", "pytorch-metric-learning")
 
 def cpu_model() -> str:
     try:
-        from fastssl.native import cpu_model as native_cpu_model  # needs fcntl: POSIX only
+        from fastssl.runtime.native import cpu_model as native_cpu_model  # needs fcntl: POSIX only
     except ImportError:
         return platform.processor() or platform.machine() or "unknown CPU"
     return native_cpu_model()

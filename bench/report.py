@@ -28,7 +28,7 @@ from .memory import cpu_peak_memory
 
 RESULTS_DIR = machine.REPO_ROOT / "bench" / "results"
 MIB = 2 ** 20
-# tensors as fastssl.backends.describe lists them: "torch.float32 (8, 16) on cuda:0, ..."
+# tensors as fastssl.runtime.registry.describe lists them: "torch.float32 (8, 16) on cuda:0, ..."
 TENSOR_DESCRIPTION = re.compile(r"torch\.\w+ \([\d, ]*\) on \w+(?::\d+)?(?:, torch\.\w+ \([\d, ]*\) on \w+(?::\d+)?)*")
 
 

@@ -3,12 +3,16 @@
     >>> from fastssl import NTXentLoss          # was: from lightly.loss import NTXentLoss
     >>> loss = NTXentLoss(temperature=0.5)(z0, z1)
 
-Modules (``fastssl.losses``) hold hyper-parameters; ``fastssl.functional`` has the functions;
-``fastssl.reference`` is the plain-PyTorch spec; ``fastssl.backends`` chooses between the
-reference, torch, triton and native implementations; ``python -m fastssl.info`` reports them.
+Each loss family lives in one package (``fastssl.contrastive``, ``.redundancy``, ``.clustering``,
+``.distillation``, ``.cosine``): its modules and functions, its ``torch.library`` ops, its
+reference and one file per backend. ``fastssl.functional``, ``fastssl.losses`` and
+``fastssl.reference`` gather them; ``fastssl.runtime.registry`` (also ``fastssl.backends``) chooses
+between the reference, torch, triton and native implementations; ``python -m fastssl.info``
+reports them and ``python -m fastssl.build`` builds the native extension.
 """
-from . import backends, distributed, functional, ops, reference  # noqa: F401
-from .backends import BackendUnavailableError
+from . import backends, distributed, functional, losses, reference  # noqa: F401
+from .runtime import registry as _registry
+from .runtime.registry import BackendUnavailableError
 from .functional import (
     barlow_twins,
     clip_loss,
@@ -44,3 +48,6 @@ __all__ = [
     "negative_cosine_similarity", "kmeans_assign", "kmeans_update", "update_momentum", "cosine_schedule",
     "BackendUnavailableError",
 ]
+
+# Resolve the always-available backends now: torch.compile cannot trace the registry's imports.
+_registry.preload("reference", "torch")

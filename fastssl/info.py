@@ -1,4 +1,5 @@
-"""``python -m fastssl.info``: versions, devices, and which backend can run each op (and why not).
+"""``python -m fastssl.info``: versions, devices, whether the native extension is built, and which
+backend can run each op (and why not). It never builds anything.
 
 Each op is probed with small float32 tensors on every device present (CPU, and CUDA when
 available); a backend that cannot run prints its reasons.
@@ -13,7 +14,7 @@ from typing import List
 import torch
 
 import fastssl
-from fastssl import backends
+from fastssl.runtime import native, registry, triton
 
 
 def _version(module_name: str) -> str:
@@ -49,21 +50,24 @@ def report() -> str:
     for variable in ("FASTSSL_BACKEND", "TRITON_INTERPRET"):
         lines.append(f"{variable:<18} {os.environ.get(variable, '(unset)')}")
     lines.append("")
-    triton_reasons = backends.triton_import_reasons()
+    triton_reasons = triton.import_reasons()
     lines.append("triton backend     " + (
         "unavailable: " + "; ".join(triton_reasons) if triton_reasons else
         "importable; runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)"))
-    native_reasons = backends.native_import_reasons()
-    lines.append("native backend     " + ("usable" if not native_reasons else "unavailable: " + "; ".join(native_reasons)))
+    for part in native.PARTS:
+        reasons = native.status(part)
+        lines.append(f"native {part:<11} " + ("built and loaded" if not reasons else "unavailable: " + "; ".join(reasons)))
+    lines.append(f"native build       `{native.BUILD_COMMAND}` (cache {native.cache_root()}); "
+                 "`auto` uses the native backend only once it is built")
     for device in _devices():
         probe = [torch.zeros(4, 4, device=device)]
         lines.append("")
         lines.append(f"ops on {device} (float32):")
-        for op in backends.ops():
-            chosen, _ = backends.select(op, "auto", probe)
+        for op in registry.ops():
+            chosen, _ = registry.select(op, "auto", probe)
             lines.append(f"  {op}   [auto → {chosen}]")
-            for backend in backends.BACKENDS:
-                reasons = backends.unavailable_reasons(op, backend, probe)
+            for backend in registry.BACKENDS:
+                reasons = registry.unavailable_reasons(op, backend, probe)
                 status = "yes" if not reasons else "no: " + "; ".join(reasons)
                 lines.append(f"    {backend:<10} {status}")
     return "\n".join(lines)

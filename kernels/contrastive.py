@@ -1,7 +1,7 @@
 """Triton kernels of the contrastive family: InfoNCE / NT-Xent in O(N + M) memory.
 
-Registered as the ``triton`` backend of the ``info_nce`` and ``info_nce_self`` ops (custom ops
-``fastssl::info_nce_triton`` / ``_backward``). Same contract as ``fastssl.reference.info_nce``.
+Kernels and their launchers only (a leaf: torch and triton, nothing of fastssl); the op glue is
+``fastssl.contrastive.triton_backend``. Same contract as ``fastssl.contrastive.reference.info_nce``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastssl import backends, contrastive, ops
 
 Tensor = torch.Tensor
 
@@ -219,7 +218,7 @@ def _choose_blocks(kind: str, n: int, m: int, d: int, dtype: torch.dtype, trial)
     return _TUNED_BLOCKS[key]
 
 
-def _row_statistics(query: Tensor, keys: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
+def info_nce_row_statistics(query: Tensor, keys: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
                     self_index: Optional[Tensor], extra: Optional[Tensor], scale: float):
     """Launch the forward kernel: (loss, max, sum), each (N,) float32."""
     n, d = query.shape
@@ -247,53 +246,20 @@ def _row_statistics(query: Tensor, keys: Tensor, query_labels: Optional[Tensor],
     return outputs[0], outputs[1], outputs[2]
 
 
-def _labels(labels: Optional[Tensor]) -> Optional[Tensor]:
-    return labels.to(torch.int64).contiguous() if labels is not None else None
+def info_nce_grads(query: Tensor, keys: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
+                   self_index: Optional[Tensor], row_stats, row_coefficients, col_stats, col_coefficients,
+                   scale: float, symmetric: bool, keys_grad: bool):
+    """Launch the backward kernel: (dQ (N, D), dK (M, D), or (0, D) without ``keys_grad``), float32.
 
-
-def _positive_extra(query: Tensor, positive_keys: Optional[Tensor], scale: float) -> Optional[Tensor]:
-    """scale · q_i·p_i (N,) float32, MoCo's positive logit, computed outside the kernels."""
-    if positive_keys is None:
-        return None
-    return scale * (query.float() * positive_keys.float()).sum(1)
-
-
-def info_nce_forward(query, keys, positive_keys, query_labels, key_labels, self_index, scale, symmetric):
-    """Triton forward: (row_loss, col_loss, row_stats (2, N), col_stats (2, M) or (2, 0)), float32."""
-    query_labels, key_labels, self_index = _labels(query_labels), _labels(key_labels), _labels(self_index)
-    row_loss, row_max, row_sum = _row_statistics(query, keys, query_labels, key_labels, self_index,
-                                                 _positive_extra(query, positive_keys, scale), scale)
-    if not symmetric:
-        return row_loss, row_loss.new_zeros(0), torch.stack([row_max, row_sum]), row_loss.new_zeros(2, 0)
-    col_loss, col_max, col_sum = _row_statistics(keys, query, key_labels, query_labels, None, None, scale)
-    return row_loss, col_loss, torch.stack([row_max, row_sum]), torch.stack([col_max, col_sum])
-
-
-def _coefficients(grad: Tensor, labels: Optional[Tensor], other_labels: Optional[Tensor],
-                  self_index: Optional[Tensor], scale: float):
-    """Per-row softmax factor c = g·scale (0 without positives) and positive weight c/|P|."""
-    coef = grad.float() * scale
-    if labels is None:
-        return coef, torch.zeros_like(coef)
-    count = contrastive.count_positives(labels, other_labels, self_index).float()
-    coef = torch.where(count > 0, coef, torch.zeros_like(coef))
-    return coef, coef / count.clamp_min(1)
-
-
-def info_nce_backward(grad_row, grad_col, query, keys, positive_keys, query_labels, key_labels, self_index,
-                      row_stats, col_stats, scale, symmetric, keys_grad):
-    """Triton backward: gradients of query, keys (empty without ``keys_grad``) and positive_keys,
-    in their dtypes."""
-    query_labels, key_labels, self_index = _labels(query_labels), _labels(key_labels), _labels(self_index)
+    ``row_stats`` = (max, sum) of the forward, ``row_coefficients`` = (c, c/|P|) per row (see
+    the kernel); the column ones are read only when ``symmetric``.
+    """
     n, d = query.shape
     m = keys.shape[0]
-    row_coef, row_weight = _coefficients(grad_row, query_labels, key_labels, self_index, scale)
-    if symmetric:
-        col_coef, col_weight = _coefficients(grad_col, key_labels, query_labels, None, scale)
-        col_max, col_sum = col_stats
-    else:
-        col_coef = col_weight = col_max = col_sum = row_coef  # placeholders, never read
     row_max, row_sum = row_stats
+    row_coef, row_weight = row_coefficients
+    col_max, col_sum = col_stats
+    col_coef, col_weight = col_coefficients
 
     def launch(blocks, grad_q, grad_k):
         block_m, block_n, block_d = blocks
@@ -318,34 +284,4 @@ def info_nce_backward(grad_row, grad_col, query, keys, positive_keys, query_labe
     blocks = _choose_blocks("backward", n, m, d, query.dtype, lambda b: launch(b, *zeros()))
     grad_q, grad_k = zeros()
     launch(blocks, grad_q, grad_k)
-    grad_positive_keys = None
-    if positive_keys is not None:
-        extra = _positive_extra(query, positive_keys, scale)
-        positive_coef = torch.exp(extra - row_max) / row_sum * row_coef - row_coef  # (p_pos − 1)·g·scale
-        grad_q += positive_coef[:, None] * positive_keys.float()
-        grad_positive_keys = (positive_coef[:, None] * query.float()).to(positive_keys.dtype)
-    return grad_q.to(query.dtype), (grad_k if keys_grad else keys.new_empty(0)).to(keys.dtype), grad_positive_keys
-
-
-def supports(tensors) -> list:
-    reasons = backends.triton_device_reasons(tensors)
-    bad = sorted({str(t.dtype) for t in tensors if t.dtype.is_floating_point and t.dtype not in KERNEL_DTYPES})
-    if bad:
-        reasons.append(f"the triton InfoNCE kernels take float16, bfloat16 or float32, got {', '.join(bad)}")
-    dtypes = {t.dtype for t in tensors if t.dtype.is_floating_point}
-    if len(dtypes) > 1:
-        reasons.append(f"the triton InfoNCE kernels need one dtype for all inputs, got {sorted(map(str, dtypes))}")
-    return reasons
-
-
-info_nce = ops.define_info_nce_op("info_nce_triton", info_nce_forward, info_nce_backward)
-
-
-def info_nce_self(embeddings: Tensor, labels: Tensor, exclude_self: bool, scale: float) -> Tensor:
-    """SimCLR's self-similarity through the general kernels (keys = queries; autograd sums both grads)."""
-    self_index = torch.arange(embeddings.shape[0], device=embeddings.device) if exclude_self else None
-    return info_nce(embeddings, embeddings, None, labels, labels, self_index, scale, False)[0]
-
-
-backends.register("info_nce", "triton", info_nce, supports=supports)
-backends.register("info_nce_self", "triton", info_nce_self, supports=supports)
+    return grad_q, grad_k

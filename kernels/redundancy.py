@@ -1,9 +1,9 @@
 """Triton kernels of the redundancy-reduction family: Barlow Twins and VICReg.
 
-Registered as the ``triton`` backend of ``barlow_twins`` and ``vicreg_variance_covariance``
-(custom ops ``fastssl::barlow_twins_triton`` / ``fastssl::vicreg_variance_covariance_triton``
-and their ``_backward``). Same contracts and algebra as ``fastssl.redundancy`` (see there for
-the formulas and the Gram / direct choice); what the kernels add:
+Kernels and their launchers only (a leaf: torch and triton, nothing of fastssl); the op glue is
+``fastssl.redundancy.triton_backend``. Same contracts and algebra as the torch backend
+(``fastssl.redundancy.torch_backend``: the formulas and the Gram / direct choice); what the
+kernels add:
 
 * the forward never writes a normalised view nor a product matrix: one kernel takes the column
   statistics of both views (with the diagonal terms of Barlow Twins and the variance hinge of
@@ -17,14 +17,12 @@ Inputs of any float dtype are read as they are and computed in float32 (float64 
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastssl import backends, ops, redundancy
-from fastssl.reference import compute_dtype
 
 Tensor = torch.Tensor
 
@@ -309,17 +307,17 @@ def _vicreg_input_gradient_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _column_stats(z_a: Tensor, z_b: Tensor, barlow: bool, param: float) -> Tensor:
-    """(6, C) statistics of two (B, C) views (layout: see ``_column_stats_kernel``)."""
+def column_stats(z_a: Tensor, z_b: Tensor, barlow: bool, param: float, bn_eps: float, dtype: torch.dtype) -> Tensor:
+    """(6, C) statistics of two (B, C) views in ``dtype`` (layout: see ``_column_stats_kernel``)."""
     batch, columns = z_a.shape
-    stats = torch.empty(6, columns, dtype=compute_dtype(z_a, z_b), device=z_a.device)
+    stats = torch.empty(6, columns, dtype=dtype, device=z_a.device)
     _column_stats_kernel[(triton.cdiv(columns, BLOCK_COLUMNS),)](
-        z_a, z_b, stats, batch, columns, param, redundancy.BATCH_NORM_EPS,
+        z_a, z_b, stats, batch, columns, param, bn_eps,
         BARLOW=barlow, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
     return stats
 
 
-def _squared_norms(u: Tensor, v: Tensor, stats: Tensor, rows: Tuple[int, int], groups: int, gram: bool,
+def squared_norms(u: Tensor, v: Tensor, stats: Tensor, rows: Tuple[int, int], groups: int, gram: bool,
                    two_products: bool, symmetric: bool, scaled: bool) -> Tensor:
     """(G,) Σ over tiles of ``_product_frobenius_kernel`` for views u, v (B, G·D)."""
     batch, columns = u.shape
@@ -335,7 +333,7 @@ def _squared_norms(u: Tensor, v: Tensor, stats: Tensor, rows: Tuple[int, int], g
     return partial.flatten(1).sum(dim=1)
 
 
-def _normalize(z: Tensor, stats: Tensor, mean_row: int, scaled: bool) -> Tensor:
+def normalize(z: Tensor, stats: Tensor, mean_row: int, scaled: bool) -> Tensor:
     batch, columns = z.shape
     out = torch.empty(batch, columns, dtype=stats.dtype, device=z.device)
     grid = (triton.cdiv(batch, BLOCK_ROWS), triton.cdiv(columns, BLOCK_COLUMNS))
@@ -344,103 +342,23 @@ def _normalize(z: Tensor, stats: Tensor, mean_row: int, scaled: bool) -> Tensor:
     return out
 
 
-def barlow_twins_forward(z_a: Tensor, z_b: Tensor, lambda_param: float, algorithm: str = "auto"):
-    """→ (loss, stats (6, D), empty products): see ``fastssl.redundancy.barlow_twins_forward``."""
-    z_a, z_b = z_a.contiguous(), z_b.contiguous()
-    batch, dim = z_a.shape
-    gram = redundancy.use_gram(batch, dim, algorithm)
-    stats = _column_stats(z_a, z_b, True, lambda_param)
-    squared_norm = _squared_norms(z_a, z_b, stats, (0, 2), 1, gram=gram, two_products=gram, symmetric=gram,
-                                  scaled=True)[0] / batch**2
-    loss = stats[5].sum() + lambda_param * squared_norm
-    return loss, stats, stats.new_empty(0)
+def barlow_input_gradient(product: Tensor, own: Tensor, partner: Tensor, stats: Tensor, grad: Tensor, z: Tensor,
+                          lambda_param: float, alpha: float, rstd_row: int) -> Tensor:
+    """One view's Barlow Twins gradient (B, D) in the dtype of ``z`` (see the kernel)."""
+    batch, dim = z.shape
+    out = torch.empty_like(z)
+    _barlow_input_gradient_kernel[(triton.cdiv(dim, BLOCK_COLUMNS),)](
+        product, own, partner, stats, grad, out, batch, dim, lambda_param, alpha,
+        RSTD_ROW=rstd_row, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
+    return out
 
 
-def barlow_twins_backward(grad: Tensor, stats: Tensor, products: Tensor, z_a: Tensor, z_b: Tensor,
-                          lambda_param: float, algorithm: str = "auto") -> Tuple[Tensor, Tensor]:
-    z_a, z_b, grad = z_a.contiguous(), z_b.contiguous(), grad.contiguous()
-    batch, dim = z_a.shape
-    a, b = _normalize(z_a, stats, 0, True), _normalize(z_b, stats, 2, True)
-    if redundancy.use_gram(batch, dim, algorithm):  # (b bᵀ) a, (a aᵀ) b
-        grams = torch.empty(2, batch, batch, dtype=a.dtype, device=a.device)
-        redundancy.gram(a.unsqueeze(0), grams[:1])
-        redundancy.gram(b.unsqueeze(0), grams[1:])
-        product_a, product_b = grams[1] @ a, grams[0] @ b
-        alpha = 2 * lambda_param / batch**2
-    else:  # b Cᵀ, a C with C = aᵀ b / B
-        correlation = (a.T @ b).div_(batch)
-        product_a, product_b = b @ correlation.T, a @ correlation
-        alpha = 2 * lambda_param / batch
-    grads = []
-    for product, own, partner, z, rstd_row in ((product_a, a, b, z_a, 1), (product_b, b, a, z_b, 3)):
-        out = torch.empty_like(z)
-        _barlow_input_gradient_kernel[(triton.cdiv(dim, BLOCK_COLUMNS),)](
-            product, own, partner, stats, grad, out, batch, dim, lambda_param, alpha,
-            RSTD_ROW=rstd_row, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
-        grads.append(out)
-    return grads[0], grads[1]
-
-
-def barlow_twins_forward_fake(z_a: Tensor, z_b: Tensor, lambda_param: float, algorithm: str = "auto"):
-    dtype = compute_dtype(z_a, z_b)
-    return (z_a.new_empty((), dtype=dtype), z_a.new_empty(6, z_a.shape[1], dtype=dtype),
-            z_a.new_empty(0, dtype=dtype))
-
-
-def vicreg_variance_covariance_forward(z_a: Tensor, z_b: Tensor, eps: float, algorithm: str = "auto"):
-    """→ ([variance, covariance], stats (6, G·D), empty products): see ``fastssl.redundancy``."""
-    batch, groups, dim = z_a.shape
-    z_a, z_b = z_a.reshape(batch, groups * dim).contiguous(), z_b.reshape(batch, groups * dim).contiguous()
-    gram = redundancy.use_gram(batch, dim, algorithm)
-    stats = _column_stats(z_a, z_b, False, eps)
-    variance = 0.5 * (stats[4].mean() + stats[5].mean())
-    covariance = 0.0
-    for z, mean_row in ((z_a, 0), (z_b, 2)):
-        squared_norm = _squared_norms(z, z, stats, (mean_row, mean_row), groups, gram=gram, two_products=False,
-                                      symmetric=True, scaled=False)
-        var = stats[mean_row + 1].view(groups, dim)
-        covariance = covariance + ((squared_norm / (batch - 1) ** 2 - var.pow(2).sum(dim=1)) / dim).mean()
-    return torch.stack([variance, covariance]), stats, stats.new_empty(0)
-
-
-def vicreg_variance_covariance_backward(grad: Tensor, stats: Tensor, products: Tensor, z_a: Tensor, z_b: Tensor,
-                                        eps: float, algorithm: str = "auto") -> Tuple[Tensor, Tensor]:
-    batch, groups, dim = z_a.shape
-    gram = redundancy.use_gram(batch, dim, algorithm)
-    grad = grad.contiguous()  # the kernel reads [g_var, g_cov] from two adjacent elements
-    grads = []
-    for z, mean_row in ((z_a, 0), (z_b, 2)):
-        z = z.reshape(batch, groups * dim).contiguous()
-        x = _normalize(z, stats, mean_row, False)
-        by_group = x.view(batch, groups, dim).transpose(0, 1)  # (G, B, D)
-        size = batch if gram else dim
-        product_matrix = redundancy.gram(by_group if gram else by_group.transpose(1, 2),
-                                         x.new_empty(groups, size, size))
-        product = torch.bmm(product_matrix, by_group) if gram else torch.bmm(by_group, product_matrix)
-        out = torch.empty(batch, groups, dim, dtype=z.dtype, device=z.device)
-        _vicreg_input_gradient_kernel[(triton.cdiv(groups * dim, BLOCK_COLUMNS),)](
-            product, x, stats, grad, out, batch, groups, dim, product.stride(0), product.stride(1), eps,
-            VAR_ROW=mean_row + 1, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
-        grads.append(out)
-    return grads[0], grads[1]
-
-
-def vicreg_variance_covariance_forward_fake(z_a: Tensor, z_b: Tensor, eps: float, algorithm: str = "auto"):
-    batch, groups, dim = z_a.shape
-    dtype = compute_dtype(z_a, z_b)
-    return (z_a.new_empty(2, dtype=dtype), z_a.new_empty(6, groups * dim, dtype=dtype),
-            z_a.new_empty(0, dtype=dtype))
-
-
-def supports(tensors: Sequence[Tensor]) -> List[str]:
-    return backends.triton_device_reasons(tensors)
-
-
-barlow_twins = ops.define_two_view_op(
-    "barlow_twins_triton", 'float lambda_param, str algorithm="auto"', barlow_twins_forward,
-    barlow_twins_forward_fake, barlow_twins_backward)
-vicreg_variance_covariance = ops.define_two_view_op(
-    "vicreg_variance_covariance_triton", 'float eps, str algorithm="auto"', vicreg_variance_covariance_forward,
-    vicreg_variance_covariance_forward_fake, vicreg_variance_covariance_backward)
-backends.register("barlow_twins", "triton", barlow_twins, supports=supports)
-backends.register("vicreg_variance_covariance", "triton", vicreg_variance_covariance, supports=supports)
+def vicreg_input_gradient(product: Tensor, x: Tensor, stats: Tensor, grad: Tensor, shape, dtype: torch.dtype,
+                          eps: float, var_row: int) -> Tensor:
+    """One view's VICReg variance + covariance gradient, (B, G, D) ``shape`` in ``dtype``."""
+    batch, groups, dim = shape
+    out = torch.empty(batch, groups, dim, dtype=dtype, device=x.device)
+    _vicreg_input_gradient_kernel[(triton.cdiv(groups * dim, BLOCK_COLUMNS),)](
+        product, x, stats, grad, out, batch, groups, dim, product.stride(0), product.stride(1), eps,
+        VAR_ROW=var_row, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
+    return out

@@ -19,7 +19,7 @@ from fastssl import backends  # noqa: E402
 # Decorate every kernel now, while TRITON_INTERPRET is set: @triton.jit picks interpreter or
 # compiler when a kernel module is imported, and tests that unset the variable must not be the
 # first to import one.
-backends.load_triton_kernels()
+backends.preload("triton")
 
 
 def pytest_addoption(parser):

@@ -1,0 +1,401 @@
+"""The contrastive family: InfoNCE / NT-Xent on one tiled core (SimCLR, MoCo's memory bank,
+SimCSE, CLIP, SupCon, MoCo v3).
+
+Public API: :func:`info_nce`, :func:`nt_xent`, :func:`clip_loss`, :class:`NTXentLoss`,
+:class:`MemoryBankModule`. Core ops (``fastssl.runtime.registry``): ``info_nce`` (queries
+against keys, optional positive keys and labels) and ``info_nce_self`` (a batch against itself).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..runtime import distributed, registry
+from ..runtime.validation import (
+    check_choice,
+    check_float_tensor,
+    check_int_at_least,
+    check_label_tensor,
+    check_positive,
+    check_same_device,
+    check_same_dtype,
+    check_same_shape,
+    check_views,
+    eager,
+)
+from . import reference
+
+Tensor = torch.Tensor
+
+
+def info_nce(
+    query: Tensor,
+    keys: Tensor,
+    temperature: float = 0.1,
+    positive_index: Optional[Tensor] = None,
+    *,
+    positive_keys: Optional[Tensor] = None,
+    query_labels: Optional[Tensor] = None,
+    key_labels: Optional[Tensor] = None,
+    self_index: Optional[Tensor] = None,
+    symmetric: bool = False,
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    r"""General InfoNCE: cross-entropy of each query against all keys, with chosen positives.
+
+    With :math:`s_{ij} = q_i \cdot k_j / \tau` (``q``, ``k`` L2-normalised when ``normalize``)
+    and the entry ``j = self_index[i]`` left out of row ``i``:
+
+    .. math:: \ell_i = \log \sum_j e^{s_{ij}} - \frac{1}{|P_i|} \sum_{j \in P_i} s_{ij}
+
+    Positives :math:`P_i`, chosen by exactly one of:
+
+    * ``positive_index`` (N,): the key index of row i's positive (default: ``arange(N)``, the
+      diagonal — SimCSE, CLIP);
+    * ``query_labels`` (N,) and ``key_labels`` (M,): every key with the row's label (SupCon;
+      rows without any positive contribute 0);
+    * ``positive_keys`` (N, D): one extra logit :math:`q_i \cdot p_i / \tau` per row that is its
+      only positive, all ``keys`` being negatives (MoCo queue / memory bank).
+
+    ``symmetric=True`` adds the same loss per column (keys against queries: CLIP) and the mean
+    reduction returns ½(mean row loss + mean column loss).
+
+    Args:
+        query: (N, D) float. keys: (M, D), same dtype and device.
+        temperature: τ > 0. For CLIP's learnable logit scale, multiply the normalised ``query``
+            by it yourself and pass ``temperature=1, normalize=False`` (or use :func:`clip_loss`).
+        reduction: "mean" | "sum" | "none" (returns (row_loss (N,), col_loss (M,) or (0,))).
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs), or per-row losses for "none".
+
+    Example::
+
+        >>> q, k = torch.randn(8, 32), torch.randn(8, 32)
+        >>> loss = fastssl.info_nce(q, k, temperature=0.05)  # SimCSE
+    """
+    check_float_tensor("query", query, ndim=2)
+    check_float_tensor("keys", keys, ndim=2)
+    if keys.shape[1] != query.shape[1]:
+        raise ValueError(f"query and keys must have the same feature size, got query "
+                         f"{tuple(query.shape)} and keys {tuple(keys.shape)}")
+    check_same_dtype(("query", "keys"), (query, keys))
+    check_same_device(("query", "keys"), (query, keys))
+    scale = 1.0 / check_positive("temperature", temperature)
+    check_choice("reduction", reduction, ("mean", "sum", "none"))
+    n, m = query.shape[0], keys.shape[0]
+    modes = [name for name, value in (("positive_index", positive_index), ("positive_keys", positive_keys),
+                                      ("query_labels/key_labels", query_labels if query_labels is not None
+                                       else key_labels)) if value is not None]
+    if len(modes) > 1:
+        raise ValueError(f"give at most one of positive_index, positive_keys and labels; got {modes}")
+    if positive_keys is not None:
+        check_float_tensor("positive_keys", positive_keys, ndim=2)
+        check_same_shape(("query", "positive_keys"), (query, positive_keys))
+        check_same_dtype(("query", "positive_keys"), (query, positive_keys))
+        check_same_device(("query", "positive_keys"), (query, positive_keys))
+        if symmetric:
+            raise ValueError("symmetric=True needs label or index positives, not positive_keys")
+    elif query_labels is not None or key_labels is not None:
+        if query_labels is None or key_labels is None:
+            raise ValueError("query_labels and key_labels must be given together")
+        check_label_tensor("query_labels", query_labels, n)
+        check_label_tensor("key_labels", key_labels, m)
+    else:
+        if positive_index is None:
+            if n > m:
+                raise ValueError(f"the default diagonal positives need N <= M, got query "
+                                 f"{tuple(query.shape)} and keys {tuple(keys.shape)}; pass positive_index")
+            positive_index = torch.arange(n, device=query.device)
+        check_label_tensor("positive_index", positive_index, n)
+        if eager() and (positive_index.min() < 0 or positive_index.max() >= m):
+            raise ValueError(f"positive_index must lie in [0, {m}) for keys of shape {tuple(keys.shape)}")
+        query_labels, key_labels = positive_index, torch.arange(m, device=query.device)
+    if self_index is not None:
+        check_label_tensor("self_index", self_index, n)
+        if symmetric:
+            raise ValueError("symmetric=True cannot be combined with self_index")
+        if eager() and (self_index.max() >= m or self_index.min() < -1):
+            raise ValueError(f"self_index must lie in [-1, {m}) for keys of shape {tuple(keys.shape)}")
+
+    if normalize:
+        query, keys = reference.l2_normalize(query), reference.l2_normalize(keys)
+        if positive_keys is not None:
+            positive_keys = reference.l2_normalize(positive_keys)
+    _, core = registry.select("info_nce", backend, (query, keys, positive_keys))
+    row_loss, col_loss = core(query, keys, positive_keys, query_labels, key_labels, self_index,
+                              scale, symmetric)
+    if reduction == "none":
+        return row_loss, col_loss
+    if reduction == "sum":
+        return row_loss.sum() + col_loss.sum()
+    if symmetric:
+        return 0.5 * (row_loss.mean() + col_loss.mean())
+    return row_loss.mean()
+
+NT_XENT_MODES = ("simclr", "simcse", "symmetric")
+
+NT_XENT_CONVENTIONS = ("mean", "sum", "mocov3")
+
+
+def nt_xent(
+    out0: Tensor,
+    out1: Tensor,
+    *more_views: Tensor,
+    temperature: float = 0.5,
+    labels: Optional[Tensor] = None,
+    negatives: Optional[Tensor] = None,
+    mode: str = "simclr",
+    convention: str = "mean",
+    gather_distributed: bool = False,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    r"""NT-Xent (SimCLR) and its relatives, equal to lightly's ``NTXentLoss`` by default.
+
+    ``mode``:
+
+    * ``"simclr"`` (lightly): all V·B rows of the V views (B, D) against all V·B rows, the
+      row's own entry removed, positives the other views of the same sample (or every sample
+      with the same ``labels``: SupCon). With two views this is lightly's loss exactly.
+    * ``"simcse"``: ``out0`` rows against ``out1`` rows only, one direction.
+    * ``"symmetric"``: CLIP-style, ½ (``out0`` → ``out1`` + ``out1`` → ``out0``).
+
+    With ``negatives`` (K, D) (a memory bank), the loss is MoCo's InfoNCE: ``out0`` rows are the
+    queries, ``out1`` rows their positives (logit 0), the bank the negatives; two views only.
+
+    ``convention`` scales the result: ``"mean"`` (lightly: mean over all query rows),
+    ``"sum"`` (official SimCLR / MoCo v3 code: the per-direction means summed — V directions for
+    "simclr", 2 for "symmetric", 1 otherwise), ``"mocov3"`` ("sum" × 2τ).
+
+    ``gather_distributed``: rows stay local, keys (and labels) are gathered from every rank
+    with gradient ("local loss, gather with grad").
+
+    Args:
+        out0, out1, *more_views: (B, D) float, same shape, dtype and device.
+        labels: (B,) int class labels for supervised positives, or None.
+    Returns:
+        0-dim float32 loss (float64 for float64 inputs).
+
+    Example::
+
+        >>> z0, z1 = model(x0), model(x1)
+        >>> loss = fastssl.nt_xent(z0, z1, temperature=0.5)
+    """
+    views = (out0, out1) + more_views
+    names = [f"out{i}" if i < 2 else f"more_views[{i - 2}]" for i in range(len(views))]
+    check_views(names, views)
+    check_choice("mode", mode, NT_XENT_MODES)
+    check_choice("convention", convention, NT_XENT_CONVENTIONS)
+    temperature = check_positive("temperature", temperature)
+    batch = out0.shape[0]
+    if labels is not None:
+        check_label_tensor("labels", labels, batch)
+    if mode != "simclr" and len(views) != 2:
+        raise ValueError(f"mode={mode!r} takes exactly two views, got {len(views)}")
+    if normalize:
+        views = tuple(reference.l2_normalize(v) for v in views)
+    common = dict(temperature=temperature, normalize=False, backend=backend)
+
+    if negatives is not None:
+        check_float_tensor("negatives", negatives, ndim=2)
+        if negatives.shape[1] != out0.shape[1]:
+            raise ValueError(f"negatives must be (K, {out0.shape[1]}), got {tuple(negatives.shape)}")
+        check_same_device(("out0", "negatives"), (out0, negatives))
+        if len(views) != 2 or labels is not None or mode != "simclr":
+            raise ValueError("a memory bank (negatives) works with two views, mode='simclr' and no labels")
+        loss = info_nce(views[0], negatives.to(views[0].dtype), positive_keys=views[1], **common)
+        directions = 1
+    else:
+        world = distributed.world_size() if gather_distributed else 1
+        rank = distributed.rank() if world > 1 else 0
+        local = torch.arange(batch, device=out0.device) + rank * batch
+        if labels is None:
+            global_labels, local_labels = torch.arange(world * batch, device=out0.device), local
+        else:
+            global_labels, local_labels = distributed.gather_no_grad(labels), labels
+
+        def gathered(view: Tensor) -> Tensor:
+            return distributed.gather(view) if world > 1 else view
+
+        if mode == "simclr" and world == 1:
+            embeddings = torch.cat(views)
+            _, core = registry.select("info_nce_self", backend, (embeddings,))
+            loss = core(embeddings, local_labels.repeat(len(views)), True, 1.0 / temperature).mean()
+            directions = len(views)
+        elif mode == "simclr":
+            queries = torch.cat(views)
+            keys = torch.cat([gathered(v) for v in views])
+            self_index = torch.cat([local + v * world * batch for v in range(len(views))])
+            loss = info_nce(queries, keys, query_labels=local_labels.repeat(len(views)),
+                            key_labels=global_labels.repeat(len(views)), self_index=self_index, **common)
+            directions = len(views)
+        elif mode == "simcse":
+            loss = info_nce(views[0], gathered(views[1]), query_labels=local_labels,
+                            key_labels=global_labels, **common)
+            directions = 1
+        elif world == 1:
+            loss = info_nce(views[0], views[1], query_labels=local_labels, key_labels=global_labels,
+                            symmetric=True, **common)
+            directions = 2
+        else:
+            loss = 0.5 * sum(info_nce(q, gathered(k), query_labels=local_labels, key_labels=global_labels,
+                                      **common) for q, k in ((views[0], views[1]), (views[1], views[0])))
+            directions = 2
+    if convention == "sum":
+        loss = loss * directions
+    elif convention == "mocov3":
+        loss = loss * (directions * 2 * temperature)
+    return loss
+
+
+def clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Union[float, Tensor],
+    *,
+    gather_distributed: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    r"""CLIP's symmetric InfoNCE with a (learnable) logit scale.
+
+    ½ [CE(s · îᵢ·t̂ⱼ, diagonal) + CE(s · t̂ᵢ·îⱼ, diagonal)] with L2-normalised features and
+    ``logit_scale`` s (a float, or a 0-dim tensor that receives its gradient; CLIP stores
+    log s and passes ``logit_scale.exp()``).
+
+    Args: image_features, text_features: (B, D). Returns: 0-dim float32 loss.
+    """
+    check_views(("image_features", "text_features"), (image_features, text_features))
+    if isinstance(logit_scale, Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+        if eager():
+            check_positive("logit_scale", logit_scale.detach())
+    else:
+        check_positive("logit_scale", logit_scale)
+    image = reference.l2_normalize(image_features) * logit_scale
+    text = reference.l2_normalize(text_features)
+    return nt_xent(image, text, temperature=1.0, mode="symmetric", normalize=False,
+                   gather_distributed=gather_distributed, backend=backend)
+
+
+class MemoryBankModule(nn.Module):
+    """A FIFO queue of past embeddings (MoCo's queue, lightly's ``MemoryBankModule``).
+
+    The bank holds ``size`` rows of dimension D, created at the first call with random
+    L2-normalised vectors (D taken from that call's input, unless ``size`` is a (rows, D)
+    tuple). ``forward(output, update=True)`` returns ``output`` and a copy of the bank *before*
+    ``output`` (detached, gathered from all ranks when ``gather_distributed``) is enqueued. Unlike
+    lightly, a batch that crosses the end of the bank wraps around to its start instead of being
+    cut, so it is a true FIFO.
+
+    Args:
+        size: number of rows, or (rows, D). 0 disables the bank (forward returns None for it).
+        gather_distributed: enqueue the batch of every rank.
+        feature_dim_first: return the bank as (D, size) (lightly's default) instead of (size, D).
+    Shapes: output (B, D) → (output, bank (D, size) or (size, D)).
+    """
+
+    def __init__(self, size: Union[int, Sequence[int]] = 65536, gather_distributed: bool = False,
+                 feature_dim_first: bool = True):
+        super().__init__()
+        rows = size if isinstance(size, int) else size[0]
+        check_int_at_least("size", rows, 0)
+        self.size = (rows,) if isinstance(size, int) else tuple(size)
+        self.gather_distributed = gather_distributed
+        self.feature_dim_first = feature_dim_first
+        self.register_buffer("bank", torch.empty(0), persistent=True)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=True)
+        if len(self.size) == 2:
+            self._init_bank(self.size[1], torch.device("cpu"), torch.float32)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A bank not yet created (first forward not run) takes the checkpoint's shape.
+        saved = state_dict.get(prefix + "bank")
+        if saved is not None and self.bank.numel() == 0:
+            self.bank = torch.empty_like(saved, device=self.bank_ptr.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _init_bank(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.bank = F.normalize(torch.randn(self.size[0], dim, device=device, dtype=dtype), dim=-1)
+        self.bank_ptr.zero_()
+
+    @torch.no_grad()
+    def enqueue(self, batch: Tensor) -> None:
+        """Write ``batch`` (B, D) over the oldest rows, wrapping around the end of the bank."""
+        if self.gather_distributed:
+            batch = distributed.gather_no_grad(batch)
+        batch = batch.detach()[-self.size[0]:]  # a batch larger than the bank keeps its newest rows
+        start = int(self.bank_ptr)
+        rows = (torch.arange(batch.shape[0], device=self.bank.device) + start) % self.size[0]
+        self.bank[rows] = batch.to(self.bank.dtype)
+        self.bank_ptr[0] = (start + batch.shape[0]) % self.size[0]
+
+    def queue(self, output: Tensor, update: bool = False) -> Optional[Tensor]:
+        """The bank (size, D) before ``output`` is enqueued (when ``update``); None if size 0."""
+        if self.size[0] == 0:
+            return None
+        check_float_tensor("output", output, ndim=2)
+        if self.bank.numel() == 0:
+            self._init_bank(output.shape[1], output.device, output.dtype)
+        if self.bank.shape[1] != output.shape[1]:
+            raise ValueError(f"output must be (B, {self.bank.shape[1]}) to match the memory bank, "
+                             f"got {tuple(output.shape)}")
+        bank = self.bank.clone()
+        if update:
+            self.enqueue(output)
+        return bank
+
+    def forward(self, output: Tensor, update: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        bank = self.queue(output, update)
+        if bank is not None and self.feature_dim_first:
+            bank = bank.T
+        return output, bank
+
+
+class NTXentLoss(nn.Module):
+    """NT-Xent / InfoNCE (SimCLR; MoCo with ``memory_bank_size``), as lightly's ``NTXentLoss``.
+
+    ``forward(out0, out1, *more_views, labels=None)`` on (B, D) views; see
+    :func:`fastssl.nt_xent` for the formula, ``mode`` ("simclr", "simcse",
+    "symmetric"), ``convention`` ("mean", "sum", "mocov3"), SupCon ``labels`` and more than two
+    views. With ``memory_bank_size > 0`` the loss is MoCo's: ``out0`` are the queries, ``out1``
+    the positive keys, the bank the negatives; ``out1`` (normalised) is enqueued after use
+    whenever ``out0`` requires a gradient, as in lightly.
+
+    Example::
+
+        >>> criterion = NTXentLoss(temperature=0.5)
+        >>> loss = criterion(model(x0), model(x1))
+    """
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
+                 gather_distributed: bool = False, *, mode: str = "simclr", convention: str = "mean",
+                 normalize: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        check_choice("mode", mode, NT_XENT_MODES)
+        check_choice("convention", convention, NT_XENT_CONVENTIONS)
+        self.memory_bank = MemoryBankModule(memory_bank_size, gather_distributed, feature_dim_first=False)
+        self.gather_distributed = gather_distributed
+        self.mode, self.convention, self.normalize, self.backend = mode, convention, normalize, backend
+
+    def forward(self, out0: Tensor, out1: Tensor, *more_views: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        if self.memory_bank.size[0] == 0:
+            return self._loss(out0, out1, *more_views, labels=labels)
+        check_views(("out0", "out1"), (out0, out1))
+        keys = reference.l2_normalize(out1) if self.normalize else out1
+        loss = self._loss(out0, out1, *more_views, labels=labels, negatives=self.memory_bank.queue(keys))
+        if out0.requires_grad:  # lightly's rule: a loss without gradient leaves the bank as it is
+            self.memory_bank.enqueue(keys)
+        return loss
+
+    def _loss(self, *views: Tensor, labels: Optional[Tensor], negatives: Optional[Tensor] = None) -> Tensor:
+        return nt_xent(
+            *views, temperature=self.temperature, labels=labels, negatives=negatives, mode=self.mode,
+            convention=self.convention, gather_distributed=self.gather_distributed,
+            normalize=self.normalize, backend=self.backend)

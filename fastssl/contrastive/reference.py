@@ -1,0 +1,94 @@
+"""The plain-PyTorch spec of the contrastive family's core ops: obvious, differentiable, computed in
+float32 (float64 inputs stay float64, so ``gradcheck`` works). Every backend is tested against it."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.dtypes import compute_dtype
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (N, D) scaled to unit L2 norm, in the compute dtype (``F.normalize``, eps 1e-12).
+
+    Each row is first divided by its largest magnitude (no gradient: normalising removes any
+    positive scale), so squares cannot overflow for huge inputs (fp32 rows of ~1e20).
+    """
+    x = x.to(compute_dtype(x))
+    peak = x.detach().abs().amax(dim=1, keepdim=True)
+    return F.normalize(x / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
+
+
+def info_nce(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    positive_keys: Optional[torch.Tensor],
+    query_labels: Optional[torch.Tensor],
+    key_labels: Optional[torch.Tensor],
+    self_index: Optional[torch.Tensor],
+    scale: float,
+    symmetric: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (and per-column) InfoNCE losses.
+
+    With s_ij = scale · q_i·k_j (entries j = self_index[i] removed, when given):
+
+    * ``positive_keys`` given (N, D): each row gets one extra logit s_i+ = scale · q_i·p_i, its
+      only positive, and the keys are all negatives (MoCo / memory bank)::
+
+          row_loss_i = logsumexp([s_i+, s_i1, ..., s_iM]) - s_i+
+
+    * otherwise the positives of row i are P_i = {j : key_labels[j] == query_labels[i], j not
+      self}; several positives are averaged outside the log (SupCon "L_out")::
+
+          row_loss_i = logsumexp_j s_ij - mean_{j in P_i} s_ij       (0 when P_i is empty)
+
+      and with ``symmetric`` the same per column (CLIP): col_loss_j over the rows.
+
+    Args:
+        query: (N, D). keys: (M, D). positive_keys: (N, D) or None.
+        query_labels: (N,) int, key_labels: (M,) int (required without positive_keys).
+        self_index: (N,) int64, the key index of row i's own entry (-1 for none), or None.
+    Returns:
+        row_loss (N,), col_loss (M,) when ``symmetric`` else (0,); float32 (float64 inputs: float64).
+    """
+    dtype = compute_dtype(query, keys, positive_keys)
+    logits = scale * (query.to(dtype) @ keys.to(dtype).T)
+    self_mask = None
+    if self_index is not None:
+        rows = torch.arange(query.shape[0], device=query.device)
+        self_mask = torch.zeros_like(logits, dtype=torch.bool)
+        has_self = self_index >= 0
+        self_mask[rows[has_self], self_index[has_self]] = True
+        logits = logits.masked_fill(self_mask, float("-inf"))
+    empty = logits.new_zeros(0)
+
+    # -log_softmax, not logsumexp - positive: at low temperature both terms are ~1/τ and their
+    # difference would lose every digit of a small loss.
+    if positive_keys is not None:
+        positive = scale * (query.to(dtype) * positive_keys.to(dtype)).sum(dim=1, keepdim=True)
+        return -F.log_softmax(torch.cat([positive, logits], dim=1), dim=1)[:, 0], empty
+
+    positive_mask = query_labels[:, None] == key_labels[None, :]
+    if self_mask is not None:
+        positive_mask &= ~self_mask
+
+    def side_loss(dim: int) -> torch.Tensor:
+        log_probs = F.log_softmax(logits, dim=dim)
+        count = positive_mask.sum(dim)
+        positive_sum = torch.where(positive_mask, log_probs, torch.zeros_like(log_probs)).sum(dim)
+        return -positive_sum / count.clamp_min(1)  # 0 for rows without a positive
+
+    return side_loss(1), (side_loss(0) if symmetric else empty)
+
+
+def info_nce_self(embeddings: torch.Tensor, labels: torch.Tensor, exclude_self: bool, scale: float) -> torch.Tensor:
+    """InfoNCE of ``embeddings`` (N, D) against themselves (SimCLR): row losses (N,).
+
+    ``info_nce(z, z, None, labels, labels, arange(N) if exclude_self else None, scale, False)``;
+    a separate op because keys that *are* the queries let a backend halve its work.
+    """
+    self_index = torch.arange(embeddings.shape[0], device=embeddings.device) if exclude_self else None
+    return info_nce(embeddings, embeddings, None, labels, labels, self_index, scale, False)[0]

@@ -1,0 +1,64 @@
+"""The distillation family's ``torch.library`` ops: schema, fake and autograd, written once, for
+every backend's soft-target cross-entropy of crop pairs (the native extension's C++ ops get their
+fakes and autograd here too: ``set_python_module("fastssl.distillation.op")``)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..runtime import library
+from ..runtime.dtypes import compute_dtype
+
+
+def define_pair_loss_op(name: str, inputs: str, forward: Callable, backward: Callable) -> Callable:
+    """Register a soft-target cross-entropy of crop pairs (``fastssl::<name>`` and ``_backward``).
+
+    ``inputs``: the schema of the tensor arguments, the first being ``targets`` (T, B, K) and
+    the second the student crops (S, B, ...); a ``float scale`` follows them.
+    ``forward(*tensors, scale)`` returns (loss (T, S), student LSE (S, B)), the LSE saved for
+    ``backward(grad_loss, *tensors, lse, scale, needs_grad)``, which returns one gradient per
+    tensor (an empty tensor where ``needs_grad`` is False). Returns the core ``(*tensors,
+    scale) -> loss`` (the op is its ``.op``).
+    """
+    op = library.define(name, f"({inputs}, float scale) -> (Tensor, Tensor)", forward)
+    backward_op = library.define(
+        f"{name}_backward", f"(Tensor grad_loss, {inputs}, Tensor lse, float scale, bool[] needs_grad) -> Tensor[]",
+        backward)
+    return register_pair_loss_op(op, backward_op)
+
+
+def register_pair_loss_op(op, backward_op) -> Callable:
+    """Fake functions and autograd of a pair-loss op and its backward op, with the schemas of
+    :func:`define_pair_loss_op`: ops made there, or the C++ ops of the native
+    extension (whose schemas name this module as the home of their fakes). Returns the core ``(*tensors, scale) -> loss``.
+    """
+    @torch.library.register_fake(op)
+    def _(targets, students, *rest):
+        dtype = compute_dtype(targets, students, *rest[:-1])
+        return (targets.new_empty(targets.shape[0], students.shape[0], dtype=dtype),
+                targets.new_empty(students.shape[0], students.shape[1], dtype=dtype))
+
+    @torch.library.register_fake(backward_op)
+    def _(grad_loss, *args):
+        tensors, needs_grad = args[:-3], args[-1]
+        return [torch.empty_like(t) if need else library.empty_grad(t) for t, need in zip(tensors, needs_grad)]
+
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[-1]
+        ctx.save_for_backward(*inputs[:-1], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def autograd_backward(ctx, grad_loss, _grad_lse):
+        *tensors, lse = ctx.saved_tensors
+        needs_grad = list(ctx.needs_input_grad[:-1])
+        grads = backward_op(grad_loss, *tensors, lse, ctx.scale, needs_grad)
+        return tuple(g if need else None for g, need in zip(grads, needs_grad)) + (None,)
+
+    library.register_autograd(op, autograd_backward, setup_context)
+
+    def pair_loss_core(*args):
+        return op(*args)[0]
+
+    pair_loss_core.op = op
+    return pair_loss_core

@@ -1,0 +1,49 @@
+"""The plain-PyTorch spec of the distillation family's core ops: obvious, differentiable, computed in
+float32 (float64 inputs stay float64, so ``gradcheck`` works). Every backend is tested against it."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime import distributed
+from ..runtime.dtypes import compute_dtype
+
+
+def soft_cross_entropy_pairs(targets: torch.Tensor, logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cross-entropy of every (target crop t, student crop s) pair.
+
+    loss[t, s] = -mean_b Σ_k targets[t, b, k] · log_softmax(scale · logits[s, b])_k
+
+    Args: targets (T, B, K) probabilities; logits (S, B, K); scale = 1/student temperature.
+    Returns: (T, S) float32 (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(targets, logits)
+    log_p = F.log_softmax(scale * logits.to(dtype), dim=-1)
+    return -torch.einsum("tbk,sbk->ts", targets.to(dtype), log_p) / logits.shape[1]
+
+
+def linear_soft_cross_entropy_pairs(targets: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+                                    scale: float) -> torch.Tensor:
+    """``soft_cross_entropy_pairs(targets, features @ weightᵀ, scale)``: the last linear layer
+    (SwAV prototypes, DINO head) applied to the student crops.
+
+    Args: targets (T, B, K); features (S, B, D); weight (K, D). Returns: (T, S), as above.
+    """
+    dtype = compute_dtype(targets, features, weight)
+    return soft_cross_entropy_pairs(targets, features.to(dtype) @ weight.to(dtype).T, scale)
+
+
+def teacher_targets(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """DINO's teacher distributions softmax((t − center) / τ_t) of (crops, B, K) outputs."""
+    dtype = compute_dtype(teacher)
+    return F.softmax((teacher.to(dtype) - center.reshape(-1).to(dtype)) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def center_update(teacher: torch.Tensor, center: torch.Tensor, momentum: float) -> torch.Tensor:
+    """DINO's center EMA: center · m + (1 − m) · mean of the (crops, B, K) teacher outputs over
+    crops, rows and ranks; shaped and typed as ``center``."""
+    batch_center = teacher.to(compute_dtype(teacher)).mean(dim=(0, 1))
+    if distributed.world_size() > 1:
+        batch_center = distributed.all_reduce_no_grad(batch_center, "sum") / distributed.world_size()
+    return center * momentum + batch_center.reshape(center.shape).to(center.dtype) * (1 - momentum)

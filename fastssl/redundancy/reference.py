@@ -1,0 +1,73 @@
+"""The plain-PyTorch spec of the redundancy family's core ops: obvious, differentiable, computed in
+float32 (float64 inputs stay float64, so ``gradcheck`` works). Every backend is tested against it."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime import distributed
+from ..runtime.dtypes import compute_dtype
+
+
+def batch_normalize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(z - mean) / sqrt(biased var + eps) over the batch (dim 0), as ``F.batch_norm`` in training."""
+    mean = z.mean(dim=0)
+    var = z.var(dim=0, unbiased=False)
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+def barlow_twins_from_correlation(c: torch.Tensor, lambda_param: float) -> torch.Tensor:
+    """sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2 for a (D, D) cross-correlation."""
+    diagonal = torch.diagonal(c)
+    off_diagonal_sq = c.pow(2).sum() - diagonal.pow(2).sum()
+    return (1 - diagonal).pow(2).sum() + lambda_param * off_diagonal_sq
+
+
+def barlow_twins(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float) -> torch.Tensor:
+    """Barlow Twins on (N, D) views: each view batch-normalised, C = z_aᵀ z_b / N (D, D).
+
+    Returns a 0-dim float32 loss (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(z_a, z_b)
+    za = batch_normalize(z_a.to(dtype))
+    zb = batch_normalize(z_b.to(dtype))
+    c = za.T @ zb / z_a.shape[0]
+    return barlow_twins_from_correlation(c, lambda_param)
+
+
+def vicreg_variance_covariance(z_a: torch.Tensor, z_b: torch.Tensor, eps: float) -> torch.Tensor:
+    """VICReg's variance and covariance terms of two (B, G, D) views (G groups, 1 for 2-D input).
+
+    variance   = ½ Σ_views mean_{g,d} relu(1 - sqrt(Var_unbiased_b(z)_{g,d} + eps))
+    covariance = Σ_views mean_g Σ_{c≠d} Cov_g(z)_{cd}² / D,  Cov_g = z̄_gᵀ z̄_g / (B - 1)
+
+    Returns a (2,) tensor [variance, covariance], float32 (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(z_a, z_b)
+    variance = 0.0
+    covariance = 0.0
+    for z in (z_a.to(dtype), z_b.to(dtype)):
+        batch, dim = z.shape[0], z.shape[-1]
+        std = torch.sqrt(z.var(dim=0) + eps)
+        variance = variance + 0.5 * F.relu(1 - std).mean()
+        centred = z - z.mean(dim=0)
+        cov = torch.einsum("bgc,bgd->gcd", centred, centred) / (batch - 1)
+        off_diagonal_sq = cov.pow(2).sum(dim=(1, 2)) - torch.diagonal(cov, dim1=1, dim2=2).pow(2).sum(-1)
+        covariance = covariance + (off_diagonal_sq / dim).mean()
+    return torch.stack([variance, covariance])
+
+
+def barlow_twins_lightly_distributed(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float,
+                                     world: int) -> torch.Tensor:
+    """lightly's distributed Barlow Twins: each rank batch-normalises its own (N, D) views and the
+    correlation C = Σ_ranks aᵀb / (N · world) is all-reduced (with its gradient)."""
+    dtype = compute_dtype(z_a)
+    a, b = batch_normalize(z_a.to(dtype)), batch_normalize(z_b.to(dtype))
+    c = distributed.all_reduce_sum(a.T @ b / (z_a.shape[0] * world))
+    return barlow_twins_from_correlation(c, lambda_param)
+
+
+def invariance(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+    """VICReg's invariance term: the mean squared difference of the two views."""
+    dtype = compute_dtype(z_a)
+    return F.mse_loss(z_a.to(dtype), z_b.to(dtype))

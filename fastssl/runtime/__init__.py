@@ -1,0 +1,4 @@
+"""What every loss family shares and none owns: the backend registry (``registry``), Triton
+support (``triton``), the native build (``native``), op definition (``library``), input checks
+(``validation``), dtypes (``dtypes``), cache-sized blocking (``blocks``) and the
+``torch.distributed`` helpers (``distributed``). Nothing here imports a family."""

@@ -1,0 +1,186 @@
+"""Backend choice, from one static manifest.
+
+Every core op has up to four implementations, named in :data:`MANIFEST` as ``"module:function"``
+strings — the only place a backend is registered; nothing is imported until it is chosen:
+
+* ``reference`` — the plain-PyTorch spec (``fastssl.<family>.reference``); always available.
+* ``torch``     — fast algorithms in PyTorch ops (``fastssl.<family>.torch_backend``); any device.
+* ``triton``    — Triton kernels (``fastssl.<family>.triton_backend`` launching
+                  ``fastssl.kernels.<family>``): CUDA tensors, or CPU tensors under
+                  ``TRITON_INTERPRET=1`` (tests only).
+* ``native``    — the C++/CUDA extension from ``csrc/`` (``fastssl.<family>.native_backend``), once
+                  it is built (``python -m fastssl.build``): no loss call ever compiles it.
+
+A backend that cannot serve a call says why (xformers' ``not_supported_reasons`` style): first
+the generic gate (Triton: devices, then importable; native: built and loaded), then the backend
+module's own ``not_supported_reasons(tensors)`` if it has one. ``backend="auto"`` takes the first
+backend of :data:`AUTO_ORDER` that the manifest lists for the op and that can serve the call
+(Triton never for CPU tensors); an explicit backend that cannot raises
+:class:`BackendUnavailableError` with every reason. ``FASTSSL_BACKEND`` replaces ``"auto"``.
+
+Resolution imports by name, which ``torch.compile`` cannot trace: ``import fastssl`` resolves the
+reference and torch backends, and a compiled call sees an implementation only once an eager call
+(or :func:`preload`) has resolved it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import native, triton
+
+BACKENDS = ("reference", "torch", "triton", "native")
+AUTO_ORDER = ("triton", "native", "torch", "reference")
+
+MANIFEST: Dict[str, Dict[str, str]] = {
+    "info_nce": {
+        "reference": "fastssl.contrastive.reference:info_nce",
+        "torch": "fastssl.contrastive.torch_backend:info_nce",
+        "triton": "fastssl.contrastive.triton_backend:info_nce",
+    },
+    "info_nce_self": {
+        "reference": "fastssl.contrastive.reference:info_nce_self",
+        "torch": "fastssl.contrastive.torch_backend:info_nce_self",
+        "triton": "fastssl.contrastive.triton_backend:info_nce_self",
+    },
+    "barlow_twins": {
+        "reference": "fastssl.redundancy.reference:barlow_twins",
+        "torch": "fastssl.redundancy.torch_backend:barlow_twins",
+        "triton": "fastssl.redundancy.triton_backend:barlow_twins",
+        "native": "fastssl.redundancy.native_backend:barlow_twins",
+    },
+    "vicreg_variance_covariance": {
+        "reference": "fastssl.redundancy.reference:vicreg_variance_covariance",
+        "torch": "fastssl.redundancy.torch_backend:vicreg_variance_covariance",
+        "triton": "fastssl.redundancy.triton_backend:vicreg_variance_covariance",
+    },
+    "sinkhorn": {
+        "reference": "fastssl.clustering.reference:sinkhorn",
+        "torch": "fastssl.clustering.torch_backend:sinkhorn",
+        "triton": "fastssl.clustering.triton_backend:sinkhorn",
+        "native": "fastssl.clustering.native_backend:sinkhorn",
+    },
+    "kmeans_assign": {
+        "reference": "fastssl.clustering.reference:kmeans_assign",
+        "torch": "fastssl.clustering.torch_backend:kmeans_assign",
+    },
+    "soft_cross_entropy_pairs": {
+        "reference": "fastssl.distillation.reference:soft_cross_entropy_pairs",
+        "torch": "fastssl.distillation.torch_backend:soft_cross_entropy_pairs",
+        "triton": "fastssl.distillation.triton_backend:soft_cross_entropy_pairs",
+        "native": "fastssl.distillation.native_backend:soft_cross_entropy_pairs",
+    },
+    "linear_soft_cross_entropy_pairs": {
+        "reference": "fastssl.distillation.reference:linear_soft_cross_entropy_pairs",
+        "torch": "fastssl.distillation.torch_backend:linear_soft_cross_entropy_pairs",
+    },
+    "negative_cosine_similarity": {
+        "reference": "fastssl.cosine.reference:negative_cosine_similarity",
+        "torch": "fastssl.cosine.torch_backend:negative_cosine_similarity",
+    },
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot serve this call; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of one op: ``fn``, and ``supports(tensors) -> reasons it
+    cannot serve them`` (empty: it can)."""
+
+    fn: Callable
+    supports: Callable[[Sequence[torch.Tensor]], List[str]]
+
+
+# (op, backend) -> Implementation, filled as the manifest's entries are first used.
+_RESOLVED: Dict[Tuple[str, str], Implementation] = {}
+
+
+def _always(_tensors: Sequence[torch.Tensor]) -> List[str]:
+    return []
+
+
+def ops() -> List[str]:
+    return sorted(MANIFEST)
+
+
+def implementation(op: str, backend: str) -> Implementation:
+    """The manifest's ``backend`` entry of ``op``, imported on first use."""
+    key = (op, backend)
+    if key not in _RESOLVED:
+        module_name, function_name = MANIFEST[op][backend].split(":")
+        module = importlib.import_module(module_name)
+        _RESOLVED[key] = Implementation(getattr(module, function_name),
+                                        getattr(module, "not_supported_reasons", _always))
+    return _RESOLVED[key]
+
+
+def _gate_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> List[str]:
+    """What stops a whole backend, asked before any of its modules is imported."""
+    if backend == "triton":
+        return triton.reasons(tensors)
+    if backend == "native":
+        return list(native.status("cpu"))
+    return []
+
+
+def preload(*backends: str) -> None:
+    """Resolve every manifest entry of ``backends`` that can run in this process (for code that
+    is compiled before any eager call; ``import fastssl`` preloads reference and torch)."""
+    for op, entries in MANIFEST.items():
+        for backend in entries:
+            if backend not in backends:
+                continue
+            if backend == "triton" and triton.import_reasons():
+                continue
+            if backend == "native" and native.status("cpu"):
+                continue
+            implementation(op, backend)
+
+
+def requested_backend(backend: str) -> str:
+    """The backend a call asked for, after the ``FASTSSL_BACKEND`` override of ``"auto"``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("FASTSSL_BACKEND", "auto") or "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}; got {backend!r}")
+    return backend
+
+
+def unavailable_reasons(op: str, backend: str, tensors: Sequence[torch.Tensor]) -> List[str]:
+    """Every reason ``backend`` cannot run ``op`` on ``tensors`` (empty list: it can)."""
+    gate = _gate_reasons(backend, tensors)
+    if backend not in MANIFEST[op]:
+        return [f"fastssl has no {backend} implementation of {op} yet"] + gate
+    return gate or implementation(op, backend).supports(tensors)
+
+
+def select(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]]) -> Tuple[str, Callable]:
+    """Pick the implementation of ``op`` for ``tensors``: returns (backend name, function)."""
+    tensors = [t for t in tensors if t is not None]
+    backend = requested_backend(backend)
+    if backend != "auto":
+        reasons = unavailable_reasons(op, backend, tensors)
+        if reasons:
+            raise BackendUnavailableError(
+                f"backend {backend!r} cannot run fastssl op {op!r} on {describe(tensors)}: " + "; ".join(reasons))
+        return backend, implementation(op, backend).fn
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    for candidate in AUTO_ORDER:
+        if candidate not in MANIFEST[op] or (candidate == "triton" and on_cpu):
+            continue  # the interpreter is for tests, never a default
+        if not unavailable_reasons(op, candidate, tensors):
+            return candidate, implementation(op, candidate).fn
+    raise BackendUnavailableError(f"no backend can run fastssl op {op!r} on {describe(tensors)}")
+
+
+def describe(tensors: Sequence[torch.Tensor]) -> str:
+    return ", ".join(f"{t.dtype} {tuple(t.shape)} on {t.device}" for t in tensors) or "no tensors"

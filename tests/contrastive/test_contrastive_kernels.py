@@ -1,0 +1,386 @@
+"""The fused InfoNCE backends (blocked/tiled ``torch``, ``triton`` under the interpreter) against
+the reference and float64 math, on ragged shapes that cross block and tile boundaries."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastssl
+import fastssl.functional as fn
+from fastssl import backends
+from fastssl.contrastive import torch_backend as contrastive
+from fastssl.runtime import registry
+
+from helpers import HALF_DTYPES, half_error_within_twice_reference
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 16 rows and tiles of 16×16, so small inputs cross many boundaries with tails."""
+    monkeypatch.setattr(contrastive, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(contrastive, "TILE_ELEMENTS", 16 * 16)
+
+
+@pytest.fixture(params=["sparse", "dense"])
+def positives_form(request, monkeypatch):
+    """Both ways of finding positives: explicit pairs, and a label comparison per block."""
+    if request.param == "dense":
+        monkeypatch.setattr(contrastive, "MAX_PAIRS_PER_ROW", 0)
+    return request.param
+
+
+def _inputs(n, m, d, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(scale * torch.randn(rows, d, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
+            for rows in (n, m)]
+
+
+def _variants(n, m, d):
+    """(id, kwargs of fn.info_nce, needs n <= m) covering every path of the core."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        ("diagonal", {}),
+        ("positive_index", {"positive_index": torch.randint(0, m, (n,), generator=g)}),
+        ("labels_self", {"query_labels": torch.randint(0, 4, (n,), generator=g),
+                         "key_labels": torch.randint(0, 4, (m,), generator=g),
+                         "self_index": torch.randint(-1, m, (n,), generator=g)}),
+        ("symmetric", {"symmetric": True}),
+        ("symmetric_labels", {"symmetric": True, "query_labels": torch.randint(0, 5, (n,), generator=g),
+                              "key_labels": torch.randint(0, 5, (m,), generator=g)}),
+        ("positive_keys", {"positive_keys": torch.randn(n, d, generator=g, dtype=torch.float64)}),
+    ]
+
+
+def _call(backend, q, k, kwargs, temperature=0.2, reduction="mean"):
+    kwargs = dict(kwargs)
+    if "positive_keys" in kwargs:
+        kwargs["positive_keys"] = kwargs["positive_keys"].to(q.dtype).requires_grad_(True)
+    loss = fn.info_nce(q, k, temperature, backend=backend, reduction=reduction, **kwargs)
+    inputs = [q, k] + ([kwargs["positive_keys"]] if "positive_keys" in kwargs else [])
+    return loss, inputs
+
+
+def _compare(backend, q, k, kwargs, rtol, atol, temperature=0.2):
+    loss, inputs = _call(backend, q, k, kwargs, temperature)
+    expected, ref_inputs = _call("reference", q, k, kwargs, temperature)
+    if "positive_keys" in kwargs:  # the same positive keys for both runs
+        ref_inputs[2] = inputs[2]
+        expected, _ = _call("reference", q, k, {**kwargs, "positive_keys": inputs[2].detach()}, temperature)
+        expected = fn.info_nce(q, k, temperature, positive_keys=inputs[2], backend="reference")
+    torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol)
+    grads = torch.autograd.grad(loss, inputs)
+    expected_grads = torch.autograd.grad(expected, ref_inputs)
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=10 * rtol, atol=10 * atol * max(1.0, want.abs().max().item()))
+
+
+# --------------------------------------------------------------------------------------------
+# torch backend
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,m,d", [(37, 45, 19), (33, 33, 7), (16, 50, 3)], ids=lambda v: str(v))
+@pytest.mark.parametrize("variant", range(6), ids=[v[0] for v in _variants(1, 1, 1)])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-10, 1e-12)],
+                         ids=["fp32", "fp64"])
+def test_torch_backend_blocks_equal_reference(small_blocks, positives_form, shift_path, n, m, d, variant, dtype, rtol,
+                                               atol):
+    name, kwargs = _variants(n, m, d)[variant]
+    if name.startswith("symmetric") and n != m and "labels" not in name:
+        kwargs = {**kwargs, "positive_index": None}
+        kwargs.pop("positive_index")
+    q, k = _inputs(n, m, d, dtype)
+    _compare("torch", q, k, kwargs, rtol, atol)
+
+
+@pytest.mark.parametrize("views", [2, 3], ids=["2views", "3views"])
+@pytest.mark.parametrize("batch", [1, 8, 21], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("labels", [False, True], ids=["simclr", "supcon"])
+def test_torch_self_similarity_tiles_equal_reference(small_blocks, positives_form, shift_path, views, batch, labels):
+    """SimCLR's tiled path (upper-triangle tiles, mirrored) against the reference, in float64."""
+    g = torch.Generator().manual_seed(batch)
+    zs = [torch.randn(batch, 11, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(views)]
+    kwargs = {"labels": torch.randint(0, 3, (batch,), generator=g)} if labels else {}
+    loss = fn.nt_xent(*zs, temperature=0.3, backend="torch", **kwargs)
+    expected = fn.nt_xent(*zs, temperature=0.3, backend="reference", **kwargs)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(loss, zs), torch.autograd.grad(expected, zs)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_self_similarity_op_is_chosen_for_simclr(monkeypatch):
+    calls = []
+    original = backends.implementation("info_nce_self", "torch")
+    monkeypatch.setitem(registry._RESOLVED, ("info_nce_self", "torch"), registry.Implementation(
+        lambda *args: calls.append(1) or original.fn(*args), original.supports))
+    fastssl.NTXentLoss()(torch.randn(6, 4), torch.randn(6, 4))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("variant", ["diagonal", "positive_keys", "symmetric"])
+def test_keys_without_gradient_skip_their_gradient(backend, variant):
+    """MoCo's queue takes no gradient: the backward is told so and makes none, and the other
+    gradients equal the reference's."""
+    if backend == "triton":
+        backends.preload("triton")
+    backward = getattr(torch.ops.fastssl, "info_nce_backward" if backend == "torch" else "info_nce_triton_backward")
+    calls = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is backward.default:
+                calls.append((args[-1], tuple(out[1].shape)))
+            return out
+
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(21, 9, generator=g, requires_grad=True)
+    keys = torch.randn(21, 9, generator=g)
+    kwargs = {"positive_keys": torch.randn(21, 9, generator=g, requires_grad=True)} if variant == "positive_keys" else {}
+    if variant == "symmetric":
+        kwargs["symmetric"] = True
+    differentiable = [q] + ([kwargs["positive_keys"]] if variant == "positive_keys" else [])
+    with Spy():
+        loss = fn.info_nce(q, keys, 0.2, backend=backend, **kwargs)
+        grads = torch.autograd.grad(loss, differentiable)
+    assert calls == [(False, (0,))]
+    expected = fn.info_nce(q, keys, 0.2, backend="reference", **kwargs)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(expected, differentiable)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(params=["unshifted", "running_max"])
+def shift_path(request, monkeypatch):
+    """Both ways of keeping exp() in range: no shift where ``exps_stay_normal`` allows it (taken
+    by float64 inputs here), and the running row max, forced (always valid)."""
+    if request.param == "running_max":
+        monkeypatch.setattr(contrastive, "exps_stay_normal", lambda *args: False)
+    return request.param
+
+
+@pytest.fixture
+def decisions(monkeypatch):
+    """Every answer of ``contrastive.exps_stay_normal`` during the test, in order."""
+    answers = []
+    original = contrastive.exps_stay_normal
+    monkeypatch.setattr(contrastive, "exps_stay_normal", lambda *args: answers.append(original(*args)) or answers[-1])
+    return answers
+
+
+@pytest.mark.parametrize("temperature,unshifted", [(0.1, True), (0.046, True), (0.0457, False), (0.01, False)])
+@pytest.mark.parametrize("variant", range(6), ids=[v[0] for v in _variants(1, 1, 1)])
+def test_cosine_logits_take_the_unshifted_path_exactly_when_exps_stay_normal(small_blocks, decisions, temperature,
+                                                                             unshifted, variant):
+    """fp32 cosine logits: the shift-free path is taken for τ ≥ 1 / (½ max_exp_span) ≈ 0.04580
+    and gives the float64 reference's value and gradients on both sides of that boundary."""
+    name, kwargs = _variants(29, 29, 13)[variant]
+    q, k = (torch.nn.functional.normalize(x.detach(), dim=1).requires_grad_(True) for x in _inputs(29, 29, 13))
+    if "positive_keys" in kwargs:
+        kwargs = {**kwargs, "positive_keys": torch.nn.functional.normalize(kwargs["positive_keys"], dim=1)}
+    loss, inputs = _call("torch", q, k, kwargs, temperature)
+    assert decisions and all(d == unshifted for d in decisions)
+    exact, exact_inputs = _call("reference", q.detach().double().requires_grad_(True),
+                                k.detach().double().requires_grad_(True), kwargs, temperature)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(exact, exact_inputs)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("temperature,unshifted", [(0.1, True), (0.0457, False)])
+@pytest.mark.parametrize("labels", [False, True], ids=["simclr", "supcon"])
+def test_self_similarity_paths_equal_float64(small_blocks, decisions, temperature, unshifted, labels):
+    g = torch.Generator().manual_seed(5)
+    zs = [torch.randn(27, 10, generator=g, requires_grad=True) for _ in range(2)]
+    kwargs = {"labels": torch.randint(0, 4, (27,), generator=g)} if labels else {}
+    loss = fn.nt_xent(*zs, temperature=temperature, backend="torch", **kwargs)
+    assert decisions == [unshifted]
+    exact_zs = [z.detach().double().requires_grad_(True) for z in zs]
+    exact = fn.nt_xent(*exact_zs, temperature=temperature, backend="reference", **kwargs)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss, zs), torch.autograd.grad(exact, exact_zs)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6 * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("kind", ["self", "general"])
+def test_torch_backend_gradcheck(small_blocks, shift_path, kind):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(19, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    if kind == "self":
+        labels = torch.arange(19) % 7
+        assert torch.autograd.gradcheck(
+            lambda x: backends.implementation("info_nce_self", "torch").fn(x, labels, True, 2.5), (z,))
+    else:
+        k = torch.randn(23, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        p = torch.randn(19, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        core = backends.implementation("info_nce", "torch").fn
+        assert torch.autograd.gradcheck(lambda a, b, c: core(a, b, c, None, None, torch.arange(19) - 1, 1.7, False),
+                                        (z, k, p))
+        labels = torch.arange(19) % 5, torch.arange(23) % 5
+        assert torch.autograd.gradcheck(lambda a, b: core(a, b, None, *labels, None, 1.3, True), (z, k))
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.01])
+@pytest.mark.parametrize("scale", [1.0, 30.0], ids=["unit", "x30"])
+def test_low_temperature_unnormalised_inputs_stay_finite_and_exact(temperature, scale):
+    q, k = _inputs(24, 24, 9, scale=scale)
+    for normalize in (True, False):
+        loss = fn.info_nce(q, k, temperature, normalize=normalize, backend="torch")
+        exact = fn.info_nce(q.double(), k.double(), temperature, normalize=normalize, backend="reference")
+        assert torch.isfinite(loss)
+        torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6)
+        assert all(torch.isfinite(g).all() for g in torch.autograd.grad(loss, (q, k)))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("mode", ["simclr", "symmetric"])
+def test_torch_backend_half_error_at_most_twice_reference(dtype, mode):
+    """Error vs float64 is at most 2× that of the reference computed entirely in the half dtype."""
+    x0, x1 = _inputs(40, 40, 24, dtype)
+    loss = fn.nt_xent(x0, x1, temperature=0.1, mode=mode, backend="torch")
+    assert loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, (x0, x1))
+    assert all(g.dtype == dtype for g in grads)
+    e0, e1 = (x.detach().double().requires_grad_(True) for x in (x0, x1))
+    exact = fn.nt_xent(e0, e1, temperature=0.1, mode=mode, backend="reference")
+    exact_grads = torch.autograd.grad(exact, (e0, e1))
+    h0, h1 = (x.detach().clone().requires_grad_(True) for x in (x0, x1))
+    naive = _naive_half_nt_xent(h0, h1, 0.1, mode)
+    naive_grads = torch.autograd.grad(naive, (h0, h1))
+    half_error_within_twice_reference(loss.detach(), naive.detach(), exact.detach())
+    for got, ref, want in zip(grads, naive_grads, exact_grads):
+        half_error_within_twice_reference(got, ref, want)
+
+
+def _naive_half_nt_xent(z0, z1, temperature, mode):
+    """NT-Xent computed in the inputs' half dtype throughout (what a half-precision peer does)."""
+    z0, z1 = torch.nn.functional.normalize(z0, dim=1), torch.nn.functional.normalize(z1, dim=1)
+    if mode == "symmetric":
+        logits = z0 @ z1.T / temperature
+        labels = torch.arange(z0.shape[0])
+        return 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                      + torch.nn.functional.cross_entropy(logits.T, labels))
+    z = torch.cat([z0, z1])
+    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
+    b = z0.shape[0]
+    labels = torch.cat([torch.arange(b, 2 * b), torch.arange(b)])
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+@pytest.mark.slow
+def test_131072_rows_run_in_blocks():
+    """131,072 rows × D=128 fwd+bwd (the dense logits alone would be 68 GB)."""
+    torch.manual_seed(0)
+    z0 = torch.randn(65536, 128, requires_grad=True)
+    z1 = torch.randn(65536, 128, requires_grad=True)
+    loss = fastssl.NTXentLoss(backend="torch")(z0, z1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z0.grad).all()
+    assert 0 < loss.item() < torch.log(torch.tensor(131071.0)).item() + 1
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend (interpreter on CPU)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.parametrize("n,m,d", [(37, 45, 19), (21, 21, 70)], ids=lambda v: str(v))
+@pytest.mark.parametrize("variant", range(6), ids=[v[0] for v in _variants(1, 1, 1)])
+def test_triton_equals_reference(n, m, d, variant):
+    name, kwargs = _variants(n, m, d)[variant]
+    q, k = _inputs(n, m, d)
+    _compare("triton", q, k, kwargs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("views", [2, 3], ids=["2views", "3views"])
+def test_triton_nt_xent_equals_reference(views):
+    g = torch.Generator().manual_seed(views)
+    zs = [torch.randn(17, 12, generator=g, requires_grad=True) for _ in range(views)]
+    labels = torch.randint(0, 4, (17,), generator=g)
+    for kwargs in ({}, {"labels": labels}):
+        loss = fn.nt_xent(*zs, temperature=0.1, backend="triton", **kwargs)
+        expected = fn.nt_xent(*zs, temperature=0.1, backend="reference", **kwargs)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        for got, want in zip(torch.autograd.grad(loss, zs), torch.autograd.grad(expected, zs)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.triton
+def test_triton_fp16_error_at_most_twice_reference():
+    x0, x1 = _inputs(24, 24, 16, torch.float16)
+    loss = fn.nt_xent(x0, x1, temperature=0.1, mode="symmetric", backend="triton")
+    grads = torch.autograd.grad(loss, (x0, x1))
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float16 for g in grads)
+    e0, e1 = (x.detach().double().requires_grad_(True) for x in (x0, x1))
+    exact = fn.nt_xent(e0, e1, temperature=0.1, mode="symmetric", backend="reference")
+    h0, h1 = (x.detach().clone().requires_grad_(True) for x in (x0, x1))
+    naive = _naive_half_nt_xent(h0, h1, 0.1, "symmetric")
+    half_error_within_twice_reference(loss.detach(), naive.detach(), exact.detach())
+    for got, ref, want in zip(grads, torch.autograd.grad(naive, (h0, h1)), torch.autograd.grad(exact, (e0, e1))):
+        half_error_within_twice_reference(got, ref, want)
+
+
+@pytest.mark.triton
+def test_triton_opcheck_and_compile():
+    q, k = _inputs(18, 21, 9)
+    labels = torch.arange(18) % 4, torch.arange(21) % 4
+    backends.preload("triton")
+    core = backends.implementation("info_nce", "triton").fn
+    torch.library.opcheck(core.op, (q, k, None, *labels, torch.arange(18) - 2, 3.0, True))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: fn.info_nce(a, b, 0.3, backend="triton"), fullgraph=True,
+                             backend="aot_eager")
+    eager = fn.info_nce(q, k, 0.3, backend="triton")
+    torch.testing.assert_close(compiled(q, k), eager)
+
+
+@pytest.mark.triton
+def test_triton_rejects_what_it_cannot_run(monkeypatch):
+    q64 = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(fastssl.BackendUnavailableError, match="float16, bfloat16 or float32, got torch.float64"):
+        fn.info_nce(q64, q64, backend="triton")
+    with pytest.raises(fastssl.BackendUnavailableError, match="no bfloat16 arithmetic"):
+        fn.info_nce(q64.bfloat16(), q64.bfloat16(), normalize=False, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(fastssl.BackendUnavailableError, match="CUDA tensors"):
+        fn.info_nce(q64.float(), q64.float(), backend="triton")
+
+
+@pytest.mark.triton
+def test_triton_autotune_opt_in_picks_the_fastest_candidate(monkeypatch):
+    """FASTSSL_TRITON_AUTOTUNE=1 times each candidate once per shape and keeps the fastest."""
+    backends.preload("triton")
+    from fastssl.kernels import contrastive as kernels
+
+    monkeypatch.setenv("FASTSSL_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(kernels, "AUTOTUNE_CANDIDATES", ((16, 16, 16), (32, 16, 16)))
+    monkeypatch.setattr(kernels, "_TUNED_BLOCKS", {})
+    timed = []
+
+    def fake_bench(fn):
+        fn()
+        timed.append(1)
+        return float(len(timed))  # the first candidate timed is the fastest
+
+    monkeypatch.setattr(kernels.triton.testing, "do_bench", fake_bench)
+    q, k = _inputs(20, 23, 7)
+    loss = fn.info_nce(q, k, 0.2, backend="triton")
+    grads = torch.autograd.grad(loss, (q, k))
+    assert {key[0] for key in kernels._TUNED_BLOCKS} == {"forward", "backward"}
+    expected = fn.info_nce(q, k, 0.2, backend="reference")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(expected, (q, k))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_triton_on_cuda_equals_reference(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1000, 200, device="cuda", generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(1100, 200, device="cuda", generator=g, dtype=dtype, requires_grad=True)
+    loss = fn.info_nce(q, k, 0.1, backend="triton", symmetric=True, positive_index=None)
+    expected = fn.info_nce(q, k, 0.1, backend="reference", symmetric=True)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss, expected, rtol=tolerance, atol=tolerance)
+    for got, want in zip(torch.autograd.grad(loss, (q, k)), torch.autograd.grad(expected, (q, k))):
+        torch.testing.assert_close(got.float(), want.float(), rtol=10 * tolerance, atol=10 * tolerance)

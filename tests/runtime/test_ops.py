@@ -1,0 +1,103 @@
+"""torch.library registration: opcheck of every fastssl op, torch.compile(fullgraph) == eager."""
+import pytest
+import torch
+
+import fastssl
+import fastssl.functional as fn
+from fastssl import backends
+
+
+def _op_samples(dtype):
+    """One representative call per registered op: (op name, args)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad)
+
+    labels7 = torch.tensor([0, 1, 2, 0, 1, 2, 3])
+    return [
+        ("info_nce", (rand(7, 5), rand(7, 5), None, labels7, labels7, torch.arange(7) * 0 - 1, 2.0, False)),
+        ("info_nce", (rand(7, 5), rand(9, 5), None, torch.arange(7), torch.arange(9), None, 3.0, True)),
+        ("info_nce", (rand(6, 5), rand(11, 5), rand(6, 5), None, None, None, 1.5, False)),
+        ("info_nce_self", (rand(9, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 5]), True, 2.0)),
+        ("info_nce_self", (rand(9, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 5]), False, 2.0)),
+        ("barlow_twins", (rand(7, 5), rand(7, 5), 5e-3)),
+        ("vicreg_variance_covariance", (rand(7, 3, 5), rand(7, 3, 5), 1e-4)),
+        ("soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9, grad=False), -1), rand(4, 5, 9), 10.0)),
+        ("linear_soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9), -1), rand(4, 5, 3), rand(9, 3), 10.0)),
+        ("kmeans_assign", (rand(7, 5, grad=False), rand(4, 5, grad=False))),
+        ("negative_cosine_similarity", (rand(7, 5), rand(7, 5), 1e-8)),
+        ("sinkhorn", (rand(7, 11, grad=False), 3, 0.05, None, None, 0.0, False)),
+        ("sinkhorn", (rand(7, 11, grad=False), 50, 0.1, torch.rand(11, generator=g, dtype=dtype) + 0.5,
+                      torch.rand(7, generator=g, dtype=dtype) + 0.5, 1e-3, False)),
+    ]
+
+
+def _overload(fn):
+    """The op behind a registered backend function (a wrapper exposes it as ``.op``)."""
+    return fn if isinstance(fn, torch._ops.OpOverload) else fn.op  # a core wrapping its op exposes it
+
+
+def _torch_backend(name):
+    return backends.implementation(name, "torch").fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_opcheck_every_registered_op(dtype):
+    samples = _op_samples(dtype)
+    assert {name for name, _ in samples} == set(backends.ops()), "every registered op needs a sample here"
+    for name, args in samples:
+        torch.library.opcheck(_overload(_torch_backend(name)), args)
+
+
+@pytest.mark.parametrize("name,args", [pytest.param(n, a, id=n) for n, a in _op_samples(torch.float64)
+                                       if n not in ("sinkhorn", "kmeans_assign")])  # no gradient
+def test_torch_backend_op_gradcheck(name, args):
+    op = _torch_backend(name)
+    differentiable = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def call(*xs):
+        full = list(args)
+        for i, x in zip(differentiable, xs):
+            full[i] = x
+        return op(*full)
+
+    assert torch.autograd.gradcheck(call, [args[i] for i in differentiable])
+
+
+def _losses():
+    """(id, function of two (B, D) views) for every public loss."""
+    center = torch.randn(13)
+    return [
+        ("nt_xent", lambda a, b, be: fn.nt_xent(a, b, backend=be)),
+        ("nt_xent_labels", lambda a, b, be: fn.nt_xent(a, b, labels=torch.arange(a.shape[0]) % 3, backend=be)),
+        ("clip", lambda a, b, be: fn.clip_loss(a, b, 14.0, backend=be)),
+        ("barlow_twins", lambda a, b, be: fn.barlow_twins(a, b, backend=be)),
+        ("vicreg", lambda a, b, be: fn.vicreg(a, b, backend=be)),
+        ("swav", lambda a, b, be: fn.swav([a, b], [a * 0.5], backend=be)),
+        ("dino", lambda a, b, be: fn.dino([a, b], [a, b, 0.5 * a], center, backend=be)),
+        ("negative_cosine", lambda a, b, be: fn.negative_cosine_similarity(a, b, backend=be)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("name,loss", [pytest.param(n, f, id=n) for n, f in _losses()])
+def test_compile_fullgraph_equals_eager(name, loss, backend):
+    torch._dynamo.reset()
+    a = torch.randn(9, 13, requires_grad=True)
+    b = torch.randn(9, 13, requires_grad=True)
+    eager = loss(a, b, backend)
+    eager_grads = torch.autograd.grad(eager, (a, b))
+    compiled = torch.compile(lambda x, y: loss(x, y, backend), fullgraph=True, backend="aot_eager")(a, b)
+    compiled_grads = torch.autograd.grad(compiled, (a, b))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_with_inductor():
+    """One loss through the default Inductor backend as well (the others use aot_eager, faster)."""
+    torch._dynamo.reset()
+    a, b = torch.randn(9, 13, requires_grad=True), torch.randn(9, 13, requires_grad=True)
+    compiled = torch.compile(lambda x, y: fastssl.NTXentLoss(backend="torch")(x, y), fullgraph=True)
+    torch.testing.assert_close(compiled(a, b), fn.nt_xent(a, b, backend="reference"), rtol=1e-5, atol=1e-6)
