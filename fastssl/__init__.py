@@ -21,6 +21,7 @@ from .functional import (
     info_nce,
     kmeans_assign,
     kmeans_update,
+    koleo,
     negative_cosine_similarity,
     nt_xent,
     sinkhorn,
@@ -31,6 +32,7 @@ from .functional import (
 from .losses import (
     BarlowTwinsLoss,
     DINOLoss,
+    KoLeoLoss,
     MemoryBankModule,
     NegativeCosineSimilarity,
     NTXentLoss,
@@ -43,7 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NTXentLoss", "MemoryBankModule", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss",
-    "NegativeCosineSimilarity", "DINOLoss", "info_nce", "nt_xent", "clip_loss", "barlow_twins",
+    "NegativeCosineSimilarity", "DINOLoss", "KoLeoLoss", "koleo", "info_nce", "nt_xent", "clip_loss", "barlow_twins",
     "vicreg", "sinkhorn_knopp", "sinkhorn", "swav", "dino", "dino_center",
     "negative_cosine_similarity", "kmeans_assign", "kmeans_update", "update_momentum", "cosine_schedule",
     "BackendUnavailableError",

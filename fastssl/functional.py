@@ -23,8 +23,9 @@ from .contrastive import clip_loss, info_nce, nt_xent
 from .cosine import negative_cosine_similarity
 from .distillation import dino, dino_center
 from .redundancy import barlow_twins, vicreg
+from .regularizers import koleo
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
-    "swav", "dino", "dino_center", "kmeans_assign", "kmeans_update", "negative_cosine_similarity",
+    "swav", "dino", "dino_center", "kmeans_assign", "kmeans_update", "negative_cosine_similarity", "koleo",
 ]

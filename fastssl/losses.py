@@ -9,6 +9,7 @@ from .contrastive import MemoryBankModule, NTXentLoss
 from .cosine import NegativeCosineSimilarity
 from .distillation import DINOLoss
 from .redundancy import BarlowTwinsLoss, VICRegLoss
+from .regularizers import KoLeoLoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
-           "DINOLoss"]
+           "DINOLoss", "KoLeoLoss"]

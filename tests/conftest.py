@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastssl import backends  # noqa: E402
+from fastssl.runtime import native  # noqa: E402
 
 # Decorate every kernel now, while TRITON_INTERPRET is set: @triton.jit picks interpreter or
 # compiler when a kernel module is imported, and tests that unset the variable must not be the
@@ -24,6 +25,15 @@ backends.preload("triton")
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_runtest_setup(item):
+    """Tests of the native backend build the extension once per session (the one explicit build:
+    loss calls never compile), or are skipped with the reason it cannot be built."""
+    if "native" in item.keywords:
+        reasons = native.build(("cpu",))["cpu"]
+        if reasons:
+            pytest.skip("native extension unavailable: " + "; ".join(reasons))
 
 
 def pytest_collection_modifyitems(config, items):

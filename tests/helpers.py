@@ -6,6 +6,16 @@ import torch
 
 BACKENDS_ON_CPU = ["reference", "torch"]
 
+
+def backend_params(op: str):
+    """One ``pytest.param`` per backend the registry's manifest lists for ``op``, id = backend:
+    triton ones marked ``triton`` (run under the interpreter here), native ones ``native`` (the
+    extension is built once per session, or the test is skipped with the reason)."""
+    from fastssl.runtime.registry import MANIFEST
+
+    marks = {"triton": [pytest.mark.triton], "native": [pytest.mark.native]}
+    return [pytest.param(backend, id=backend, marks=marks.get(backend, [])) for backend in MANIFEST[op]]
+
 # (dtype, rtol, atol) against float64 formulas, with readable ids.
 DTYPE_TOLERANCES = [
     pytest.param(torch.float32, 1e-5, 1e-6, id="fp32"),

@@ -78,6 +78,7 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "reference": "fastssl.distillation.reference:linear_soft_cross_entropy_pairs",
         "torch": "fastssl.distillation.torch_backend:linear_soft_cross_entropy_pairs",
     },
+    "koleo": {"reference": "fastssl.regularizers.reference:koleo", "torch": "fastssl.regularizers.torch_backend:koleo"},
     "negative_cosine_similarity": {
         "reference": "fastssl.cosine.reference:negative_cosine_similarity",
         "torch": "fastssl.cosine.torch_backend:negative_cosine_similarity",

@@ -1,0 +1,149 @@
+"""The layout's rules, read from the sources: no import cycle anywhere in ``fastssl`` (imports inside
+functions and the registry's manifest strings count), ``kernels/`` imports nothing of fastssl, the
+runtime knows no family, and an eager CPU loss call imports neither triton nor torch._dynamo nor
+the C++ build (checked in a fresh process)."""
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastssl.runtime import registry
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "fastssl"
+KERNELS = REPO / "kernels"
+
+
+def module_name(path: Path) -> str:
+    """The dotted name a source file is imported as (``kernels/`` installs as ``fastssl.kernels``)."""
+    if path.is_relative_to(KERNELS):
+        parts = ["fastssl", "kernels", *path.relative_to(KERNELS).with_suffix("").parts]
+    else:
+        parts = ["fastssl", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+SOURCES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) + sorted(KERNELS.glob("*.py"))}
+
+
+def imported_modules(name: str, path: Path):
+    """Every fastssl module ``name`` imports, at module level or inside functions."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            if node.module:  # `from . import x` imports x, not the package it is written in
+                found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {module for module in found if module in SOURCES and module != name}
+
+
+def cycles(graph):
+    """Every cycle a depth-first walk of ``graph`` (module -> modules it imports) closes."""
+    state, found = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_import_cycle_anywhere():
+    """Every import, inside functions too, plus the registry's manifest strings (its lazy imports)."""
+    graph = {name: imported_modules(name, path) for name, path in SOURCES.items()}
+    graph["fastssl.runtime.registry"] |= {entry.split(":")[0] for entries in registry.MANIFEST.values()
+                                          for entry in entries.values()}
+    found = cycles(graph)
+    assert found == [], "import cycles: " + "; ".join(" → ".join(c) for c in found)
+
+
+def test_kernels_are_a_leaf():
+    for name, path in SOURCES.items():
+        if name.startswith("fastssl.kernels"):
+            outside = {m for m in imported_modules(name, path) if not m.startswith("fastssl.kernels")}
+            assert outside == set(), f"{path.relative_to(REPO)} imports {sorted(outside)}"
+
+
+def test_runtime_knows_no_family():
+    families = {name for name, path in SOURCES.items()
+                if path.name == "__init__.py" and (path.parent / "op.py").exists()}
+    for name, path in SOURCES.items():
+        if name.startswith("fastssl.runtime"):
+            reached = {m for m in imported_modules(name, path) if m.split(".")[:2] != ["fastssl", "runtime"]}
+            assert not reached & families and all(m.rpartition(".")[0] not in families for m in reached), (
+                f"{path.relative_to(REPO)} imports {sorted(reached)}")
+
+
+def test_every_manifest_entry_resolves_to_its_family():
+    for op, entries in registry.MANIFEST.items():
+        for backend, entry in entries.items():
+            module, _, function = entry.partition(":")
+            assert module.split(".")[-1] == (backend if backend == "reference" else f"{backend}_backend"), entry
+            assert (PACKAGE / Path(*module.split(".")[1:])).with_suffix(".py").exists(), entry
+            tree = ast.parse((PACKAGE / Path(*module.split(".")[1:])).with_suffix(".py").read_text())
+            defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))} | {
+                t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)} | {
+                a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+            assert function in defined, f"{entry} ({op}, {backend})"
+
+
+def test_pyproject_lists_every_package():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {module_name(p) for p in PACKAGE.rglob("__init__.py")} | {"fastssl.kernels"}
+    assert listed == on_disk
+
+
+EAGER_PROBE = """
+import json, sys
+import torch
+import fastssl
+torch.manual_seed(0)
+a, b = torch.randn(16, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+calls = {
+    "NTXentLoss": lambda: fastssl.NTXentLoss()(a, b),
+    "NTXentLoss (MoCo)": lambda: fastssl.NTXentLoss(memory_bank_size=(32, 8))(a, b),
+    "BarlowTwinsLoss": lambda: fastssl.BarlowTwinsLoss()(a, b),
+    "VICRegLoss": lambda: fastssl.VICRegLoss()(a, b),
+    "SwaVLoss": lambda: fastssl.SwaVLoss()([a.tanh(), b.tanh()], [a.tanh()]),
+    "NegativeCosineSimilarity": lambda: fastssl.NegativeCosineSimilarity()(a, b),
+    "DINOLoss": lambda: fastssl.DINOLoss(output_dim=8)([a, b], [a, b, a]),
+    "kmeans": lambda: fastssl.kmeans_update(a.detach(), b.detach()[:3], torch.zeros(3))[0].sum(),
+}
+heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
+seen = {}
+for name, call in calls.items():
+    loss = call()
+    if loss.requires_grad:
+        loss.backward()
+    seen[name] = [m for m in heavy if m in sys.modules]
+print(json.dumps(seen))
+"""
+
+
+def test_an_eager_cpu_call_imports_no_compiler(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "FASTSSL_BACKEND")}
+    env["FASTSSL_NATIVE_CACHE"] = str(tmp_path)  # nothing built: the native backend must stay out
+    out = subprocess.run([sys.executable, "-c", EAGER_PROBE], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {name: [] for name in json.loads(out.stdout)}
+    assert not any(tmp_path.iterdir()), "a loss call wrote to the native build cache"
