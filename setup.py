@@ -2,12 +2,14 @@
 
     FASTSSL_BUILD_NATIVE=1 pip install --no-build-isolation .
 
-compiles csrc/ (CPU ops; CUDA ops too where torch has CUDA and nvcc is found) into
-``fastssl/_fastssl_native*.so``, which ``fastssl.native`` loads instead of building on first
-use. ``--no-build-isolation`` builds against the installed torch (the library only works with
-the torch it was built for). Without the variable nothing is compiled and the extension is
-built just-in-time on first use. The ahead-of-time build is portable (no -march=native), so it
-can be slower than the JIT build, which targets the CPU it runs on.
+compiles the native extension's parts (``fastssl.runtime.native``): the CPU part
+(``csrc/<family>/*_cpu.cpp``) into ``fastssl/_fastssl_native_cpu*.so`` and, where torch has CUDA
+and nvcc is found, the CUDA part (``*.cu``, ``*_cuda.cpp``) into ``fastssl/_fastssl_native_cuda*.so``,
+which the runtime loads instead of its cache. ``--no-build-isolation`` builds against the
+installed torch (the library only works with the torch it was built for). Without the variable
+nothing is compiled; ``python -m fastssl.build`` builds it later. The ahead-of-time build is
+portable (no -march=native), so it can be slower than ``fastssl.build``'s, which targets the CPU
+it runs on.
 """
 import os
 from glob import glob
@@ -19,16 +21,12 @@ if os.environ.get("FASTSSL_BUILD_NATIVE", "0") == "1":
     import torch
     from torch.utils import cpp_extension
 
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    sources = sorted(glob("csrc/cpu/*.cpp"))
-    if with_cuda:
-        sources += sorted(glob("csrc/cuda/*.cu") + glob("csrc/cuda/*.cpp"))
-    extension = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
-    ext_modules = [extension(
-        "fastssl._fastssl_native", sources,
-        extra_compile_args={"cxx": ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"], "nvcc": ["-O3"]},
-        extra_link_args=["-fopenmp"],
-    )]
+    flags = {"cxx": ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"], "nvcc": ["-O3"]}
+    common = dict(include_dirs=[os.path.abspath("csrc/common")], extra_compile_args=flags, extra_link_args=["-fopenmp"])
+    ext_modules = [cpp_extension.CppExtension("fastssl._fastssl_native_cpu", sorted(glob("csrc/*/*_cpu.cpp")), **common)]
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        ext_modules.append(cpp_extension.CUDAExtension(
+            "fastssl._fastssl_native_cuda", sorted(glob("csrc/*/*.cu") + glob("csrc/*/*_cuda.cpp")), **common))
     cmdclass = {"build_ext": cpp_extension.BuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
