@@ -6,11 +6,23 @@ imports. (On a machine with a CUDA device the variable is left alone unless alre
 GPU tests run the compiled kernels.)
 """
 import os
+import re
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Inductor's FX-graph cache is keyed without the vector ISA that ATEN_CPU_CAPABILITY forces
+# (torch 2.13): a graph compiled under AVX-512 and reloaded under `avx2` computes garbage, under
+# `default` it is C++ using at::vec without its header. Fresh, each kernel set compiles and runs
+# correctly. `.ci/portability` runs the suite under each in turn, so each forced kernel set gets
+# its own cache directory (read by Inductor at its first compile, not at import).
+_capability = os.environ.get("ATEN_CPU_CAPABILITY")
+if _capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.getuid()}_aten_{re.sub(r'[^A-Za-z0-9]', '_', _capability)}")
 
 import pytest  # noqa: E402
 

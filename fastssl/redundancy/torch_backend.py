@@ -16,8 +16,9 @@ Barlow Twins, with a, b the batch-normalised views and c_i = C_ii:
     L = Σ_i (1 − c_i)² + λ (‖C‖²_F − Σ_i c_i²)
     ∂L/∂a = (2/N) ((c − 1) − λc) ⊙ b + (2λ/N²) (b bᵀ) a      (= … + (2λ/N) b Cᵀ, direct)
 
-and the batch-norm backward dz = rstd ⊙ (g − mean_n g − a ⊙ mean_n(g ⊙ a)) (torch's fused batch-norm
-kernels, forward and backward: the ones lightly's ``F.batch_norm`` runs). VICReg per view and
+and the batch-norm backward dz = rstd ⊙ (g − mean_n g − a ⊙ mean_n(g ⊙ a)) (a = (z − mean) · rstd
+from torch's batch-norm statistics kernel, on each view less its rounded mean so that no CPU
+kernel set cancels digits of a feature far from zero: see ``_batch_normalize``). VICReg per view and
 group, x the centred view, v the unbiased variance, s = sqrt(v + eps):
 
     variance   = ½ mean relu(1 − s)          ∂/∂x = −[s < 1] x / (2 G D (B − 1) s)
@@ -30,7 +31,7 @@ feature far from zero — out of the gradient, as autograd through the reference
 
 Saved for the backward: the inputs (no copy), O(D) statistics (mean, rstd or variance, c) and
 the small product matrix of the chosen path (two N×N Grams, or C when N ≥ D, which is then no
-larger than an input). Normalised copies of the views are recomputed, one O(ND) pass each.
+larger than an input). Normalised copies of the views are recomputed from the saved statistics, in O(ND).
 """
 from __future__ import annotations
 
@@ -82,16 +83,41 @@ def _centre(z: Tensor, dtype: torch.dtype, correction: int) -> Tuple[Tensor, Ten
     return centred, mean, sum_squares / (n - correction)
 
 
+def _shift(z: Tensor, dtype: torch.dtype) -> Tensor:
+    """z − z.mean(0) in ``dtype``, a new tensor: exact for a feature far from zero (Sterbenz), and
+    what is left has a mean of the order of the mean's rounding. The same bits in the forward and
+    the backward."""
+    z = z.to(dtype)
+    return z - z.mean(dim=0)
+
+
+def _normalize_(shifted: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """(shifted − mean) · rstd in place."""
+    return shifted.sub_(mean).mul_(rstd)
+
+
 def _batch_normalize(z: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    """(N, D) → (normalised z, mean, rstd) in ``dtype``: the fused kernel of ``F.batch_norm`` in
-    training mode (biased variance; lightly's own call), statistics and normalisation in one op."""
-    return torch.native_batch_norm(z.to(dtype), None, None, None, None, True, 0.0, BATCH_NORM_EPS)
+    """(N, D) → (normalised z, mean, rstd) in ``dtype``, as ``F.batch_norm`` in training mode
+    (biased variance; lightly's own call), with mean that of ``_shift(z)``.
+
+    The statistics are those of the shifted z, from torch's batch-norm statistics kernel, and
+    the normalisation is (shifted − mean) · rstd, because torch's fused kernel forms its output as
+    z·rstd + (−mean·rstd), which cancels for a feature far from zero on the scalar kernel
+    (``ATEN_CPU_CAPABILITY=default``: 300 ± 1e-3 lost 4e-3 of a loss of 70). Centring z by its
+    rounded mean alone is not enough for the gradient: that mean can be off by an ulp of 300
+    (3e-5, 3% of such a feature's spread); the shifted z's own mean takes that out too.
+    """
+    shifted = _shift(z, dtype)
+    mean, variance = torch.batch_norm_update_stats(shifted, None, None, 0.0)
+    rstd = torch.rsqrt(variance + BATCH_NORM_EPS)
+    return _normalize_(shifted, mean, rstd), mean, rstd
 
 
-def _batch_norm_backward(grad: Tensor, z: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
-    """Batch norm's fused backward: rstd ⊙ (g − mean_n g − a ⊙ mean_n(g ⊙ a)), a = (z − mean) · rstd."""
-    return torch.ops.aten.native_batch_norm_backward(grad, z.to(rstd.dtype), None, None, None, mean, rstd, True,
-                                                     BATCH_NORM_EPS, [True, False, False])[0]
+def _batch_norm_backward_(grad: Tensor, normalized: Tensor, rstd: Tensor) -> Tensor:
+    """Batch norm's backward in place on ``grad``: rstd ⊙ (g − mean_n g − a ⊙ mean_n(g ⊙ a)), with a
+    the normalised z (whose columns have mean 0 to rounding, so this is the exact derivative)."""
+    scale = torch.linalg.vecdot(grad, normalized, dim=0) / grad.shape[0]
+    return grad.sub_(grad.mean(dim=0)).addcmul_(normalized, scale, value=-1).mul_(rstd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,7 +127,8 @@ def barlow_twins_forward(z_a: Tensor, z_b: Tensor, lambda_param: float,
                          algorithm: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
     """Barlow Twins loss of (N, D) views, and what the backward needs.
 
-    Returns (loss () , stats (5, D) = [mean_a, rstd_a, mean_b, rstd_b, c], products): products
+    Returns (loss () , stats (5, D) = [mean_a, rstd_a, mean_b, rstd_b, c], products): mean is that
+    of the view less its rounded mean (``_shift``; the batch mean is z.mean(0) + mean); products
     is (2, N, N) = [a aᵀ, b bᵀ] on the Gram path, (1, D, D) = [C] on the direct path. All in
     float32 (float64 for float64 inputs).
     """
@@ -128,7 +155,8 @@ def barlow_twins_backward(grad: Tensor, stats: Tensor, products: Tensor, z_a: Te
     """Gradients of ``grad`` × ``barlow_twins_forward``'s loss w.r.t. z_a, z_b, in their dtype."""
     n, d = z_a.shape
     mean_a, rstd_a, mean_b, rstd_b, diagonal = stats
-    a, b = _batch_normalize(z_a, stats.dtype)[0], _batch_normalize(z_b, stats.dtype)[0]
+    a = _normalize_(_shift(z_a, stats.dtype), mean_a, rstd_a)  # the forward's a and b, bit for bit
+    b = _normalize_(_shift(z_b, stats.dtype), mean_b, rstd_b)
     coefficient = 2 * ((diagonal - 1) - lambda_param * diagonal) / n * grad
     if use_gram(n, d, algorithm):  # ∂‖C‖²/∂a = (2/N²) (b bᵀ) a
         scale = 2 * lambda_param / n**2 * grad
@@ -138,8 +166,8 @@ def barlow_twins_backward(grad: Tensor, stats: Tensor, products: Tensor, z_a: Te
         grad_a, grad_b = b @ correlation.T, a @ correlation
     grad_a.addcmul_(b, coefficient)
     grad_b.addcmul_(a, coefficient)
-    return (_batch_norm_backward(grad_a, z_a, mean_a, rstd_a).to(z_a.dtype),
-            _batch_norm_backward(grad_b, z_b, mean_b, rstd_b).to(z_b.dtype))
+    return (_batch_norm_backward_(grad_a, a, rstd_a).to(z_a.dtype),
+            _batch_norm_backward_(grad_b, b, rstd_b).to(z_b.dtype))
 
 
 def barlow_twins_forward_fake(z_a: Tensor, z_b: Tensor, lambda_param: float, algorithm: str = "auto"):

@@ -128,7 +128,11 @@ def test_compile_fullgraph_equals_eager(built):
     def codes(s):
         return fn.sinkhorn_knopp(s, 3, 0.05, backend="native")
     torch._dynamo.reset()
-    torch.testing.assert_close(torch.compile(codes, fullgraph=True)(scores), codes(scores), atol=0, rtol=0)
+    # aot_eager: the op is opaque and the glue traces to the same ATen kernels in the same order,
+    # so compiled and eager are bit-identical by construction. (Inductor would generate its own
+    # code for the glue, with its own rounding; test_ops.py keeps the one Inductor test.)
+    compiled = torch.compile(codes, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(scores), codes(scores), atol=0, rtol=0)
 
 
 def test_op_rejects_mismatched_marginals(built):
