@@ -15,7 +15,8 @@ from .runtime import native
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastssl.build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastssl.build",
+                                     description="Build the native extension (csrc/) once; loss calls never compile it.")
     parser.add_argument("--part", choices=native.PARTS, action="append",
                         help="build only this part (repeatable); default: cpu, and cuda where torch has CUDA")
     args = parser.parse_args(argv)

@@ -122,6 +122,22 @@ def implementation(op: str, backend: str) -> Implementation:
     return _RESOLVED[key]
 
 
+# (op, backend) -> why its module could not be imported (a checkout without ``pip install``
+# lacks ``fastssl.kernels``; a broken Triton raises anything): a reason, never a crash of ``auto``.
+_IMPORT_FAILURES: Dict[Tuple[str, str], str] = {}
+
+
+def _import_reasons(op: str, backend: str) -> List[str]:
+    key = (op, backend)
+    if key not in _RESOLVED and key not in _IMPORT_FAILURES:
+        try:
+            implementation(op, backend)
+        except Exception as error:  # ImportError, or anything a broken dependency raises at import
+            _IMPORT_FAILURES[key] = (f"importing {MANIFEST[op][backend]} failed ({type(error).__name__}: {error}); "
+                                     "is fastssl installed (`pip install -e .`)?")
+    return [_IMPORT_FAILURES[key]] if key in _IMPORT_FAILURES else []
+
+
 def _gate_reasons(backend: str, tensors: Sequence[torch.Tensor]) -> List[str]:
     """What stops a whole backend, asked before any of its modules is imported."""
     if backend == "triton":
@@ -142,7 +158,7 @@ def preload(*backends: str) -> None:
                 continue
             if backend == "native" and native.status("cpu"):
                 continue
-            implementation(op, backend)
+            _import_reasons(op, backend)
 
 
 def requested_backend(backend: str) -> str:
@@ -161,7 +177,7 @@ def unavailable_reasons(op: str, backend: str, tensors: Sequence[torch.Tensor]) 
     gate = _gate_reasons(backend, tensors)
     if backend not in MANIFEST[op]:
         return [f"fastssl has no {backend} implementation of {op} yet"] + gate
-    return gate or implementation(op, backend).supports(tensors)
+    return gate or _import_reasons(op, backend) or implementation(op, backend).supports(tensors)
 
 
 def select(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]]) -> Tuple[str, Callable]:
