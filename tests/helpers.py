@@ -62,15 +62,26 @@ def logit_error(dim, scale, u=U32, scale_error=1):
     return (2 * dim + 8 + scale_error) * u * scale
 
 
-def ce_tolerance(dim, scale, candidates, rows=1, total_weight=1.0, u=U32, scale_error=1):
-    """(rtol, atol) for a weighted sum of cross-entropies over cosine logits (``logit_error``).
+def ce_bound(expected, dim, scale, candidates, rows=1, total_weight=1.0, u=U32, scale_error=1):
+    """Bound on |δL| for a weighted sum L of cross-entropies over cosine logits (``logit_error``),
+    given its float64 value ``expected`` (a tensor of per-row losses: one bound each).
 
-    Per row, ℓ = LSE(s) − mean_P s moves by ≤ δs·Σ|p − y| under logit errors δs, and
-    Σ|p − y| ≤ 2(1 − p₊) ≤ 2ℓ with one positive (1 − p ≤ −log p), ≤ 2 ≤ 3ℓ with |P| ≥ 2
+    Per row, ℓ = LSE(s) − mean_P s moves by ≤ δs·Σ|p − y| under logit errors δs, where
+    Σ|p − y| ≤ 2, and ≤ 2(1 − p₊) ≤ 2ℓ with one positive (1 − p ≤ −log p), ≤ 3ℓ with |P| ≥ 2
     (ℓ ≥ log|P|); the softmax of ``candidates`` logits rounds by ≤ (M + 2)u absolute plus 2u·ℓ;
-    summing ``rows`` rows adds γ_rows·Σℓ. So |δL| ≤ (3δs + (rows + 3)u)·L + (M + 2)u·Σ weights.
+    summing ``rows`` rows adds γ_rows·Σℓ. So
+    |δL| ≤ δs·min(3L, 2Σw) + (rows + 3)u·L + (M + 2)u·Σw, Σw = ``total_weight``.
     """
-    return 3 * logit_error(dim, scale, u, scale_error) + (rows + 3) * u, (candidates + 2) * u * total_weight
+    delta_s = logit_error(dim, scale, u, scale_error)
+    loss = torch.as_tensor(expected).detach().double().abs()
+    return (delta_s * torch.minimum(3 * loss, torch.full_like(loss, 2 * total_weight))
+            + (rows + 3) * u * loss + (candidates + 2) * u * total_weight)
+
+
+def assert_ce_within(loss, expected, dim, scale, candidates, rows=1, total_weight=1.0, u=U32, scale_error=1):
+    """``loss`` within ``ce_bound`` of its float64 ``expected``."""
+    assert_within(loss, expected, ce_bound(expected, dim, scale, candidates, rows, total_weight, u, scale_error),
+                  "loss")
 
 
 def info_nce_grad_bound(vectors, blocks, scale, u=U32, scale_error=1):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from fastssl import MemoryBankModule, NTXentLoss, backends, clip_loss, info_nce, nt_xent
 from helpers import (BACKENDS_ON_CPU, FLOAT_DTYPES, HALF_DTYPES, U32, assert_info_nce_grads_within, assert_within,
-                     bank_blocks, ce_tolerance, cross_blocks, gamma, half_error_within_twice_reference, logit_error,
+                     assert_ce_within, bank_blocks, ce_bound, cross_blocks, gamma, half_error_within_twice_reference,
+                     logit_error,
                      simclr_blocks, unit_roundoff)
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
@@ -131,12 +132,6 @@ def with_grad(*tensors):
     return [t.detach().clone().requires_grad_(True) for t in tensors]
 
 
-def assert_loss_within(loss, expected, tolerance):
-    """|loss − float64 expected| ≤ rtol·|expected| + atol, (rtol, atol) from ``ce_tolerance``."""
-    rtol, atol = tolerance
-    assert_within(loss, expected, rtol * expected.detach().double().abs() + atol, "loss")
-
-
 # ============================================================================================
 # 1. The lightly default: SimCLR, two views
 # ============================================================================================
@@ -150,7 +145,7 @@ def test_ntxent_default_equals_lightly_formula(backend, batch, dim, temperature,
     expected = lightly_nt_xent(x0, x1, temperature)
     assert loss.dtype == dtype and loss.dim() == 0
     u = unit_roundoff(dtype)
-    assert_loss_within(loss, expected, ce_tolerance(dim, 1 / temperature, 2 * batch - 1, 2 * batch, u=u))
+    assert_ce_within(loss, expected, dim, 1 / temperature, 2 * batch - 1, 2 * batch, u=u)
     loss.backward()
     expected.backward()
     assert out0.grad.dtype == dtype and out1.grad.dtype == dtype
@@ -175,7 +170,7 @@ def test_ntxent_low_temperature_unnormalised_inputs(backend, temperature, scale)
     expected = lightly_nt_xent(out0, out1, temperature)
     assert torch.isfinite(loss)
     assert expected.item() > 1.0  # the logits span ~2/τ: a real low-temperature stress
-    assert_loss_within(loss, expected, ce_tolerance(33, 1 / temperature, 17, 18))
+    assert_ce_within(loss, expected, 33, 1 / temperature, 17, 18)
 
 
 SATURATED_BANK = F.normalize(torch.randn(20, 16, generator=torch.Generator().manual_seed(1)), dim=1)
@@ -196,7 +191,7 @@ SATURATED_CASES = [  # (loss, float64 formula, the logit blocks of a batch)
 def test_saturated_softmax_fp32_accuracy(backend, loss_fn, formula, blocks):
     # Strongly aligned views at τ = 0.01 (CLIP's logit scale 100): each positive takes almost all
     # of its row's softmax, the loss is ~1e-6 and 1 − p is near fp32 resolution. Value and
-    # gradients against float64 within the derived bounds (ce_tolerance, info_nce_grad_bound),
+    # gradients against float64 within the derived bounds (ce_bound, info_nce_grad_bound),
     # whose absolute parts, (M + 2)u and 4u per positive, are all fp32 can resolve here.
     # (test_saturated_rows_keep_their_digits checks the log-softmax form row by row.)
     out0, out1 = views_for(8, 16, noise=0.5)
@@ -208,7 +203,7 @@ def test_saturated_softmax_fp32_accuracy(backend, loss_fn, formula, blocks):
     blocks = blocks(8)
     candidates = max(int(allowed.sum(dim=1).max()) for _, _, allowed, _, _ in blocks)
     rows = sum(len(block[0]) for block in blocks)
-    assert_loss_within(loss, exact, ce_tolerance(16, 100.0, candidates, rows))
+    assert_ce_within(loss, exact, 16, 100.0, candidates, rows)
     for t in (loss, exact):
         t.backward()
     vectors = torch.cat([exact0, exact1] + ([SATURATED_BANK.double()] if len(blocks[0][1]) > 16 else []))
@@ -236,8 +231,7 @@ def test_saturated_rows_keep_their_digits(backend):
     ]
     for got, exact, candidates, logits, positive in cases:
         assert 1e-7 < exact.min() and exact.max() < 0.1  # saturated rows
-        rtol, atol = ce_tolerance(16, 100.0, candidates)
-        bound = rtol * exact + atol
+        bound = ce_bound(exact, 16, 100.0, candidates)
         assert_within(got, exact, bound, "row losses")
         lse_minus_positive = torch.logsumexp(logits, dim=1) - logits[torch.arange(len(positive)), positive]
         assert ((lse_minus_positive.double() - exact).abs() > bound).any()  # the bound catches the bad form
@@ -250,7 +244,7 @@ def test_ntxent_extreme_magnitude_fp32(backend):
     loss = nt_xent(out0, out1, temperature=0.1, backend=backend)
     expected = lightly_nt_xent(out0, out1, 0.1)
     assert torch.isfinite(loss)
-    assert_loss_within(loss, expected, ce_tolerance(10, 10.0, 11, 12))
+    assert_ce_within(loss, expected, 10, 10.0, 11, 12)
 
 
 def test_ntxent_fp16_inputs_whose_squares_overflow_fp16(backend):
@@ -260,7 +254,7 @@ def test_ntxent_fp16_inputs_whose_squares_overflow_fp16(backend):
     assert torch.isinf(out0.float().pow(2).sum(1).half()).any()
     loss = nt_xent(out0, out1, temperature=0.1, backend=backend)
     assert loss.dtype == torch.float32
-    assert_loss_within(loss, lightly_nt_xent(out0, out1, 0.1), ce_tolerance(24, 10.0, 19, 20))
+    assert_ce_within(loss, lightly_nt_xent(out0, out1, 0.1), 24, 10.0, 19, 20)
 
 
 # ============================================================================================
@@ -289,7 +283,7 @@ def test_memory_bank_first_call_without_grad_uses_random_bank_and_keeps_it(backe
     # Random, not the batch: no bank row equals a normalised out1 row.
     assert not torch.isclose(bank.double() @ F.normalize(out1.double(), dim=1).T,
                              torch.ones((), dtype=torch.float64)).any()
-    assert_loss_within(loss, lightly_moco(out0, out1, bank, 0.2), ce_tolerance(dim, 5.0, 1 + size, batch, u=u))
+    assert_ce_within(loss, lightly_moco(out0, out1, bank, 0.2), dim, 5.0, 1 + size, batch, u=u)
     # A second no-grad call sees (and leaves) the same bank.
     loss_again = criterion(out0, out1)
     assert torch.equal(criterion.memory_bank.bank, bank)
@@ -311,8 +305,8 @@ def test_memory_bank_first_call_with_grad_uses_bank_before_update(backend, dtype
     q = out0.clone().requires_grad_(True)
     loss = criterion(q, out1)
     u = unit_roundoff(dtype)
-    assert_loss_within(loss, lightly_moco(out0, out1, initial_bank, 0.3), ce_tolerance(dim, 1 / 0.3, 1 + size, batch,
-                                                                                         u=u))
+    assert_ce_within(loss, lightly_moco(out0, out1, initial_bank, 0.3), dim, 1 / 0.3, 1 + size, batch,
+                                                                                         u=u)
     bank = criterion.memory_bank.bank
     exact_rows = F.normalize(out1.double(), dim=1)
     assert_within(bank[:batch], exact_rows, normalized_entry_error(dim, u) * exact_rows.abs(), "bank rows")
@@ -338,8 +332,8 @@ def test_memory_bank_fifo_wraps_around(backend):
         before = criterion.memory_bank.bank.clone()
         assert_within(before, expected_bank, entry_error * expected_bank.abs() * written, f"bank before step {step}")
         loss = criterion(out0, out1)
-        assert_loss_within(loss, lightly_moco(out0.detach(), out1, before, tau), ce_tolerance(dim, 1 / tau, 1 + size,
-                                                                                               batch))
+        assert_ce_within(loss, lightly_moco(out0.detach(), out1, before, tau), dim, 1 / tau, 1 + size,
+                                                                                               batch)
         rows = [(pointer + i) % size for i in range(batch)]
         expected_bank[rows] = F.normalize(out1.double(), dim=1)
         written[rows] = True
@@ -440,7 +434,7 @@ def test_multi_view_positives(backend, n_views, dtype):
     exact_views = with_grad(*[v.double() for v in views])
     expected = multi_view_formula(exact_views, 0.3)
     u = unit_roundoff(dtype)
-    assert_loss_within(loss, expected, ce_tolerance(11, 1 / 0.3, 5 * n_views - 1, 5 * n_views, u=u))
+    assert_ce_within(loss, expected, 11, 1 / 0.3, 5 * n_views - 1, 5 * n_views, u=u)
     loss.backward()
     expected.backward()
     assert_info_nce_grads_within([v.grad for v in views], [v.grad for v in exact_views], torch.cat(exact_views),
@@ -451,8 +445,8 @@ def test_two_view_multi_positive_formula_is_lightly(backend):
     # The generic V-view formula with V = 2 reduces to lightly's loss (checks the oracle too).
     out0, out1 = views_for(6, 9)
     torch.testing.assert_close(multi_view_formula([out0, out1], 0.4), lightly_nt_xent(out0, out1, 0.4))
-    assert_loss_within(nt_xent(out0, out1, temperature=0.4, backend=backend), multi_view_formula([out0, out1], 0.4),
-                       ce_tolerance(9, 2.5, 11, 12))
+    assert_ce_within(nt_xent(out0, out1, temperature=0.4, backend=backend), multi_view_formula([out0, out1], 0.4),
+                     9, 2.5, 11, 12)
 
 
 @pytest.mark.parametrize("n_views", [2, 3])
@@ -464,7 +458,7 @@ def test_supervised_labels(backend, n_views, dtype):
     exact_views = with_grad(*[v.double() for v in views])
     expected = multi_view_formula(exact_views, 0.2, labels=labels)
     u = unit_roundoff(dtype)
-    assert_loss_within(loss, expected, ce_tolerance(7, 5.0, 9 * n_views - 1, 9 * n_views, u=u))
+    assert_ce_within(loss, expected, 7, 5.0, 9 * n_views - 1, 9 * n_views, u=u)
     loss.backward()
     expected.backward()
     assert_info_nce_grads_within([v.grad for v in views], [v.grad for v in exact_views], torch.cat(exact_views),
@@ -483,7 +477,7 @@ def test_simcse_mode_is_one_directional(backend, dtype):
     out0, out1 = views_for(7, 13, dtype)
     loss = nt_xent(out0, out1, temperature=0.05, mode="simcse", backend=backend)
     expected = F.cross_entropy(cross_entropy_formula(out0, out1, 0.05), torch.arange(7))
-    assert_loss_within(loss, expected, ce_tolerance(13, 20.0, 7, 7, u=unit_roundoff(dtype)))
+    assert_ce_within(loss, expected, 13, 20.0, 7, 7, u=unit_roundoff(dtype))
     reverse = F.cross_entropy(cross_entropy_formula(out1, out0, 0.05), torch.arange(7))
     assert not torch.isclose(expected, reverse, rtol=1e-3)  # the direction matters
     module = NTXentLoss(temperature=0.05, mode="simcse", backend=backend)(out0, out1)
@@ -496,7 +490,7 @@ def test_symmetric_mode_averages_both_directions(backend, dtype):
     loss = nt_xent(out0, out1, temperature=0.1, mode="symmetric", backend=backend)
     logits = cross_entropy_formula(out0, out1, 0.1)
     expected = 0.5 * (F.cross_entropy(logits, torch.arange(7)) + F.cross_entropy(logits.T, torch.arange(7)))
-    assert_loss_within(loss, expected, ce_tolerance(13, 10.0, 7, 14, u=unit_roundoff(dtype)))
+    assert_ce_within(loss, expected, 13, 10.0, 7, 14, u=unit_roundoff(dtype))
 
 
 @pytest.mark.parametrize("mode", ["simcse", "symmetric"])
@@ -509,7 +503,7 @@ def test_two_view_modes_with_labels(backend, mode):
     rows = multi_positive_rows(out0, out1, positive, everything, 0.25).mean()
     expected = rows if mode == "simcse" else 0.5 * (
         rows + multi_positive_rows(out1, out0, positive.T, everything, 0.25).mean())
-    assert_loss_within(loss, expected, ce_tolerance(6, 4.0, 8, 8 if mode == "simcse" else 16))
+    assert_ce_within(loss, expected, 6, 4.0, 8, 8 if mode == "simcse" else 16)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -527,8 +521,7 @@ def test_clip_loss_with_learnable_logit_scale(backend, dtype):
 
     # the scale is a float32 exp() (≤ 2u, then rounded): scale_error 3
     u, scale = unit_roundoff(dtype), math.exp(log_scale.item())
-    tolerance = ce_tolerance(10, scale, 6, 12, u=u, scale_error=3)
-    assert_loss_within(loss, expected, tolerance)
+    assert_ce_within(loss, expected, 10, scale, 6, 12, u=u, scale_error=3)
     loss.backward()
     expected.backward()
     assert log_scale.grad is not None and log_scale.grad.dtype == dtype
@@ -539,7 +532,7 @@ def test_clip_loss_with_learnable_logit_scale(backend, dtype):
                                  blocks, scale, u, scale_error=3)
     # A plain float scale (a float64 exp, rounded to float32 in the op) is within the same bound.
     as_float = clip_loss(image, text, math.exp(log_scale.item()), backend=backend)
-    assert_loss_within(as_float, expected, tolerance)
+    assert_ce_within(as_float, expected, 10, scale, 6, 12, u=u, scale_error=3)
 
 
 def clip_scale_grad_bound(dim, scale, batch, u=U32, scale_error=1):
@@ -584,7 +577,7 @@ def test_sum_convention_is_official_simclr(backend):
     rows = multi_positive_rows(both, both, positive, not_self, 0.5)
     expected = rows[:7].mean() + rows[7:].mean()
     loss = nt_xent(out0, out1, convention="sum", backend=backend)
-    assert_loss_within(loss, expected, ce_tolerance(9, 2.0, 13, 14, total_weight=2))
+    assert_ce_within(loss, expected, 9, 2.0, 13, 14, total_weight=2)
 
 
 def test_mocov3_convention_with_memory_bank(backend):
@@ -592,10 +585,12 @@ def test_mocov3_convention_with_memory_bank(backend):
     out0, out1 = views_for(5, 6)
     bank = F.normalize(torch.randn(9, 6), dim=1)
     loss = nt_xent(out0, out1, temperature=tau, negatives=bank, convention="mocov3", backend=backend)
-    rtol, atol = ce_tolerance(6, 1 / tau, 10, 5)
-    assert_loss_within(loss, 2 * tau * lightly_moco(out0, out1, bank, tau), (rtol + U32, 2 * tau * atol))
+    exact = lightly_moco(out0, out1, bank, tau)
+    # the mean loss's bound, scaled by 2τ, plus that multiply's rounding
+    assert_within(loss, 2 * tau * exact, 2 * tau * ce_bound(exact, 6, 1 / tau, 10, 5) + U32 * 2 * tau * exact,
+                  "mocov3 loss")
     summed = nt_xent(out0, out1, temperature=tau, negatives=bank, convention="sum", backend=backend)
-    assert_loss_within(summed, lightly_moco(out0, out1, bank, tau), (rtol, atol))
+    assert_ce_within(summed, exact, 6, 1 / tau, 10, 5)
 
 
 # ============================================================================================
@@ -610,16 +605,16 @@ def reduce_rows(rows, cols, reduction, symmetric=False):
 
 
 def assert_reduced_close(result, expected, reduction, dim, scale, candidates, rows):
-    """``ce_tolerance`` per row ("none"), or for the mean or sum of ``rows`` row losses."""
+    """``ce_bound`` per row ("none"), or for the mean or sum of ``rows`` row losses."""
     if reduction == "none":
         assert isinstance(result, tuple) and len(result) == 2
         for r, e in zip(result, expected):
             assert r.shape == e.shape
-            assert_loss_within(r, e, ce_tolerance(dim, scale, candidates))
+            assert_ce_within(r, e, dim, scale, candidates)
     else:
         assert result.dim() == 0
         total_weight = rows if reduction == "sum" else 1.0
-        assert_loss_within(result, expected, ce_tolerance(dim, scale, candidates, rows, total_weight))
+        assert_ce_within(result, expected, dim, scale, candidates, rows, total_weight)
 
 
 NO_COLS = torch.zeros(0, dtype=torch.float64)
@@ -654,7 +649,7 @@ def test_info_nce_labels_rows_without_positive_count_as_zero(backend, reduction)
     assert rows[3] == 0 and rows[5] == 0 and (rows[[0, 1, 2, 4]] > 0).all()
     assert_reduced_close(result, reduce_rows(rows, NO_COLS, reduction), reduction, 10, 5.0, 8, 6)
     if reduction == "mean":  # the empty rows still count in the mean
-        assert_loss_within(result, rows.sum() / 6, ce_tolerance(10, 5.0, 8, 6))
+        assert_ce_within(result, rows.sum() / 6, 10, 5.0, 8, 6)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -716,9 +711,10 @@ def test_info_nce_without_normalisation(backend):
     loss = info_nce(query, keys, 0.5, normalize=False, backend=backend)
     expected = F.cross_entropy(cross_entropy_formula(query, keys, 0.5, normalize=False), torch.arange(5))
     # unnormalised logits s = q·k/τ: |δs| ≤ (D + 2)u·Σ|qᵢkᵢ|/τ (a D-term dot, the scale), then as
-    # ce_tolerance: 3δs relative, (M + 2)u absolute, (rows + 3)u for the mean
+    # in ce_bound: δs·min(3L, 2), (rows + 3)u·L, (M + 2)u
     delta_s = 8 * U32 * (query.double().abs() @ keys.double().abs().T).max().item() / 0.5
-    assert_loss_within(loss, expected, (3 * delta_s + 8 * U32, 7 * U32))
+    assert_within(loss, expected, delta_s * min(3 * expected.item(), 2.0) + 8 * U32 * expected.item() + 7 * U32,
+                  "loss")
     normalised = info_nce(query, keys, 0.5, backend=backend)
     assert not torch.isclose(loss, normalised, rtol=1e-3)
 
@@ -734,9 +730,9 @@ def test_swapping_views_keeps_the_loss(backend, mode):
     # Each against the float64 formula, symmetric in the views (another order of sums: not bit
     # for bit between the two).
     exact = lightly_nt_xent(out0, out1, 0.2) if mode == "simclr" else clip_formula(out0.double(), out1.double(), 5.0)
-    tolerance = ce_tolerance(17, 5.0, 17 if mode == "simclr" else 9, 18)
-    assert_loss_within(forward, exact, tolerance)
-    assert_loss_within(swapped, exact, tolerance)
+    candidates = 17 if mode == "simclr" else 9
+    assert_ce_within(forward, exact, 17, 5.0, candidates, 18)
+    assert_ce_within(swapped, exact, 17, 5.0, candidates, 18)
 
 
 def test_permuting_the_batch_keeps_the_loss(backend):
@@ -746,8 +742,8 @@ def test_permuting_the_batch_keeps_the_loss(backend):
     loss = nt_xent(out0, out1, temperature=0.2, labels=labels, backend=backend)
     permuted = nt_xent(out0[perm], out1[perm], temperature=0.2, labels=labels[perm], backend=backend)
     exact = multi_view_formula([out0, out1], 0.2, labels)  # each against float64, as above
-    assert_loss_within(loss, exact, ce_tolerance(17, 5.0, 17, 18))
-    assert_loss_within(permuted, exact, ce_tolerance(17, 5.0, 17, 18))
+    assert_ce_within(loss, exact, 17, 5.0, 17, 18)
+    assert_ce_within(permuted, exact, 17, 5.0, 17, 18)
 
 
 def test_positive_rescaling_keeps_the_loss(backend):
@@ -756,8 +752,8 @@ def test_positive_rescaling_keeps_the_loss(backend):
     rescaled = nt_xent(5.0 * out0, 0.25 * out1, backend=backend)
     # each against float64 on out0, out1; 5·out0 rounds (u per entry, ≤ 2u on a logit: dim + 1)
     exact = lightly_nt_xent(out0, out1, 0.5)
-    assert_loss_within(loss, exact, ce_tolerance(9, 2.0, 11, 12))
-    assert_loss_within(rescaled, exact, ce_tolerance(9 + 1, 2.0, 11, 12))
+    assert_ce_within(loss, exact, 9, 2.0, 11, 12)
+    assert_ce_within(rescaled, exact, 9 + 1, 2.0, 11, 12)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -816,7 +812,7 @@ def test_backends_agree(backend, loss_fn, n_inputs, scale, blocks, in_blocks):
     candidates = max(int(allowed.sum(dim=1).max()) for _, _, allowed, _, _ in blocks)
     rows = sum(len(block[0]) for block in blocks)
     scale_error = 2 if n_inputs > in_blocks else 1  # clip's scale |v|+10 rounds once more
-    assert_loss_within(got, expected, ce_tolerance(11, scale, candidates, rows, scale_error=scale_error))
+    assert_ce_within(got, expected, 11, scale, candidates, rows, scale_error=scale_error)
     got.backward()
     expected.backward()
     vectors = torch.cat([x.detach() for x in exact_inputs])
@@ -916,7 +912,7 @@ def test_half_inputs_with_memory_bank(backend, dtype):
     # Arithmetic (normalisation included) in fp32 on the half inputs and the stored bank:
     # fp32-level accuracy against float64 on the same inputs.
     exact = lightly_moco(out0, out1, bank, 0.1)
-    assert_loss_within(loss, exact, ce_tolerance(12, 10.0, 21, 8))
+    assert_ce_within(loss, exact, 12, 10.0, 21, 8)
 
 
 # ============================================================================================
