@@ -44,7 +44,7 @@ def assert_within(actual, expected, bound, what="values"):
     """Elementwise |actual − expected| ≤ bound (a number or a tensor broadcast against them); the
     message gives the worst fraction of the bound used."""
     error = (actual.double() - expected.double()).abs()
-    bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(error)
+    bound = torch.as_tensor(bound, dtype=torch.float64).to(error.device).expand_as(error)
     assert torch.isfinite(error).all(), f"{what}: non-finite error"
     used = (error / bound.clamp_min(1e-300)).max().item() if error.numel() else 0.0
     assert (error <= bound).all(), (f"{what}: error {error.max().item():.3g} exceeds its derived bound "
@@ -100,7 +100,7 @@ def info_nce_grad_bound(vectors, blocks, scale, u=U32, scale_error=1):
     scale/‖xᵢ‖ · [Wᵢ(2δs + (2M + D + 7)u) + 4u·Pᵢ], Wᵢ = Σ|G| and Pᵢ = Σ weight over positive
     logits touching i, from the float64 softmax.
     """
-    x = vectors.detach().double()
+    x = vectors.detach().double().cpu()
     unit = F.normalize(x, dim=1)
     total, positives = x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0])
     candidates = 0
@@ -117,6 +117,13 @@ def info_nce_grad_bound(vectors, blocks, scale, u=U32, scale_error=1):
     dim = x.shape[1]
     per_weight = 2 * logit_error(dim, scale, u, scale_error) + (2 * candidates + dim + 7) * u
     return scale / x.norm(dim=1) * (total * per_weight + 4 * u * positives)
+
+
+def block_sizes(blocks):
+    """(most candidates of any row, number of rows) of ``info_nce_grad_bound``'s blocks: the
+    ``candidates`` and ``rows`` of ``ce_bound``."""
+    return (max(int(allowed.sum(dim=1).max()) for _, _, allowed, _, _ in blocks),
+            sum(len(rows) for rows, _, _, _, _ in blocks))
 
 
 def assert_info_nce_grads_within(actual, expected, vectors, blocks, scale, u=U32, scale_error=1):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fastssl import MemoryBankModule, NTXentLoss, backends, clip_loss, info_nce, nt_xent
 from helpers import (BACKENDS_ON_CPU, FLOAT_DTYPES, HALF_DTYPES, U32, assert_info_nce_grads_within, assert_within,
-                     assert_ce_within, bank_blocks, ce_bound, cross_blocks, gamma, half_error_within_twice_reference,
+                     assert_ce_within, bank_blocks, block_sizes, ce_bound, cross_blocks, gamma, half_error_within_twice_reference,
                      logit_error,
                      simclr_blocks, unit_roundoff)
 
@@ -201,8 +201,7 @@ def test_saturated_softmax_fp32_accuracy(backend, loss_fn, formula, blocks):
     exact = formula(exact0, exact1)
     assert exact.item() < 1e-3  # saturated indeed
     blocks = blocks(8)
-    candidates = max(int(allowed.sum(dim=1).max()) for _, _, allowed, _, _ in blocks)
-    rows = sum(len(block[0]) for block in blocks)
+    candidates, rows = block_sizes(blocks)
     assert_ce_within(loss, exact, 16, 100.0, candidates, rows)
     for t in (loss, exact):
         t.backward()
@@ -809,8 +808,7 @@ def test_backends_agree(backend, loss_fn, n_inputs, scale, blocks, in_blocks):
     got = loss_fn(got_inputs, backend)
     expected = loss_fn(exact_inputs, "reference")
     scale = scale(inputs)
-    candidates = max(int(allowed.sum(dim=1).max()) for _, _, allowed, _, _ in blocks)
-    rows = sum(len(block[0]) for block in blocks)
+    candidates, rows = block_sizes(blocks)
     scale_error = 2 if n_inputs > in_blocks else 1  # clip's scale |v|+10 rounds once more
     assert_ce_within(got, expected, 11, scale, candidates, rows, scale_error=scale_error)
     got.backward()
