@@ -1,8 +1,19 @@
-"""Helpers shared by the tests."""
+"""Helpers shared by the tests, the error bounds among them.
+
+Every float comparison bounds |result − exact|, with exact a float64 evaluation of the same math
+on the same (rounded) inputs, by a bound derived from the computation, never one fitted on a
+machine: another CPU runs other vector kernels and summation orders and may use all of it.
+``u`` is the unit roundoff of the arithmetic (2⁻²⁴ in float32: float16/bfloat16 inputs are
+computed in float32 too); an n-term sum or dot is off by at most γ_n·Σ|terms|, γ_n = n·u/(1 − n·u)
+(Higham, Accuracy and Stability of Numerical Algorithms, §3.1). The bounds are worst cases:
+rounding errors of random sign use a few percent of them, and a real bug (a term missing, a wrong
+scale, a cancelling formula) far more than all of them.
+"""
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 BACKENDS_ON_CPU = ["reference", "torch"]
 
@@ -16,19 +27,222 @@ def backend_params(op: str):
     marks = {"triton": [pytest.mark.triton], "native": [pytest.mark.native]}
     return [pytest.param(backend, id=backend, marks=marks.get(backend, [])) for backend in MANIFEST[op]]
 
-# (dtype, rtol, atol) against float64 formulas, with readable ids.
+
+FLOAT_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
+HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+# (dtype, rtol, atol) against float64 formulas: still used by tests/test_clustering.py
 DTYPE_TOLERANCES = [
     pytest.param(torch.float32, 1e-5, 1e-6, id="fp32"),
     pytest.param(torch.float64, 1e-10, 1e-12, id="fp64"),
 ]
-HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+
+U32 = 2.0 ** -24  # float32's unit roundoff
 
 
+def unit_roundoff(dtype):
+    """u of a computation in ``dtype`` checked against a float64 oracle: 2⁻²⁴ for float32 and the
+    half dtypes (computed in float32); for float64, 2 · 2⁻⁵³, as the oracle then carries an
+    error of the same size as the result's."""
+    return 2 * 2.0 ** -53 if dtype == torch.float64 else U32
+
+
+def gamma(n, u=U32):
+    """γ_n = n·u / (1 − n·u): relative error of an n-term sum or dot (relative to Σ|terms|)."""
+    return n * u / (1 - n * u)
+
+
+def assert_within(actual, expected, bound, what="values"):
+    """Elementwise |actual − expected| ≤ bound (a number or a tensor broadcast against them); the
+    message gives the worst fraction of the bound used."""
+    error = (actual.double() - expected.double()).abs()
+    bound = torch.as_tensor(bound, dtype=torch.float64).to(error.device).expand_as(error)
+    assert torch.isfinite(error).all(), f"{what}: non-finite error"
+    used = (error / bound.clamp_min(1e-300)).max().item() if error.numel() else 0.0
+    assert (error <= bound).all(), (f"{what}: error {error.max().item():.3g} exceeds its derived bound "
+                                    f"({used:.3g} of it used at worst)")
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy of cosine logits (NT-Xent, InfoNCE, CLIP)
+# --------------------------------------------------------------------------------------------
+def logit_error(dim, scale, u=U32, scale_error=1):
+    """|δs| for a logit s = scale · q̂·k̂ of rows of ``dim`` entries normalised by the backend: each
+    normalisation puts (D/2 + 4)u relative on an entry (a D-term sum of squares, its square root,
+    the division), the D-term dot adds D·u (Σ|q̂ᵢk̂ᵢ| ≤ 1) and the scale ``scale_error``·u (its
+    rounding to float32: 1; a float32 exp() of a learnable log-scale: 3)."""
+    return (2 * dim + 8 + scale_error) * u * scale
+
+
+def ce_bound(expected, dim, scale, candidates, rows=1, total_weight=1.0, u=U32, scale_error=1):
+    """Bound on |δL| for a weighted sum L of cross-entropies over cosine logits (``logit_error``),
+    given its float64 value ``expected`` (a tensor of per-row losses: one bound each).
+
+    Per row, ℓ = LSE(s) − mean_P s moves by ≤ δs·Σ|p − y| under logit errors δs, where
+    Σ|p − y| ≤ 2, and ≤ 2(1 − p₊) ≤ 2ℓ with one positive (1 − p ≤ −log p), ≤ 3ℓ with |P| ≥ 2
+    (ℓ ≥ log|P|); the softmax of ``candidates`` logits rounds by ≤ (M + 2)u absolute plus 2u·ℓ;
+    summing ``rows`` rows adds γ_rows·Σℓ. So
+    |δL| ≤ δs·min(3L, 2Σw) + (rows + 3)u·L + (M + 2)u·Σw, Σw = ``total_weight``.
+    """
+    delta_s = logit_error(dim, scale, u, scale_error)
+    loss = torch.as_tensor(expected).detach().double().abs()
+    return (delta_s * torch.minimum(3 * loss, torch.full_like(loss, 2 * total_weight))
+            + (rows + 3) * u * loss + (candidates + 2) * u * total_weight)
+
+
+def assert_ce_within(loss, expected, dim, scale, candidates, rows=1, total_weight=1.0, u=U32, scale_error=1):
+    """``loss`` within ``ce_bound`` of its float64 ``expected``."""
+    assert_within(loss, expected, ce_bound(expected, dim, scale, candidates, rows, total_weight, u, scale_error),
+                  "loss")
+
+
+def info_nce_grad_bound(vectors, blocks, scale, u=U32, scale_error=1):
+    """Per row i of ``vectors``, a bound on every entry of |fp32 ∂L/∂xᵢ − float64 ∂L/∂xᵢ|.
+
+    ``vectors``: (R, D) float64, every row the logits are built from, unnormalised. ``blocks``:
+    (rows, cols, allowed, positive, weight) tuples, one cross-entropy per entry of ``rows`` over
+    the logits scale · x̂_rows·x̂_colsᵀ that ``allowed`` (len(rows), len(cols)) keeps, with
+    ``positive`` averaged outside the log (SupCon's L_out; a row without one adds 0), times
+    ``weight`` (1 / rows for a mean).
+
+    ∂L/∂xᵢ = (I − x̂ᵢx̂ᵢᵀ)/‖xᵢ‖ · scale · Σ G x̂ over the logits touching i (as a row and as a
+    column), G = weight · (p − y): each G is off by ≤ |G|(2δs + (2M + 3)u) (the logits'
+    ``logit_error``, an M-term softmax) and by 4u·weight per positive (p₊ ≈ 1 rounds absolutely);
+    the D-term sums and the projection add (D + 4)u of Σ|G|. So the bound is
+    scale/‖xᵢ‖ · [Wᵢ(2δs + (2M + D + 7)u) + 4u·Pᵢ], Wᵢ = Σ|G| and Pᵢ = Σ weight over positive
+    logits touching i, from the float64 softmax.
+    """
+    x = vectors.detach().double().cpu()
+    unit = F.normalize(x, dim=1)
+    total, positives = x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0])
+    candidates = 0
+    for rows, cols, allowed, positive, weight in blocks:
+        logits = (scale * unit[rows] @ unit[cols].T).masked_fill(~allowed, float("-inf"))
+        chosen = (positive & allowed).double()
+        count = chosen.sum(dim=1, keepdim=True)
+        has_positive = (count > 0).double()
+        g = weight * has_positive * (torch.softmax(logits, dim=1) - chosen / count.clamp_min(1)).abs()
+        total.index_add_(0, rows, g.sum(dim=1)).index_add_(0, cols, g.sum(dim=0))
+        p = weight * has_positive * chosen
+        positives.index_add_(0, rows, p.sum(dim=1)).index_add_(0, cols, p.sum(dim=0))
+        candidates = max(candidates, int(allowed.sum(dim=1).max()))
+    dim = x.shape[1]
+    per_weight = 2 * logit_error(dim, scale, u, scale_error) + (2 * candidates + dim + 7) * u
+    return scale / x.norm(dim=1) * (total * per_weight + 4 * u * positives)
+
+
+def block_sizes(blocks):
+    """(most candidates of any row, number of rows) of ``info_nce_grad_bound``'s blocks: the
+    ``candidates`` and ``rows`` of ``ce_bound``."""
+    return (max(int(allowed.sum(dim=1).max()) for _, _, allowed, _, _ in blocks),
+            sum(len(rows) for rows, _, _, _, _ in blocks))
+
+
+def assert_info_nce_grads_within(actual, expected, vectors, blocks, scale, u=U32, scale_error=1):
+    """Gradients of the first rows of ``vectors`` (``actual`` and float64 ``expected``, one tensor
+    per input, in the order of ``vectors``' rows) within ``info_nce_grad_bound``."""
+    bound = info_nce_grad_bound(vectors, blocks, scale, u, scale_error)
+    start = 0
+    for index, (got, want) in enumerate(zip(actual, expected)):
+        assert got is not None and got.shape == want.shape
+        assert_within(got, want, bound[start:start + got.shape[0], None], f"gradient of input {index}")
+        start += got.shape[0]
+
+
+def simclr_blocks(n_views, batch, labels=None):
+    """NT-Xent's logits over V stacked views (rows of ``torch.cat(views)``): every row against every
+    other, positives the rows of the same sample (or label)."""
+    ids = (torch.arange(batch) if labels is None else labels).repeat(n_views)
+    rows = torch.arange(n_views * batch)
+    not_self = ~torch.eye(len(rows), dtype=torch.bool)
+    return [(rows, rows, not_self, (ids[:, None] == ids[None, :]) & not_self, 1.0 / len(rows))]
+
+
+def cross_blocks(positive, allowed=None, symmetric=False):
+    """InfoNCE's logits of N queries (rows 0..N) against M keys (rows N..N+M), ``positive`` (N, M);
+    ``symmetric`` adds the columns' cross-entropies (CLIP), the mean of both halves."""
+    n, m = positive.shape
+    allowed = torch.ones(n, m, dtype=torch.bool) if allowed is None else allowed
+    rows, cols = torch.arange(n), torch.arange(n, n + m)
+    half = 0.5 if symmetric else 1.0
+    blocks = [(rows, cols, allowed, positive, half / n)]
+    if symmetric:
+        blocks.append((cols, rows, allowed.T, positive.T, half / m))
+    return blocks
+
+
+def bank_blocks(batch, bank_size):
+    """MoCo's logits: query i (rows 0..B) against its positive key (row B + i) and the bank (rows
+    2B..2B + K)."""
+    allowed = torch.zeros(batch, batch + bank_size, dtype=torch.bool)
+    allowed[:, batch:] = True
+    allowed[torch.arange(batch), torch.arange(batch)] = True
+    positive = torch.zeros_like(allowed)
+    positive[torch.arange(batch), torch.arange(batch)] = True
+    return [(torch.arange(batch), torch.arange(batch, 2 * batch + bank_size), allowed, positive, 1.0 / batch)]
+
+
+# --------------------------------------------------------------------------------------------
+# Batch-normalised losses (Barlow Twins, VICReg)
+# --------------------------------------------------------------------------------------------
+def batch_norm_grad_tolerance(batch, dim, u=U32):
+    """Normwise relative bound on the gradients of a batch-normalised loss: ‖δg‖∞ ≤ this ·
+    ‖g‖∞, from the N-term means of the batch-norm backward and the D-term sums on the loss side,
+    each ≤ γ of its length on either side of the normalisation."""
+    return 2 * (batch + dim + 8) * u
+
+
+def barlow_twins_loss_bound(z_a, z_b, lambda_param, eps=1e-5, u=U32):
+    """|δL| of Barlow Twins on (N, D) views: every |δC_ij| ≤ δC = (3N + 8)u (two batch norms, each
+    ≤ (N + 4)u relative per entry, and an N-term dot with Σ|aᵢbⱼ|/N ≤ 1); L moves by
+    2δC·(Σ|1 − cᵢᵢ| + λΣ_{i≠j}|C_ij|) under them, and the D²-term sums that form L (with the Gram
+    path's ⟨aaᵀ, bbᵀ⟩ and its ‖C‖² − Σc² cancellation) round by (D² + N² + 4D)u of
+    Σ(1 − cᵢᵢ)² + λ‖C‖²."""
+    n, d = z_a.shape
+    a, b = (_batch_normalized64(z, eps) for z in (z_a, z_b))
+    c = a.T @ b / n
+    diagonal = torch.diagonal(c)
+    off_diagonal = c - torch.diag(diagonal)
+    first_order = 2 * (3 * n + 8) * u * ((1 - diagonal).abs().sum() + lambda_param * off_diagonal.abs().sum())
+    summing = (d * d + n * n + 4 * d) * u * ((1 - diagonal).pow(2).sum() + lambda_param * c.pow(2).sum())
+    return (first_order + summing).item()
+
+
+def _batch_normalized64(z, eps):
+    z = z.detach().double()
+    return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
+
+
+def vicreg_loss_bound(z_a, z_b, lambda_param=25.0, mu_param=25.0, nu_param=1.0, eps=1e-4, u=U32):
+    """|δL| of VICReg on (B, …, D) views, term by term: invariance, a mean of B·D·… squares,
+    ≤ λ(numel + 4)u·mse; variance, per feature δs ≤ (B + 6)u·v/(2s) (a B-term centred sum of
+    squares, the square root) where the hinge s < 1 is active; covariance, every
+    |δCov_ij| ≤ (2B + 8)u·Σ_b|x_bi x_bj|/(B − 1) (the centring and a B-term dot), which moves
+    Σ_{i≠j}Cov²/D by 2|Cov|δCov/D, plus (D² + 4)u of the term for its D²-term sum."""
+    za, zb = z_a.detach().double(), z_b.detach().double()
+    batch, dim = za.shape[0], za.shape[-1]
+    bound = lambda_param * (za.numel() + 4) * u * ((za - zb) ** 2).mean().item()
+    off_diagonal = ~torch.eye(dim, dtype=torch.bool)
+    for z in (za, zb):
+        x = z - z.mean(dim=0)
+        variance = (x * x).sum(dim=0) / (batch - 1)
+        std = torch.sqrt(variance + eps)
+        bound += mu_param * 0.5 * ((batch + 6) * u * variance / (2 * std) * (std < 1)).mean().item()
+        cov = torch.einsum("b...c,b...d->...cd", x, x) / (batch - 1)
+        cov_error = (2 * batch + 8) * u * torch.einsum("b...c,b...d->...cd", x.abs(), x.abs()) / (batch - 1)
+        bound += nu_param * ((2 * cov.abs() * cov_error)[..., off_diagonal].sum(-1) / dim).mean().item()
+        bound += nu_param * (dim * dim + 4) * u * ((cov[..., off_diagonal] ** 2).sum(-1) / dim).mean().item()
+    return bound
+
+
+# --------------------------------------------------------------------------------------------
+# Half precision
+# --------------------------------------------------------------------------------------------
 def half_error_within_twice_reference(result_half, result_ref_half, exact, factor=2.0, floor=1e-6):
     """flash-attention's rule: |fastssl(half) − exact| ≤ factor · |reference(half) − exact| (+ floor).
 
     ``result_half``: the backend run on half-precision inputs; ``result_ref_half``: the reference
     computed in that dtype (inputs and arithmetic); ``exact``: float64 on the same (rounded) inputs.
+    Rounding to the half dtype dominates both errors, so the ratio does not depend on the CPU.
     """
     err = (result_half.double() - exact).abs().max().item()
     ref_err = (result_ref_half.double() - exact).abs().max().item()

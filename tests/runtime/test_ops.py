@@ -5,6 +5,7 @@ import torch
 import fastssl
 import fastssl.functional as fn
 from fastssl import backends
+from helpers import assert_ce_within
 
 
 def _op_samples(dtype):
@@ -99,14 +100,19 @@ def test_compile_fullgraph_equals_eager(name, loss, backend):
     eager_grads = torch.autograd.grad(eager, (a, b))
     compiled = torch.compile(lambda x, y: loss(x, y, backend), fullgraph=True, backend="aot_eager")(a, b)
     compiled_grads = torch.autograd.grad(compiled, (a, b))
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    # Bit for bit: aot_eager runs the traced graph on the eager ATen kernels, in the same order,
+    # and the custom ops are opaque to it.
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for got, want in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_compile_with_inductor():
-    """One loss through the default Inductor backend as well (the others use aot_eager, faster)."""
+    """One loss through the default Inductor backend as well (the others use aot_eager, faster).
+    Inductor generates its own code for the glue around the ops (its own rounding), so the result
+    is checked against float64 within the derived bound, as the eager backends are."""
     torch._dynamo.reset()
     a, b = torch.randn(9, 13, requires_grad=True), torch.randn(9, 13, requires_grad=True)
     compiled = torch.compile(lambda x, y: fastssl.NTXentLoss(backend="torch")(x, y), fullgraph=True)
-    torch.testing.assert_close(compiled(a, b), fn.nt_xent(a, b, backend="reference"), rtol=1e-5, atol=1e-6)
+    exact = fn.nt_xent(a.double(), b.double(), backend="reference")
+    assert_ce_within(compiled(a, b), exact, 13, 2.0, 17, 18)  # D = 13, τ = 0.5, 2B − 1 candidates, 2B rows
