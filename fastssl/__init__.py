@@ -39,7 +39,13 @@ from .losses import (
     SwaVLoss,
     VICRegLoss,
 )
-from .momentum import cosine_schedule, update_momentum
+from .momentum import (
+    CosineWarmupScheduler,
+    cosine_schedule,
+    cosine_warmup_schedule,
+    linear_warmup_schedule,
+    update_momentum,
+)
 
 __version__ = "0.1.0"
 
@@ -48,6 +54,7 @@ __all__ = [
     "NegativeCosineSimilarity", "DINOLoss", "KoLeoLoss", "koleo", "info_nce", "nt_xent", "clip_loss", "barlow_twins",
     "vicreg", "sinkhorn_knopp", "sinkhorn", "swav", "dino", "dino_center",
     "negative_cosine_similarity", "kmeans_assign", "kmeans_update", "update_momentum", "cosine_schedule",
+    "cosine_warmup_schedule", "linear_warmup_schedule", "CosineWarmupScheduler",
     "BackendUnavailableError",
 ]
 
