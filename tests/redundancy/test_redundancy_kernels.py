@@ -9,7 +9,8 @@ from fastssl import BarlowTwinsLoss, VICRegLoss, backends
 from fastssl.redundancy import torch_backend as redundancy
 
 from helpers import HALF_DTYPES, half_error_within_twice_reference
-from test_redundancy import _assert_close_scaled, _grads, _views, barlow_formula, vicreg_formula
+from test_redundancy import (_assert_barlow_within, _assert_close_scaled, _assert_vicreg_within, _grads, _views,
+                             barlow_formula, vicreg_formula)
 
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.triton)]
 PATHS = ["gram", "direct"]
@@ -23,11 +24,17 @@ VICREG_PARAMS = dict(lambda_param=2.0, mu_param=3.0, nu_param=0.5, eps=1e-3)
 
 
 def _barlow(backend, algorithm, lambda_param=0.02):
-    return lambda a, b: fn.barlow_twins(a, b, lambda_param, algorithm=algorithm, backend=backend)
+    def loss(a, b):
+        return fn.barlow_twins(a, b, lambda_param, algorithm=algorithm, backend=backend)
+    loss.loss, loss.lambda_param = "barlow_twins", lambda_param
+    return loss
 
 
 def _vicreg(backend, algorithm):
-    return lambda a, b: fn.vicreg(a, b, **VICREG_PARAMS, algorithm=algorithm, backend=backend)
+    def loss(a, b):
+        return fn.vicreg(a, b, **VICREG_PARAMS, algorithm=algorithm, backend=backend)
+    loss.loss = "vicreg"
+    return loss
 
 
 def _barlow_formula(a, b):
@@ -43,16 +50,17 @@ LOSSES = [pytest.param(_barlow, _barlow_formula, id="barlow_twins"),
           pytest.param(_vicreg, _vicreg_formula, id="vicreg")]
 
 
-def _check_against_float64(loss_fn, formula, z_a, z_b):
-    """fp32 loss and gradients of ``loss_fn`` against ``formula`` in float64 on the same inputs."""
+def _check_against_float64(loss_fn, z_a, z_b):
+    """fp32 loss and gradients of ``loss_fn`` (a ``LOSSES`` factory's result) against the float64
+    formula on the same inputs, within the derived bounds (barlow_twins_loss_bound or
+    vicreg_loss_bound, and batch_norm_grad_tolerance)."""
     loss = loss_fn(z_a, z_b)
     assert loss.dtype == torch.float32 and loss.shape == ()
-    z_a64, z_b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
-    expected = formula(z_a64, z_b64)
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    for g, e in zip(_grads(loss, z_a, z_b), _grads(expected, z_a64, z_b64)):
-        assert g.dtype == torch.float32
-        _assert_close_scaled(g, e, rtol=1e-4)
+    grads = _grads(loss, z_a, z_b)
+    if loss_fn.loss == "barlow_twins":
+        _assert_barlow_within(loss, z_a, z_b, loss_fn.lambda_param, grads)
+    else:
+        _assert_vicreg_within(loss, z_a, z_b, VICREG_PARAMS, grads)
 
 
 # ============================================================================================
@@ -63,7 +71,7 @@ def _check_against_float64(loss_fn, formula, z_a, z_b):
 @pytest.mark.parametrize("n,d", BARLOW_SHAPES)
 def test_barlow_twins_every_path_equals_float64(n, d, backend, algorithm):
     z_a, z_b = _views(n, d, scale=2.0, shift=0.3, grad=True)
-    _check_against_float64(_barlow(backend, algorithm), lambda a, b: barlow_formula(a, b, 0.02), z_a, z_b)
+    _check_against_float64(_barlow(backend, algorithm), z_a, z_b)
 
 
 @pytest.mark.parametrize("algorithm", PATHS + ["auto"])
@@ -71,8 +79,7 @@ def test_barlow_twins_every_path_equals_float64(n, d, backend, algorithm):
 @pytest.mark.parametrize("shape", VICREG_SHAPES)
 def test_vicreg_every_path_equals_float64(shape, backend, algorithm):
     z_a, z_b = _views(*shape, scale=0.6, shift=0.2, grad=True)  # std ~0.7: the variance hinge is active
-    _check_against_float64(_vicreg(backend, algorithm), lambda a, b: vicreg_formula(a, b, **VICREG_PARAMS),
-                           z_a, z_b)
+    _check_against_float64(_vicreg(backend, algorithm), z_a, z_b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,19 +139,22 @@ def test_half_inputs_within_twice_the_reference_error(loss, formula, dtype, back
 @pytest.mark.parametrize("algorithm", PATHS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss,formula", LOSSES)
-def test_offset_and_tiny_features_lose_no_more_than_the_reference(loss, formula, backend, algorithm):
+def test_offset_and_tiny_features_stay_within_the_float64_bounds(loss, formula, backend, algorithm, request):
     """Features far from zero (mean 300, σ from 1e-3 to 1: near batch norm's eps) in fp32: the
-    fused paths stay within 2× the fp32 reference's error against float64 (+1e-5 relative)."""
+    fused paths within the same derived bounds as centred features. They hold for a correct
+    implementation, as z − mean is exact there (Sterbenz) and a per-feature shift cancels in the
+    statistics. They catch both faults fastssl's torch backend had: a batch norm that forms
+    z·rstd − mean·rstd (torch's scalar kernel) loses 4e-3 of this loss (9× its bound), and one
+    that centres by the rounded mean only puts 7e-4 relative on the gradient (110×)."""
+    if backend == "triton" and loss is _barlow:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "kernels/redundancy.py's batch-norm backward centres by the rounded batch mean: the gradient of a "
+            "feature at 300 ± 1e-3 is off by 7e-4 of its size, 110x its bound (fastssl/redundancy.py's torch "
+            "backend shifts by that mean first and is at 1.6e-7); to be fixed in the kernel")))
     z_a, z_b = _views(17, 29, dtype=torch.float64)
     z_a = (z_a * torch.logspace(-3, 0, 29, dtype=torch.float64) + 300.0).float().requires_grad_()
     z_b = (z_b - 300.0).float().requires_grad_()
-    fast = loss(backend, algorithm)(z_a, z_b)
-    ref = loss("reference", "auto")(z_a, z_b)
-    z_a64, z_b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
-    exact = formula(z_a64, z_b64)
-    half_error_within_twice_reference(fast, ref, exact, floor=1e-5 * exact.abs().item())
-    for g, g_ref, g_exact in zip(_grads(fast, z_a, z_b), _grads(ref, z_a, z_b), _grads(exact, z_a64, z_b64)):
-        half_error_within_twice_reference(g, g_ref, g_exact, floor=1e-5 * g_exact.abs().max().item())
+    _check_against_float64(loss(backend, algorithm), z_a, z_b)
 
 
 # ============================================================================================
