@@ -14,6 +14,7 @@ from torch import nn
 from ..distillation import check_last_layer, off_diagonal_mean, pair_losses
 from ..runtime import registry
 from ..runtime.validation import (
+    check_distributed_available,
     check_float_tensor,
     check_int_at_least,
     check_label_tensor,
@@ -244,6 +245,7 @@ class SwaVLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05,
                  sinkhorn_gather_distributed: bool = False, *, backend: str = "auto"):
         super().__init__()
+        check_distributed_available("sinkhorn_gather_distributed", sinkhorn_gather_distributed)
         self.temperature = check_positive("temperature", temperature)
         self.sinkhorn_iterations = check_int_at_least("sinkhorn_iterations", sinkhorn_iterations, 0)
         self.sinkhorn_epsilon = check_positive("sinkhorn_epsilon", sinkhorn_epsilon)

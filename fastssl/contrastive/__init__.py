@@ -16,6 +16,7 @@ from torch import nn
 from ..runtime import distributed, registry
 from ..runtime.validation import (
     check_choice,
+    check_distributed_available,
     check_float_tensor,
     check_int_at_least,
     check_label_tensor,
@@ -381,7 +382,7 @@ class NTXentLoss(nn.Module):
         check_choice("mode", mode, NT_XENT_MODES)
         check_choice("convention", convention, NT_XENT_CONVENTIONS)
         self.memory_bank = MemoryBankModule(memory_bank_size, gather_distributed, feature_dim_first=False)
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = check_distributed_available("gather_distributed", gather_distributed)
         self.mode, self.convention, self.normalize, self.backend = mode, convention, normalize, backend
 
     def forward(self, out0: Tensor, out1: Tensor, *more_views: Tensor, labels: Optional[Tensor] = None) -> Tensor:

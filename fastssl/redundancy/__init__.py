@@ -12,6 +12,7 @@ from ..runtime import distributed, registry
 from ..runtime.validation import (
     check_batch_at_least,
     check_choice,
+    check_distributed_available,
     check_float_tensor,
     check_non_negative,
     check_views,
@@ -140,7 +141,7 @@ class BarlowTwinsLoss(nn.Module):
         self.lambda_param = check_non_negative("lambda_param", lambda_param)
         check_choice("distributed_convention", distributed_convention, ("global", "lightly"))
         self.algorithm = check_choice("algorithm", algorithm, ALGORITHMS)
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = check_distributed_available("gather_distributed", gather_distributed)
         self.distributed_convention, self.scale_loss, self.backend = distributed_convention, scale_loss, backend
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
@@ -167,7 +168,8 @@ class VICRegLoss(nn.Module):
         self.nu_param = check_non_negative("nu_param", nu_param)
         self.eps = check_non_negative("eps", eps)
         self.algorithm = check_choice("algorithm", algorithm, ALGORITHMS)
-        self.gather_distributed, self.backend = gather_distributed, backend
+        self.gather_distributed = check_distributed_available("gather_distributed", gather_distributed)
+        self.backend = backend
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         return vicreg(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, self.eps,

@@ -10,6 +10,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -128,3 +129,11 @@ def check_views(names: Sequence[str], tensors: Sequence[torch.Tensor], ndim: Opt
 def eager() -> bool:
     """Value checks (which read tensor data) run in eager mode only, not while compiling."""
     return not torch.compiler.is_compiling()
+
+
+def check_distributed_available(name: str, value: bool) -> bool:
+    """lightly's constructor check: ``name=True`` needs a torch built with ``torch.distributed``."""
+    if value and not torch.distributed.is_available():
+        raise ValueError(f"{name} is True but torch.distributed is not available. Please set {name}=False or "
+                         "install a torch version with distributed support.")
+    return value
