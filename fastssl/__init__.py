@@ -39,6 +39,7 @@ from .losses import (
     SwaVLoss,
     VICRegLoss,
 )
+from .distillation import Center
 from .momentum import (
     CosineWarmupScheduler,
     cosine_schedule,
@@ -55,7 +56,7 @@ __all__ = [
     "vicreg", "sinkhorn_knopp", "sinkhorn", "swav", "dino", "dino_center",
     "negative_cosine_similarity", "kmeans_assign", "kmeans_update", "update_momentum", "cosine_schedule",
     "cosine_warmup_schedule", "linear_warmup_schedule", "CosineWarmupScheduler",
-    "BackendUnavailableError",
+    "Center", "BackendUnavailableError",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

@@ -19,3 +19,39 @@ def test_gathering_without_torch_distributed_raises_like_lightly(make, argument,
     monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
     with pytest.raises(ValueError, match=f"{argument} is True but torch.distributed is not available"):
         make()
+
+
+def center_mean64(x, dim):
+    """lightly's center_mean: the mean over ``dim``, kept (one process)."""
+    return x.double().mean(dim=dim, keepdim=True)
+
+
+def test_center_module_is_lightlys():
+    center = fastssl.Center(size=(1, 1, 6), momentum=0.8)
+    assert center.dim == (0, 1) and center.value.shape == (1, 1, 6) and list(center.state_dict()) == ["center"]
+    x = torch.randn(3, 5, 6)
+    center.update(x)
+    torch.testing.assert_close(center.value.double(), 0.2 * center_mean64(x, (0, 1)), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"Unknown mode 'median'. Valid modes are \['mean'\]."):
+        fastssl.Center(size=(1, 6), mode="median")
+
+
+def test_dino_center_mode_and_update_center_take_lightlys_inputs():
+    loss = fastssl.DINOLoss(output_dim=4, center_momentum=0.5)
+    assert loss.center_mode == "mean" and list(loss.state_dict()) == ["center"]
+    with pytest.raises(ValueError, match=r"Unknown mode 'max'. Valid modes are \['mean'\]."):
+        fastssl.DINOLoss(center_mode="max")
+    stacked = torch.randn(2, 3, 4)
+    loss.update_center(stacked)
+    torch.testing.assert_close(loss.center.double(), 0.5 * center_mean64(stacked, (0, 1)), rtol=1e-6, atol=1e-7)
+    flat = torch.randn(3, 4)  # lightly averages over the first two dims of whatever it is given
+    before = loss.center.clone()
+    loss.update_center(flat)
+    torch.testing.assert_close(loss.center.double(), 0.5 * before.double() + 0.5 * flat.double().mean(),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_dino_with_one_view_raises_lightlys_error():
+    with pytest.raises(ValueError, match=r"DINOLoss requires at least two views in total .* but got 1 teacher "
+                                         r"view\(s\) and 1 student view\(s\)"):
+        fastssl.DINOLoss(output_dim=4)([torch.randn(3, 4)], [torch.randn(3, 4)])

@@ -1,13 +1,13 @@
 """The distillation family: the soft-target cross-entropy of every (target crop, student crop)
 pair, optionally through a fused last layer, and DINO on it.
 
-Public API: :func:`dino`, :func:`dino_center`, :class:`DINOLoss`; for compositions (SwAV):
+Public API: :func:`dino`, :func:`dino_center`, :class:`DINOLoss`, :class:`Center`; for compositions (SwAV):
 :func:`pair_losses`, :func:`off_diagonal_mean`, :func:`check_last_layer`. Core ops:
 ``soft_cross_entropy_pairs`` and ``linear_soft_cross_entropy_pairs``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -113,8 +113,9 @@ def dino(
     teacher_temp = check_positive("teacher_temp", teacher_temp)
     student_temp = check_positive("student_temp", student_temp)
     if teacher.shape[0] * student.shape[0] - min(teacher.shape[0], student.shape[0]) == 0:
-        raise ValueError("DINO needs at least one (teacher, student) pair of different crops, got "
-                         f"{teacher.shape[0]} teacher and {student.shape[0]} student crop(s)")
+        raise ValueError("DINOLoss requires at least two views in total (the diagonal matching the same view index "
+                         f"is excluded), but got {teacher.shape[0]} teacher view(s) and {student.shape[0]} student "
+                         "view(s), which leaves no cross-view terms to compute the loss from.")
     targets = reference.teacher_targets(teacher, center, teacher_temp)
     return off_diagonal_mean(pair_losses(targets, student, last_layer_weight, 1.0 / student_temp, backend))
 
@@ -146,8 +147,10 @@ class DINOLoss(nn.Module):
 
     def __init__(self, output_dim: int = 65536, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
                  warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 *, backend: str = "auto"):
+                 center_mode: str = "mean", *, backend: str = "auto"):
         super().__init__()
+        check_center_mode(center_mode)
+        self.center_mode = center_mode
         check_int_at_least("output_dim", output_dim, 1)
         self.warmup_teacher_temp = check_positive("warmup_teacher_temp", warmup_teacher_temp)
         self.teacher_temp = check_positive("teacher_temp", teacher_temp)
@@ -174,5 +177,49 @@ class DINOLoss(nn.Module):
         return loss
 
     @torch.no_grad()
-    def update_center(self, teacher_out: Sequence[Tensor]) -> None:
+    def update_center(self, teacher_out: Union[Sequence[Tensor], Tensor]) -> None:
+        """The center EMA from the teacher outputs: (crops, B, K) stacked or a list of (B, K) crops
+        (the mean over crops and rows), or any tensor, whose mean over its first two dimensions is
+        taken as lightly does (a (B, K) tensor: one value, broadcast to every output dim)."""
+        if isinstance(teacher_out, Tensor) and teacher_out.dim() != 3:
+            check_float_tensor("teacher_out", teacher_out, min_ndim=2)
+            batch_center = reference.center_mean(teacher_out, (0, 1))
+            self.center.copy_(self.center * self.center_momentum + batch_center.to(self.center.dtype)
+                              * (1 - self.center_momentum))
+            return
         self.center.copy_(dino_center(teacher_out, self.center, self.center_momentum))
+
+
+def check_center_mode(mode: str) -> str:
+    if mode not in reference.CENTER_MODES:
+        raise ValueError(f"Unknown mode '{mode}'. Valid modes are {sorted(reference.CENTER_MODES)}.")
+    return mode
+
+
+class Center(nn.Module):
+    """lightly's ``Center``: an EMA center buffer of shape ``size``; ``update(x)`` averages ``x``
+    over the dimensions where ``size`` is 1 (over ranks too), ``center ← center · m + mean · (1 − m)``.
+
+    Example::
+
+        >>> center = Center(size=(1, 1, 65536))
+        >>> center.update(teacher_out)          # (crops, B, 65536)
+        >>> logits = teacher_out - center.value
+    """
+
+    def __init__(self, size: Tuple[int, ...], mode: str = "mean", momentum: float = 0.9):
+        super().__init__()
+        self.mode = check_center_mode(mode)
+        self.size = size
+        self.dim = tuple(i for i, s in enumerate(size) if s == 1)
+        self.register_buffer("center", torch.zeros(self.size))
+        self.momentum = momentum
+
+    @property
+    def value(self) -> Tensor:
+        return self.center
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        batch_center = reference.center_mean(x, self.dim)
+        self.center = self.center * self.momentum + batch_center.to(self.center.dtype) * (1 - self.momentum)

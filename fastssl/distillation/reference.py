@@ -2,6 +2,8 @@
 float32 (float64 inputs stay float64, so ``gradcheck`` works). Every backend is tested against it."""
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -39,11 +41,22 @@ def teacher_targets(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: f
     return F.softmax((teacher.to(dtype) - center.reshape(-1).to(dtype)) / teacher_temp, dim=-1)
 
 
+CENTER_MODES = ("mean",)
+
+
+@torch.no_grad()
+def center_mean(x: torch.Tensor, dim: Tuple[int, ...]) -> torch.Tensor:
+    """The batch center of ``x``: its mean over ``dim`` (kept, size 1), averaged over ranks when a
+    process group is initialised (lightly's ``center_mean``); in the compute dtype."""
+    batch_center = x.to(compute_dtype(x)).mean(dim=dim, keepdim=True)
+    if distributed.world_size() > 1:
+        batch_center = distributed.all_reduce_no_grad(batch_center, "sum") / distributed.world_size()
+    return batch_center
+
+
 @torch.no_grad()
 def center_update(teacher: torch.Tensor, center: torch.Tensor, momentum: float) -> torch.Tensor:
     """DINO's center EMA: center · m + (1 − m) · mean of the (crops, B, K) teacher outputs over
     crops, rows and ranks; shaped and typed as ``center``."""
-    batch_center = teacher.to(compute_dtype(teacher)).mean(dim=(0, 1))
-    if distributed.world_size() > 1:
-        batch_center = distributed.all_reduce_no_grad(batch_center, "sum") / distributed.world_size()
+    batch_center = center_mean(teacher, (0, 1))
     return center * momentum + batch_center.reshape(center.shape).to(center.dtype) * (1 - momentum)
