@@ -55,3 +55,9 @@ def test_dino_with_one_view_raises_lightlys_error():
     with pytest.raises(ValueError, match=r"DINOLoss requires at least two views in total .* but got 1 teacher "
                                          r"view\(s\) and 1 student view\(s\)"):
         fastssl.DINOLoss(output_dim=4)([torch.randn(3, 4)], [torch.randn(3, 4)])
+
+
+def test_ntxent_has_lightlys_public_attributes():
+    loss = fastssl.NTXentLoss(temperature=0.3)
+    assert loss.eps == 1e-8 and isinstance(loss.cross_entropy, torch.nn.CrossEntropyLoss)
+    assert loss.cross_entropy.reduction == "mean" and loss.temperature == 0.3

@@ -384,6 +384,9 @@ class NTXentLoss(nn.Module):
         self.memory_bank = MemoryBankModule(memory_bank_size, gather_distributed, feature_dim_first=False)
         self.gather_distributed = check_distributed_available("gather_distributed", gather_distributed)
         self.mode, self.convention, self.normalize, self.backend = mode, convention, normalize, backend
+        # lightly's public attributes (the loss itself never materialises lightly's logits)
+        self.eps = 1e-8
+        self.cross_entropy = nn.CrossEntropyLoss(reduction="mean")
 
     def forward(self, out0: Tensor, out1: Tensor, *more_views: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         if self.memory_bank.size[0] == 0:
