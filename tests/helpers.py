@@ -209,7 +209,8 @@ def soft_ce_pairs_bounds(targets, logits, scale, weights, target_error=0.0, logi
     (z's rounding, the K-term sum and log of the LSE, the subtraction). So:
     loss_ts ≤ (1/B) Σ|q|(e + (e_q + γ_BK)|log p|); ∂/∂q_tbk = −(1/B) Σ_s G_ts log p_sbk, off by
     ≤ (1/B) Σ_s |G|(e + γ_S |log p|); ∂/∂x_sbk = (σ/B) Σ_t G_ts (p Q_tb − q_tbk), Q = Σ_k q, with
-    p off by e relative and q by e_q: ≤ (σ/B) Σ_t |G|(Q p (e + e_q + (T + K + 4)u) + |q|(e_q + (T + 4)u)).
+    p off by e relative and q by e_q: ≤ (σ/B) Σ_t |G|(Q p (e + e_q + (T + K + 5)u) + |q|(e_q + (T + 5)u))
+    (the T-term sum; G's rounding to ``dtype``, σ/B's, the products' and the subtraction's).
     The flushing adds (1/B) Σ φ·peak·|log p| to the loss and (σ/B) Σ_t |G| (φ·peak (K·p + 1) + Q φ)
     to ∂/∂x.
     Returns (loss (T, S), ∂targets (T, B, K), ∂logits (S, B, K)).
@@ -235,8 +236,8 @@ def soft_ce_pairs_bounds(targets, logits, scale, weights, target_error=0.0, logi
     p = log_p.exp()
     total = q_abs.sum(-1)  # Q_tb
     grad_logits = scale / batch * (
-        torch.einsum("ts,tb,sbk->sbk", g, total, p * (e + target_error + (n_targets + classes + 4) * u) + flushed)
-        + (target_error + (n_targets + 4) * u) * torch.einsum("ts,tbk->sbk", g, q_abs)
+        torch.einsum("ts,tb,sbk->sbk", g, total, p * (e + target_error + (n_targets + classes + 5) * u) + flushed)
+        + (target_error + (n_targets + 5) * u) * torch.einsum("ts,tbk->sbk", g, q_abs)
         + torch.einsum("ts,tb,sbk->sbk", g, peak, classes * p + 1))
     return loss, grad_targets, grad_logits
 
