@@ -9,6 +9,7 @@ computed in float32 too); an n-term sum or dot is off by at most γ_n·Σ|terms|
 rounding errors of random sign use a few percent of them, and a real bug (a term missing, a wrong
 scale, a cancelling formula) far more than all of them.
 """
+import math
 import os
 
 import pytest
@@ -30,11 +31,6 @@ def backend_params(op: str):
 
 FLOAT_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
 HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
-# (dtype, rtol, atol) against float64 formulas: still used by tests/test_clustering.py
-DTYPE_TOLERANCES = [
-    pytest.param(torch.float32, 1e-5, 1e-6, id="fp32"),
-    pytest.param(torch.float64, 1e-10, 1e-12, id="fp64"),
-]
 
 U32 = 2.0 ** -24  # float32's unit roundoff
 
@@ -179,6 +175,82 @@ def bank_blocks(batch, bank_size):
     positive = torch.zeros_like(allowed)
     positive[torch.arange(batch), torch.arange(batch)] = True
     return [(torch.arange(batch), torch.arange(batch, 2 * batch + bank_size), allowed, positive, 1.0 / batch)]
+
+
+# --------------------------------------------------------------------------------------------
+# Log-domain Sinkhorn and soft-target cross-entropy (SwAV, DINO)
+# --------------------------------------------------------------------------------------------
+def sinkhorn_log_span(scores, epsilon, row_marginals=None, col_marginals=None):
+    """L, the largest magnitude of a log entry of the plan: max|s|/ε plus −log of the smallest
+    normalised marginal of each side (ln K + ln B for uniform marginals)."""
+    k, b = scores.shape[1], scores.shape[0]
+    span = scores.detach().double().abs().max().item() / epsilon
+    for marginals, size in ((row_marginals, k), (col_marginals, b)):
+        smallest = 1.0 / size if marginals is None else (marginals.double().min() / marginals.double().sum()).item()
+        span -= math.log(smallest)
+    return span
+
+
+def sinkhorn_rel_error(iterations, log_span, batch, num_prototypes, u=U32):
+    """Relative error of every code after T iterations of the log-domain iteration on (B, K)
+    scores, logs of size ≤ L (``sinkhorn_log_span``). s/ε rounds by uL. Each half-step
+    x − LSE(x) over n = K or B logs rounds the result (uL) and the LSE (uL + (n + 1)u: its logs'
+    size, the n-term sum and its log); the updates are non-expansive in the logs (Sinkhorn's
+    contraction is not credited), so T iterations add T(4L + K + B + 4)u. The first (global)
+    normalisation adds 2Lu; its LSE (uL + (BK + 1)u) shifts every log by one constant, which the
+    first row normalisation removes: it counts only without iterations. The final exp of
+    x + log B adds uL + 4u. Relative per entry (a log error), whatever the entry's size."""
+    first = 2 * log_span + batch * num_prototypes if iterations == 0 else 0
+    return ((4 * iterations + 3) * log_span + iterations * (num_prototypes + batch + 4) + first + 6) * u
+
+
+def soft_ce_pairs_bounds(targets, logits, scale, weights, target_error=0.0, logit_error=0.0, dtype=torch.float32):
+    """Bounds on the float32 errors of soft-target cross-entropies of crop pairs, from float64
+    ``targets`` (T, B, K) and ``logits`` (S, B, K):
+
+        loss[t, s] = −(1/B) Σ_b Σ_k q_tbk · log softmax(z_sb)_k,  z = scale · x
+
+    and on the gradients of Σ weights[t, s] · loss[t, s], computed in ``dtype``. ``target_error``:
+    the targets' relative error (codes of a float32 Sinkhorn, a float32 teacher softmax);
+    ``logit_error``: an absolute error of every z before the loss (a fused last layer's GEMM), a
+    number or (S, B). The backends flush a target below φ = sqrt(tiny) × its row's peak, and a
+    probability below φ (so that products stay normal numbers): absolute errors φ·peak and φ.
+
+    Each log p_k = z_k − LSE(z) is off by ≤ e = (|z_k| + max|z| + |LSE| + |log p_k| + K + 4)u + 2δz
+    (z's rounding, the K-term sum and log of the LSE, the subtraction). So:
+    loss_ts ≤ (1/B) Σ|q|(e + (e_q + γ_BK)|log p|); ∂/∂q_tbk = −(1/B) Σ_s G_ts log p_sbk, off by
+    ≤ (1/B) Σ_s |G|(e + γ_S |log p|); ∂/∂x_sbk = (σ/B) Σ_t G_ts (p Q_tb − q_tbk), Q = Σ_k q, with
+    p off by e relative and q by e_q: ≤ (σ/B) Σ_t |G|(Q p (e + e_q + (T + K + 5)u) + |q|(e_q + (T + 5)u))
+    (the T-term sum; G's rounding to ``dtype``, σ/B's, the products' and the subtraction's).
+    The flushing adds (1/B) Σ φ·peak·|log p| to the loss and (σ/B) Σ_t |G| (φ·peak (K·p + 1) + Q φ)
+    to ∂/∂x.
+    Returns (loss (T, S), ∂targets (T, B, K), ∂logits (S, B, K)).
+    """
+    u = unit_roundoff(dtype)
+    flushed = math.sqrt(torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny)
+    q, x = targets.detach().double(), logits.detach().double()
+    n_targets, batch, classes = q.shape
+    n_students = x.shape[0]
+    g = weights.detach().double().abs()
+    z = scale * x
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    log_p = z - lse
+    delta_z = torch.as_tensor(logit_error, dtype=torch.float64)
+    delta_z = delta_z[..., None] if delta_z.dim() else delta_z
+    e = (z.abs() + z.abs().amax(-1, keepdim=True) + lse.abs() + log_p.abs() + classes + 4) * u + 2 * delta_z
+    q_abs = q.abs()
+    peak = flushed * q_abs.amax(-1)  # (T, B)
+    loss = (torch.einsum("tbk,sbk->ts", q_abs, e)
+            + (target_error + gamma(batch * classes, u)) * torch.einsum("tbk,sbk->ts", q_abs, log_p.abs())
+            + torch.einsum("tb,sbk->ts", peak, log_p.abs())) / batch
+    grad_targets = (torch.einsum("ts,sbk->tbk", g, e) + gamma(n_students, u) * torch.einsum("ts,sbk->tbk", g, log_p.abs())) / batch
+    p = log_p.exp()
+    total = q_abs.sum(-1)  # Q_tb
+    grad_logits = scale / batch * (
+        torch.einsum("ts,tb,sbk->sbk", g, total, p * (e + target_error + (n_targets + classes + 5) * u) + flushed)
+        + (target_error + (n_targets + 5) * u) * torch.einsum("ts,tbk->sbk", g, q_abs)
+        + torch.einsum("ts,tb,sbk->sbk", g, peak, classes * p + 1))
+    return loss, grad_targets, grad_logits
 
 
 # --------------------------------------------------------------------------------------------
