@@ -6,8 +6,9 @@ machine: another CPU runs other vector kernels and summation orders and may use 
 ``u`` is the unit roundoff of the arithmetic (2⁻²⁴ in float32: float16/bfloat16 inputs are
 computed in float32 too); an n-term sum or dot is off by at most γ_n·Σ|terms|, γ_n = n·u/(1 − n·u)
 (Higham, Accuracy and Stability of Numerical Algorithms, §3.1). The bounds are worst cases:
-rounding errors of random sign use a few percent of them, and a real bug (a term missing, a wrong
-scale, a cancelling formula) far more than all of them.
+rounding errors of random sign use a fraction of them (a few percent where many roundings add up,
+up to ~0.6 where a handful do), and a real bug (a term missing, a wrong scale, a cancelling
+formula) far more than all of them.
 """
 import math
 import os
