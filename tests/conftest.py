@@ -27,7 +27,7 @@ if _capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 from fastssl import backends  # noqa: E402
-from fastssl.runtime import native  # noqa: E402
+from fastssl.runtime import blocks, native  # noqa: E402
 
 # Decorate every kernel now, while TRITON_INTERPRET is set: @triton.jit picks interpreter or
 # compiler when a kernel module is imported, and tests that unset the variable must not be the
@@ -66,3 +66,19 @@ def _seed_and_isolate_backend(monkeypatch):
     """Every test starts from seed 0 and without a FASTSSL_BACKEND override from the shell."""
     monkeypatch.delenv("FASTSSL_BACKEND", raising=False)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def built():
+    reasons = native.build(("cpu",))["cpu"]  # the one explicit build: loss calls never compile
+    if reasons:
+        pytest.skip("native extension unavailable: " + "; ".join(reasons))
+
+
+@pytest.fixture(params=[pytest.param(None, id="one-block"), pytest.param(37, id="ragged-blocks")])
+def block_elements(request, monkeypatch):
+    """The torch backend's blocking: whole tensors at once, or blocks of 37 elements (so every
+    blocked loop runs several times and ends on a partial block)."""
+    if request.param is not None:
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", request.param)
+    return request.param

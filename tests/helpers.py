@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oracles import barlow_formula, vicreg_formula
+
 BACKENDS_ON_CPU = ["reference", "torch"]
 
 
@@ -333,3 +335,77 @@ def one_intra_op_thread_unless_asked():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def sinkhorn_bound(scores, iterations, epsilon, exact, row_marginals=None, col_marginals=None, dtype=torch.float32):
+    """sinkhorn_rel_error on every code (relative, a log error), for the float64 ``exact``; codes
+    below the normal range of ``dtype`` underflow or are flushed: ≤ its tiny absolute."""
+    span = sinkhorn_log_span(scores, epsilon, row_marginals, col_marginals)
+    relative = sinkhorn_rel_error(iterations, span, *scores.shape, unit_roundoff(dtype))
+    return relative * exact.abs() + torch.finfo(dtype).tiny
+
+
+BACKENDS = [pytest.param(b, id=b) for b in BACKENDS_ON_CPU]
+
+
+def as_leaves64(tensors):
+    return [t.detach().double().requires_grad_(True) for t in tensors]
+
+
+def center_error(teacher, center, momentum, u=U32):
+    """|δ center| of m·c + (1 − m)·mean(teacher): three roundings of each product and the sum,
+    and the T·B-term mean of the teacher (γ_TB of its magnitudes)."""
+    t = torch.stack([x.detach().double() for x in teacher])
+    mean = t.mean(dim=(0, 1)).reshape(center.shape)
+    return (3 * u * (momentum * center.double().abs() + (1 - momentum) * mean.abs())
+            + (1 - momentum) * gamma(t.shape[0] * t.shape[1], u) * t.abs().mean(dim=(0, 1)).reshape(center.shape))
+
+
+FUSED = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.triton)]
+
+
+def _assert_barlow_within(loss, z_a, z_b, lambda_param, grads=None):
+    """A float32 Barlow Twins loss (and its gradients) against ``barlow_formula`` in float64 on the
+    same inputs: barlow_twins_loss_bound, _assert_grads_within."""
+    z_a64, z_b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
+    expected = barlow_formula(z_a64, z_b64, lambda_param)
+    assert_within(loss, expected, barlow_twins_loss_bound(z_a, z_b, lambda_param), "loss")
+    if grads is not None:
+        _assert_grads_within(grads, _grads(expected, z_a64, z_b64), *z_a.shape)
+
+
+def _assert_close_scaled(actual, expected, rtol):
+    """Elementwise |actual − expected| ≤ rtol · max|expected| (gradients have entries near 0)."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def _assert_vicreg_within(loss, z_a, z_b, params, grads=None):
+    """``_assert_barlow_within`` for VICReg: vicreg_loss_bound, _assert_grads_within."""
+    z_a64, z_b64 = (z.detach().double().requires_grad_() for z in (z_a, z_b))
+    expected = vicreg_formula(z_a64, z_b64, **params)
+    assert_within(loss, expected, vicreg_loss_bound(z_a, z_b, **params), "loss")
+    if grads is not None:
+        _assert_grads_within(grads, _grads(expected, z_a64, z_b64), z_a.shape[0], z_a.shape[-1])
+
+
+def _grads(loss, *inputs):
+    return torch.autograd.grad(loss, inputs)
+
+
+def _views(*shape, dtype=torch.float32, scale=1.0, shift=0.0, grad=False):
+    """Two correlated views (so C and the invariance term are not trivial)."""
+    base = torch.randn(*shape, dtype=torch.float64)
+    z_a = base * scale + shift + 0.5 * torch.randn(*shape, dtype=torch.float64)
+    z_b = base * scale - shift + 0.5 * torch.randn(*shape, dtype=torch.float64)
+    return z_a.to(dtype).requires_grad_(grad), z_b.to(dtype).requires_grad_(grad)
+
+
+def _assert_grads_within(grads, exact_grads, batch, dim, scale=1.0):
+    """float32 gradients of a batch-normalised loss (times ``scale``) against float64 ones:
+    normwise, ‖δg‖∞ ≤ batch_norm_grad_tolerance · ‖g‖∞ (tests/helpers.py)."""
+    for g, e in zip(grads, exact_grads):
+        assert g.dtype == torch.float32
+        e = scale * e.double()
+        assert_within(g, e, batch_norm_grad_tolerance(batch, dim) * e.abs().max().item(), "gradient")

@@ -20,7 +20,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # bench/ is a folder of the repository, not an installed package
 
 from bench import core, report  # noqa: E402
-
 from fastssl import backends  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -8,124 +8,20 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastssl
 import fastssl.functional as fn
-from fastssl import DINOLoss, SwaVLoss
+from fastssl import SwaVLoss
 
-from helpers import (BACKENDS_ON_CPU, FLOAT_DTYPES, HALF_DTYPES, U32, assert_within, gamma,
-                     half_error_within_twice_reference, one_intra_op_thread_unless_asked, sinkhorn_log_span,
-                     sinkhorn_rel_error, soft_ce_pairs_bounds, unit_roundoff)
+from helpers import (BACKENDS, BACKENDS_ON_CPU, FLOAT_DTYPES, HALF_DTYPES, U32, as_leaves64, assert_within, gamma,
+                     one_intra_op_thread_unless_asked, sinkhorn_log_span, sinkhorn_rel_error, soft_ce_pairs_bounds,
+                     unit_roundoff)
+from oracles import (lightly_sinkhorn64, lightly_swav64, log_domain_sinkhorn64, marginal_check_per_iteration64,
+                     marginal_sinkhorn64, prototype_scores)
 
-BACKENDS = [pytest.param(b, id=b) for b in BACKENDS_ON_CPU]
 _one_intra_op_thread = pytest.fixture(autouse=True, scope="module")(one_intra_op_thread_unless_asked)
 RAGGED_SHAPES = [pytest.param(7, 13, id="B7-K13"), pytest.param(33, 100, id="B33-K100")]
 EPSILONS = [pytest.param(0.05, id="eps0.05"), pytest.param(0.5, id="eps0.5")]
-
-
-def prototype_scores(*shape, dtype=torch.float32, scale=1.0):
-    """Scores of normalised embeddings against normalised prototypes: uniform in [-1, 1]."""
-    return ((torch.rand(*shape, dtype=torch.float64) * 2 - 1) * scale).to(dtype)
-
-
-# ============================================================================================
-# float64 oracles
-# ============================================================================================
-def lightly_sinkhorn64(scores, iterations, epsilon):
-    """lightly's ``sinkhorn`` verbatim (linear domain), in float64."""
-    q = torch.exp(scores.double() / epsilon).t()
-    q = q / q.sum()
-    batch = q.shape[1]
-    for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True)
-        q = q / q.sum(dim=0, keepdim=True)
-        q = q / batch
-    q = q * batch
-    return q.t()
-
-
-def log_domain_sinkhorn64(scores, iterations, epsilon):
-    """lightly's algorithm with every division written as a subtraction of logs (float64)."""
-    log_q = scores.double().t() / epsilon
-    log_q = log_q - torch.logsumexp(log_q.flatten(), dim=0)
-    batch = log_q.shape[1]
-    for _ in range(iterations):
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(batch)
-    return torch.exp(log_q + math.log(batch)).t()
-
-
-def marginal_sinkhorn64(scores, iterations, epsilon, row_marginals=None, col_marginals=None, tolerance=0.0):
-    """SeLA-style Sinkhorn on the (K, B) plan, linear domain, float64.
-
-    Prototype totals are scaled to r (normalised), sample totals to c (normalised); stop after
-    the first iteration whose prototype totals are all within ``tolerance`` (relative) of r.
-    Returns (codes = plan / c, transposed to (B, K), iterations run).
-    """
-    q = torch.exp(scores.double() / epsilon).t()
-    q = q / q.sum()
-    k, b = q.shape
-    r = torch.full((k,), 1.0 / k, dtype=torch.float64) if row_marginals is None else row_marginals.double()
-    c = torch.full((b,), 1.0 / b, dtype=torch.float64) if col_marginals is None else col_marginals.double()
-    r, c = r / r.sum(), c / c.sum()
-    done = 0
-    for _ in range(iterations):
-        q = q * (r / q.sum(dim=1))[:, None]
-        q = q * (c / q.sum(dim=0))[None, :]
-        done += 1
-        if tolerance > 0 and (q.sum(dim=1) / r - 1).abs().max().item() < tolerance:
-            break
-    return (q / c[None, :]).t(), done
-
-
-def lightly_swav64(high, low, queue, temperature=0.1, iterations=3, epsilon=0.05):
-    """lightly's ``SwaVLoss.forward`` in float64 on the given (float64) crops."""
-    n_crops = len(high) + len(low)
-    crops = list(high) + list(low)
-    batch = high[0].shape[0]
-    loss = 0.0
-    for i in range(len(high)):
-        with torch.no_grad():
-            outputs = high[i].detach().double()
-            if queue is not None:
-                outputs = torch.cat((outputs, queue[i].detach().double()))
-            q = lightly_sinkhorn64(outputs, iterations, epsilon)[:batch]
-        subloss = 0.0
-        for v in range(n_crops):
-            if v == i:
-                continue
-            subloss = subloss - torch.mean(torch.sum(q * F.log_softmax(crops[v] / temperature, dim=1), dim=1))
-        loss = loss + subloss / (n_crops - 1)
-    return loss / len(high)
-
-
-def lightly_dino64(teacher, student, center, teacher_temp, student_temp, dtype=torch.float64):
-    """lightly's ``DINOLoss.forward`` (before the center update), computed in ``dtype``."""
-    t = torch.stack([x.to(dtype) for x in teacher])
-    s = torch.stack([x.to(dtype) for x in student])
-    t_out = F.softmax((t - center.to(dtype).reshape(1, 1, -1)) / teacher_temp, dim=-1)
-    s_out = F.log_softmax(s / student_temp, dim=-1)
-    loss = -torch.einsum("tbd,sbd->ts", t_out, s_out)
-    loss = loss * (1 - torch.eye(*loss.shape, dtype=dtype))  # fill_diagonal_(0)
-    n_terms = loss.numel() - min(loss.shape)
-    return loss.sum() / (n_terms * t.shape[1])
-
-
-def lightly_teacher_temp(warmup_teacher_temp, teacher_temp, warmup_epochs, epoch):
-    """lightly's schedule: a float32 ``torch.linspace`` indexed by epoch, ``teacher_temp`` after.
-
-    lightly divides by that float32 0-dim tensor, so float64 inputs see the float32-rounded value.
-    """
-    if epoch is not None and epoch < warmup_epochs:
-        step = (teacher_temp - warmup_teacher_temp) / (warmup_epochs - 1) if warmup_epochs > 1 else 0.0
-        return float(torch.tensor(warmup_teacher_temp + step * epoch, dtype=torch.float32))
-    return teacher_temp
-
-
-def lightly_center64(teacher, center, momentum):
-    batch_center = torch.stack([x.double() for x in teacher]).mean(dim=(0, 1))
-    return center.double() * momentum + batch_center.reshape(center.shape) * (1 - momentum)
 
 
 # ============================================================================================
@@ -262,15 +158,6 @@ def test_sinkhorn_knopp_keeps_dtype_and_blocks_gradient(dtype, backend):
     assert not codes.requires_grad and codes.grad_fn is None
 
 
-def marginal_check_per_iteration64(scores, iterations, epsilon, row_marginals):
-    """The stopping statistic max_k |total_k / r_k − 1| after each iteration (float64 oracle)."""
-    if row_marginals is None:
-        row_marginals = torch.ones(scores.shape[1], dtype=torch.float64)
-    return [(marginal_sinkhorn64(scores, n, epsilon, row_marginals)[0].sum(dim=0)
-             / (row_marginals.double() / row_marginals.sum()) / scores.shape[0] - 1).abs().max().item()
-            for n in range(1, iterations + 1)]
-
-
 def tolerance_between_iterations(scores, epsilon, row_marginals, below, iterations=200):
     """(tolerance, iteration it stops after): halfway (geometrically) between the stopping
     statistics of the first iteration below ``below`` and the one before, where one iteration's
@@ -358,10 +245,6 @@ def swav_inputs(n_low, with_queue, batch, num_prototypes, dtype=torch.float32, q
     return high, low, queue
 
 
-def as_leaves64(tensors):
-    return [t.detach().double().requires_grad_(True) for t in tensors]
-
-
 def swav_bounds(high, low, queue, temperature=0.1, iterations=3, epsilon=0.05, dtype=torch.float32):
     """Bounds on |δloss| and on each crop's |δgradient| of SwAV computed in ``dtype``: soft-target
     cross-entropies (soft_ce_pairs_bounds) of the high-resolution crops' codes, which carry
@@ -383,44 +266,6 @@ def swav_bounds(high, low, queue, temperature=0.1, iterations=3, epsilon=0.05, d
     mean_loss = (weights * loss).sum().item()
     exact = lightly_swav64(crops[:n_high], crops[n_high:], queue, temperature, iterations, epsilon).item()
     return mean_loss + gamma(n_high * n_crops, u) * abs(exact), list(grads)
-
-
-def dino_bounds(teacher, student, center, teacher_temp, student_temp, dtype=torch.float32):
-    """Bounds on |δloss| and on each student crop's |δgradient| of DINO computed in ``dtype``: the
-    teacher softmax of z = (t − c)/τ_t carries (5·max|z| + K + ln K + 6)u relative (t − c and the
-    division each u|z|, its logsumexp, the exp), then soft_ce_pairs_bounds over the pairs t ≠ s and
-    the mean of them."""
-    u = unit_roundoff(dtype)
-    t = torch.stack([x.detach().double() for x in teacher])
-    s = torch.stack([x.detach().double() for x in student])
-    z = (t - center.double().reshape(1, 1, -1)) / teacher_temp
-    classes = z.shape[-1]
-    target_error = (5 * z.abs().max().item() + classes + math.log(classes) + 6) * u
-    weights = 1 - torch.eye(t.shape[0], s.shape[0], dtype=torch.float64)
-    weights /= weights.sum()
-    loss, _, grads = soft_ce_pairs_bounds(torch.softmax(z, dim=-1), s, 1 / student_temp, weights,
-                                          target_error=target_error, dtype=dtype)
-    exact = lightly_dino64(teacher, student, center, teacher_temp, student_temp).item()
-    return (weights * loss).sum().item() + gamma(weights.numel(), u) * abs(exact), list(grads)
-
-
-def dino_teacher_grad_atol(student, teacher_temp, student_temp, n_teacher, n_student, batch):
-    """The teacher gradient is (1/τ_t) p_t ⊙ (log p_s − Σ p_t log p_s) / (n_terms · B): in float32
-    the log-probabilities (up to L ≈ 50 in size) carry L·2⁻²⁴ rounding, so gradient entries carry
-    ≈ L·2⁻²⁴ / (τ_t · n_terms · B) absolute error whatever their size (lightly's own float32
-    code has it); 8× that is the float32 atol."""
-    log_p_student = F.log_softmax(torch.stack([x.detach().double() for x in student]) / student_temp, dim=-1)
-    n_terms = n_teacher * n_student - min(n_teacher, n_student)
-    return 8 * U32 * log_p_student.abs().max().item() / (teacher_temp * n_terms * batch)
-
-
-def center_error(teacher, center, momentum, u=U32):
-    """|δ center| of m·c + (1 − m)·mean(teacher): three roundings of each product and the sum,
-    and the T·B-term mean of the teacher (γ_TB of its magnitudes)."""
-    t = torch.stack([x.detach().double() for x in teacher])
-    mean = t.mean(dim=(0, 1)).reshape(center.shape)
-    return (3 * u * (momentum * center.double().abs() + (1 - momentum) * mean.abs())
-            + (1 - momentum) * gamma(t.shape[0] * t.shape[1], u) * t.abs().mean(dim=(0, 1)).reshape(center.shape))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -508,165 +353,6 @@ def test_swav_half_inputs_finite_and_close(dtype):
 
 
 # ============================================================================================
-# DINO
-# ============================================================================================
-def dino_inputs(n_teacher=2, n_student=4, batch=5, dim=37, dtype=torch.float32):
-    teacher = [torch.randn(batch, dim, dtype=dtype).requires_grad_(True) for _ in range(n_teacher)]
-    student = [torch.randn(batch, dim, dtype=dtype).requires_grad_(True) for _ in range(n_student)]
-    return teacher, student
-
-
-DINO_CROPS = [
-    pytest.param(2, 4, id="2t-4s"),
-    pytest.param(2, 2, id="2t-2s"),
-    pytest.param(1, 3, id="1t-3s"),
-    pytest.param(3, 2, id="3t-2s"),
-]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("n_teacher,n_student", DINO_CROPS)
-def test_dino_loss_gradients_and_center_equal_lightly(n_teacher, n_student, dtype, backend):
-    criterion = DINOLoss(output_dim=37, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=5,
-                         student_temp=0.1, center_momentum=0.9, backend=backend).to(dtype)
-    with torch.no_grad():
-        criterion.center.copy_(torch.randn(1, 1, 37, dtype=dtype) * 0.5)
-    u = unit_roundoff(dtype)
-    grad_rtol = 1e-4 if dtype == torch.float32 else 1e-10
-    for call, epoch in enumerate([1, 7]):  # two consecutive calls; the second uses the updated center
-        teacher, student = dino_inputs(n_teacher, n_student, dtype=dtype)
-        used_center = criterion.center.detach().double().clone()  # what this call sees, exactly
-        loss = criterion(teacher, student, epoch=epoch)
-        assert loss.dim() == 0 and loss.dtype == dtype
-        loss.backward()
-        teacher64, student64 = as_leaves64(teacher), as_leaves64(student)
-        tau = lightly_teacher_temp(0.04, 0.07, 5, epoch)
-        expected = lightly_dino64(teacher64, student64, used_center, tau, 0.1)
-        expected.backward()
-        grad_atol = (dino_teacher_grad_atol(student64, tau, 0.1, n_teacher, n_student, 5)
-                     if dtype == torch.float32 else 1e-12)
-        loss_bound, student_bounds = dino_bounds(teacher64, student64, used_center, tau, 0.1, dtype)
-        assert_within(loss, expected, loss_bound, f"loss of call {call}")
-        for i, (x, x64) in enumerate(zip(teacher, teacher64)):
-            torch.testing.assert_close(x.grad.double(), x64.grad, rtol=grad_rtol, atol=grad_atol,
-                                       msg=lambda m: f"grad of t{i}, call {call}: {m}")
-        for i, (x, x64, bound) in enumerate(zip(student, student64, student_bounds)):
-            assert_within(x.grad, x64.grad, bound, f"grad of s{i}, call {call}")
-        expected_center = lightly_center64(teacher, used_center, 0.9)
-        assert criterion.center.shape == (1, 1, 37) and criterion.center.dtype == dtype
-        assert_within(criterion.center, expected_center, center_error(teacher, used_center, 0.9, u),
-                      f"center after call {call}")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("epoch,override,expected_tau", [
-    pytest.param(0, None, 0.04, id="epoch0"),
-    pytest.param(2, None, 0.055, id="epoch2-mid-warmup"),
-    pytest.param(4, None, 0.07, id="epoch4-last-warmup"),
-    pytest.param(5, None, 0.07, id="epoch5-after-warmup"),
-    pytest.param(30, None, 0.07, id="epoch30"),
-    pytest.param(None, None, 0.07, id="no-epoch"),
-    pytest.param(2, 0.03, 0.03, id="override-during-warmup"),
-    pytest.param(None, 0.05, 0.05, id="override-no-epoch"),
-    pytest.param(9, 0.02, 0.02, id="override-after-warmup"),
-])
-def test_dino_teacher_temperature_schedule(epoch, override, expected_tau, backend):
-    teacher, student = dino_inputs()
-    center = torch.randn(1, 1, 37) * 0.5
-    criterion = DINOLoss(output_dim=37, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=5,
-                         backend=backend)
-    criterion.center.copy_(center)
-    if override is None:
-        assert criterion.teacher_temperature(epoch) == pytest.approx(expected_tau, rel=1e-6)
-    loss = criterion(teacher, student, teacher_temp=override, epoch=epoch)
-    expected = lightly_dino64(teacher, student, center, expected_tau, 0.1)
-    # expected_tau is the schedule's value to 1e-6 (lightly's float32 linspace): 1e-6 relative on
-    # the teacher's logits, ≤ 2e-6·max|z_t| on the loss's targets, on top of dino_bounds
-    loss_bound, _ = dino_bounds(teacher, student, center, expected_tau, 0.1)
-    z_max = (torch.stack(teacher).detach().double() - center.double()).abs().max().item() / expected_tau
-    assert_within(loss, expected, loss_bound + 2e-6 * z_max * expected.abs().item(), "loss")
-
-
-@pytest.mark.parametrize("center_shape", [(1, 1, 37), (37,), (1, 37)], ids=["1x1xD", "D", "1xD"])
-def test_dino_center_function(center_shape):
-    teacher, _ = dino_inputs()
-    center = torch.randn(center_shape)
-    new = fn.dino_center(teacher, center, momentum=0.8)
-    assert new.shape == center.shape
-    assert_within(new, lightly_center64(teacher, center, 0.8), center_error(teacher, center, 0.8), "center")
-    stacked = fn.dino_center(torch.stack([t.detach() for t in teacher]), center, momentum=0.8)
-    torch.testing.assert_close(stacked, new, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dino_module_equals_functional(backend):
-    teacher, student = dino_inputs()
-    center = torch.randn(1, 1, 37)
-    criterion = DINOLoss(output_dim=37, teacher_temp=0.06, student_temp=0.2, backend=backend)
-    criterion.center.copy_(center)
-    module = criterion(teacher, student)
-    functional = fn.dino(teacher, student, center, teacher_temp=0.06, student_temp=0.2, backend=backend)
-    stacked = fn.dino(torch.stack(teacher), torch.stack(student), center.reshape(37), 0.06, 0.2, backend=backend)
-    torch.testing.assert_close(module, functional, rtol=0, atol=0)
-    # bit for bit: the lists are stacked and the center reshaped before the same ops
-    torch.testing.assert_close(stacked, functional, rtol=0, atol=0)
-
-
-def test_dino_backends_agree():
-    """Every CPU backend against lightly in float64: dino_bounds for the loss and the students'
-    gradients, dino_teacher_grad_atol for the teachers' (never one float32 backend against another)."""
-    torch.manual_seed(3)
-    teacher, student = dino_inputs()
-    center = torch.randn(37)
-    teacher64, student64 = as_leaves64(teacher), as_leaves64(student)
-    expected = lightly_dino64(teacher64, student64, center, 0.04, 0.1)  # fn.dino's default temperatures
-    exact_grads = torch.autograd.grad(expected, teacher64 + student64)
-    loss_bound, student_bounds = dino_bounds(teacher, student, center, 0.04, 0.1)
-    teacher_atol = dino_teacher_grad_atol(student, 0.04, 0.1, 2, 4, 5)
-    for backend in BACKENDS_ON_CPU:
-        loss = fn.dino(teacher, student, center, backend=backend)
-        assert_within(loss, expected, loss_bound, f"{backend} loss")
-        grads = torch.autograd.grad(loss, teacher + student)
-        for got, want in zip(grads[:2], exact_grads[:2]):
-            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=teacher_atol)
-        for got, want, bound in zip(grads[2:], exact_grads[2:], student_bounds):
-            assert_within(got, want, bound, f"{backend} student gradient")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dino_gradcheck_float64(backend):
-    teacher, student = dino_inputs(2, 3, batch=3, dim=5, dtype=torch.float64)
-    center = torch.randn(5, dtype=torch.float64)
-
-    def loss(t0, t1, s0, s1, s2):
-        return fn.dino([t0, t1], [s0, s1, s2], center, teacher_temp=0.3, student_temp=0.2, backend=backend)
-
-    assert torch.autograd.gradcheck(loss, teacher + student)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_dino_half_inputs_give_float32_loss_near_fp32(dtype, backend):
-    teacher, student = dino_inputs(dtype=dtype)
-    center = torch.randn(37) * 0.5
-    loss = fn.dino(teacher, student, center, teacher_temp=0.04, student_temp=0.1, backend=backend)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    exact = lightly_dino64(teacher, student, center, 0.04, 0.1)  # on the same rounded inputs
-    in_half = lightly_dino64(teacher, student, center, 0.04, 0.1, dtype=dtype)
-    half_error_within_twice_reference(loss.detach(), in_half.detach(), exact.detach())
-    loss.backward()
-    for x in teacher + student:
-        assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
-    criterion = DINOLoss(output_dim=37, backend=backend)
-    module_loss = criterion(teacher, student)
-    assert module_loss.dtype == torch.float32 and torch.isfinite(module_loss)
-    assert criterion.center.dtype == torch.float32
-    zero = torch.zeros(1, 1, 37)
-    assert_within(criterion.center, lightly_center64(teacher, zero, 0.9), center_error(teacher, zero, 0.9), "center")
-
-
-# ============================================================================================
 # Bad inputs
 # ============================================================================================
 SINKHORN_BAD = [
@@ -733,39 +419,3 @@ def test_swav_bad_inputs(call, error, match):
         call()
 
 
-def _dino_crops(n, batch=5, dim=37):
-    return [torch.randn(batch, dim) for _ in range(n)]
-
-
-DINO_BAD = [
-    pytest.param(lambda: fn.dino(_dino_crops(2), _dino_crops(4, batch=6), torch.zeros(37)), ValueError,
-                 r"teacher.*\(2, 5, 37\).*student.*\(4, 6, 37\)", id="mismatched-B"),
-    pytest.param(lambda: fn.dino(_dino_crops(2), _dino_crops(4, dim=36), torch.zeros(37)), ValueError,
-                 r"teacher.*\(2, 5, 37\).*student.*\(4, 5, 36\)", id="mismatched-D"),
-    pytest.param(lambda: fn.dino(_dino_crops(1) + _dino_crops(1, batch=4), _dino_crops(4), torch.zeros(37)),
-                 ValueError, r"teacher_out\[0\].*teacher_out\[1\]", id="teacher-crops-differ"),
-    pytest.param(lambda: fn.dino(_dino_crops(2), _dino_crops(4), torch.zeros(38)), ValueError,
-                 r"center.*\(38,\)", id="center-wrong-D"),
-    pytest.param(lambda: fn.dino(_dino_crops(2), _dino_crops(4), torch.zeros(2, 37)), ValueError,
-                 r"center.*\(2, 37\)", id="center-two-rows"),
-    pytest.param(lambda: fn.dino(_dino_crops(1), _dino_crops(1), torch.zeros(37)), ValueError,
-                 r"1 teacher view\(s\) and 1 student view\(s\)", id="no-off-diagonal-pair"),
-    pytest.param(lambda: fn.dino(_dino_crops(2), _dino_crops(4), torch.zeros(37), teacher_temp=0.0), ValueError,
-                 "teacher_temp", id="teacher-temp-zero"),
-    pytest.param(lambda: fn.dino(_dino_crops(2), _dino_crops(4), torch.zeros(37), student_temp=-0.1), ValueError,
-                 "student_temp", id="student-temp-negative"),
-    pytest.param(lambda: DINOLoss(output_dim=37)(_dino_crops(2), _dino_crops(4), teacher_temp=-1.0), ValueError,
-                 "teacher_temp", id="module-forward-teacher-temp"),
-    pytest.param(lambda: DINOLoss(output_dim=37, student_temp=0.0), ValueError, "student_temp",
-                 id="module-student-temp"),
-    pytest.param(lambda: DINOLoss(output_dim=37, warmup_teacher_temp=0.0), ValueError, "warmup_teacher_temp",
-                 id="module-warmup-temp"),
-    pytest.param(lambda: DINOLoss(output_dim=37)(_dino_crops(2, dim=36), _dino_crops(4, dim=36)), ValueError,
-                 "center", id="module-output-dim-mismatch"),
-]
-
-
-@pytest.mark.parametrize("call,error,match", DINO_BAD)
-def test_dino_bad_inputs(call, error, match):
-    with pytest.raises(error, match=match):
-        call()

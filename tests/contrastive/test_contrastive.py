@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from fastssl import MemoryBankModule, NTXentLoss, backends, clip_loss, info_nce, nt_xent
-from helpers import (BACKENDS_ON_CPU, FLOAT_DTYPES, HALF_DTYPES, U32, assert_info_nce_grads_within, assert_within,
-                     assert_ce_within, bank_blocks, block_sizes, ce_bound, cross_blocks, gamma, half_error_within_twice_reference,
-                     logit_error,
-                     simclr_blocks, unit_roundoff)
+
+from helpers import (BACKENDS_ON_CPU, FLOAT_DTYPES, HALF_DTYPES, U32, assert_ce_within, assert_info_nce_grads_within,
+                     assert_within, bank_blocks, block_sizes, ce_bound, cross_blocks, gamma,
+                     half_error_within_twice_reference, logit_error, simclr_blocks, unit_roundoff)
+from oracles import (clip_formula, cross_entropy_formula, lightly_moco, lightly_nt_xent, lightly_nt_xent_in_dtype,
+                     moco_formula, multi_positive_rows, multi_view_formula, symmetric_formula)
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
 
@@ -26,99 +28,6 @@ RAGGED_SHAPES = [
 ]
 TEMPERATURES = [pytest.param(t, id=f"tau{t}") for t in (0.5, 0.1, 0.07, 0.01)]
 REDUCTIONS = ["mean", "sum", "none"]
-
-
-# ============================================================================================
-# Independent float64 formulas
-# ============================================================================================
-def lightly_nt_xent(out0, out1, temperature):
-    """lightly 1.6 ``NTXentLoss.forward`` without a memory bank, in float64."""
-    out0 = F.normalize(out0.double(), dim=1)
-    out1 = F.normalize(out1.double(), dim=1)
-    batch = out0.shape[0]
-    logits_00 = out0 @ out0.T / temperature
-    logits_01 = out0 @ out1.T / temperature
-    logits_10 = out1 @ out0.T / temperature
-    logits_11 = out1 @ out1.T / temperature
-    off_diagonal = ~torch.eye(batch, dtype=torch.bool)
-    logits_00 = logits_00[off_diagonal].view(batch, -1)
-    logits_11 = logits_11[off_diagonal].view(batch, -1)
-    logits = torch.cat([torch.cat([logits_01, logits_00], dim=1),
-                        torch.cat([logits_10, logits_11], dim=1)], dim=0)
-    labels = torch.arange(batch).repeat(2)
-    return F.cross_entropy(logits, labels, reduction="mean")
-
-
-def lightly_nt_xent_in_dtype(out0, out1, temperature):
-    """The same lightly code without the float64 cast (the naive error budget of a dtype)."""
-    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
-    batch = out0.shape[0]
-    off_diagonal = ~torch.eye(batch, dtype=torch.bool)
-    logits_00 = (out0 @ out0.T / temperature)[off_diagonal].view(batch, -1)
-    logits_11 = (out1 @ out1.T / temperature)[off_diagonal].view(batch, -1)
-    logits = torch.cat([torch.cat([out0 @ out1.T / temperature, logits_00], dim=1),
-                        torch.cat([out1 @ out0.T / temperature, logits_11], dim=1)], dim=0)
-    return F.cross_entropy(logits, torch.arange(batch).repeat(2))
-
-
-def lightly_moco(out0, out1, bank, temperature):
-    """lightly 1.6 ``NTXentLoss`` with a memory bank (K, D): [pos | out0·bankᵀ]/τ, label 0."""
-    out0 = F.normalize(out0.double(), dim=1)
-    out1 = F.normalize(out1.double(), dim=1)
-    positive = (out0 * out1).sum(dim=1, keepdim=True)
-    negative = out0 @ bank.double().T
-    logits = torch.cat([positive, negative], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(out0.shape[0], dtype=torch.long))
-
-
-def clip_formula(image, text, logit_scale):
-    """CLIP's symmetric CE in the inputs' dtype (float64 inputs: the exact formula)."""
-    logits = logit_scale * (F.normalize(image, dim=1) @ F.normalize(text, dim=1).T)
-    targets = torch.arange(image.shape[0])
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
-
-
-def moco_formula(out0, out1, bank, temperature):
-    """lightly's memory-bank logits in the inputs' dtype (float64 inputs: the exact formula)."""
-    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
-    logits = torch.cat([(out0 * out1).sum(dim=1, keepdim=True), out0 @ bank.to(out0.dtype).T], dim=1)
-    return F.cross_entropy(logits / temperature, torch.zeros(out0.shape[0], dtype=torch.long))
-
-
-def multi_positive_rows(query, keys, positive, allowed, temperature, normalize=True):
-    """Per-row SupCon L_out in float64, one row at a time.
-
-    Row i: log-softmax of q_i·k_j/τ over the keys with ``allowed[i, j]``; loss = mean over the
-    allowed positives ``positive[i, j]`` of −log p; 0 for a row without any positive.
-    """
-    query, keys = query.double(), keys.double()
-    if normalize:
-        query, keys = F.normalize(query, dim=1), F.normalize(keys, dim=1)
-    losses = []
-    for i in range(query.shape[0]):
-        logits = (keys @ query[i]) / temperature
-        log_p = logits - torch.logsumexp(logits[allowed[i]], dim=0)
-        chosen = positive[i] & allowed[i]
-        losses.append(-log_p[chosen].mean() if chosen.any() else logits.new_zeros(()))
-    return torch.stack(losses)
-
-
-def multi_view_formula(views, temperature, labels=None):
-    """SimCLR over V views (SupCon-style positives) in float64: mean over the V·B rows."""
-    batch, n_views = views[0].shape[0], len(views)
-    stacked = torch.cat(views)
-    ids = torch.arange(batch).repeat(n_views) if labels is None else labels.repeat(n_views)
-    not_self = ~torch.eye(n_views * batch, dtype=torch.bool)
-    positive = (ids[:, None] == ids[None, :]) & not_self
-    return multi_positive_rows(stacked, stacked, positive, not_self, temperature).mean()
-
-
-def cross_entropy_formula(query, keys, temperature, normalize=True):
-    """(N, M) float64 logits q·kᵀ/τ (normalised rows when ``normalize``)."""
-    query, keys = query.double(), keys.double()
-    if normalize:
-        query, keys = F.normalize(query, dim=1), F.normalize(keys, dim=1)
-    return query @ keys.T / temperature
 
 
 def views_for(batch, dim, dtype=torch.float32, n_views=2, scale=1.0, noise=0.5):
@@ -857,11 +766,6 @@ def naive_half_nt_xent(out0, out1, temperature):
     logits = logits.masked_fill(torch.eye(2 * batch, dtype=torch.bool), float("-inf"))
     targets = (torch.arange(2 * batch) + batch) % (2 * batch)
     return F.cross_entropy(logits, targets)
-
-
-def symmetric_formula(out0, out1, temperature):
-    """½ (CE rows + CE columns) of out0·out1ᵀ/τ in the inputs' dtype (float64: exact)."""
-    return clip_formula(out0, out1, 1 / temperature)
 
 
 HALF_CASES = [

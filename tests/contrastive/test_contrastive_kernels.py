@@ -10,8 +10,8 @@ from fastssl import backends
 from fastssl.contrastive import torch_backend as contrastive
 from fastssl.runtime import registry
 
-from helpers import (FLOAT_DTYPES, HALF_DTYPES, U32, assert_ce_within, assert_info_nce_grads_within, block_sizes,
-                     cross_blocks, bank_blocks, half_error_within_twice_reference, simclr_blocks, unit_roundoff)
+from helpers import (FLOAT_DTYPES, HALF_DTYPES, U32, assert_ce_within, assert_info_nce_grads_within, bank_blocks,
+                     block_sizes, cross_blocks, half_error_within_twice_reference, simclr_blocks, unit_roundoff)
 
 
 @pytest.fixture

@@ -12,19 +12,7 @@ import fastssl.functional as fn
 from fastssl import NegativeCosineSimilarity, cosine_schedule, update_momentum
 
 from helpers import BACKENDS_ON_CPU, HALF_DTYPES, U32, assert_within, gamma, half_error_within_twice_reference
-
-
-# ============================================================================================
-# NegativeCosineSimilarity
-# ============================================================================================
-def neg_cos_formula(x0, x1, dim=1, eps=1e-8):
-    """−mean of x0·x1 / (max(‖x0‖, eps) · max(‖x1‖, eps)) along ``dim`` (lightly's definition)."""
-    dot = (x0 * x1).sum(dim=dim)
-    # max(sqrt(s), eps) written as sqrt(max(s, eps²)): the same value, and a zero vector gets
-    # the true (zero) derivative of its clamped norm instead of autograd's 0 · ∞ = NaN
-    n0 = torch.sqrt((x0 * x0).sum(dim=dim).clamp_min(eps * eps))
-    n1 = torch.sqrt((x1 * x1).sum(dim=dim).clamp_min(eps * eps))
-    return -(dot / (n0 * n1)).mean()
+from oracles import neg_cos_formula
 
 
 def _pair(*shape, dtype=torch.float32, grad=False):

@@ -1,6 +1,6 @@
 """Barlow Twins and VICReg on two gloo processes through both fused paths: the gathered N·D views
 (not an all-reduced D×D matrix) give the single-process loss and gradients of the concatenated
-batch, on the Gram path (global batch 6 < D = 11) as on the direct one (tests/test_distributed.py
+batch, on the Gram path (global batch 6 < D = 11) as on the direct one (tests/distributed/test_distributed.py
 covers the default path and lightly's per-rank convention)."""
 import os
 

@@ -1,5 +1,5 @@
 """The fused Barlow Twins / VICReg backends: the Gram (N×N) and direct (D×D) paths of the torch
-and triton backends against the float64 formulas of tests/redundancy/test_redundancy.py, gradcheck,
+and triton backends against the float64 formulas of tests/oracles.py, gradcheck,
 opcheck, torch.compile, half precision, hard inputs, what is saved for the backward, and errors."""
 import pytest
 import torch
@@ -8,9 +8,9 @@ import fastssl.functional as fn
 from fastssl import BarlowTwinsLoss, VICRegLoss, backends
 from fastssl.redundancy import torch_backend as redundancy
 
-from helpers import HALF_DTYPES, half_error_within_twice_reference
-from test_redundancy import (_assert_barlow_within, _assert_close_scaled, _assert_vicreg_within, _grads, _views,
-                             barlow_formula, vicreg_formula)
+from helpers import (HALF_DTYPES, _assert_barlow_within, _assert_close_scaled, _assert_vicreg_within, _grads, _views,
+                     half_error_within_twice_reference)
+from oracles import barlow_formula, vicreg_formula
 
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.triton)]
 PATHS = ["gram", "direct"]

@@ -9,20 +9,10 @@ import fastssl.functional as fn
 from fastssl.runtime import blocks
 
 from helpers import backend_params
+from oracles import koleo64
 
 BACKENDS = backend_params("koleo")
 U32 = torch.finfo(torch.float32).eps / 2
-
-
-def koleo64(x, p=2.0, eps=1e-8):
-    """lightly's KoLeoLoss.forward, row by row in float64 (written from its code, not fastssl's)."""
-    rows = [r / max(r.norm().item(), eps) for r in x.double()]
-    total = 0.0
-    for i, row in enumerate(rows):
-        others = [(float(row @ other), j) for j, other in enumerate(rows) if j != i] or [(0.0, i)]
-        j = max(others, key=lambda pair: (pair[0], -pair[1]))[1]
-        total += math.log(float((row - rows[j] + eps).abs().pow(p).sum() ** (1 / p)) + eps)
-    return -total / len(rows)
 
 
 def separated_rows(n, d, dtype=torch.float32):

@@ -5,6 +5,7 @@ import torch
 import fastssl
 import fastssl.functional as fn
 from fastssl import backends
+
 from helpers import assert_ce_within
 
 

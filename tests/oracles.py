@@ -1,0 +1,308 @@
+"""Independent float64 formulas: what every backend is tested against, written from the definitions
+(DEFINITIONS.md: lightly's code and the papers), never from fastssl's code. One section per family.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def prototype_scores(*shape, dtype=torch.float32, scale=1.0):
+    """Scores of normalised embeddings against normalised prototypes: uniform in [-1, 1]."""
+    return ((torch.rand(*shape, dtype=torch.float64) * 2 - 1) * scale).to(dtype)
+
+
+# ============================================================================================
+# Clustering and distillation: Sinkhorn-Knopp, SwAV, DINO, soft-target pairs
+# ============================================================================================
+def lightly_sinkhorn64(scores, iterations, epsilon):
+    """lightly's ``sinkhorn`` verbatim (linear domain), in float64."""
+    q = torch.exp(scores.double() / epsilon).t()
+    q = q / q.sum()
+    batch = q.shape[1]
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True)
+        q = q / q.sum(dim=0, keepdim=True)
+        q = q / batch
+    q = q * batch
+    return q.t()
+
+
+def log_domain_sinkhorn64(scores, iterations, epsilon):
+    """lightly's algorithm with every division written as a subtraction of logs (float64)."""
+    log_q = scores.double().t() / epsilon
+    log_q = log_q - torch.logsumexp(log_q.flatten(), dim=0)
+    batch = log_q.shape[1]
+    for _ in range(iterations):
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(batch)
+    return torch.exp(log_q + math.log(batch)).t()
+
+
+def marginal_sinkhorn64(scores, iterations, epsilon, row_marginals=None, col_marginals=None, tolerance=0.0):
+    """SeLA-style Sinkhorn on the (K, B) plan, linear domain, float64.
+
+    Prototype totals are scaled to r (normalised), sample totals to c (normalised); stop after
+    the first iteration whose prototype totals are all within ``tolerance`` (relative) of r.
+    Returns (codes = plan / c, transposed to (B, K), iterations run).
+    """
+    q = torch.exp(scores.double() / epsilon).t()
+    q = q / q.sum()
+    k, b = q.shape
+    r = torch.full((k,), 1.0 / k, dtype=torch.float64) if row_marginals is None else row_marginals.double()
+    c = torch.full((b,), 1.0 / b, dtype=torch.float64) if col_marginals is None else col_marginals.double()
+    r, c = r / r.sum(), c / c.sum()
+    done = 0
+    for _ in range(iterations):
+        q = q * (r / q.sum(dim=1))[:, None]
+        q = q * (c / q.sum(dim=0))[None, :]
+        done += 1
+        if tolerance > 0 and (q.sum(dim=1) / r - 1).abs().max().item() < tolerance:
+            break
+    return (q / c[None, :]).t(), done
+
+
+def lightly_swav64(high, low, queue, temperature=0.1, iterations=3, epsilon=0.05):
+    """lightly's ``SwaVLoss.forward`` in float64 on the given (float64) crops."""
+    n_crops = len(high) + len(low)
+    crops = list(high) + list(low)
+    batch = high[0].shape[0]
+    loss = 0.0
+    for i in range(len(high)):
+        with torch.no_grad():
+            outputs = high[i].detach().double()
+            if queue is not None:
+                outputs = torch.cat((outputs, queue[i].detach().double()))
+            q = lightly_sinkhorn64(outputs, iterations, epsilon)[:batch]
+        subloss = 0.0
+        for v in range(n_crops):
+            if v == i:
+                continue
+            subloss = subloss - torch.mean(torch.sum(q * F.log_softmax(crops[v] / temperature, dim=1), dim=1))
+        loss = loss + subloss / (n_crops - 1)
+    return loss / len(high)
+
+
+def lightly_dino64(teacher, student, center, teacher_temp, student_temp, dtype=torch.float64):
+    """lightly's ``DINOLoss.forward`` (before the center update), computed in ``dtype``."""
+    t = torch.stack([x.to(dtype) for x in teacher])
+    s = torch.stack([x.to(dtype) for x in student])
+    t_out = F.softmax((t - center.to(dtype).reshape(1, 1, -1)) / teacher_temp, dim=-1)
+    s_out = F.log_softmax(s / student_temp, dim=-1)
+    loss = -torch.einsum("tbd,sbd->ts", t_out, s_out)
+    loss = loss * (1 - torch.eye(*loss.shape, dtype=dtype))  # fill_diagonal_(0)
+    n_terms = loss.numel() - min(loss.shape)
+    return loss.sum() / (n_terms * t.shape[1])
+
+
+def lightly_teacher_temp(warmup_teacher_temp, teacher_temp, warmup_epochs, epoch):
+    """lightly's schedule: a float32 ``torch.linspace`` indexed by epoch, ``teacher_temp`` after.
+
+    lightly divides by that float32 0-dim tensor, so float64 inputs see the float32-rounded value.
+    """
+    if epoch is not None and epoch < warmup_epochs:
+        step = (teacher_temp - warmup_teacher_temp) / (warmup_epochs - 1) if warmup_epochs > 1 else 0.0
+        return float(torch.tensor(warmup_teacher_temp + step * epoch, dtype=torch.float32))
+    return teacher_temp
+
+
+def lightly_center64(teacher, center, momentum):
+    batch_center = torch.stack([x.double() for x in teacher]).mean(dim=(0, 1))
+    return center.double() * momentum + batch_center.reshape(center.shape) * (1 - momentum)
+
+
+def marginal_check_per_iteration64(scores, iterations, epsilon, row_marginals):
+    """The stopping statistic max_k |total_k / r_k − 1| after each iteration (float64 oracle)."""
+    if row_marginals is None:
+        row_marginals = torch.ones(scores.shape[1], dtype=torch.float64)
+    return [(marginal_sinkhorn64(scores, n, epsilon, row_marginals)[0].sum(dim=0)
+             / (row_marginals.double() / row_marginals.sum()) / scores.shape[0] - 1).abs().max().item()
+            for n in range(1, iterations + 1)]
+
+
+def pair_losses64(targets, logits, scale):
+    """−(1/B) Σ_b Σ_k q_tbk · log softmax(σ x_sb)_k for every pair (t, s), float64."""
+    log_p = F.log_softmax(scale * logits.double(), dim=-1)
+    return -torch.einsum("tbk,sbk->ts", targets.double(), log_p) / logits.shape[1]
+
+
+# ============================================================================================
+# Independent formulas (written from the definitions, not from fastssl's code)
+# ============================================================================================
+# ============================================================================================
+# Redundancy: Barlow Twins, VICReg
+# ============================================================================================
+def barlow_formula(z_a, z_b, lambda_param=5e-3):
+    """lightly's BarlowTwinsLoss in whatever dtype the inputs carry (float64 for the oracle)."""
+    n, d = z_a.shape
+
+    def bn(z):
+        centred = z - z.sum(dim=0) / n
+        biased_var = (centred * centred).sum(dim=0) / n
+        return centred / torch.sqrt(biased_var + BN_EPS)
+
+    c = bn(z_a).T @ bn(z_b) / n
+    eye = torch.eye(d, dtype=torch.bool)
+    on_diag = ((1 - c[eye]) ** 2).sum()
+    off_diag = (c[~eye] ** 2).sum()
+    return on_diag + lambda_param * off_diag
+
+
+def vicreg_terms(z_a, z_b, eps=1e-4):
+    """(invariance, variance, covariance) as lightly's VICRegLoss, inputs (B, ..., D)."""
+    b, d = z_a.shape[0], z_a.shape[-1]
+    invariance = ((z_a - z_b) ** 2).mean()
+
+    def variance_term(z):
+        mean = z.sum(dim=0) / b
+        unbiased_var = ((z - mean) ** 2).sum(dim=0) / (b - 1)
+        return torch.relu(1 - torch.sqrt(unbiased_var + eps)).mean()
+
+    def covariance_term(z):
+        centred = z - z.sum(dim=0) / b
+        cov = torch.einsum("b...c,b...d->...cd", centred, centred) / (b - 1)  # (..., D, D)
+        nondiag = ~torch.eye(d, dtype=torch.bool)
+        return (cov[..., nondiag] ** 2).sum(-1).div(d).mean()
+
+    variance = 0.5 * (variance_term(z_a) + variance_term(z_b))
+    covariance = covariance_term(z_a) + covariance_term(z_b)
+    return invariance, variance, covariance
+
+
+def vicreg_formula(z_a, z_b, lambda_param=25.0, mu_param=25.0, nu_param=1.0, eps=1e-4):
+    inv, var, cov = vicreg_terms(z_a, z_b, eps)
+    return lambda_param * inv + mu_param * var + nu_param * cov
+
+
+# ============================================================================================
+# NegativeCosineSimilarity
+# ============================================================================================
+# ============================================================================================
+# Cosine: BYOL / SimSiam
+# ============================================================================================
+def neg_cos_formula(x0, x1, dim=1, eps=1e-8):
+    """−mean of x0·x1 / (max(‖x0‖, eps) · max(‖x1‖, eps)) along ``dim`` (lightly's definition)."""
+    dot = (x0 * x1).sum(dim=dim)
+    # max(sqrt(s), eps) written as sqrt(max(s, eps²)): the same value, and a zero vector gets
+    # the true (zero) derivative of its clamped norm instead of autograd's 0 · ∞ = NaN
+    n0 = torch.sqrt((x0 * x0).sum(dim=dim).clamp_min(eps * eps))
+    n1 = torch.sqrt((x1 * x1).sum(dim=dim).clamp_min(eps * eps))
+    return -(dot / (n0 * n1)).mean()
+
+
+# ============================================================================================
+# Regularizers: KoLeo
+# ============================================================================================
+def koleo64(x, p=2.0, eps=1e-8):
+    """lightly's KoLeoLoss.forward, row by row in float64 (written from its code, not fastssl's)."""
+    rows = [r / max(r.norm().item(), eps) for r in x.double()]
+    total = 0.0
+    for i, row in enumerate(rows):
+        others = [(float(row @ other), j) for j, other in enumerate(rows) if j != i] or [(0.0, i)]
+        j = max(others, key=lambda pair: (pair[0], -pair[1]))[1]
+        total += math.log(float((row - rows[j] + eps).abs().pow(p).sum() ** (1 / p)) + eps)
+    return -total / len(rows)
+
+
+# ============================================================================================
+# Independent float64 formulas
+# ============================================================================================
+# ============================================================================================
+# Contrastive: NT-Xent, MoCo, CLIP, InfoNCE
+# ============================================================================================
+def lightly_nt_xent(out0, out1, temperature):
+    """lightly 1.6 ``NTXentLoss.forward`` without a memory bank, in float64."""
+    out0 = F.normalize(out0.double(), dim=1)
+    out1 = F.normalize(out1.double(), dim=1)
+    batch = out0.shape[0]
+    logits_00 = out0 @ out0.T / temperature
+    logits_01 = out0 @ out1.T / temperature
+    logits_10 = out1 @ out0.T / temperature
+    logits_11 = out1 @ out1.T / temperature
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool)
+    logits_00 = logits_00[off_diagonal].view(batch, -1)
+    logits_11 = logits_11[off_diagonal].view(batch, -1)
+    logits = torch.cat([torch.cat([logits_01, logits_00], dim=1),
+                        torch.cat([logits_10, logits_11], dim=1)], dim=0)
+    labels = torch.arange(batch).repeat(2)
+    return F.cross_entropy(logits, labels, reduction="mean")
+
+
+def lightly_nt_xent_in_dtype(out0, out1, temperature):
+    """The same lightly code without the float64 cast (the naive error budget of a dtype)."""
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    batch = out0.shape[0]
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool)
+    logits_00 = (out0 @ out0.T / temperature)[off_diagonal].view(batch, -1)
+    logits_11 = (out1 @ out1.T / temperature)[off_diagonal].view(batch, -1)
+    logits = torch.cat([torch.cat([out0 @ out1.T / temperature, logits_00], dim=1),
+                        torch.cat([out1 @ out0.T / temperature, logits_11], dim=1)], dim=0)
+    return F.cross_entropy(logits, torch.arange(batch).repeat(2))
+
+
+def lightly_moco(out0, out1, bank, temperature):
+    """lightly 1.6 ``NTXentLoss`` with a memory bank (K, D): [pos | out0·bankᵀ]/τ, label 0."""
+    out0 = F.normalize(out0.double(), dim=1)
+    out1 = F.normalize(out1.double(), dim=1)
+    positive = (out0 * out1).sum(dim=1, keepdim=True)
+    negative = out0 @ bank.double().T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(out0.shape[0], dtype=torch.long))
+
+
+def clip_formula(image, text, logit_scale):
+    """CLIP's symmetric CE in the inputs' dtype (float64 inputs: the exact formula)."""
+    logits = logit_scale * (F.normalize(image, dim=1) @ F.normalize(text, dim=1).T)
+    targets = torch.arange(image.shape[0])
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def moco_formula(out0, out1, bank, temperature):
+    """lightly's memory-bank logits in the inputs' dtype (float64 inputs: the exact formula)."""
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    logits = torch.cat([(out0 * out1).sum(dim=1, keepdim=True), out0 @ bank.to(out0.dtype).T], dim=1)
+    return F.cross_entropy(logits / temperature, torch.zeros(out0.shape[0], dtype=torch.long))
+
+
+def multi_view_formula(views, temperature, labels=None):
+    """SimCLR over V views (SupCon-style positives) in float64: mean over the V·B rows."""
+    batch, n_views = views[0].shape[0], len(views)
+    stacked = torch.cat(views)
+    ids = torch.arange(batch).repeat(n_views) if labels is None else labels.repeat(n_views)
+    not_self = ~torch.eye(n_views * batch, dtype=torch.bool)
+    positive = (ids[:, None] == ids[None, :]) & not_self
+    return multi_positive_rows(stacked, stacked, positive, not_self, temperature).mean()
+
+
+def cross_entropy_formula(query, keys, temperature, normalize=True):
+    """(N, M) float64 logits q·kᵀ/τ (normalised rows when ``normalize``)."""
+    query, keys = query.double(), keys.double()
+    if normalize:
+        query, keys = F.normalize(query, dim=1), F.normalize(keys, dim=1)
+    return query @ keys.T / temperature
+
+
+def symmetric_formula(out0, out1, temperature):
+    """½ (CE rows + CE columns) of out0·out1ᵀ/τ in the inputs' dtype (float64: exact)."""
+    return clip_formula(out0, out1, 1 / temperature)
+
+
+BN_EPS = 1e-5  # lightly's F.batch_norm default
+
+
+def multi_positive_rows(query, keys, positive, allowed, temperature, normalize=True):
+    """Per-row SupCon L_out in float64, one row at a time.
+
+    Row i: log-softmax of q_i·k_j/τ over the keys with ``allowed[i, j]``; loss = mean over the
+    allowed positives ``positive[i, j]`` of −log p; 0 for a row without any positive.
+    """
+    query, keys = query.double(), keys.double()
+    if normalize:
+        query, keys = F.normalize(query, dim=1), F.normalize(keys, dim=1)
+    losses = []
+    for i in range(query.shape[0]):
+        logits = (keys @ query[i]) / temperature
+        log_p = logits - torch.logsumexp(logits[allowed[i]], dim=0)
+        chosen = positive[i] & allowed[i]
+        losses.append(-log_p[chosen].mean() if chosen.any() else logits.new_zeros(()))
+    return torch.stack(losses)
