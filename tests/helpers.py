@@ -108,7 +108,8 @@ def info_nce_grad_bound(vectors, blocks, scale, u=U32, scale_error=1):
     ``logit_error``, an M-term softmax) and by 4u·weight per positive (p₊ ≈ 1 rounds absolutely);
     the D-term sums and the projection add (D + 4)u of Σ|G|. So the bound is
     scale/‖xᵢ‖ · [Wᵢ(2δs + (2M + D + 7)u) + 4u·Pᵢ], Wᵢ = Σ|G| and Pᵢ = Σ weight over positive
-    logits touching i, from the float64 softmax.
+    logits touching i, from the float64 softmax. ``scale`` is signed (lightly allows τ < 0): the
+    logits take its sign, the bound its magnitude.
     """
     x = vectors.detach().double().cpu()
     unit = F.normalize(x, dim=1)
@@ -125,8 +126,8 @@ def info_nce_grad_bound(vectors, blocks, scale, u=U32, scale_error=1):
         positives.index_add_(0, rows, p.sum(dim=1)).index_add_(0, cols, p.sum(dim=0))
         candidates = max(candidates, int(allowed.sum(dim=1).max()))
     dim = x.shape[1]
-    per_weight = 2 * logit_error(dim, scale, u, scale_error) + (2 * candidates + dim + 7) * u
-    return scale / x.norm(dim=1) * (total * per_weight + 4 * u * positives)
+    per_weight = 2 * logit_error(dim, abs(scale), u, scale_error) + (2 * candidates + dim + 7) * u
+    return abs(scale) / x.norm(dim=1) * (total * per_weight + 4 * u * positives)
 
 
 def block_sizes(blocks):

@@ -24,6 +24,7 @@ from ..runtime.validation import (
     check_same_device,
     check_same_dtype,
     check_same_shape,
+    check_temperature,
     check_views,
     eager,
 )
@@ -68,7 +69,7 @@ def info_nce(
 
     Args:
         query: (N, D) float. keys: (M, D), same dtype and device.
-        temperature: τ > 0. For CLIP's learnable logit scale, multiply the normalised ``query``
+        temperature: τ with |τ| ≥ 1e-8 (lightly's rule: a negative τ is allowed). For CLIP's learnable logit scale, multiply the normalised ``query``
             by it yourself and pass ``temperature=1, normalize=False`` (or use :func:`clip_loss`).
         reduction: "mean" | "sum" | "none" (returns (row_loss (N,), col_loss (M,) or (0,))).
     Returns:
@@ -86,7 +87,7 @@ def info_nce(
                          f"{tuple(query.shape)} and keys {tuple(keys.shape)}")
     check_same_dtype(("query", "keys"), (query, keys))
     check_same_device(("query", "keys"), (query, keys))
-    scale = 1.0 / check_positive("temperature", temperature)
+    scale = 1.0 / check_temperature("temperature", temperature)
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     n, m = query.shape[0], keys.shape[0]
     modes = [name for name, value in (("positive_index", positive_index), ("positive_keys", positive_keys),
@@ -192,7 +193,7 @@ def nt_xent(
     check_views(names, views)
     check_choice("mode", mode, NT_XENT_MODES)
     check_choice("convention", convention, NT_XENT_CONVENTIONS)
-    temperature = check_positive("temperature", temperature)
+    temperature = check_temperature("temperature", temperature)
     batch = out0.shape[0]
     if labels is not None:
         check_label_tensor("labels", labels, batch)
@@ -285,76 +286,73 @@ def clip_loss(
 
 
 class MemoryBankModule(nn.Module):
-    """A FIFO queue of past embeddings (MoCo's queue, lightly's ``MemoryBankModule``).
+    """A queue of past embeddings (MoCo's queue), lightly 1.6's ``MemoryBankModule`` to the letter.
 
-    The bank holds ``size`` rows of dimension D, created at the first call with random
-    L2-normalised vectors (D taken from that call's input, unless ``size`` is a (rows, D)
-    tuple). ``forward(output, update=True)`` returns ``output`` and a copy of the bank *before*
-    ``output`` (detached, gathered from all ranks when ``gather_distributed``) is enqueued. Unlike
-    lightly, a batch that crosses the end of the bank wraps around to its start instead of being
-    cut, so it is a true FIFO.
+    ``size`` is ``(rows, D)`` (the bank is created at construction: random L2-normalised float32
+    rows) or ``0`` (disabled: forward returns ``None`` for the bank); a bare ``rows > 0`` raises,
+    as in lightly, because D cannot be guessed. ``bank`` and ``bank_ptr`` are non-persistent
+    buffers (not in ``state_dict``, as in lightly: a lightly checkpoint loads with
+    ``strict=True``); they move with ``.to()``. ``forward(output, labels=None, update=False)``
+    returns ``output`` and a detached copy of the bank from *before* ``output`` is enqueued, as
+    (D, rows) when ``feature_dim_first`` (lightly's default) or (rows, D). Enqueueing writes the
+    batch at the pointer; a batch that reaches the end is cut there and the pointer goes back
+    to 0 (lightly's rule). With ``gather_distributed`` every rank's batch is enqueued.
 
-    Args:
-        size: number of rows, or (rows, D). 0 disables the bank (forward returns None for it).
-        gather_distributed: enqueue the batch of every rank.
-        feature_dim_first: return the bank as (D, size) (lightly's default) instead of (size, D).
-    Shapes: output (B, D) → (output, bank (D, size) or (size, D)).
+    Shapes: output (B, D) → (output, bank (D, rows) or (rows, D), or None).
     """
 
-    def __init__(self, size: Union[int, Sequence[int]] = 65536, gather_distributed: bool = False,
+    def __init__(self, size: Union[int, Sequence[int]], gather_distributed: bool = False,
                  feature_dim_first: bool = True):
         super().__init__()
-        rows = size if isinstance(size, int) else size[0]
-        check_int_at_least("size", rows, 0)
-        self.size = (rows,) if isinstance(size, int) else tuple(size)
+        size_tuple = (size,) if isinstance(size, int) else tuple(size)
+        if any(x < 0 for x in size_tuple):
+            raise ValueError(f"Illegal memory bank size {size}, all entries must be non-negative.")
+        if isinstance(size, int) and size > 0:
+            raise ValueError(f"Memory bank size 'size={size}' does not specify the feature dimension. Set it with "
+                             f"'size=({size}, dim)', or pass 'size=0' to disable the memory bank.")
+        if size_tuple != (0,) and len(size_tuple) != 2:
+            raise ValueError(f"Illegal memory bank size {size}, expected a (num_features, dim) tuple, or 'size=0' "
+                             "to disable the memory bank.")
+        self.size = size_tuple
         self.gather_distributed = gather_distributed
         self.feature_dim_first = feature_dim_first
-        self.register_buffer("bank", torch.empty(0), persistent=True)
-        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=True)
-        if len(self.size) == 2:
-            self._init_bank(self.size[1], torch.device("cpu"), torch.float32)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A bank not yet created (first forward not run) takes the checkpoint's shape.
-        saved = state_dict.get(prefix + "bank")
-        if saved is not None and self.bank.numel() == 0:
-            self.bank = torch.empty_like(saved, device=self.bank_ptr.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _init_bank(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.bank = F.normalize(torch.randn(self.size[0], dim, device=device, dtype=dtype), dim=-1)
-        self.bank_ptr.zero_()
+        self.register_buffer("bank", torch.empty(size_tuple, dtype=torch.float), persistent=False)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
+        if len(size_tuple) == 2:
+            self.bank = F.normalize(torch.randn(size_tuple), dim=-1)
 
     @torch.no_grad()
     def enqueue(self, batch: Tensor) -> None:
-        """Write ``batch`` (B, D) over the oldest rows, wrapping around the end of the bank."""
+        """Write ``batch`` (B, D) at the pointer, cut at the end of the bank (then the pointer is 0)."""
         if self.gather_distributed:
             batch = distributed.gather_no_grad(batch)
-        batch = batch.detach()[-self.size[0]:]  # a batch larger than the bank keeps its newest rows
-        start = int(self.bank_ptr)
-        rows = (torch.arange(batch.shape[0], device=self.bank.device) + start) % self.size[0]
-        self.bank[rows] = batch.to(self.bank.dtype)
-        self.bank_ptr[0] = (start + batch.shape[0]) % self.size[0]
+        rows, start = self.size[0], int(self.bank_ptr)
+        if start + batch.shape[0] >= rows:
+            self.bank[start:] = batch[: rows - start].detach()
+            self.bank_ptr.zero_()
+        else:
+            self.bank[start:start + batch.shape[0]] = batch.detach()
+            self.bank_ptr[0] = start + batch.shape[0]
 
     def queue(self, output: Tensor, update: bool = False) -> Optional[Tensor]:
-        """The bank (size, D) before ``output`` is enqueued (when ``update``); None if size 0."""
+        """The bank (rows, D) before ``output`` is enqueued (when ``update``); None if disabled."""
         if self.size[0] == 0:
             return None
         check_float_tensor("output", output, ndim=2)
-        if self.bank.numel() == 0:
-            self._init_bank(output.shape[1], output.device, output.dtype)
-        if self.bank.shape[1] != output.shape[1]:
-            raise ValueError(f"output must be (B, {self.bank.shape[1]}) to match the memory bank, "
+        if output.shape[1] != self.size[1]:
+            raise ValueError(f"output must be (B, {self.size[1]}) to match the memory bank of size {self.size}, "
                              f"got {tuple(output.shape)}")
         bank = self.bank.clone()
         if update:
             self.enqueue(output)
         return bank
 
-    def forward(self, output: Tensor, update: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    def forward(self, output: Tensor, labels: Optional[Tensor] = None,
+                update: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        del labels  # lightly's signature: always None, ignored
         bank = self.queue(output, update)
         if bank is not None and self.feature_dim_first:
-            bank = bank.T
+            bank = bank.transpose(0, -1)
         return output, bank
 
 
@@ -378,10 +376,10 @@ class NTXentLoss(nn.Module):
                  gather_distributed: bool = False, *, mode: str = "simclr", convention: str = "mean",
                  normalize: bool = True, backend: str = "auto"):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = check_temperature("temperature", temperature)
         check_choice("mode", mode, NT_XENT_MODES)
         check_choice("convention", convention, NT_XENT_CONVENTIONS)
-        self.memory_bank = MemoryBankModule(memory_bank_size, gather_distributed, feature_dim_first=False)
+        self.memory_bank = MemoryBankModule(size=memory_bank_size, gather_distributed=gather_distributed)
         self.gather_distributed = check_distributed_available("gather_distributed", gather_distributed)
         self.mode, self.convention, self.normalize, self.backend = mode, convention, normalize, backend
         # lightly's public attributes (the loss itself never materialises lightly's logits)
@@ -393,7 +391,7 @@ class NTXentLoss(nn.Module):
             return self._loss(out0, out1, *more_views, labels=labels)
         check_views(("out0", "out1"), (out0, out1))
         keys = reference.l2_normalize(out1) if self.normalize else out1
-        loss = self._loss(out0, out1, *more_views, labels=labels, negatives=self.memory_bank.queue(keys))
+        loss = self._loss(out0, out1, *more_views, labels=labels, negatives=self.memory_bank.queue(keys).to(out0.device))
         if out0.requires_grad:  # lightly's rule: a loss without gradient leaves the bank as it is
             self.memory_bank.enqueue(keys)
         return loss

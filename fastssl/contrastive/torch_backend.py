@@ -42,7 +42,8 @@ def rows_per_block(num_keys: int) -> int:
 
 def exps_stay_normal(scale: float, queries: Tensor, *key_sets: Tensor) -> bool:
     """True when every logit s = scale · q_i·k_j, k_j a row of any of ``key_sets``, has exp(±s)
-    normal: |s| ≤ ½ ``max_exp_span`` (bounded by scale · max‖q_i‖ · max‖k_j‖).
+    normal: |s| ≤ ½ ``max_exp_span`` (bounded by |scale| · max‖q_i‖ · max‖k_j‖; lightly allows a
+    negative temperature).
 
     Then exp(s) needs no shift: no running max is kept, and in the self-similarity path exp(S)
     of a tile serves the exp-sums of its rows and of its columns alike and the backward's two
@@ -55,7 +56,7 @@ def exps_stay_normal(scale: float, queries: Tensor, *key_sets: Tensor) -> bool:
     if queries.shape[0] == 0 or not rows:
         return True
     largest = [torch.linalg.vector_norm(x, dim=1).max() for x in [queries] + rows]  # pow(2): ~4x slower on CPU
-    bound = scale * (largest[0] * torch.stack(largest[1:]).max()).item()
+    bound = abs(scale) * (largest[0] * torch.stack(largest[1:]).max()).item()
     return 2 * bound <= max_exp_span(queries.dtype)
 
 

@@ -241,6 +241,8 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
             raise ValueError(f"--resume {args.resume} holds {checkpoint['method']} with {checkpoint['arch']}, "
                              f"not {args.method} with {args.arch}")
         method.load_state_dict(checkpoint["model"])
+        for name, value in checkpoint["non_persistent_buffers"].items():
+            method.get_buffer(name).copy_(value)
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, history, random_init = checkpoint["epoch"], checkpoint["history"], checkpoint["random_init"]
     if rank == 0 and random_init is None:
@@ -285,7 +287,8 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
         if args.checkpoint_dir and rank == 0:
             save_checkpoint(Path(args.checkpoint_dir) / f"{args.method}.pt", {
                 "method": args.method, "arch": args.arch, "args": vars(args), "epoch": epoch + 1,
-                "model": method.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+                "model": method.state_dict(), "non_persistent_buffers": non_persistent_buffers(method),
+                "optimizer": optimizer.state_dict(), "history": history,
                 "random_init": random_init})
 
     result: Dict[str, object] = {"history": history}
@@ -303,6 +306,13 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def non_persistent_buffers(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Buffers ``state_dict`` leaves out (the memory banks, non-persistent as in lightly), which a
+    resumed run needs to continue bit for bit."""
+    saved = module.state_dict()
+    return {name: buffer for name, buffer in module.named_buffers() if name not in saved}
 
 
 def save_checkpoint(path: Path, state: Dict[str, object]) -> None:

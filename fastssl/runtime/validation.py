@@ -12,6 +12,10 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed
 
+class InputError(ValueError, AssertionError):
+    """Bad input where lightly 1.6 ``assert``s: a ``ValueError`` that ``except AssertionError`` still catches."""
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -82,6 +86,15 @@ def check_positive(name: str, value) -> float:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_temperature(name: str, value) -> float:
+    """lightly's rule for a temperature: a finite number with |τ| ≥ 1e-8 (a negative one is allowed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or abs(value) < 1e-8:
+        raise ValueError(f"Illegal {name}: abs({value}) < 1e-8 (or not finite)")
     return float(value)
 
 

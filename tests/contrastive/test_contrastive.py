@@ -177,15 +177,15 @@ def normalized_entry_error(dim, u=U32):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_memory_bank_first_call_without_grad_uses_random_bank_and_keeps_it(backend, dtype):
     size, batch, dim = 11, 5, 7
-    criterion = NTXentLoss(temperature=0.2, memory_bank_size=size, backend=backend)
+    criterion = NTXentLoss(temperature=0.2, memory_bank_size=(size, dim), backend=backend)
     out0, out1 = views_for(batch, dim, dtype)
-    loss = criterion(out0, out1)  # no grad: the bank is created but not updated
+    loss = criterion(out0, out1)  # no grad: the bank (created at construction) is not updated
     bank = criterion.memory_bank.bank
-    assert bank.shape == (size, dim)
+    assert bank.shape == (size, dim) and bank.dtype == torch.float32  # float32 whatever the input, as in lightly
     u = unit_roundoff(dtype)
     # ‖x̂‖ of entries each off by (D/2 + 4)u relative: the norm is off by as much, plus the
     # float64 norm's own D-term rounding (negligible)
-    assert_within(bank.double().norm(dim=1), torch.ones(size, dtype=torch.float64), normalized_entry_error(dim, u),
+    assert_within(bank.double().norm(dim=1), torch.ones(size, dtype=torch.float64), normalized_entry_error(dim),
                   "bank row norms")
     assert int(criterion.memory_bank.bank_ptr) == 0
     # Random, not the batch: no bank row equals a normalised out1 row.
@@ -205,11 +205,11 @@ def test_memory_bank_first_call_with_grad_uses_bank_before_update(backend, dtype
     # Two criteria created from the same RNG state draw the same initial bank; the one called
     # without gradients keeps it, so it shows the bank the other one used before its update.
     torch.manual_seed(123)
-    witness = NTXentLoss(temperature=0.3, memory_bank_size=size, backend=backend)
+    witness = NTXentLoss(temperature=0.3, memory_bank_size=(size, dim), backend=backend)
     witness(out0, out1)
     initial_bank = witness.memory_bank.bank.clone()
     torch.manual_seed(123)
-    criterion = NTXentLoss(temperature=0.3, memory_bank_size=size, backend=backend)
+    criterion = NTXentLoss(temperature=0.3, memory_bank_size=(size, dim), backend=backend)
     q = out0.clone().requires_grad_(True)
     loss = criterion(q, out1)
     u = unit_roundoff(dtype)
@@ -217,20 +217,21 @@ def test_memory_bank_first_call_with_grad_uses_bank_before_update(backend, dtype
                                                                                          u=u)
     bank = criterion.memory_bank.bank
     exact_rows = F.normalize(out1.double(), dim=1)
-    assert_within(bank[:batch], exact_rows, normalized_entry_error(dim, u) * exact_rows.abs(), "bank rows")
+    # the float32 bank (lightly's) rounds the normalised rows once more
+    assert_within(bank[:batch], exact_rows, (normalized_entry_error(dim, u) + U32) * exact_rows.abs(), "bank rows")
     assert torch.equal(bank[batch:], initial_bank[batch:])
     assert int(criterion.memory_bank.bank_ptr) == batch
 
 
-def test_memory_bank_fifo_wraps_around(backend):
+def test_memory_bank_cuts_the_batch_at_the_end_like_lightly(backend):
     size, batch, dim, tau = 10, 4, 5, 0.2
-    criterion = NTXentLoss(temperature=tau, memory_bank_size=size, backend=backend)
+    criterion = NTXentLoss(temperature=tau, memory_bank_size=(size, dim), backend=backend)
     expected_bank = None
     pointer = 0
     # the bank holds fastssl's fp32 normalisation of each out1: each entry within
     # normalized_entry_error of float64's F.normalize (0 for the untouched random rows)
     entry_error = normalized_entry_error(dim)
-    for step in range(4):  # writes rows 0-3, 4-7, 8,9,0,1, 2-5
+    for step in range(4):  # writes rows 0-3, 4-7, 8-9 (the rest of the batch is dropped), 0-3
         out0, out1 = views_for(batch, dim)
         out0.requires_grad_(True)
         if expected_bank is None:
@@ -242,18 +243,18 @@ def test_memory_bank_fifo_wraps_around(backend):
         loss = criterion(out0, out1)
         assert_ce_within(loss, lightly_moco(out0.detach(), out1, before, tau), dim, 1 / tau, 1 + size,
                                                                                                batch)
-        rows = [(pointer + i) % size for i in range(batch)]
-        expected_bank[rows] = F.normalize(out1.double(), dim=1)
+        rows = list(range(pointer, min(pointer + batch, size)))
+        expected_bank[rows] = F.normalize(out1.double(), dim=1)[:len(rows)]
         written[rows] = True
-        pointer = (pointer + batch) % size
+        pointer = 0 if pointer + batch >= size else pointer + batch
         assert_within(criterion.memory_bank.bank, expected_bank, entry_error * expected_bank.abs() * written,
                       f"bank after step {step}")
         assert int(criterion.memory_bank.bank_ptr) == pointer, f"step {step}"
-    assert pointer == 6
+    assert pointer == 4
 
 
 def test_memory_bank_unchanged_without_grad(backend):
-    criterion = NTXentLoss(memory_bank_size=9, backend=backend)
+    criterion = NTXentLoss(memory_bank_size=(9, 6), backend=backend)
     out0, out1 = views_for(4, 6)
     criterion(out0.requires_grad_(True), out1)
     bank, pointer = criterion.memory_bank.bank.clone(), int(criterion.memory_bank.bank_ptr)
@@ -268,7 +269,7 @@ def test_memory_bank_unchanged_without_grad(backend):
 
 
 def test_memory_bank_gradients_match_formula(backend):
-    criterion = NTXentLoss(temperature=0.15, memory_bank_size=12, backend=backend)
+    criterion = NTXentLoss(temperature=0.15, memory_bank_size=(12, 8), backend=backend)
     out0, out1 = views_for(5, 8)
     criterion(out0, out1)
     bank = criterion.memory_bank.bank.clone()
@@ -281,7 +282,7 @@ def test_memory_bank_gradients_match_formula(backend):
 
 
 def test_memory_bank_failed_call_leaves_bank_untouched(backend):
-    criterion = NTXentLoss(memory_bank_size=8, backend=backend)
+    criterion = NTXentLoss(memory_bank_size=(8, 6), backend=backend)
     out0, out1 = views_for(4, 6)
     criterion(out0.requires_grad_(True), out1)
     bank, pointer = criterion.memory_bank.bank.clone(), int(criterion.memory_bank.bank_ptr)
@@ -292,23 +293,26 @@ def test_memory_bank_failed_call_leaves_bank_untouched(backend):
     assert int(criterion.memory_bank.bank_ptr) == pointer
 
 
-def test_memory_bank_checkpoint_round_trip(backend):
-    # A training run saved with the criterion (e.g. inside a LightningModule) must load into a
-    # freshly built criterion and continue with the same bank.
-    criterion = NTXentLoss(temperature=0.2, memory_bank_size=8, backend=backend)
+def test_memory_bank_buffers_are_not_in_the_state_dict_like_lightly(backend):
+    # lightly registers bank and bank_ptr with persistent=False: a lightly checkpoint of a MoCo
+    # criterion has no keys for them and loads with strict=True; loading leaves the bank as it is.
+    criterion = NTXentLoss(temperature=0.2, memory_bank_size=(8, 5), backend=backend)
+    assert list(criterion.state_dict()) == [] and list(MemoryBankModule((8, 5)).state_dict()) == []
+    assert {name for name, _ in criterion.named_buffers()} == {"memory_bank.bank", "memory_bank.bank_ptr"}
     out0, out1 = views_for(3, 5)
     criterion(out0.requires_grad_(True), out1)
-    fresh = NTXentLoss(temperature=0.2, memory_bank_size=8, backend=backend)
-    fresh.load_state_dict(criterion.state_dict())
-    a, b = views_for(3, 5)
-    torch.testing.assert_close(fresh(a, b), criterion(a, b), rtol=0, atol=0)
+    bank = criterion.memory_bank.bank.clone()
+    criterion.load_state_dict({}, strict=True)
+    assert torch.equal(criterion.memory_bank.bank, bank) and int(criterion.memory_bank.bank_ptr) == 3
+    moved = criterion.to(torch.float64)  # buffers still follow the module
+    assert moved.memory_bank.bank.dtype == torch.float64
 
 
 @pytest.mark.parametrize("feature_dim_first, shape", [pytest.param(True, (6, 10), id="feature_dim_first"),
                                                       pytest.param(False, (10, 6), id="rows_first")])
 def test_memory_bank_module_layout(backend, feature_dim_first, shape):
     del backend  # the bank has no backend; parametrized with the rest of the file
-    bank_module = MemoryBankModule(10, feature_dim_first=feature_dim_first)
+    bank_module = MemoryBankModule((10, 6), feature_dim_first=feature_dim_first)
     first = torch.randn(4, 6)
     output, bank = bank_module(first, update=True)
     assert output is first
@@ -347,6 +351,21 @@ def test_multi_view_positives(backend, n_views, dtype):
     expected.backward()
     assert_info_nce_grads_within([v.grad for v in views], [v.grad for v in exact_views], torch.cat(exact_views),
                                  simclr_blocks(n_views, 5), 1 / 0.3, u)
+
+
+@pytest.mark.parametrize("temperature", [-0.5, -0.005, 0.005])
+def test_negative_temperature_is_lightlys(backend, temperature):
+    # lightly rejects only |τ| < 1e-8: a negative τ flips the sign of every logit. At τ = −0.005
+    # the logits reach 200 in magnitude, so exp() needs the shift: the shift-free test must use |scale|.
+    out0, out1 = with_grad(*views_for(6, 9))
+    loss = NTXentLoss(temperature=temperature, backend=backend)(out0, out1)
+    x0, x1 = with_grad(out0.detach().double(), out1.detach().double())
+    expected = lightly_nt_xent(x0, x1, temperature)
+    assert_ce_within(loss, expected, 9, 1 / abs(temperature), 11, 12)
+    loss.backward()
+    expected.backward()
+    assert_info_nce_grads_within([out0.grad, out1.grad], [x0.grad, x1.grad], torch.cat([x0, x1]),
+                                 simclr_blocks(2, 6), 1 / temperature)
 
 
 def test_two_view_multi_positive_formula_is_lightly(backend):
@@ -802,7 +821,7 @@ def test_half_inputs(backend, dtype, mode, exact_fn, naive_fn):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_half_inputs_with_memory_bank(backend, dtype):
-    criterion = NTXentLoss(temperature=0.1, memory_bank_size=20, backend=backend)
+    criterion = NTXentLoss(temperature=0.1, memory_bank_size=(20, 12), backend=backend)
     out0, out1 = views_for(8, 12, dtype)
     criterion(out0, out1)
     bank = criterion.memory_bank.bank.clone()
@@ -842,16 +861,22 @@ BAD_INPUTS = [
     pytest.param(lambda b: nt_xent(_x(4, 0), _x(4, 0), backend=b), ValueError, r"out0.*empty", id="empty-dim"),
     pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), temperature=0.0, backend=b), ValueError, r"temperature",
                  id="temperature-0"),
-    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), temperature=-0.5, backend=b), ValueError, r"temperature",
-                 id="temperature-negative"),
+    pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), temperature=-1e-9, backend=b), ValueError,
+                 r"Illegal temperature: abs", id="temperature-tiny-negative"),
     pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), temperature=float("nan"), backend=b), ValueError,
                  r"temperature", id="temperature-nan"),
     pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), temperature=float("inf"), backend=b), ValueError,
                  r"temperature", id="temperature-inf"),
     pytest.param(lambda b: NTXentLoss(temperature=0.0, backend=b), ValueError, r"temperature",
                  id="module-temperature-0"),
-    pytest.param(lambda b: NTXentLoss(temperature=-1.0, memory_bank_size=8, backend=b), ValueError,
-                 r"temperature", id="module-temperature-negative"),
+    pytest.param(lambda b: NTXentLoss(temperature=5e-9, memory_bank_size=(8, 4), backend=b), ValueError,
+                 r"Illegal temperature: abs\(5e-09\) < 1e-8", id="module-temperature-tiny"),
+    pytest.param(lambda b: NTXentLoss(memory_bank_size=8, backend=b), ValueError,
+                 r"'size=8' does not specify the feature dimension", id="module-bank-bare-int"),
+    pytest.param(lambda b: NTXentLoss(memory_bank_size=(10, -1), backend=b), ValueError,
+                 r"Illegal memory bank size \(10, -1\), all entries must be non-negative", id="module-bank-negative"),
+    pytest.param(lambda b: MemoryBankModule((4, 2, 3)), ValueError, r"expected a \(num_features, dim\) tuple",
+                 id="bank-three-entries"),
     pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), labels=torch.arange(5), backend=b), ValueError, r"labels",
                  id="labels-length"),
     pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), labels=torch.zeros(4), backend=b), TypeError, r"labels",
@@ -883,7 +908,7 @@ BAD_INPUTS = [
                  r"negatives", id="negatives-3views"),
     pytest.param(lambda b: nt_xent(_x(4, 8), _x(4, 8), labels=torch.arange(4), negatives=_x(10, 8), backend=b),
                  ValueError, r"negatives", id="negatives-labels"),
-    pytest.param(lambda b: NTXentLoss(memory_bank_size=8, backend=b)(_x(4, 8), _x(4, 9)), ValueError,
+    pytest.param(lambda b: NTXentLoss(memory_bank_size=(8, 8), backend=b)(_x(4, 8), _x(4, 9)), ValueError,
                  r"out0.*out1", id="module-bank-dim-mismatch"),
     pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 7), backend=b), ValueError, r"query.*keys", id="info_nce-dim"),
     pytest.param(lambda b: info_nce(_x(4, 8), _x(6, 8), positive_index=torch.tensor([0, 1, 2, 6]), backend=b),
