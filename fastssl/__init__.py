@@ -3,7 +3,7 @@
     >>> from fastssl import NTXentLoss          # was: from lightly.loss import NTXentLoss
     >>> loss = NTXentLoss(temperature=0.5)(z0, z1)
 
-Each loss family lives in one package (``fastssl.contrastive``, ``.redundancy``, ``.clustering``,
+Each loss family lives in one package (``fastssl.contrastive``, ``.redundancy``, ``.spectral``, ``.clustering``,
 ``.distillation``, ``.cosine``): its modules and functions, its ``torch.library`` ops, its
 reference and one file per backend. ``fastssl.functional``, ``fastssl.losses`` and
 ``fastssl.reference`` gather them; ``fastssl.runtime.registry`` (also ``fastssl.backends``) chooses
@@ -18,25 +18,35 @@ from .functional import (
     clip_loss,
     dino,
     dino_center,
+    emp_ssl,
+    frossl,
+    hypersphere,
     info_nce,
     kmeans_assign,
     kmeans_update,
     koleo,
+    mmcr,
     negative_cosine_similarity,
     nt_xent,
     sinkhorn,
     sinkhorn_knopp,
     swav,
+    tico,
     vicreg,
 )
 from .losses import (
     BarlowTwinsLoss,
     DINOLoss,
+    EMPSSLLoss,
+    FroSSLLoss,
+    HypersphereLoss,
     KoLeoLoss,
+    MMCRLoss,
     MemoryBankModule,
     NegativeCosineSimilarity,
     NTXentLoss,
     SwaVLoss,
+    TiCoLoss,
     VICRegLoss,
 )
 from .distillation import Center
@@ -57,6 +67,8 @@ __all__ = [
     "negative_cosine_similarity", "kmeans_assign", "kmeans_update", "update_momentum", "cosine_schedule",
     "cosine_warmup_schedule", "linear_warmup_schedule", "CosineWarmupScheduler",
     "Center", "BackendUnavailableError",
+    "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "tico", "mmcr", "frossl", "emp_ssl",
+    "hypersphere",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

@@ -8,7 +8,9 @@ Conventions shared by every function:
   and gradients come back in the input dtype.
 * ``backend``: ``"auto"`` (default; the ``FASTSSL_BACKEND`` environment variable replaces it),
   ``"reference"``, ``"torch"``, ``"triton"`` or ``"native"`` — see ``fastssl.runtime.registry``.
-* Bad input raises ``TypeError`` / ``ValueError`` naming the argument and the shapes. Non-finite
+* Bad input raises ``TypeError`` / ``ValueError`` naming the argument and the shapes (where
+  lightly ``assert``s, ``fastssl.runtime.validation.InputError``: a ``ValueError`` that
+  ``except AssertionError`` also catches). Non-finite
   inputs (NaN/Inf) are not checked (that would cost a device sync per call): they propagate
   into the loss. Finite inputs never give a non-finite loss.
 * ``gather_distributed=True`` inside an initialised ``torch.distributed`` process group makes
@@ -24,8 +26,10 @@ from .cosine import negative_cosine_similarity
 from .distillation import dino, dino_center
 from .redundancy import barlow_twins, vicreg
 from .regularizers import koleo
+from .spectral import emp_ssl, frossl, hypersphere, mmcr, tico
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
     "swav", "dino", "dino_center", "kmeans_assign", "kmeans_update", "negative_cosine_similarity", "koleo",
+    "tico", "mmcr", "frossl", "emp_ssl", "hypersphere",
 ]

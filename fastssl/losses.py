@@ -10,6 +10,7 @@ from .cosine import NegativeCosineSimilarity
 from .distillation import DINOLoss
 from .redundancy import BarlowTwinsLoss, VICRegLoss
 from .regularizers import KoLeoLoss
+from .spectral import EMPSSLLoss, FroSSLLoss, HypersphereLoss, MMCRLoss, TiCoLoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
-           "DINOLoss", "KoLeoLoss"]
+           "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss"]

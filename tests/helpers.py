@@ -410,3 +410,150 @@ def _assert_grads_within(grads, exact_grads, batch, dim, scale=1.0):
         assert g.dtype == torch.float32
         e = scale * e.double()
         assert_within(g, e, batch_norm_grad_tolerance(batch, dim) * e.abs().max().item(), "gradient")
+
+
+# --------------------------------------------------------------------------------------------
+# Normalised rows and the spectral losses (TiCo, MMCR, FroSSL, EMP-SSL, hypersphere)
+# --------------------------------------------------------------------------------------------
+def normalized_entry_error(dim, u=U32):
+    """Relative error of each entry of a vector of ``dim`` entries normalised in floating point
+    (x/peak, then F.normalize): a D-term sum of squares (D·u), its square root (u/2 more, half of
+    it), two divisions."""
+    return (dim / 2 + 4) * u
+
+
+def _normalization_grad_abs(unit, norms, grad_abs):
+    """|J|ᵀ|g| for x̂ = x/‖x‖ (rows): |(I − x̂x̂ᵀ)g|/‖x‖ ≤ (|g| + |x̂|(|x̂|·|g|))/‖x‖."""
+    return (grad_abs + unit.abs() * (unit.abs() * grad_abs).sum(dim=-1, keepdim=True)) / norms
+
+
+def tico_bounds(z_a, z_b, covariance, beta, rho, u=U32):
+    """(|δL|, |δ∂L/∂z_a| entrywise, |δ∂L/∂z_b| entrywise) of TiCo on (N, D) views.
+
+    L is a polynomial of degree ≤ 4 in the normalised entries (each off by ``normalized_entry_error``
+    e relative): 1 − mean â·b̂ + ρ mean âC'âᵀ with C' = βC + (1 − β)âᵀâ/N, its longest chain a
+    D-term product, an N-term covariance entry and a D-term quadratic form: ≤ (γ_{2D+N+8} + 4e)
+    times L with every term in absolute value. The gradients −b̂/N + 2ρ/N âC' (z_a) and −â/N (z_b),
+    by the same rule, pass through the normalisation's Jacobian (D + 4 more roundings)."""
+    a, b = F.normalize(z_a.detach().double(), dim=1), F.normalize(z_b.detach().double(), dim=1)
+    n, d = a.shape
+    e = normalized_entry_error(d, u)
+    previous = torch.zeros(d, d, dtype=torch.float64) if covariance is None else covariance.double()
+    covariance_abs = abs(beta) * previous.abs() + abs(1 - beta) * a.abs().T @ a.abs() / n
+    value_abs = 1 + (a.abs() * b.abs()).sum(1).mean() + abs(rho) * ((a.abs() @ covariance_abs) * a.abs()).sum(1).mean()
+    kappa = gamma(2 * d + n + 8, u) + 4 * e
+    grad_kappa = kappa + (d + 4) * u
+    grad_a = b.abs() / n + 2 * abs(rho) / n * a.abs() @ covariance_abs
+    norms_a, norms_b = (z.detach().double().norm(dim=1, keepdim=True) for z in (z_a, z_b))
+    return (kappa * value_abs.item(), grad_kappa * _normalization_grad_abs(a, norms_a, grad_a),
+            grad_kappa * _normalization_grad_abs(b, norms_b, a.abs() / n))
+
+
+def hypersphere_bounds(z_a, z_b, t, lam, alpha, u=U32):
+    """(|δL|, normwise relative gradient bound) of the hypersphere loss on (N, D) views.
+
+    Alignment: ‖x̂ − ŷ‖ is off by e‖|x̂| + |ŷ|‖ + γ_{D+2}‖x̂ − ŷ‖ (e: ``normalized_entry_error``),
+    so its α-th power by α d^(α−1) of that. Uniformity: each exponent −t d²_ij is off by
+    ≤ 4|t|(γ_{D+4} + 2e) (d² ≤ 4, from the pair's difference or from ‖x̂ᵢ‖² + ‖x̂ⱼ‖² − 2x̂ᵢ·x̂ⱼ),
+    which moves log Σ by as much; the exp() and the ≤ N²-term sums add u + γ_{N²}. The gradient
+    −4t Σ_j p_ij (x̂ᵢ − x̂ⱼ) takes the p's relative error (the exponent's, twice through the
+    normalisation by the sum) and the N + D-term sums of the GEMMs and the Jacobian."""
+    x, y = F.normalize(z_a.detach().double()), F.normalize(z_b.detach().double())
+    n, d = x.shape
+    e = normalized_entry_error(d, u)
+    distance = (x - y).norm(dim=1)
+    distance_error = e * (x.abs() + y.abs()).norm(dim=1) + gamma(d + 2, u) * distance
+    alignment = (abs(alpha) * distance.pow(alpha - 1) * distance_error + 2 * u * distance.pow(alpha)).mean()
+    alignment = alignment + gamma(n, u) * distance.pow(alpha).mean()
+    exponent_error = 4 * abs(t) * (gamma(d + 4, u) + 2 * e)
+    uniformity = exponent_error + u + gamma(n * n, u)
+    value = alignment.item() + abs(lam) * uniformity
+    grad_kappa = 2 * (2 * exponent_error + gamma(n * n + d + 8, u) + 4 * e)
+    return value, grad_kappa
+
+
+def frossl_bounds(views, invariance_weight, u=U32):
+    """|δL| of FroSSL on V views (N, D): per view, the smaller Gram K of the column-normalised ẑ
+    (entries off by (γ_s + 2e)(|ẑ||ẑ|ᵀ), s = max(N, D) the dot length, e the normalisation's)
+    moves log‖K‖²_F by 2Σ|K|δK/‖K‖², its k²-term sum by γ_{k²} and log tr K by γ_{ND} + 2e; the
+    invariance V·D·mean((ẑ − z̄)²) by 2·mean(|ẑ − z̄|δ) + γ_{ND+4}·mse, δ the difference's error."""
+    unit = torch.stack([F.normalize(z.detach().double(), p=2, dim=0) for z in views])
+    num_views, n, d = unit.shape
+    e = normalized_entry_error(n, u)
+    mean = unit.mean(dim=0)
+    mean_abs = unit.abs().mean(dim=0)
+    total = 0.0
+    for z in unit:
+        gram, gram_abs = (z @ z.T, z.abs() @ z.abs().T) if n <= d else (z.T @ z, z.abs().T @ z.abs())
+        k = gram.shape[0]
+        squared = gram.square().sum()
+        total += (2 * (gram.abs() * (gamma(max(n, d), u) + 2 * e) * gram_abs).sum() / squared).item()
+        total += gamma(k * k, u) + 2 * (gamma(n * d, u) + 2 * e) + 4 * u
+        difference = z - mean
+        difference_error = e * (z.abs() + mean_abs) + gamma(num_views + 1, u) * mean_abs + u * difference.abs()
+        mse = difference.square().mean()
+        total += abs(invariance_weight) * num_views * d * (
+            2 * (difference.abs() * difference_error).mean() + gamma(n * d + 4, u) * mse).item()
+    return total
+
+
+def emp_ssl_bounds(views, tcr_eps, inv_coef, u=U32):
+    """(|δL|, (κ_tcr, ‖g_tcr‖∞-relative) and κ_inv) of EMP-SSL on V views (N, D).
+
+    logdet M, M = I + cG from either side (D×D: ZᵀZ; N×N: ZZᵀ), moves by Σ|M⁻¹| ∘ |δM| (first
+    order) where δM = c·γ_s|Z|ᵀ|Z| + u|M| (the Gram's s-term dots and the scaling) plus the
+    factorisation's backward error γ_{3k}|L||Lᵀ| (Cholesky; LU of this SPD matrix alike), and its
+    k logs of pivots by k·u + γ_k of their sum; the larger of the two sides is taken. The cosine
+    invariance is off by (2D + 8 + V)u per term. Gradients: the solve with M is off by
+    cond(M)·γ_{3k} (cond(M) = 1 + c·σ_max², from float64), the rest by the Gram's and cosine's."""
+    z = torch.stack([v.detach().double() for v in views])
+    num_views, n, d = z.shape
+    c = d / (n * tcr_eps)
+    tcr = 0.0
+    condition = 1.0
+    for v in z:
+        sides = []
+        for gram, gram_abs, length in ((v.T @ v, v.abs().T @ v.abs(), n), (v @ v.T, v.abs() @ v.abs().T, d)):
+            k = gram.shape[0]
+            m = torch.eye(k, dtype=torch.float64) + c * gram
+            factor = torch.linalg.cholesky(m)
+            delta = c * gamma(length, u) * gram_abs + u * m.abs() + gamma(3 * k, u) * factor.abs() @ factor.abs().T
+            pivots = factor.diagonal().log().abs().sum()
+            sides.append((torch.linalg.inv(m).abs() * delta).sum().item() + 2 * (k * u + gamma(k, u)) * pivots.item())
+            eigenvalues = torch.linalg.eigvalsh(m)
+            condition = max(condition, (eigenvalues[-1] / eigenvalues[0]).item())
+        tcr += 0.5 * max(sides) / num_views
+    value = tcr + abs(inv_coef) * ((2 * d + 8 + num_views) * u + gamma(num_views * n, u))
+    kappa_tcr = 2 * (condition * gamma(3 * max(n, d) + 8, u) + gamma(max(n, d) + 8, u))
+    kappa_inv = 2 * (2 * d + 8 + num_views) * u
+    return value, kappa_tcr, kappa_inv
+
+
+def _nuclear_norm_error(matrices, entry_error, u):
+    """Per trailing (m, n) matrix A, a bound on the error of ‖A‖_* and on the 2-norm error of its
+    gradient UVᵀ, given entrywise input errors: each σ moves by ≤ ‖δA‖_F (Weyl) plus the
+    decomposition's backward error — an SVD's (max(m, n) + 4)u‖A‖, or a float64 Gram's
+    eigenvalues' √(max(m, n)·u64)‖A‖_F — over min(m, n) values; UVᵀ moves by ≤ 2‖ΔA‖/σ_min."""
+    a = matrices.reshape(-1, *matrices.shape[-2:])
+    m, n = a.shape[-2:]
+    sigma = torch.linalg.svdvals(a)
+    frobenius = a.norm(dim=(-2, -1))
+    backward = (max(m, n) + 4) * u * sigma[:, 0] + math.sqrt(max(m, n) * 2.0 ** -53) * frobenius
+    perturbation = entry_error.reshape(a.shape).norm(dim=(-2, -1)) + backward
+    return min(m, n) * perturbation, 2 * perturbation / sigma[:, -1]
+
+
+def mmcr_bounds(online, momentum, lmda, u=U32):
+    """(|δL|, entrywise gradient bound) of MMCR on (B, k, D) views: the centroids c are off by
+    γ_{2k}·mean|z| entrywise (the inputs themselves are exact), each nuclear norm and gradient by
+    ``_nuclear_norm_error``; the gradient of z from −‖c‖_* is the centroid's over 2k."""
+    z = torch.cat([online.detach().double(), momentum.detach().double()], dim=1)
+    batch, views = z.shape[:2]
+    c = z.mean(dim=1)
+    value_c, grad_c = _nuclear_norm_error(c, gamma(views + 1, u) * z.abs().mean(dim=1), u)
+    value_z, grad_z = _nuclear_norm_error(z, torch.zeros_like(z), u)
+    nuclear_z = torch.linalg.svdvals(z).sum()
+    loss = -torch.linalg.svdvals(c).sum() + lmda * nuclear_z / batch
+    value = value_c.item() + abs(lmda) / batch * (value_z.sum() + gamma(batch, u) * nuclear_z).item() + u * abs(loss.item())
+    grad = grad_c.item() / views + abs(lmda) / batch * grad_z.max().item()
+    return value, grad

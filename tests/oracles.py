@@ -306,3 +306,57 @@ def multi_positive_rows(query, keys, positive, allowed, temperature, normalize=T
         chosen = positive[i] & allowed[i]
         losses.append(-log_p[chosen].mean() if chosen.any() else logits.new_zeros(()))
     return torch.stack(losses)
+
+
+# ============================================================================================
+# Spectral: TiCo, MMCR, FroSSL, EMP-SSL, hypersphere (lightly 1.6's formulas, float64)
+# ============================================================================================
+def tico64(z_a, z_b, covariance=None, beta=0.9, rho=8.0):
+    """lightly's ``TiCoLoss.forward``: (loss, the updated covariance)."""
+    a, b = F.normalize(z_a.double(), dim=1), F.normalize(z_b.double(), dim=1)
+    batch_covariance = (a.T @ a).detach() / a.shape[0]
+    previous = torch.zeros_like(batch_covariance) if covariance is None else covariance.double()
+    updated = beta * previous + (1 - beta) * batch_covariance
+    loss = 1.0 - (a * b).sum(dim=1).mean() + rho * ((a @ updated) * a).sum(dim=1).mean()
+    return loss, updated
+
+
+def mmcr64(online, momentum, lmda=5e-3):
+    """lightly's ``MMCRLoss.forward``: −‖c‖_* + λ Σ_b ‖z_b‖_* / B by SVD."""
+    z = torch.cat([online.double(), momentum.double()], dim=1)
+    c = z.mean(dim=1)
+    return -torch.linalg.svdvals(c).sum() + lmda * torch.linalg.svdvals(z).sum() / z.shape[0]
+
+
+def frossl64(views, invariance_weight=1.0):
+    """lightly's ``FroSSLLoss.forward`` (its trace is a Python float: no gradient through it)."""
+    unit = [F.normalize(z.double(), p=2, dim=0) for z in views]
+    mean = torch.stack(unit).mean(dim=0)
+    total = 0.0
+    for z in unit:
+        gram = z.T @ z if z.shape[0] > z.shape[1] else z @ z.T
+        gram = gram / torch.trace(gram).item()
+        total = total + 2 * torch.log(torch.linalg.norm(gram, ord="fro"))
+        total = total + invariance_weight * len(views) * z.shape[1] * F.mse_loss(z, mean)
+    return total
+
+
+def emp_ssl64(views, tcr_eps=0.2, inv_coef=200.0):
+    """lightly's ``EMPSSLLoss.forward``: the D×D total coding rate and the cosine invariance."""
+    z = torch.stack([v.double() for v in views])
+    _, batch, dim = z.shape
+    identity = torch.eye(dim, dtype=torch.float64)
+    tcr = 0.5 * torch.logdet(identity + dim / (batch * tcr_eps) * torch.einsum("vbd,vbe->vde", z, z)).mean()
+    return tcr - inv_coef * F.cosine_similarity(z, z.mean(0, keepdim=True), dim=-1).mean()
+
+
+def hypersphere64(z_a, z_b, t=1.0, lam=1.0, alpha=2.0):
+    """lightly's ``HypersphereLoss.forward``, uniformity as a logsumexp (lightly's exp().mean().log()
+    in float64 is the same number wherever it does not underflow)."""
+    x, y = F.normalize(z_a.double()), F.normalize(z_b.double())
+
+    def uniformity(v):
+        exponents = -t * torch.pdist(v, p=2).pow(2)
+        return torch.logsumexp(exponents, dim=0) - math.log(exponents.numel())
+
+    return (x - y).norm(dim=1).pow(alpha).mean() + lam * (uniformity(x) + uniformity(y)) / 2.0

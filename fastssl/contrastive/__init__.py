@@ -18,7 +18,6 @@ from ..runtime.validation import (
     check_choice,
     check_distributed_available,
     check_float_tensor,
-    check_int_at_least,
     check_label_tensor,
     check_positive,
     check_same_device,

@@ -78,6 +78,14 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "reference": "fastssl.distillation.reference:linear_soft_cross_entropy_pairs",
         "torch": "fastssl.distillation.torch_backend:linear_soft_cross_entropy_pairs",
     },
+    "tico": {"reference": "fastssl.spectral.reference:tico", "torch": "fastssl.spectral.torch_backend:tico"},
+    "mmcr": {"reference": "fastssl.spectral.reference:mmcr", "torch": "fastssl.spectral.torch_backend:mmcr"},
+    "frossl": {"reference": "fastssl.spectral.reference:frossl", "torch": "fastssl.spectral.torch_backend:frossl"},
+    "emp_ssl": {"reference": "fastssl.spectral.reference:emp_ssl", "torch": "fastssl.spectral.torch_backend:emp_ssl"},
+    "hypersphere_uniformity": {
+        "reference": "fastssl.spectral.reference:hypersphere_uniformity",
+        "torch": "fastssl.spectral.torch_backend:hypersphere_uniformity",
+    },
     "koleo": {"reference": "fastssl.regularizers.reference:koleo", "torch": "fastssl.regularizers.torch_backend:koleo"},
     "negative_cosine_similarity": {
         "reference": "fastssl.cosine.reference:negative_cosine_similarity",

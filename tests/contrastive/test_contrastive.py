@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fastssl import MemoryBankModule, NTXentLoss, backends, clip_loss, info_nce, nt_xent
 
-from helpers import (BACKENDS_ON_CPU, FLOAT_DTYPES, HALF_DTYPES, U32, assert_ce_within, assert_info_nce_grads_within,
+from helpers import (BACKENDS_ON_CPU, normalized_entry_error, FLOAT_DTYPES, HALF_DTYPES, U32, assert_ce_within, assert_info_nce_grads_within,
                      assert_within, bank_blocks, block_sizes, ce_bound, cross_blocks, gamma,
                      half_error_within_twice_reference, logit_error, simclr_blocks, unit_roundoff)
 from oracles import (clip_formula, cross_entropy_formula, lightly_moco, lightly_nt_xent, lightly_nt_xent_in_dtype,
@@ -168,12 +168,6 @@ def test_ntxent_fp16_inputs_whose_squares_overflow_fp16(backend):
 # ============================================================================================
 # 2. Memory bank (MoCo)
 # ============================================================================================
-def normalized_entry_error(dim, u=U32):
-    """Relative error of each entry of a row normalised by fastssl (x/peak, then F.normalize): a
-    D-term sum of squares (D·u), its square root (u/2 more, half of it), two divisions."""
-    return (dim / 2 + 4) * u
-
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_memory_bank_first_call_without_grad_uses_random_bank_and_keeps_it(backend, dtype):
     size, batch, dim = 11, 5, 7

@@ -2,15 +2,14 @@
 passes under the interpreter), SwAV with fused prototypes and the mini-batch k-means update:
 two gloo processes against one process on the concatenated batch (test_distributed.py covers
 the default backend)."""
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastssl.functional as fn
 from fastssl import backends
+
+from test_distributed import results_of_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -71,24 +70,19 @@ def local_slice(value, rank):
     return value[rank * BATCH:(rank + 1) * BATCH].clone()
 
 
-def worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def worker(rank):
     local = {k: local_slice(v, rank) for k, v in global_inputs().items()}
     results = {}
     for backend in fused_backends():
         results.update(sinkhorn_cases(local, backend, gather=True))
     results["swav"] = swav_with_prototypes(local, gather=True)
     results["kmeans"] = kmeans_step(local, gather=True)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ddp_clustering")
-    mp.spawn(worker, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return results_of_ranks(worker, tmp_path_factory, "ddp_clustering")
 
 
 @pytest.mark.parametrize("backend", fused_backends())

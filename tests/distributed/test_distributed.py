@@ -76,9 +76,22 @@ def run_case(d, name, gather):
     return loss.detach(), [t.grad.clone() if t.grad is not None else torch.zeros_like(t) for t in differentiable(d)]
 
 
-def worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _rank_main(rank, compute, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
+    torch.save(compute(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def results_of_ranks(compute, tmp_path_factory, name):
+    """``compute(rank)`` (a module-level function: the spawned processes import it) run by WORLD gloo
+    processes, one thread each; returns every rank's result, in rank order."""
+    out_dir = tmp_path_factory.mktemp(name)
+    mp.spawn(_rank_main, args=(compute, str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def worker(rank):
     results = {}
     data = global_inputs()
     for name in cases():
@@ -105,15 +118,12 @@ def worker(rank, init_file, out_dir):
     loss = fastssl.BarlowTwinsLoss(gather_distributed=True, distributed_convention="lightly")(z0, z1)
     loss.backward()
     results["barlow_lightly"] = (loss.detach(), [z0.grad.clone(), z1.grad.clone()])
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return results_of_ranks(worker, tmp_path_factory, "ddp")
 
 
 @pytest.mark.parametrize("name", list(cases()))

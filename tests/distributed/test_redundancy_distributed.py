@@ -2,16 +2,13 @@
 (not an all-reduced D×D matrix) give the single-process loss and gradients of the concatenated
 batch, on the Gram path (global batch 6 < D = 11) as on the direct one (tests/distributed/test_distributed.py
 covers the default path and lightly's per-rank convention)."""
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastssl.functional as fn
 
-from test_distributed import BATCH, WORLD, local_slice
+from test_distributed import BATCH, WORLD, local_slice, results_of_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -38,20 +35,15 @@ def run_case(name, z_a, z_b, gather):
     return (loss.detach(), *torch.autograd.grad(loss, (z_a, z_b)))
 
 
-def worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def worker(rank):
     z_a, z_b = (local_slice(z, rank) for z in global_views())
     results = {name: run_case(name, z_a, z_b, gather=True) for name in CASES}
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ddp_redundancy")
-    mp.spawn(worker, args=(str(out_dir / "init"), str(out_dir)), nprocs=WORLD, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return results_of_ranks(worker, tmp_path_factory, "ddp_redundancy")
 
 
 @pytest.mark.parametrize("name", list(CASES))

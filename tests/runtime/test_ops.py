@@ -30,6 +30,13 @@ def _op_samples(dtype):
         ("kmeans_assign", (rand(7, 5, grad=False), rand(4, 5, grad=False))),
         ("negative_cosine_similarity", (rand(7, 5), rand(7, 5), 1e-8)),
         ("koleo", (rand(7, 5), 2.0, 1e-8)),
+        # β = 1: TiCo stops the gradient through the batch's share of C' (lightly's detach), which a
+        # numerical derivative of the value would see
+        ("tico", (rand(7, 5), rand(7, 5), rand(5, 5, grad=False), 1.0, 3.0)),
+        ("mmcr", (rand(5, 2, 4), rand(5, 2, 4), 0.1)),
+        ("frossl", (rand(3, 7, 5), 0.5)),
+        ("emp_ssl", (rand(2, 7, 5), 0.2, 10.0)),
+        ("hypersphere_uniformity", (rand(7, 5), 2.0)),
         ("sinkhorn", (rand(7, 11, grad=False), 3, 0.05, None, None, 0.0, False)),
         ("sinkhorn", (rand(7, 11, grad=False), 50, 0.1, torch.rand(11, generator=g, dtype=dtype) + 0.5,
                       torch.rand(7, generator=g, dtype=dtype) + 0.5, 1e-3, False)),
@@ -43,7 +50,7 @@ def _overload(fn):
 
 # Ops whose torch backend is plain PyTorch operations (autograd differentiates it, Dynamo traces
 # it): no torch.library op to opcheck; their gradcheck and compile tests below still run.
-PLAIN_PYTORCH_OPS = {"koleo"}
+PLAIN_PYTORCH_OPS = {"koleo", "tico", "mmcr", "frossl", "emp_ssl"}  # mmcr: on the nuclear_norm op (tests/spectral)
 
 
 def _torch_backend(name):
@@ -64,6 +71,8 @@ def test_opcheck_every_registered_op(dtype):
                                        if n not in ("sinkhorn", "kmeans_assign")])  # no gradient
 def test_torch_backend_op_gradcheck(name, args):
     op = _torch_backend(name)
+    if name == "tico":  # its second output, the covariance state, carries no gradient (as in lightly)
+        op = lambda *inputs: _torch_backend("tico")(*inputs)[0]  # noqa: E731
     differentiable = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def call(*xs):
@@ -88,6 +97,11 @@ def _losses():
         ("dino", lambda a, b, be: fn.dino([a, b], [a, b, 0.5 * a], center, backend=be)),
         ("negative_cosine", lambda a, b, be: fn.negative_cosine_similarity(a, b, backend=be)),
         ("koleo", lambda a, b, be: fn.koleo(a, backend=be) + fn.koleo(b, backend=be)),
+        ("tico", lambda a, b, be: fn.tico(a, b, torch.eye(13), 0.5, backend=be)[0]),
+        ("mmcr", lambda a, b, be: fn.mmcr(a.reshape(9, 1, 13), b.reshape(9, 1, 13), 0.1, backend=be)),
+        ("frossl", lambda a, b, be: fn.frossl([a, b], backend=be)),
+        ("emp_ssl", lambda a, b, be: fn.emp_ssl([a, b], backend=be)),
+        ("hypersphere", lambda a, b, be: fn.hypersphere(a, b, 2.0, backend=be)),
     ]
 
 

@@ -1,0 +1,214 @@
+"""The spectral family: losses on the spectrum of a batch's Gram/covariance matrix — TiCo, MMCR,
+FroSSL, EMP-SSL and the hypersphere (alignment + uniformity) loss, as lightly 1.6's.
+
+Public API: :func:`tico`, :func:`mmcr`, :func:`frossl`, :func:`emp_ssl`, :func:`hypersphere` and
+:class:`TiCoLoss`, :class:`MMCRLoss`, :class:`FroSSLLoss`, :class:`EMPSSLLoss`,
+:class:`HypersphereLoss`. Core ops: ``tico``, ``mmcr``, ``frossl``, ``emp_ssl``,
+``hypersphere_uniformity``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..runtime import distributed, registry
+from ..runtime.dtypes import compute_dtype
+from ..runtime.validation import (
+    InputError,
+    check_distributed_available,
+    check_float_tensor,
+    check_non_negative,
+    check_positive,
+    check_tensor_list,
+    check_views,
+)
+
+Tensor = torch.Tensor
+
+
+def _check_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def tico(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor] = None, beta: float = 0.9, rho: float = 8.0, *,
+         gather_distributed: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    r"""TiCo (Zhu et al., 2022), as lightly's ``TiCoLoss``: with rows normalised (ẑ),
+    :math:`C' = \beta C + (1 - \beta)\,\hat z_a^\top \hat z_a / N` (no gradient) and
+
+    .. math:: L = 1 - \frac1N \sum_i \hat z_{a,i} \cdot \hat z_{b,i}
+                  + \rho \frac1N \sum_i \hat z_{a,i} C' \hat z_{a,i}^\top
+
+    Args:
+        z_a, z_b: (N, D) float, N > 1. covariance: the running C (D, D), or None (zeros: the
+            first step). gather_distributed: both views gathered from every rank (with gradient).
+    Returns:
+        (loss (0-dim float32, float64 for float64 inputs), C' (D, D), to pass to the next call).
+    """
+    check_float_tensor("z_a", z_a, ndim=2)
+    check_float_tensor("z_b", z_b, ndim=2)
+    if z_a.shape[0] < 2 or z_b.shape[0] < 2:
+        raise InputError(f"z_a and z_b must have batch size > 1 but found {z_a.shape[0]} and {z_b.shape[0]}")
+    if z_a.shape != z_b.shape:
+        raise InputError(f"z_a and z_b must have same shape but found {z_a.shape} and {z_b.shape}.")
+    check_views(("z_a", "z_b"), (z_a, z_b))
+    if covariance is not None:
+        check_float_tensor("covariance", covariance, ndim=2)
+        if covariance.shape != (z_a.shape[1],) * 2:
+            raise ValueError(f"covariance must be (D, D) = {(z_a.shape[1],) * 2} for z_a {tuple(z_a.shape)}, "
+                             f"got {tuple(covariance.shape)}")
+    beta, rho = _check_number("beta", beta), _check_number("rho", rho)
+    if gather_distributed and distributed.world_size() > 1:
+        z_a, z_b = distributed.gather(z_a), distributed.gather(z_b)
+    _, core = registry.select("tico", backend, (z_a, z_b))
+    return core(z_a, z_b, covariance, beta, rho)
+
+
+def mmcr(online: Tensor, momentum: Tensor, lmda: float = 5e-3, *, backend: str = "auto") -> Tensor:
+    r"""MMCR (Yerxa et al., 2023), as lightly's ``MMCRLoss``: z = [online, momentum] along the view
+    axis (B, 2k, D), c its mean over views (B, D), :math:`L = -\|c\|_* + \lambda \sum_b \|z_b\|_* / B`
+    (nuclear norms).
+
+    Args: online, momentum: (B, k, D). Returns: 0-dim float32 loss.
+    """
+    check_float_tensor("online", online)
+    check_float_tensor("momentum", momentum)
+    if online.shape != momentum.shape:
+        raise InputError(f"online and momentum need to have the same shape, got online {tuple(online.shape)} and "
+                         f"momentum {tuple(momentum.shape)}")
+    check_views(("online", "momentum"), (online, momentum), ndim=3)
+    lmda = check_non_negative("lmda", lmda)
+    _, core = registry.select("mmcr", backend, (online, momentum))
+    return core(online, momentum, lmda)
+
+
+def _stacked_views(z_views: Sequence[Tensor]) -> Tensor:
+    views = check_tensor_list("z_views", z_views)
+    if len(views) < 2:
+        raise ValueError(f"z_views must contain at least two views but found {len(views)}.")
+    check_views([f"z_views[{i}]" for i in range(len(views))], views)
+    return torch.stack(views)
+
+
+def frossl(z_views: Sequence[Tensor], invariance_weight: float = 1.0, *, backend: str = "auto") -> Tensor:
+    r"""FroSSL (Skean et al., 2024), as lightly's ``FroSSLLoss``: each view's columns normalised,
+    :math:`L = \sum_v 2\log\|K_v / \mathrm{tr} K_v\|_F + w \sum_v V D\,\mathrm{mse}(\hat z_v, \bar z)`
+    with K_v the view's smaller Gram and z̄ the mean of the views.
+
+    Args: z_views: V ≥ 2 tensors (N, D). Returns: 0-dim float32 loss.
+    """
+    views = _stacked_views(z_views)
+    _, core = registry.select("frossl", backend, (views,))
+    return core(views, _check_number("invariance_weight", invariance_weight))
+
+
+def emp_ssl(z_views: Sequence[Tensor], tcr_eps: float = 0.2, inv_coef: float = 200.0, *,
+            backend: str = "auto") -> Tensor:
+    r"""EMP-SSL (Tong et al., 2023), as lightly's ``EMPSSLLoss``: the total coding rate
+    :math:`\frac12 \mathrm{mean}_v \log\det(I + \frac{D}{N\epsilon} Z_v^\top Z_v)` plus ``inv_coef``
+    times −mean cos(z_v,i, z̄_i).
+
+    Args: z_views: V ≥ 2 tensors (N, D). Returns: 0-dim float32 loss.
+    """
+    views = _stacked_views(z_views)
+    tcr_eps = check_positive("tcr_eps", tcr_eps)
+    _, core = registry.select("emp_ssl", backend, (views,))
+    return core(views, tcr_eps, _check_number("inv_coef", inv_coef))
+
+
+def hypersphere(z_a: Tensor, z_b: Tensor, t: float = 1.0, lam: float = 1.0, alpha: float = 2.0, *,
+                backend: str = "auto") -> Tensor:
+    r"""Wang and Isola's alignment and uniformity, as lightly's ``HypersphereLoss``: with rows
+    normalised (x, y),
+
+    .. math:: L = \mathrm{mean}_i \|x_i - y_i\|^\alpha
+                  + \frac{\lambda}{2}\Big(\log \mathrm{mean}_{i<j} e^{-t\|x_i - x_j\|^2}
+                  + \log \mathrm{mean}_{i<j} e^{-t\|y_i - y_j\|^2}\Big)
+
+    Args: z_a, z_b: (N, D), N ≥ 2 (uniformity needs a pair; lightly returns NaN for N = 1).
+    Returns: 0-dim float32 loss.
+    """
+    check_views(("z_a", "z_b"), (z_a, z_b))
+    if z_a.shape[0] < 2:
+        raise ValueError(f"z_a and z_b need at least 2 rows (uniformity averages over pairs of rows), got "
+                         f"{tuple(z_a.shape)}")
+    t, lam, alpha = (_check_number(name, value) for name, value in (("t", t), ("lam", lam), ("alpha", alpha)))
+    dtype = compute_dtype(z_a, z_b)  # half inputs are normalised in float32 too
+    x, y = F.normalize(z_a.to(dtype)), F.normalize(z_b.to(dtype))
+    _, core = registry.select("hypersphere_uniformity", backend, (x, y))
+    alignment = (x - y).norm(dim=1).pow(alpha).mean()
+    return alignment + lam * (core(x, t) + core(y, t)) / 2.0
+
+
+class TiCoLoss(nn.Module):
+    """TiCo, as lightly's ``TiCoLoss(beta=0.9, rho=8.0, gather_distributed=False)``.
+
+    The running covariance is the attribute ``C`` ((D, D) tensor, or None before the first call;
+    not a buffer, as in lightly). ``forward(z_a, z_b, update_covariance_matrix=True)``; see
+    :func:`fastssl.functional.tico`.
+    """
+
+    def __init__(self, beta: float = 0.9, rho: float = 8.0, gather_distributed: bool = False, *,
+                 backend: str = "auto"):
+        super().__init__()
+        self.gather_distributed = check_distributed_available("gather_distributed", gather_distributed)
+        self.beta, self.rho, self.backend = beta, rho, backend
+        self.C: Optional[Tensor] = None
+
+    def forward(self, z_a: Tensor, z_b: Tensor, update_covariance_matrix: bool = True) -> Tensor:
+        loss, covariance = tico(z_a, z_b, self.C, self.beta, self.rho, gather_distributed=self.gather_distributed,
+                                backend=self.backend)
+        if update_covariance_matrix:
+            self.C = covariance
+        return loss
+
+
+class MMCRLoss(nn.Module):
+    """MMCR, as lightly's ``MMCRLoss(lmda=0.005)``; ``forward(online, momentum)`` on (B, k, D)."""
+
+    def __init__(self, lmda: float = 0.005, *, backend: str = "auto"):
+        super().__init__()
+        if lmda < 0:
+            raise ValueError("lmda must be greater than or equal to 0")
+        self.lmda, self.backend = lmda, backend
+
+    def forward(self, online: Tensor, momentum: Tensor) -> Tensor:
+        return mmcr(online, momentum, self.lmda, backend=self.backend)
+
+
+class FroSSLLoss(nn.Module):
+    """FroSSL, as lightly's ``FroSSLLoss(invariance_weight=1.0)``; ``forward(z_views)``."""
+
+    def __init__(self, invariance_weight: float = 1.0, *, backend: str = "auto"):
+        super().__init__()
+        self.invariance_weight, self.backend = invariance_weight, backend
+
+    def forward(self, z_views: Sequence[Tensor]) -> Tensor:
+        return frossl(z_views, self.invariance_weight, backend=self.backend)
+
+
+class EMPSSLLoss(nn.Module):
+    """EMP-SSL, as lightly's ``EMPSSLLoss(tcr_eps=0.2, inv_coef=200.0)``; ``forward(z_views)``."""
+
+    def __init__(self, tcr_eps: float = 0.2, inv_coef: float = 200.0, *, backend: str = "auto"):
+        super().__init__()
+        self.tcr_eps, self.inv_coef, self.backend = tcr_eps, inv_coef, backend
+
+    def forward(self, z_views: Sequence[Tensor]) -> Tensor:
+        return emp_ssl(z_views, self.tcr_eps, self.inv_coef, backend=self.backend)
+
+
+class HypersphereLoss(nn.Module):
+    """Alignment + uniformity, as lightly's ``HypersphereLoss(t=1.0, lam=1.0, alpha=2.0)``;
+    ``forward(z_a, z_b)``; see :func:`fastssl.functional.hypersphere`."""
+
+    def __init__(self, t: float = 1.0, lam: float = 1.0, alpha: float = 2.0, *, backend: str = "auto"):
+        super().__init__()
+        self.t, self.lam, self.alpha, self.backend = t, lam, alpha, backend
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        return hypersphere(z_a, z_b, self.t, self.lam, self.alpha, backend=self.backend)

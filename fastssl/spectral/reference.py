@@ -1,0 +1,85 @@
+"""The plain-PyTorch spec of the spectral family's core ops: lightly 1.6's formulas, written
+plainly and differentiable, in float32 (float64 inputs stay float64, so ``gradcheck`` works).
+Every backend is tested against them, and they against float64 formulas in the tests."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.dtypes import compute_dtype
+
+Tensor = torch.Tensor
+
+
+def tico(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: float, rho: float) -> Tuple[Tensor, Tensor]:
+    """TiCo (Zhu et al., 2022) as lightly's ``TiCoLoss``, on (N, D) views and the running (D, D)
+    covariance C (None: zeros). With rows normalised, B = ẑ_aᵀẑ_a / N (no gradient) and
+    C' = β C + (1 − β) B:
+
+        loss = 1 − mean_i ẑ_a,i·ẑ_b,i + ρ · mean_i ẑ_a,i C' ẑ_a,iᵀ
+
+    Returns (loss, C' detached)."""
+    dtype = compute_dtype(z_a, z_b)
+    a, b = F.normalize(z_a.to(dtype), dim=1), F.normalize(z_b.to(dtype), dim=1)
+    batch_covariance = (a.T @ a).detach() / a.shape[0]
+    previous = torch.zeros_like(batch_covariance) if covariance is None else covariance.to(dtype)
+    updated = beta * previous + (1 - beta) * batch_covariance
+    loss = 1.0 - (a * b).sum(dim=1).mean() + rho * ((a @ updated) * a).sum(dim=1).mean()
+    return loss, updated.detach()
+
+
+def mmcr(online: Tensor, momentum: Tensor, lmda: float) -> Tensor:
+    """MMCR (Yerxa et al., 2023) as lightly's ``MMCRLoss``, on (B, k, D) views: with z the (B, 2k, D)
+    concatenation and c its mean over the 2k views (B, D),
+
+        loss = −‖c‖_* + λ · Σ_b ‖z_b‖_* / B
+
+    (‖·‖_* the nuclear norm: the sum of singular values)."""
+    dtype = compute_dtype(online, momentum)
+    z = torch.cat([online.to(dtype), momentum.to(dtype)], dim=1)
+    centroids = z.mean(dim=1)
+    return -torch.linalg.svdvals(centroids).sum() + lmda * torch.linalg.svdvals(z).sum() / z.shape[0]
+
+
+def frossl(views: Tensor, invariance_weight: float) -> Tensor:
+    """FroSSL (Skean et al., 2024) as lightly's ``FroSSLLoss``, on stacked views (V, N, D): each
+    view's columns normalised (ẑ), K its smaller Gram (ẑẑᵀ or ẑᵀẑ) over its trace (no gradient
+    through the trace, as lightly's ``.item()``), z̄ the views' mean:
+
+        loss = Σ_v 2 log ‖K_v / tr K_v‖_F + w · Σ_v V·D·mean((ẑ_v − z̄)²)"""
+    dtype = compute_dtype(views)
+    unit = F.normalize(views.to(dtype), p=2, dim=1)
+    mean = unit.mean(dim=0)
+    num_views, rows, dim = unit.shape
+    total = unit.new_zeros(())
+    for z in unit:
+        gram = z.T @ z if rows > dim else z @ z.T
+        gram = gram / torch.trace(gram).detach()
+        total = total + 2 * torch.log(torch.linalg.norm(gram, ord="fro"))
+        total = total + invariance_weight * num_views * dim * F.mse_loss(z, mean)
+    return total
+
+
+def emp_ssl(views: Tensor, tcr_eps: float, inv_coef: float) -> Tensor:
+    """EMP-SSL (Tong et al., 2023) as lightly's ``EMPSSLLoss``, on stacked views (V, N, D):
+
+        loss = ½ mean_v logdet(I_D + D/(N ε) Z_vᵀZ_v) − c · mean_{v,i} cos(z_v,i, z̄_i)
+
+    with z̄ the mean of the views."""
+    dtype = compute_dtype(views)
+    z = views.to(dtype)
+    _, rows, dim = z.shape
+    identity = torch.eye(dim, dtype=dtype, device=z.device)
+    total_coding_rate = 0.5 * torch.logdet(identity + dim / (rows * tcr_eps) * z.transpose(1, 2) @ z).mean()
+    invariance = -F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
+    return total_coding_rate + inv_coef * invariance
+
+
+def hypersphere_uniformity(x: Tensor, t: float) -> Tensor:
+    """log mean_{i<j} exp(−t ‖x_i − x_j‖²) of the rows of ``x`` (N, D): Wang and Isola's
+    uniformity (lightly's ``lunif``, with ``torch.pdist``)."""
+    x = x.to(compute_dtype(x))
+    return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()
+
