@@ -136,6 +136,8 @@ def cpu_peak_memory(cases: Sequence[core.Case], size_set: str, dtype: torch.dtyp
                                  capture_output=True, text=True, cwd=machine.REPO_ROOT, env=environment)
         running: Optional[List[str]] = None
         for line in process.stdout.splitlines():
+            if not line.startswith("{"):  # a library writing to stdout (MKL's "Intel oneMKL ERROR: ...")
+                continue
             message = json.loads(line)
             if "start" in message:
                 running = message["start"]

@@ -8,19 +8,29 @@ from __future__ import annotations
 
 import functools
 import importlib
+import types
 from typing import Callable
 
 import torch
 
+from .lightly_import import prepare_lightly_import
 
-def lightly(name: str, **kwargs) -> Callable[[], Callable]:
-    """``lightly.loss.<name>(**kwargs)``: lightly's modules take the same arguments as fastssl's."""
-    return lambda: getattr(importlib.import_module("lightly.loss"), name)(**kwargs)
+
+def lightly_module(name: str = "lightly.loss") -> types.ModuleType:
+    """``import <name>`` of lightly (with the torchvision stub where torchvision is missing)."""
+    prepare_lightly_import()
+    return importlib.import_module(name)
+
+
+def lightly(name: str, module: str = "lightly.loss", **kwargs) -> Callable[[], Callable]:
+    """``<module>.<name>(**kwargs)`` (``lightly.loss`` unless named): lightly's modules take the same
+    arguments as fastssl's."""
+    return lambda: getattr(lightly_module(module), name)(**kwargs)
 
 
 def lightly_sinkhorn(**kwargs) -> Callable[[], Callable]:
     """lightly's ``sinkhorn(out, iterations, epsilon)`` (the function SwaVLoss calls)."""
-    return lambda: functools.partial(importlib.import_module("lightly.loss.swav_loss").sinkhorn, **kwargs)
+    return lambda: functools.partial(lightly_module("lightly.loss.swav_loss").sinkhorn, **kwargs)
 
 
 def linear_domain_sinkhorn(iterations: int = 3, epsilon: float = 0.05) -> Callable[[], Callable]:

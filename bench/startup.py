@@ -29,8 +29,7 @@ asserted: the exit code is 0.
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
+import importlib
 import json
 import os
 import statistics
@@ -42,6 +41,8 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .lightly_import import prepare_lightly_import
 
 # Only the standard library at the top: the subprocesses import this module before torch and the
 # library they measure (``bench.machine`` imports fastssl, so it is imported in ``main`` only).
@@ -110,37 +111,6 @@ CASES_BY_NAME = {case.name: case for case in CASES}
 # ============================================================================================
 # In the fresh subprocess
 # ============================================================================================
-class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves ``torchvision`` and its submodules as empty modules whose every attribute is a
-    placeholder class (lightly imports and subclasses some at import time, calls none)."""
-
-    class Module(types.ModuleType):
-        def __getattr__(self, attribute: str):
-            if attribute.startswith("__"):
-                raise AttributeError(attribute)
-            return type(attribute, (), {})
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        module = self.Module(spec.name)
-        module.__path__ = []
-        return module
-
-    def exec_module(self, module):
-        pass
-
-
-def prepare_lightly_import(lightly_path: str) -> None:
-    """Put the torchvision stub and ``lightly_path`` (if any) first on the import paths."""
-    sys.meta_path.insert(0, _TorchvisionStub())
-    if lightly_path:
-        sys.path.insert(0, lightly_path)
-
-
 def import_lightly_loss(lightly_path: str) -> types.ModuleType:
     prepare_lightly_import(lightly_path)
     import lightly.loss

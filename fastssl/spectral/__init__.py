@@ -44,8 +44,8 @@ def tico(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor] = None, beta: fl
                   + \rho \frac1N \sum_i \hat z_{a,i} C' \hat z_{a,i}^\top
 
     Args:
-        z_a, z_b: (N, D) float, N > 1. covariance: the running C (D, D), or None (zeros: the
-            first step). gather_distributed: both views gathered from every rank (with gradient).
+        z_a, z_b: (N, D) float, N > 1. covariance: the running C (D, D), symmetric (TiCo's own
+            state always is; the fused gradient takes it so), or None (zeros: the first step). gather_distributed: both views gathered from every rank (with gradient).
     Returns:
         (loss (0-dim float32, float64 for float64 inputs), C' (D, D), to pass to the next call).
     """

@@ -6,43 +6,50 @@ from typing import Callable
 import torch
 
 from ..runtime import library
-from ..runtime.dtypes import compute_dtype
 
 
-def _scalar_fake(x, *rest):
-    return x.new_empty((), dtype=compute_dtype(x))
+def define_precomputed_gradient_op(name: str, inputs: str, differentiable: int, extra_outputs: int,
+                                   forward: Callable, fake: Callable) -> Callable:
+    """Register ``fastssl::<name>(<inputs>, bool with_gradient=True) -> (loss, *extras, *gradients)``.
 
-
-def define_unary_op(name: str, arguments: str, forward: Callable, backward: Callable, fake: Callable) -> Callable:
-    """Register ``fastssl::<name>(Tensor x, <arguments>) -> Tensor`` and its ``_backward``.
-
-    ``forward(x, *args)`` returns the result (compute dtype, shape from ``fake``);
-    ``backward(grad, x, result, *args)`` the gradient of x in its dtype. The input, the result
-    and the non-tensor ``args`` are kept for the backward. Returns the op.
+    For losses whose gradient has a closed form that costs less than autograd through their
+    forward (no graph, no recompute): ``forward(*inputs, with_gradient)`` returns the loss (0-dim,
+    or one per leading index of the first input: the gradient is then that entry's),
+    ``extra_outputs`` tensors without gradient (TiCo's covariance state) and, when
+    ``with_gradient``, ∂loss/∂input for each of the first ``differentiable`` inputs in the compute
+    dtype (empty tensors otherwise); the backward only scales them. ``fake`` gives the same
+    outputs' shapes. Returns ``core(*inputs)`` → loss (or (loss, *extras)), which asks for the
+    gradients exactly when autograd will need them; the op is its ``.op``.
     """
-    extra = f", {arguments}" if arguments else ""
-    op = library.define(name, f"(Tensor x{extra}) -> Tensor", forward, fake)
-    backward_op = library.define(f"{name}_backward", f"(Tensor grad, Tensor x, Tensor result{extra}) -> Tensor",
-                                 backward, lambda grad, x, *rest: torch.empty_like(x))
+    outputs = ", ".join(["Tensor"] * (1 + extra_outputs + differentiable))
+    count = len(inputs.split(","))
+
+    def with_default(function):  # the dispatcher drops a trailing argument that equals its default
+        return lambda *args: function(*args, *([True] if len(args) == count else []))
+
+    op = library.define(name, f"({inputs}, bool with_gradient=True) -> ({outputs})", with_default(forward),
+                        with_default(fake))
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], output)
-        ctx.arguments = inputs[1:]
+        ctx.set_materialize_grads(False)
+        ctx.input_dtypes = [inputs[i].dtype for i in range(differentiable)]
+        ctx.num_inputs = len(inputs)
+        ctx.save_for_backward(*output[1 + extra_outputs:])
+        ctx.mark_non_differentiable(*output[1:])
 
-    def autograd_backward(ctx, grad):
-        x, result = ctx.saved_tensors
-        return (backward_op(grad, x, result, *ctx.arguments),) + (None,) * len(ctx.arguments)
+    def autograd_backward(ctx, grad, *_unused):
+        if grad is None:  # the loss is not part of the graph being differentiated
+            return (None,) * ctx.num_inputs
+        gradients = tuple((grad.reshape(grad.shape + (1,) * (g.dim() - grad.dim())) * g).to(dtype)
+                          for g, dtype in zip(ctx.saved_tensors, ctx.input_dtypes))
+        return gradients + (None,) * (ctx.num_inputs - differentiable)
 
     library.register_autograd(op, autograd_backward, setup_context)
-    return op
 
+    def core(*args):
+        with_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in args[:differentiable])
+        result = op(*args, with_gradient)
+        return result[0] if extra_outputs == 0 else tuple(result[:1 + extra_outputs])
 
-def define_nuclear_norm_op(name: str, forward: Callable, backward: Callable) -> Callable:
-    """``fastssl::<name>(x (..., m, n)) -> (...)``: the nuclear norm of each trailing matrix."""
-    return define_unary_op(name, "", forward, backward,
-                           lambda x: x.new_empty(x.shape[:-2], dtype=compute_dtype(x)))
-
-
-def define_pairwise_uniformity_op(name: str, forward: Callable, backward: Callable) -> Callable:
-    """``fastssl::<name>(x (N, D), float t) -> ()``: log mean_{i<j} exp(−t‖x_i − x_j‖²)."""
-    return define_unary_op(name, "float t", forward, backward, _scalar_fake)
+    core.op = op
+    return core

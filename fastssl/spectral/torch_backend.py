@@ -6,53 +6,83 @@ gradients.
   the D×D matrix is never formed (EMP-SSL's D×D logdet costs D³; from the N side it is N²D + N³).
 * Closed-form gradients instead of autograd through the GEMMs that built a Gram (each GEMM's
   backward is two more): ∂‖ZZᵀ‖²_F/∂Z = 4ZZᵀZ, ∂logdet(I + cZZᵀ)/∂Z = 2c(I + cZZᵀ)⁻¹Z (one
-  Cholesky solve), ∂‖Z‖_*/∂Z = (ZZᵀ)^(−1/2) Z = UVᵀ, TiCo's ∂(ρ/N Σ ẑCẑᵀ)/∂ẑ = 2ρ/N ẑS (S the
-  symmetric part of C) — one GEMM
-  each, attached with :func:`with_gradient`.
+  Cholesky solve), ∂‖Z‖_*/∂Z = (ZZᵀ)^(−1/2) Z = UVᵀ, TiCo's ∂(ρ/N Σ ẑC'ẑᵀ)/∂ẑ = 2ρ/N ẑC' — one
+  GEMM each. TiCo, FroSSL and the total coding rate compute theirs in the forward, with the
+  normalisation's backward written out (``op.define_precomputed_gradient_op``): no autograd
+  graph, and their backward is one multiply.
 * Nuclear norms from the eigenvalues of the smaller Gram, formed and decomposed in float64
   (small: m² entries): its rounding (≈ n·u64·σ_max²) moves a singular value σ by at most
   ≈ √(n·u64)·σ_max, where an SVD of the float32 matrix has its own u32·σ_max.
 * Hypersphere uniformity in row blocks: ‖x_i − x_j‖² = ‖x_i‖² + ‖x_j‖² − 2x_i·x_j from a GEMM per
   block and a logsumexp, never the N(N − 1)/2 pair distances of ``torch.pdist`` (whose CPU
-  backward is a slow scalar loop); the backward recomputes each block once.
+  backward is a slow scalar loop); the gradient recomputes each block once (or reuses the only one).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..runtime import library
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
-from .op import define_nuclear_norm_op, define_pairwise_uniformity_op
+from .op import define_precomputed_gradient_op
 
 Tensor = torch.Tensor
+NORMALIZE_EPS = 1e-12  # F.normalize's default
 
 
-def with_gradient(value: Tensor, x: Tensor, gradient: Tensor) -> Tensor:
-    """``value`` (0-dim), which autograd differentiates with respect to ``x`` as ``gradient``
-    (same shape as x): the closed form replaces the backward of the ops that computed the value.
-    The two added sums are the same ops on the same numbers, so they cancel exactly."""
-    gradient = gradient.detach()
-    return value.detach() + (x * gradient).sum() - (x.detach() * gradient).sum()
+def _normalize(x: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
+    """``F.normalize(x, dim=dim)`` (eps 1e-12) and the norms (keepdim), kept for the backward."""
+    norms = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    return x / norms.clamp_min(NORMALIZE_EPS), norms
 
 
-def tico(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: float, rho: float) -> Tuple[Tensor, Tensor]:
-    """``reference.tico``: two GEMMs of N·D² (the batch covariance, which the state needs, and ẑC'),
-    where autograd through ẑC' would add a third."""
+def _normalize_backward_(unit: Tensor, norms: Tensor, grad: Tensor, dim: int) -> Tensor:
+    """∂⟨grad, x̂⟩/∂x for x̂ = F.normalize(x, dim): (g − x̂(x̂·g))/‖x‖, or g/eps where ‖x‖ ≤ eps
+    (autograd through F.normalize's clamp gives the same), written over ``grad``."""
+    unclamped = norms > NORMALIZE_EPS
+    along = torch.where(unclamped, (unit * grad).sum(dim=dim, keepdim=True), torch.zeros_like(norms))
+    return grad.addcmul_(unit, along, value=-1).div_(torch.where(unclamped, norms, NORMALIZE_EPS))
+
+
+def _gradients_or_empty(with_gradient: bool, like: Sequence[Tensor], compute: Callable) -> Tuple[Tensor, ...]:
+    return tuple(compute()) if with_gradient else tuple(library.empty_grad(t) for t in like)
+
+
+def tico_forward(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: float, rho: float,
+                 with_gradient: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``reference.tico`` and its gradient: two GEMMs of N·D² (C', which the state needs, as one
+    GEMM with its scaling and sum fused — a D×D elementwise pass costs about as much as a GEMM
+    on a CPU — and ẐC'), where lightly's autograd adds a third and several D×D passes. The
+    gradient 2ρ/N·ẐC' of ρ/N Σ_i ẑ_i C' ẑ_iᵀ takes C' symmetric, as a covariance is (TiCo's own
+    state always is)."""
     dtype = compute_dtype(z_a, z_b)
-    a, b = F.normalize(z_a.to(dtype), dim=1), F.normalize(z_b.to(dtype), dim=1)
+    a, norms_a = _normalize(z_a.to(dtype), 1)
+    b, norms_b = _normalize(z_b.to(dtype), 1)
     n = a.shape[0]
-    with torch.no_grad():
-        batch_covariance = (a.T @ a) / n
-        updated = (1 - beta) * batch_covariance if covariance is None else (
-            beta * covariance.to(dtype) + (1 - beta) * batch_covariance)
-        # Σ_i ẑ_i C' ẑ_iᵀ only sees C''s symmetric part S, and its gradient is 2ẑS: one GEMM
-        projected = a @ (0.5 * (updated + updated.T))
-    contrast = with_gradient(rho / n * (a * projected).sum(), a, (2 * rho / n) * projected)
-    return 1.0 - (a * b).sum(dim=1).mean() + contrast, updated
+    if covariance is None:
+        updated = torch.mm(a.T * ((1 - beta) / n), a)
+    else:
+        updated = torch.addmm(covariance.to(dtype), a.T, a, beta=beta, alpha=(1 - beta) / n)
+    projected = a @ updated
+    loss = 1.0 - (a * b).sum(dim=1).mean() + rho / n * (a * projected).sum()
+    gradients = _gradients_or_empty(with_gradient, (z_a, z_b), lambda: (
+        _normalize_backward_(a, norms_a, torch.add(b, projected, alpha=-2 * rho).div_(-n), 1),
+        _normalize_backward_(b, norms_b, a / -n, 1)))
+    return (loss, updated) + gradients
+
+
+def _tico_fake(z_a, z_b, covariance, beta, rho, with_gradient):
+    dtype = compute_dtype(z_a, z_b)
+    gradients = [torch.empty_like(z, dtype=dtype) if with_gradient else library.empty_grad(z) for z in (z_a, z_b)]
+    return (z_a.new_empty((), dtype=dtype), z_a.new_empty(z_a.shape[1], z_a.shape[1], dtype=dtype), *gradients)
+
+
+tico = define_precomputed_gradient_op(
+    "tico", "Tensor z_a, Tensor z_b, Tensor? covariance, float beta, float rho", 2, 1, tico_forward, _tico_fake)
 
 
 def _smaller_gram(z: Tensor) -> Tuple[Tensor, bool]:
@@ -62,27 +92,34 @@ def _smaller_gram(z: Tensor) -> Tuple[Tensor, bool]:
     return (z @ z.mT if rows else z.mT @ z), rows
 
 
-def nuclear_norm_forward(x: Tensor) -> Tensor:
-    gram, _ = _smaller_gram(x.to(torch.float64))
-    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(dim=-1).to(compute_dtype(x))
-
-
-def nuclear_norm_backward(grad: Tensor, x: Tensor, result: Tensor) -> Tensor:
-    """UVᵀ = (ZZᵀ)^(−1/2) Z (or Z (ZᵀZ)^(−1/2)); directions whose eigenvalue is below the Gram's
-    rounding (rank deficiency) get 0, as the pseudo-inverse would."""
+def nuclear_norm_forward(x: Tensor, with_gradient: bool) -> Tuple[Tensor, Tensor]:
+    """‖A‖_* of each trailing (m, n) matrix of ``x`` and, with the gradient, UVᵀ = (AAᵀ)^(−1/2) A
+    (or A (AᵀA)^(−1/2)) from the same eigendecomposition; directions whose eigenvalue is below
+    the Gram's rounding (rank deficiency) get 0, as the pseudo-inverse would."""
     z = x.to(torch.float64)
     gram, rows = _smaller_gram(z)
+    if not with_gradient:
+        eigenvalues = torch.linalg.eigvalsh(gram)
+        return eigenvalues.clamp_min(0).sqrt().sum(dim=-1).to(compute_dtype(x)), library.empty_grad(x)
     eigenvalues, vectors = torch.linalg.eigh(gram)
+    value = eigenvalues.clamp_min(0).sqrt().sum(dim=-1).to(compute_dtype(x))
     noise = gram.shape[-1] * max(z.shape[-2:]) * torch.finfo(torch.float64).eps
     floor = noise * eigenvalues[..., -1:].clamp_min(0)
     inverse_root = torch.where(eigenvalues > floor, eigenvalues.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(),
                                torch.zeros_like(eigenvalues))
     whitening = (vectors * inverse_root[..., None, :]) @ vectors.mT
     direction = whitening @ z if rows else z @ whitening
-    return (grad.to(torch.float64)[..., None, None] * direction).to(x.dtype)
+    return value, direction.to(compute_dtype(x))
 
 
-nuclear_norm = define_nuclear_norm_op("nuclear_norm", nuclear_norm_forward, nuclear_norm_backward)
+def _nuclear_norm_fake(x, with_gradient):
+    dtype = compute_dtype(x)
+    return (x.new_empty(x.shape[:-2], dtype=dtype),
+            torch.empty_like(x, dtype=dtype) if with_gradient else library.empty_grad(x))
+
+
+nuclear_norm = define_precomputed_gradient_op("nuclear_norm", "Tensor x", 1, 0, nuclear_norm_forward,
+                                              _nuclear_norm_fake)
 
 
 def mmcr(online: Tensor, momentum: Tensor, lmda: float) -> Tensor:
@@ -92,41 +129,70 @@ def mmcr(online: Tensor, momentum: Tensor, lmda: float) -> Tensor:
     return -nuclear_norm(z.mean(dim=1)) + lmda * nuclear_norm(z).sum() / z.shape[0]
 
 
-def frossl(views: Tensor, invariance_weight: float) -> Tensor:
-    """``reference.frossl``: ‖K‖_F from the smaller Gram of each view (one batched GEMM), its
-    gradient 4KZ (one more) instead of autograd's two; tr K = Σ ẑ² (= the number of nonzero
-    columns) without forming K's diagonal."""
+def frossl_forward(views: Tensor, invariance_weight: float, with_gradient: bool) -> Tuple[Tensor, Tensor]:
+    """``reference.frossl`` and its gradient: ‖K‖_F from the smaller Gram of each view (one
+    batched GEMM) and ∂log‖K‖²_F/∂ẑ = 4Kẑ/‖K‖²_F (one more), where autograd's backward of the
+    Gram is two; tr K = Σẑ² (the number of nonzero columns) without K's diagonal; the
+    invariance's gradient 2wV/N·(ẑ_v − z̄) (Σ_v(ẑ_v − z̄) = 0 removes z̄'s own share)."""
     dtype = compute_dtype(views)
-    unit = F.normalize(views.to(dtype), p=2, dim=1)
+    unit, norms = _normalize(views.to(dtype), 1)
     num_views, rows, dim = unit.shape
-    with torch.no_grad():
-        gram, by_rows = _smaller_gram(unit)
-        squared_norm = gram.square().sum(dim=(1, 2))
-        trace = unit.square().sum(dim=(1, 2))
-        # ∂ log‖K‖²_F / ∂Z = 4KZ / ‖K‖²_F (K = ZZᵀ), or 4ZK / ‖K‖²_F (K = ZᵀZ)
-        direction = (gram @ unit if by_rows else unit @ gram) * (4 / squared_norm)[:, None, None]
-    regularization = with_gradient((squared_norm.log() - 2 * trace.log()).sum(), unit, direction)
-    invariance = num_views * dim * (unit - unit.mean(dim=0)).square().mean(dim=(1, 2)).sum()
-    return regularization + invariance_weight * invariance
+    gram, by_rows = _smaller_gram(unit)
+    squared_norm = gram.square().sum(dim=(1, 2))
+    trace = unit.square().sum(dim=(1, 2))
+    difference = unit - unit.mean(dim=0)
+    invariance = num_views / rows * torch.linalg.vector_norm(difference, dim=(1, 2)).square().sum()
+    loss = (squared_norm.log() - 2 * trace.log()).sum() + invariance_weight * invariance
+
+    def gradient():  # in place on one temporary: this runs at the loss's peak memory
+        direction = (torch.bmm(gram, unit) if by_rows else torch.bmm(unit, gram)).mul_((4 / squared_norm)[:, None, None])
+        direction.add_(difference, alpha=2 * invariance_weight * num_views / rows)
+        return [_normalize_backward_(unit, norms, direction, 1)]
+
+    (gradient,) = _gradients_or_empty(with_gradient, (views,), gradient)
+    return loss, gradient
 
 
-def emp_ssl(views: Tensor, tcr_eps: float, inv_coef: float) -> Tensor:
-    """``reference.emp_ssl``: logdet(I + cZZᵀ) = 2 Σ log diag(chol) from the smaller side, its
-    gradient 2c(I + cZZᵀ)⁻¹Z from the same Cholesky factor."""
+def _views_fake(views, *args):
+    with_gradient = args[-1]
+    dtype = compute_dtype(views)
+    return views.new_empty((), dtype=dtype), (torch.empty_like(views, dtype=dtype) if with_gradient
+                                              else library.empty_grad(views))
+
+
+frossl = define_precomputed_gradient_op("frossl", "Tensor views, float invariance_weight", 1, 0, frossl_forward,
+                                        _views_fake)
+
+
+def total_coding_rate_forward(views: Tensor, tcr_eps: float, with_gradient: bool) -> Tuple[Tensor, Tensor]:
+    """½ mean_v logdet(I + cZ_vᵀZ_v), c = D/(Nε), as 2Σ log diag(chol) from the smaller side, and
+    its gradient c/V·(I + cZZᵀ)⁻¹Z (or c/V·Z(I + cZᵀZ)⁻¹) from the same Cholesky factor."""
     dtype = compute_dtype(views)
     z = views.to(dtype)
     num_views, rows, dim = z.shape
     c = dim / (rows * tcr_eps)
-    with torch.no_grad():
-        gram, by_rows = _smaller_gram(z)
-        identity = torch.eye(gram.shape[-1], dtype=dtype, device=z.device)
-        factor = torch.linalg.cholesky(identity + c * gram)
-        logdet = 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1)
-        solved = torch.cholesky_solve(z if by_rows else z.mT, factor)
-        direction = (2 * c * 0.5 / num_views) * (solved if by_rows else solved.mT)
-    total_coding_rate = with_gradient(0.5 * logdet.mean(), z, direction)
+    gram, by_rows = _smaller_gram(z)
+    identity = torch.eye(gram.shape[-1], dtype=dtype, device=z.device)
+    factor = torch.linalg.cholesky(torch.add(identity, gram, alpha=c))
+    value = factor.diagonal(dim1=-2, dim2=-1).log().sum(dim=-1).mean()
+
+    def gradient():  # M⁻¹ from the factor, then a GEMM: 2-4× faster than LAPACK's cholesky_solve here
+        inverse = torch.cholesky_inverse(factor).mul_(c / num_views)
+        return [torch.bmm(inverse, z) if by_rows else torch.bmm(z, inverse)]
+
+    return (value,) + _gradients_or_empty(with_gradient, (views,), gradient)
+
+
+total_coding_rate = define_precomputed_gradient_op(
+    "total_coding_rate", "Tensor views, float tcr_eps", 1, 0, total_coding_rate_forward, _views_fake)
+
+
+def emp_ssl(views: Tensor, tcr_eps: float, inv_coef: float) -> Tensor:
+    """``reference.emp_ssl``: the total coding rate op (N side, closed-form gradient) and the
+    cosine invariance (O(VND), through autograd)."""
+    z = views.to(compute_dtype(views))
     invariance = -F.cosine_similarity(z, z.mean(dim=0, keepdim=True), dim=-1).mean()
-    return total_coding_rate + inv_coef * invariance
+    return total_coding_rate(views, tcr_eps) + inv_coef * invariance
 
 
 def _negative_scaled_distances(z: Tensor, squared_norms: Tensor, rows: slice, t: float) -> Tensor:
@@ -138,28 +204,36 @@ def _negative_scaled_distances(z: Tensor, squared_norms: Tensor, rows: slice, t:
     return logits
 
 
-def pairwise_uniformity_forward(x: Tensor, t: float) -> Tensor:
+def pairwise_uniformity_forward(x: Tensor, t: float, with_gradient: bool) -> Tuple[Tensor, Tensor]:
+    """log mean_{i<j} e^(−t d²_ij) from row blocks of −t d² (a logsumexp each) and its gradient
+    ∂/∂x_i = −4t Σ_j p_ij (x_i − x_j), p_ij = e^(−t d²_ij) / Σ_{k≠l} e^(−t d²_kl): one more pass
+    over the blocks, which reuses the forward's block when there is one (N² ≤ a block)."""
     z = x.to(compute_dtype(x))
     n = z.shape[0]
     squared_norms = z.square().sum(dim=1)
-    row_logsumexp = torch.cat([torch.logsumexp(_negative_scaled_distances(z, squared_norms, rows, t), dim=1)
-                               for rows in blocks(n, n)])
+    row_blocks = blocks(n, n)
+    row_logsumexp, kept = [], None
+    for rows in row_blocks:
+        logits = _negative_scaled_distances(z, squared_norms, rows, t)
+        row_logsumexp.append(torch.logsumexp(logits, dim=1))
+        kept = logits if len(row_blocks) == 1 else None
+    log_total = torch.logsumexp(torch.cat(row_logsumexp), dim=0)
     # Σ_{i≠j} counts every pair twice; the mean over the N(N − 1)/2 pairs divides by N(N − 1)
-    return torch.logsumexp(row_logsumexp, dim=0) - math.log(n * (n - 1))
-
-
-def pairwise_uniformity_backward(grad: Tensor, x: Tensor, result: Tensor, t: float) -> Tensor:
-    """∂/∂x_i = −4t Σ_j p_ij (x_i − x_j), p_ij = e^(−t d²_ij) / Σ_{k≠l} e^(−t d²_kl) (each block once)."""
-    z = x.to(compute_dtype(x))
-    n = z.shape[0]
-    squared_norms = z.square().sum(dim=1)
-    shift = result.to(z.dtype) + math.log(n * (n - 1))
+    value = log_total - math.log(n * (n - 1))
+    if not with_gradient:
+        return value, library.empty_grad(x)
     gradient = torch.empty_like(z)
-    for rows in blocks(n, n):
-        weights = _negative_scaled_distances(z, squared_norms, rows, t).sub_(shift).exp_()
+    for rows in row_blocks:
+        logits = kept if kept is not None else _negative_scaled_distances(z, squared_norms, rows, t)
+        weights = logits.sub_(log_total).exp_()
         gradient[rows] = torch.addmm(weights.sum(dim=1, keepdim=True) * z[rows], weights, z, alpha=-1)
-    return (gradient * (-4 * t * grad.to(z.dtype))).to(x.dtype)
+    return value, gradient.mul_(-4 * t)
 
 
-hypersphere_uniformity = define_pairwise_uniformity_op(
-    "hypersphere_uniformity", pairwise_uniformity_forward, pairwise_uniformity_backward)
+def _uniformity_fake(x, t, with_gradient):
+    dtype = compute_dtype(x)
+    return x.new_empty((), dtype=dtype), torch.empty_like(x, dtype=dtype) if with_gradient else library.empty_grad(x)
+
+
+hypersphere_uniformity = define_precomputed_gradient_op("hypersphere_uniformity", "Tensor x, float t", 1, 0,
+                                                        pairwise_uniformity_forward, _uniformity_fake)

@@ -125,10 +125,18 @@ def test_mmcr_rank_deficient_views_give_the_value_and_finite_gradients(backend):
     assert all(torch.isfinite(g).all() for g in gradients(loss, (online, momentum)))
 
 
+def test_total_coding_rate_op_passes_opcheck():
+    from fastssl.spectral.torch_backend import total_coding_rate
+    for views in (torch.randn(2, 5, 9, dtype=torch.float64), torch.randn(3, 9, 4, dtype=torch.float64)):
+        views.requires_grad_(True)
+        torch.library.opcheck(total_coding_rate.op, (views, 0.3, True))
+        assert torch.autograd.gradcheck(lambda v: total_coding_rate(v, 0.3), (views,))
+
+
 def test_nuclear_norm_op_passes_opcheck():
     x = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(nuclear_norm, (x,))
-    torch.library.opcheck(nuclear_norm, (torch.randn(9, 5, requires_grad=True),))
+    torch.library.opcheck(nuclear_norm.op, (x, True))
+    torch.library.opcheck(nuclear_norm.op, (torch.randn(9, 5, requires_grad=True), True))
     assert torch.autograd.gradcheck(nuclear_norm, (x,))
 
 
@@ -178,7 +186,7 @@ def test_emp_ssl_equals_float64(backend, dtype, shape, count, tcr_eps, inv_coef)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("t,lam,alpha", [(1.0, 1.0, 2.0), (3.0, 0.5, 1.5), (40.0, 2.0, 2.0)],
                          ids=["defaults", "options", "t40"])
-def test_hypersphere_equals_float64(backend, dtype, shape, t, lam, alpha):
+def test_hypersphere_equals_float64(backend, dtype, shape, t, lam, alpha, block_elements):
     z_a, z_b = leaves(correlated_views(*shape, dtype=dtype))
     loss = fn.hypersphere(z_a, z_b, t, lam, alpha, backend=backend)
     x_a, x_b = leaves([z_a.double(), z_b.double()])

@@ -1,0 +1,81 @@
+"""Spectral losses: TiCo, MMCR, FroSSL, EMP-SSL and the hypersphere loss on (N, D) embeddings.
+
+Sizes: N = 256 at D ∈ {128, 8192} (the issue's small and large covariance sizes; TiCo's and
+EMP-SSL's projectors are 8192 / 4096 wide), plus N ∈ {64, 1024} at D = 2048 in the full set.
+
+GEMM floor (the cheaper exact algorithm), per view: TiCo needs its D×D state, so C = ẐᵀẐ and ẐC'
+(4ND²), backward elementwise; MMCR the centroids' smaller Gram (2·min(N, D)²·max(N, D)) and its
+gradient product (as much again); FroSSL and EMP-SSL the smaller Gram of each view (2·min²·max)
+and one product of that size backward; the hypersphere loss the N×N Gram of each view (2N²D)
+and, backward, a recompute and one more product (4N²D).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import fastssl
+
+from . import core, peers
+
+SMALL_AND_LARGE = ((256, 128), (256, 8192))
+MORE = ((64, 2048), (1024, 2048))
+MMCR_VIEWS = 2  # k views per network: z = [online, momentum] has 2k = 4 rows per sample
+
+
+def _two_view_list(loss):
+    """Losses on a list of views, called with the case's two views."""
+    return lambda a, b: loss([a, b])
+
+
+def _smaller_gram_flops(n: int, dim: int) -> float:
+    return 2 * min(n, dim) ** 2 * max(n, dim)
+
+
+def _case(loss: str, module: str, title: str, n: int, dim: int, gemm_flops: dict, wrap=None,
+          make_inputs=None, lightly_module: str = "lightly.loss") -> core.Case:
+    wrap = wrap or (lambda f: f)
+    return core.Case(
+        family="spectral", loss=loss, name=f"{loss}-n{n}-d{dim}", sizes={"batch": n, "dim": dim},
+        make_inputs=make_inputs or core.two_views(n, dim),
+        make_loss=lambda backend: wrap(getattr(fastssl, module)(backend=backend)),
+        peers={"lightly": lambda: wrap(peers.lightly(module, lightly_module)())},
+        gemm_flops=gemm_flops,
+        series=((f"{title}, N={n}", "dim"),),
+    )
+
+
+def _mmcr_views(n: int, dim: int):
+    make = core.two_views(n * MMCR_VIEWS, dim)
+
+    def inputs(device, dtype):
+        (online, momentum), _ = make(device, dtype)
+        online, momentum = (x.detach().reshape(n, MMCR_VIEWS, dim).requires_grad_(True) for x in (online, momentum))
+        return (online, momentum), [online, momentum]
+
+    return inputs
+
+
+def cases(size_set: str) -> List[core.Case]:
+    if size_set == "smoke":
+        sizes = ((6, 10),)
+    elif size_set == "quick":
+        sizes = SMALL_AND_LARGE
+    else:
+        sizes = SMALL_AND_LARGE + MORE
+    result = []
+    for n, d in sizes:
+        gram = _smaller_gram_flops(n, d)
+        mmcr_gram = _smaller_gram_flops(n, d) + n * _smaller_gram_flops(2 * MMCR_VIEWS, d)
+        result += [
+            _case("tico", "TiCoLoss", "TiCo", n, d, {"fwd": 4 * n * d * d, "bwd": 0}),
+            _case("mmcr", "MMCRLoss", "MMCR", n, d, {"fwd": mmcr_gram, "bwd": mmcr_gram}, make_inputs=_mmcr_views(n, d)),
+            _case("frossl", "FroSSLLoss", "FroSSL", n, d, {"fwd": 2 * gram, "bwd": 2 * gram}, wrap=_two_view_list),
+            _case("emp_ssl", "EMPSSLLoss", "EMP-SSL", n, d, {"fwd": 2 * gram, "bwd": 2 * gram}, wrap=_two_view_list),
+            _case("hypersphere", "HypersphereLoss", "Hypersphere", n, d,
+                  {"fwd": 4 * n * n * d, "bwd": 8 * n * n * d}, lightly_module="lightly.loss.hypersphere_loss"),
+        ]
+    return result
+
+
+def test_spectral(benchmark, bench_job):
+    core.benchmark_job(benchmark, bench_job)
