@@ -1,4 +1,4 @@
-"""Contrastive losses: SimCLR's NT-Xent, MoCo's InfoNCE against a 65,536-row queue, CLIP.
+"""Contrastive losses: SimCLR's NT-Xent, MoCo's InfoNCE against a 65,536-row queue, CLIP, DCL/DCLW.
 
 Sizes (full set): SimCLR batch 256-8192 at D=128 (the paper's projection) and D=768 (ViT-B
 features); MoCo v2 batch 256-1024 against its 65,536-row queue at D=128; CLIP at D=768, batch
@@ -66,14 +66,31 @@ def clip(batch: int, dim: int = 768) -> core.Case:
     )
 
 
+def dcl(batch: int, dim: int = 128, weighted: bool = False) -> core.Case:
+    """DCL (DCLW with ``weighted``): SimCLR's logits with the positives out of the denominator."""
+    rows, module = 2 * batch, ("DCLWLoss" if weighted else "DCLLoss")
+    return core.Case(
+        family="contrastive", loss="dclw" if weighted else "dcl", name=f"{module[:-4].lower()}-b{batch}-d{dim}",
+        sizes={"batch": batch, "dim": dim},
+        make_inputs=core.two_views(batch, dim),
+        make_loss=lambda backend: getattr(fastssl, module)(backend=backend),
+        peers={"lightly": peers.lightly(module)},
+        gemm_flops={"fwd": rows * rows * dim, "bwd": 3 * rows * rows * dim},
+        series=((f"{module[:-4]}, D={dim}", "batch"),),
+    )
+
+
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
-        return [simclr(6, 10), moco(6, 10, queue=24), clip(6, 10)]
+        return [simclr(6, 10), moco(6, 10, queue=24), clip(6, 10), dcl(6, 10), dcl(6, 10, weighted=True)]
     if size_set == "quick":
+        # DCL at the issue's sizes: batch 256 and 8192, D = 128
         return ([simclr(b, 128) for b in (128, 256, 512)] + [simclr(b, 768) for b in (128, 256)]
-                + [moco(b, queue=16384) for b in (64, 128)] + [clip(b) for b in (128, 256)])
+                + [moco(b, queue=16384) for b in (64, 128)] + [clip(b) for b in (128, 256)]
+                + [dcl(b, weighted=w) for b in (256, 8192) for w in (False, True)])
     return ([simclr(b, d) for d in (128, 768) for b in (256, 512, 1024, 2048, 4096, 8192)]
-            + [moco(b) for b in (256, 512, 1024)] + [clip(b) for b in (256, 1024, 4096, 16384)])
+            + [moco(b) for b in (256, 512, 1024)] + [clip(b) for b in (256, 1024, 4096, 16384)]
+            + [dcl(b, weighted=w) for b in (256, 1024, 8192) for w in (False, True)])
 
 
 def test_contrastive(benchmark, bench_job):

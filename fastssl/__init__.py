@@ -16,6 +16,7 @@ from .runtime.registry import BackendUnavailableError
 from .functional import (
     barlow_twins,
     clip_loss,
+    dcl,
     dino,
     dino_center,
     emp_ssl,
@@ -26,6 +27,7 @@ from .functional import (
     kmeans_update,
     koleo,
     mmcr,
+    negative_mises_fisher_weights,
     negative_cosine_similarity,
     nt_xent,
     sinkhorn,
@@ -36,6 +38,8 @@ from .functional import (
 )
 from .losses import (
     BarlowTwinsLoss,
+    DCLLoss,
+    DCLWLoss,
     DINOLoss,
     EMPSSLLoss,
     FroSSLLoss,
@@ -68,7 +72,7 @@ __all__ = [
     "cosine_warmup_schedule", "linear_warmup_schedule", "CosineWarmupScheduler",
     "Center", "BackendUnavailableError",
     "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "tico", "mmcr", "frossl", "emp_ssl",
-    "hypersphere",
+    "hypersphere", "DCLLoss", "DCLWLoss", "dcl", "negative_mises_fisher_weights",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

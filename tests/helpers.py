@@ -101,7 +101,9 @@ def info_nce_grad_bound(vectors, blocks, scale, u=U32, scale_error=1):
     (rows, cols, allowed, positive, weight) tuples, one cross-entropy per entry of ``rows`` over
     the logits scale · x̂_rows·x̂_colsᵀ that ``allowed`` (len(rows), len(cols)) keeps, with
     ``positive`` averaged outside the log (SupCon's L_out; a row without one adds 0), times
-    ``weight`` (1 / rows for a mean).
+    ``weight`` (1 / rows for a mean); an optional sixth entry True leaves the positives out of
+    the softmax (DCL's decoupled denominator), and a seventh (len(rows),) weighs each row's
+    positive term (DCLW).
 
     ∂L/∂xᵢ = (I − x̂ᵢx̂ᵢᵀ)/‖xᵢ‖ · scale · Σ G x̂ over the logits touching i (as a row and as a
     column), G = weight · (p − y): each G is off by ≤ |G|(2δs + (2M + 3)u) (the logits'
@@ -115,14 +117,19 @@ def info_nce_grad_bound(vectors, blocks, scale, u=U32, scale_error=1):
     unit = F.normalize(x, dim=1)
     total, positives = x.new_zeros(x.shape[0]), x.new_zeros(x.shape[0])
     candidates = 0
-    for rows, cols, allowed, positive, weight in blocks:
+    for rows, cols, allowed, positive, weight, *dcl in blocks:
         logits = (scale * unit[rows] @ unit[cols].T).masked_fill(~allowed, float("-inf"))
         chosen = (positive & allowed).double()
         count = chosen.sum(dim=1, keepdim=True)
         has_positive = (count > 0).double()
+        decoupled, positive_weight = (dcl + [False, None])[:2]
+        if decoupled:  # DCL: the positives are not in the softmax
+            logits = logits.masked_fill(positive, float("-inf"))
+        if positive_weight is not None:  # DCLW: each row's positive term weighted
+            chosen = chosen * positive_weight.double()[:, None]
         g = weight * has_positive * (torch.softmax(logits, dim=1) - chosen / count.clamp_min(1)).abs()
         total.index_add_(0, rows, g.sum(dim=1)).index_add_(0, cols, g.sum(dim=0))
-        p = weight * has_positive * chosen
+        p = weight * has_positive * chosen.abs()
         positives.index_add_(0, rows, p.sum(dim=1)).index_add_(0, cols, p.sum(dim=0))
         candidates = max(candidates, int(allowed.sum(dim=1).max()))
     dim = x.shape[1]
@@ -155,6 +162,12 @@ def simclr_blocks(n_views, batch, labels=None):
     rows = torch.arange(n_views * batch)
     not_self = ~torch.eye(len(rows), dtype=torch.bool)
     return [(rows, rows, not_self, (ids[:, None] == ids[None, :]) & not_self, 1.0 / len(rows))]
+
+
+def dcl_blocks(batch, positive_weights=None):
+    """DCL's logits over the two stacked views: ``simclr_blocks`` with the positive out of the
+    softmax (and weighted by ``positive_weights`` (2·batch,), DCLW)."""
+    return [block + (True, positive_weights) for block in simclr_blocks(2, batch)]
 
 
 def cross_blocks(positive, allowed=None, symmetric=False):

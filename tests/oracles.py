@@ -228,6 +228,29 @@ def lightly_nt_xent(out0, out1, temperature):
     return F.cross_entropy(logits, labels, reduction="mean")
 
 
+def lightly_dcl64(out0, out1, temperature, weight_fn=None):
+    """lightly 1.6 ``DCLLoss.forward`` (one process), in float64."""
+    out0, out1 = F.normalize(out0.double(), dim=1), F.normalize(out1.double(), dim=1)
+    batch = out0.shape[0]
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool)
+
+    def side(a, b):
+        same, other = a @ a.T / temperature, a @ b.T / temperature
+        positive = -torch.diagonal(other)
+        if weight_fn is not None:
+            positive = positive * weight_fn(a, b)
+        negatives = torch.cat([same[off_diagonal].view(batch, -1), other[off_diagonal].view(batch, -1)], dim=1)
+        return (positive + torch.logsumexp(negatives, dim=1)).mean()
+
+    return 0.5 * (side(out0, out1) + side(out1, out0))
+
+
+def mises_fisher_weights64(out0, out1, sigma=0.5):
+    """lightly's ``negative_mises_fisher_weights``: 2 − N·softmax(x0·x1/σ), no gradient."""
+    similarity = (out0.detach() * out1.detach()).sum(dim=1) / sigma
+    return 2 - out0.shape[0] * torch.softmax(similarity, dim=0)
+
+
 def lightly_nt_xent_in_dtype(out0, out1, temperature):
     """The same lightly code without the float64 cast (the naive error budget of a dtype)."""
     out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)

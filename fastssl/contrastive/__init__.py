@@ -1,13 +1,15 @@
 """The contrastive family: InfoNCE / NT-Xent on one tiled core (SimCLR, MoCo's memory bank,
 SimCSE, CLIP, SupCon, MoCo v3).
 
-Public API: :func:`info_nce`, :func:`nt_xent`, :func:`clip_loss`, :class:`NTXentLoss`,
-:class:`MemoryBankModule`. Core ops (``fastssl.runtime.registry``): ``info_nce`` (queries
-against keys, optional positive keys and labels) and ``info_nce_self`` (a batch against itself).
+Public API: :func:`info_nce`, :func:`nt_xent`, :func:`clip_loss`, :func:`dcl`, :class:`NTXentLoss`,
+:class:`MemoryBankModule`, :class:`DCLLoss`, :class:`DCLWLoss`. Core ops (``fastssl.runtime.registry``):
+``info_nce`` (queries against keys, optional positive keys and labels), ``info_nce_self`` (a batch
+against itself) and ``info_nce_self_decoupled`` (the same, positives out of the denominator: DCL).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import functools
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -400,3 +402,97 @@ class NTXentLoss(nn.Module):
             *views, temperature=self.temperature, labels=labels, negatives=negatives, mode=self.mode,
             convention=self.convention, gather_distributed=self.gather_distributed,
             normalize=self.normalize, backend=self.backend)
+
+
+def negative_mises_fisher_weights(out0: Tensor, out1: Tensor, sigma: float = 0.5) -> Tensor:
+    """DCLW's weights (lightly's ``negative_mises_fisher_weights``): 2 − N·softmax_i(x0_i·x1_i / σ)
+    over the batch, without gradient. out0, out1: (N, D) → (N,)."""
+    similarity = torch.einsum("nm,nm->n", out0.detach(), out1.detach()) / sigma
+    return 2 - out0.shape[0] * F.softmax(similarity, dim=0)
+
+
+def _dcl_gathered_rows(x0: Tensor, x1: Tensor, scale: float) -> Tensor:
+    """DCL's row losses with negatives from every rank (gathered with gradient): each local row
+    against both views of the global batch, its own entry and its positive left out. Dense
+    (local B × 2·W·B logits), as lightly computes it; one process takes the fused path."""
+    batch = x0.shape[0]
+    own = torch.arange(batch, device=x0.device)
+    columns = own + distributed.rank() * batch
+
+    def side(a: Tensor, b: Tensor) -> Tensor:
+        same, other = scale * (a @ distributed.gather(a).T), scale * (a @ distributed.gather(b).T)
+        same[own, columns] = float("-inf")
+        other[own, columns] = float("-inf")
+        return torch.logsumexp(torch.cat([same, other], dim=1), dim=1) - scale * (a * b).sum(dim=1)
+
+    return torch.cat([side(x0, x1), side(x1, x0)])
+
+
+def dcl(out0: Tensor, out1: Tensor, temperature: float = 0.1, weight_fn: Optional[Callable] = None, *,
+        gather_distributed: bool = False, backend: str = "auto") -> Tensor:
+    r"""Decoupled contrastive learning (Yeh et al., 2021), as lightly's ``DCLLoss``: with rows
+    normalised and :math:`s = x\cdot y/\tau`, each row of either view against both views of the
+    batch, its own entry and its positive (the other view of the sample) left out of the
+    denominator:
+
+    .. math:: \ell_i = -w_i\, s_{i,i^+} + \log \sum_{j \ne i, i^+} e^{s_{ij}}
+
+    averaged over the 2N rows; ``weight_fn(x0, x1)`` (normalised views, (N,) result) gives w for
+    the rows of view 0 and ``weight_fn(x1, x0)`` for view 1 (None: w = 1; DCLW:
+    :func:`negative_mises_fisher_weights`). On one process the fused self-similarity core runs
+    (O(N) memory); ``gather_distributed`` takes negatives from every rank (dense per rank).
+
+    Args: out0, out1: (N, D), N ≥ 2. temperature: |τ| ≥ 1e-8. Returns: 0-dim float32 loss.
+    """
+    check_views(("out0", "out1"), (out0, out1))
+    if out0.shape[0] < 2:
+        raise ValueError(f"out0 and out1 need at least 2 rows (DCL's negatives are the other samples), got "
+                         f"{tuple(out0.shape)}")
+    scale = 1.0 / check_temperature("temperature", temperature)
+    x0, x1 = reference.l2_normalize(out0), reference.l2_normalize(out1)
+    batch = x0.shape[0]
+    if gather_distributed and distributed.world_size() > 1:
+        rows = _dcl_gathered_rows(x0, x1, scale)
+    else:
+        embeddings = torch.cat([x0, x1])
+        _, core = registry.select("info_nce_self_decoupled", backend, (embeddings,))
+        rows = core(embeddings, torch.arange(batch, device=x0.device).repeat(2), True, scale)
+    if weight_fn is None:
+        return rows.mean()
+    weights = []
+    for a, b, name in ((x0, x1, "weight_fn(out0, out1)"), (x1, x0, "weight_fn(out1, out0)")):
+        weight = weight_fn(a, b)
+        if not isinstance(weight, Tensor) or weight.shape != (batch,):
+            raise ValueError(f"{name} must return a tensor of shape ({batch},), got "
+                             f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+        weights.append(weight)
+    positive = scale * (x0 * x1).sum(dim=1)
+    # ℓ − (w − 1)·s₊: the core's rows hold −s₊ + log Σ_neg
+    return (rows - (torch.cat(weights).to(rows.dtype) - 1) * positive.repeat(2)).mean()
+
+
+class DCLLoss(nn.Module):
+    """DCL, as lightly's ``DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False)``;
+    see :func:`fastssl.functional.dcl`."""
+
+    def __init__(self, temperature: float = 0.1, weight_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 gather_distributed: bool = False, *, backend: str = "auto"):
+        super().__init__()
+        self.temperature = check_temperature("temperature", temperature)
+        self.weight_fn = weight_fn
+        self.gather_distributed = check_distributed_available("gather_distributed", gather_distributed)
+        self.backend = backend
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return dcl(out0, out1, self.temperature, self.weight_fn, gather_distributed=self.gather_distributed,
+                   backend=self.backend)
+
+
+class DCLWLoss(DCLLoss):
+    """DCLW, as lightly's ``DCLWLoss(temperature=0.1, sigma=0.5, gather_distributed=False)``: DCL
+    weighted by :func:`negative_mises_fisher_weights` with ``sigma``."""
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False, *,
+                 backend: str = "auto"):
+        super().__init__(temperature, functools.partial(negative_mises_fisher_weights, sigma=sigma),
+                         gather_distributed, backend=backend)

@@ -92,3 +92,24 @@ def info_nce_self(embeddings: torch.Tensor, labels: torch.Tensor, exclude_self: 
     """
     self_index = torch.arange(embeddings.shape[0], device=embeddings.device) if exclude_self else None
     return info_nce(embeddings, embeddings, None, labels, labels, self_index, scale, False)[0]
+
+
+def info_nce_self_decoupled(embeddings: torch.Tensor, labels: torch.Tensor, exclude_self: bool,
+                            scale: float) -> torch.Tensor:
+    """Decoupled InfoNCE (DCL) of ``embeddings`` (N, D) against themselves: row losses (N,),
+    the positives left out of the denominator::
+
+        row_loss_i = logsumexp_{j ∉ P_i, j ≠ i} s_ij − mean_{j ∈ P_i} s_ij     (0 when P_i is empty)
+    """
+    dtype = compute_dtype(embeddings)
+    z = embeddings.to(dtype)
+    logits = scale * (z @ z.T)
+    positive_mask = labels[:, None] == labels[None, :]
+    if exclude_self:
+        own = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(own, float("-inf"))
+        positive_mask &= ~own
+    count = positive_mask.sum(dim=1)
+    negatives = torch.logsumexp(logits.masked_fill(positive_mask, float("-inf")), dim=1)
+    positive_mean = torch.where(positive_mask, logits, torch.zeros_like(logits)).sum(dim=1) / count.clamp_min(1)
+    return torch.where(count > 0, negatives - positive_mean, torch.zeros_like(negatives))

@@ -22,6 +22,7 @@ comparison when there are many (SupCon with few classes).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -393,12 +394,25 @@ def _self_positives(embeddings: Tensor, labels: Tensor, exclude_self: bool) -> T
     return z, positives, _pairs_by_tile(positives, z.shape[0])
 
 
-def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool, scale: float
-                          ) -> Tuple[Tensor, Tensor]:
+def _drop_positives(tile: Tensor, positives: Positives, pairs: dict, i0: int, i1: int, j0: int, j1: int,
+                    value: float) -> None:
+    """Write ``value`` over the tile's positive entries (decoupled InfoNCE: not in the denominator)."""
+    if positives.pair_rows is not None:
+        if (i0, j0) in pairs:
+            rows, cols = pairs[i0, j0]
+            tile[rows, cols] = value
+    else:
+        tile.masked_fill_(_tile_mask(positives, i0, i1, j0, j1), value)
+
+
+def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool, scale: float,
+                          decoupled: bool = False) -> Tuple[Tensor, Tensor]:
     """Row losses (N,) and (max, exp-sum) stats (2, N) of InfoNCE of ``embeddings`` against itself.
 
     The "max" of the stats is the shift of the row's exp-sum: the running row max, or 0 for
-    every row when ``exps_stay_normal`` (which the backward recognises).
+    every row when ``exps_stay_normal`` (which the backward recognises). ``decoupled`` (DCL)
+    leaves the positives out of the exp-sums: masked in each tile before it is summed, never
+    subtracted afterwards (at τ = 0.05 the positive holds nearly all of a row's sum).
     """
     z, positives, pairs = _self_positives(embeddings, labels, exclude_self)
     dtype, n = z.dtype, z.shape[0]
@@ -411,6 +425,8 @@ def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool
     for i0, i1, j0, j1 in _tiles(n):
         tile = _tile(scaled, z, i0, i1, j0, j1, buffer)
         _add_positive_logits(positive_sum, positives, pairs, tile, i0, i1, j0, j1)
+        if decoupled:
+            _drop_positives(tile, positives, pairs, i0, i1, j0, j1, float("-inf"))
         if unshifted:
             tile.exp_()
             if i0 == j0 and exclude_self:
@@ -432,7 +448,7 @@ def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool
 
 
 def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor, stats: Tensor,
-                           exclude_self: bool, scale: float) -> Tensor:
+                           exclude_self: bool, scale: float, decoupled: bool = False) -> Tensor:
     """Gradient of Σ_i grad_row_i · loss_i with respect to ``embeddings`` (its dtype)."""
     z, positives, pairs = _self_positives(embeddings, labels, exclude_self)
     dtype, n = z.dtype, z.shape[0]
@@ -450,6 +466,8 @@ def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor,
         tile = _tile(scaled, z, i0, i1, j0, j1, buffer)
         if i0 == j0 and exclude_self:
             tile.fill_diagonal_(float("-inf"))
+        if decoupled:  # positives have no softmax term, only their −1/|P| (added below)
+            _drop_positives(tile, positives, pairs, i0, i1, j0, j1, float("-inf"))
         # W = G_IJ (rows of block I) + G_JIᵀ (rows of block J, seen through the tile's columns)
         if unshifted:
             tile.exp_()
@@ -481,3 +499,6 @@ def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor,
 
 info_nce = define_info_nce_op("info_nce", info_nce_forward, info_nce_backward)
 info_nce_self = define_info_nce_self_op("info_nce_self", info_nce_self_forward, info_nce_self_backward)
+info_nce_self_decoupled = define_info_nce_self_op(
+    "info_nce_self_decoupled", functools.partial(info_nce_self_forward, decoupled=True),
+    functools.partial(info_nce_self_backward, decoupled=True))

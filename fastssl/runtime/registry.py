@@ -47,6 +47,10 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "torch": "fastssl.contrastive.torch_backend:info_nce_self",
         "triton": "fastssl.contrastive.triton_backend:info_nce_self",
     },
+    "info_nce_self_decoupled": {
+        "reference": "fastssl.contrastive.reference:info_nce_self_decoupled",
+        "torch": "fastssl.contrastive.torch_backend:info_nce_self_decoupled",
+    },
     "barlow_twins": {
         "reference": "fastssl.redundancy.reference:barlow_twins",
         "torch": "fastssl.redundancy.torch_backend:barlow_twins",

@@ -1,0 +1,98 @@
+"""fastssl against a peer library, side by side: the suite's cases (``bench/bench_<family>.py``),
+fastssl (``backend="auto"``) and the peer timed in alternating rounds on the same inputs, so a
+shared machine's load changes hit both; the result is the ratio of each round and its spread.
+
+    python -m bench.versus --family spectral --set quick --rounds 7 --out bench/results/<key>/versus-spectral.md
+
+Each round times ``--runs`` training steps (forward + backward; one where a step takes over a
+second) of one provider, then of the other (which goes first alternates). Cases a provider cannot
+run are listed with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import core, machine, report
+
+
+def _steps_ms(fn, args, leaves, runs: int) -> float:
+    start = time.perf_counter()
+    for _ in range(runs):
+        core.clear_grads(leaves)
+        fn(*args).backward()
+    return (time.perf_counter() - start) / runs * 1e3
+
+
+def compare(case: core.Case, peer: str, rounds: int, runs: int) -> Dict[str, object]:
+    """Median ms of each side and the per-round speedups (peer ms / fastssl ms) of one case."""
+    args, leaves = core.make_inputs(case, torch.device("cpu"), torch.float32)
+    sides, warmup_ms = {}, {}
+    for name, build in (("fastssl", lambda: case.make_loss("auto")), (peer, case.peers[peer])):
+        try:
+            sides[name] = build()
+            warmup_ms[name] = _steps_ms(sides[name], args, leaves, 1)  # a failure here is the row's reason
+        except Exception as error:  # noqa: BLE001 - the row says why
+            failure = core.classify(error, name)
+            return {"case": case.name, "status": failure.status, "reason": f"{name}: {failure.reason}"}
+    times: Dict[str, List[float]] = {name: [] for name in sides}
+    for round_index in range(rounds):
+        order = list(sides) if round_index % 2 == 0 else list(sides)[::-1]
+        for name in order:  # one step per round where a step takes over a second
+            times[name].append(_steps_ms(sides[name], args, leaves, 1 if warmup_ms[name] > 1e3 else runs))
+    speedups = [p / f for p, f in zip(times[peer], times["fastssl"])]
+    return {"case": case.name, "status": "ok", "fastssl_ms": statistics.median(times["fastssl"]),
+            "peer_ms": statistics.median(times[peer]), "speedup": statistics.median(speedups),
+            "speedup_min": min(speedups), "speedup_max": max(speedups)}
+
+
+def table(rows: Sequence[Dict[str, object]], peer: str) -> str:
+    lines = [f"| case | fastssl ms | {peer} ms | speedup (median [min–max] of rounds) |", "|---|---:|---:|---|"]
+    for row in rows:
+        if row["status"] == "ok":
+            lines.append(f"| {row['case']} | {row['fastssl_ms']:.3g} | {row['peer_ms']:.3g} | "
+                         f"**{row['speedup']:.2f}×** [{row['speedup_min']:.2f}–{row['speedup_max']:.2f}] |")
+        else:
+            lines.append(f"| {row['case']} | – | – | {row['status']}: {row['reason'][:160]} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", nargs="+", choices=core.FAMILIES, required=True)
+    parser.add_argument("--set", default="quick", choices=core.SIZE_SETS)
+    parser.add_argument("--case", nargs="+", help="only cases whose name contains one of these")
+    parser.add_argument("--peer", default="lightly")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=5, help="training steps per provider per round")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [case for family in args.family for case in core.family_cases(family, args.set)
+             if args.peer in case.peers and (not args.case or any(part in case.name for part in args.case))]
+    rows = []
+    for case in cases:
+        rows.append(compare(case, args.peer, args.rounds, args.runs))
+        print(table(rows[-1:], args.peer).splitlines()[-1], flush=True)
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    info = dict(machine.machine_info(torch.device("cpu")),
+                matmul_gflops=core.matmul_flops_per_s(torch.device("cpu"), torch.float32, core.SETTINGS["quick"]) / 1e9)
+    header = (f"{report.machine_line(info)}; {args.rounds} alternating rounds "
+              f"of {args.runs} training steps (fwd+bwd) each, float32\n\ncommand: `python -m bench.versus {command}`")
+    text = f"{header}\n\n{table(rows, args.peer)}\n"
+    print("\n" + text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
