@@ -91,6 +91,18 @@ def results_of_ranks(compute, tmp_path_factory, name):
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
+def assert_ranks_match_single_process(rank_results, single_loss, single_grads):
+    """lightly's gather convention: the mean of the ranks' losses (``rank_results[r][0]``) is the
+    single-process loss, and each rank's gradients (``rank_results[r][1:]``) are W × the
+    single-process gradients of its rows (nonzero: a vanished gradient would pass vacuously)."""
+    mean_loss = sum(result[0] for result in rank_results) / WORLD
+    torch.testing.assert_close(mean_loss, single_loss, rtol=1e-10, atol=1e-12)
+    for rank, result in enumerate(rank_results):
+        for got, want in zip(result[1:], single_grads):
+            assert got.abs().sum() > 0
+            torch.testing.assert_close(got, WORLD * local_slice(want, rank), rtol=1e-8, atol=1e-10)
+
+
 def worker(rank):
     results = {}
     data = global_inputs()
