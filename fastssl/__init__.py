@@ -26,6 +26,7 @@ from .functional import (
     kmeans_assign,
     kmeans_update,
     koleo,
+    macl,
     mmcr,
     negative_mises_fisher_weights,
     negative_cosine_similarity,
@@ -40,11 +41,13 @@ from .losses import (
     BarlowTwinsLoss,
     DCLLoss,
     DCLWLoss,
+    DirectCLRLoss,
     DINOLoss,
     EMPSSLLoss,
     FroSSLLoss,
     HypersphereLoss,
     KoLeoLoss,
+    MACLLoss,
     MMCRLoss,
     MemoryBankModule,
     NegativeCosineSimilarity,
@@ -73,6 +76,7 @@ __all__ = [
     "Center", "BackendUnavailableError",
     "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "tico", "mmcr", "frossl", "emp_ssl",
     "hypersphere", "DCLLoss", "DCLWLoss", "dcl", "negative_mises_fisher_weights",
+    "DirectCLRLoss", "MACLLoss", "macl",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

@@ -5,7 +5,7 @@ Constructor arguments and defaults match lightly's, so ``from lightly.loss impor
 → ``from fastssl import NTXentLoss`` keeps the numbers; fastssl's extras are keyword-only.
 """
 from .clustering import SwaVLoss
-from .contrastive import DCLLoss, DCLWLoss, MemoryBankModule, NTXentLoss
+from .contrastive import DCLLoss, DCLWLoss, DirectCLRLoss, MACLLoss, MemoryBankModule, NTXentLoss
 from .cosine import NegativeCosineSimilarity
 from .distillation import DINOLoss
 from .redundancy import BarlowTwinsLoss, VICRegLoss
@@ -13,4 +13,4 @@ from .regularizers import KoLeoLoss
 from .spectral import EMPSSLLoss, FroSSLLoss, HypersphereLoss, MMCRLoss, TiCoLoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
-           "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss"]
+           "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss"]

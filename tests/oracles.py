@@ -245,6 +245,23 @@ def lightly_dcl64(out0, out1, temperature, weight_fn=None):
     return 0.5 * (side(out0, out1) + side(out1, out0))
 
 
+def lightly_macl64(z0, z1, temperature=0.1, alpha=0.5, a_0=0.0):
+    """lightly 1.6 ``MACLLoss.forward``, in float64."""
+    out = torch.cat([F.normalize(z0.double(), dim=-1), F.normalize(z1.double(), dim=-1)])
+    batch, rows = z0.shape[0], 2 * z0.shape[0]
+    cov = out @ out.T
+    mask = torch.ones_like(cov, dtype=torch.bool)
+    mask.diagonal()[:] = False
+    mask.diagonal(batch)[:] = False
+    mask.diagonal(-batch)[:] = False
+    negatives = cov.masked_select(mask).view(rows, -1)
+    positives = torch.cat([torch.diag(cov, batch), torch.diag(cov, -batch)]).reshape(rows, 1)
+    t = temperature * (1 + alpha * (positives.detach().mean() - a_0))
+    log_positive = F.log_softmax(torch.cat([positives, negatives], dim=1) / t, dim=1)[:, 0]
+    weights = 1.0 / (1.0 - log_positive.exp() + 1e-8)
+    return (-weights.detach() * log_positive).mean()
+
+
 def mises_fisher_weights64(out0, out1, sigma=0.5):
     """lightly's ``negative_mises_fisher_weights``: 2 − N·softmax(x0·x1/σ), no gradient."""
     similarity = (out0.detach() * out1.detach()).sum(dim=1) / sigma

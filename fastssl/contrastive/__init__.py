@@ -2,7 +2,8 @@
 SimCSE, CLIP, SupCon, MoCo v3).
 
 Public API: :func:`info_nce`, :func:`nt_xent`, :func:`clip_loss`, :func:`dcl`, :class:`NTXentLoss`,
-:class:`MemoryBankModule`, :class:`DCLLoss`, :class:`DCLWLoss`. Core ops (``fastssl.runtime.registry``):
+:class:`MemoryBankModule`, :class:`DCLLoss`, :class:`DCLWLoss`, :class:`DirectCLRLoss`, :func:`macl`,
+:class:`MACLLoss`. Core ops (``fastssl.runtime.registry``):
 ``info_nce`` (queries against keys, optional positive keys and labels), ``info_nce_self`` (a batch
 against itself) and ``info_nce_self_decoupled`` (the same, positives out of the denominator: DCL).
 """
@@ -496,3 +497,68 @@ class DCLWLoss(DCLLoss):
                  backend: str = "auto"):
         super().__init__(temperature, functools.partial(negative_mises_fisher_weights, sigma=sigma),
                          gather_distributed, backend=backend)
+
+
+class DirectCLRLoss(NTXentLoss):
+    """DirectCLR (Jing et al., 2022), as lightly's ``DirectCLRLoss(loss_dim=64, temperature=0.5,
+    memory_bank_size=0, gather_distributed=False)``: NT-Xent on the first ``loss_dim`` entries of
+    the flattened representations (no projector)."""
+
+    def __init__(self, loss_dim: int = 64, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
+                 gather_distributed: bool = False, *, backend: str = "auto"):
+        super().__init__(temperature=temperature, memory_bank_size=memory_bank_size,
+                         gather_distributed=gather_distributed, backend=backend)
+        self.loss_dim = loss_dim
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return super().forward(out0.flatten(start_dim=1)[:, :self.loss_dim],
+                               out1.flatten(start_dim=1)[:, :self.loss_dim])
+
+
+def macl(z0: Tensor, z1: Tensor, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *,
+         backend: str = "auto") -> Tensor:
+    r"""Model-aware contrastive learning (Huang et al., 2023), as lightly's ``MACLLoss``: NT-Xent's
+    rows at the adaptive temperature :math:`t = \tau(1 + \alpha(A - A_0))`, A the batch's mean
+    positive cosine (no gradient), each row's loss :math:`\ell_i = -\log p_{i^+}` weighted by
+    :math:`V_i = 1/(1 - p_{i^+} + 10^{-8})` (no gradient): mean_i V_i ℓ_i.
+
+    On the general InfoNCE core (O(N) memory): the rows are scaled by √|1/t| and one side by the
+    sign of t, so the data-dependent temperature needs no host sync and compiles.
+
+    t = 0 (A = A₀ − 1/α, possible only with α·(1 + A₀) ≥ 1) is the formula's pole: the loss is
+    not finite there, as in lightly.
+
+    Args: z0, z1: (N, D). Returns: 0-dim float32 loss.
+    """
+    check_views(("z0", "z1"), (z0, z1))
+    x0, x1 = reference.l2_normalize(z0), reference.l2_normalize(z1)
+    rows = torch.cat([x0, x1])
+    mean_positive = (x0 * x1).sum(dim=1).mean().detach()
+    inverse_t = 1.0 / (temperature * (1 + alpha * (mean_positive - A_0)))
+    keys = rows * inverse_t.abs().sqrt()
+    batch = x0.shape[0]
+    labels = torch.arange(batch, device=x0.device).repeat(2)
+    losses = info_nce(keys * inverse_t.sign(), keys, temperature=1.0, query_labels=labels, key_labels=labels,
+                      self_index=torch.arange(2 * batch, device=x0.device), normalize=False, reduction="none",
+                      backend=backend)[0]
+    weights = 1.0 / (1.0 - torch.exp(-losses.detach()) + 1e-8)
+    return (weights * losses).mean()
+
+
+class MACLLoss(nn.Module):
+    """MACL, as lightly's ``MACLLoss(temperature=0.1, alpha=0.5, A_0=0.0)``; see
+    :func:`fastssl.functional.macl`."""
+
+    def __init__(self, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *, backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.alpha, self.A_0, self.backend = temperature, alpha, A_0, backend
+        self.eps = 1e-08
+        if self.temperature < self.eps:
+            raise ValueError(f"Illegal initial temperature: abs({self.temperature}) < 1e-8")
+        if self.alpha < 0 or self.alpha > 1:
+            raise ValueError("Alpha must be in the range [0, 1].")
+        if self.A_0 < 0 or self.A_0 > 1:
+            raise ValueError("A_0 must be in the range [0, 1].")
+
+    def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
+        return macl(z0, z1, self.temperature, self.alpha, self.A_0, backend=self.backend)

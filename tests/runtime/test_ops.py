@@ -101,6 +101,7 @@ def _losses():
         ("koleo", lambda a, b, be: fn.koleo(a, backend=be) + fn.koleo(b, backend=be)),
         ("dcl", lambda a, b, be: fn.dcl(a, b, 0.2, backend=be)),
         ("dclw", lambda a, b, be: fastssl.DCLWLoss(0.2, backend=be)(a, b)),
+        ("macl", lambda a, b, be: fn.macl(a, b, 0.2, 1.0, 0.5, backend=be)),
         ("tico", lambda a, b, be: fn.tico(a, b, torch.eye(13), 0.5, backend=be)[0]),
         ("mmcr", lambda a, b, be: fn.mmcr(a.reshape(9, 1, 13), b.reshape(9, 1, 13), 0.1, backend=be)),
         ("frossl", lambda a, b, be: fn.frossl([a, b], backend=be)),
