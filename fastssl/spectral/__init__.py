@@ -139,9 +139,10 @@ def hypersphere(z_a: Tensor, z_b: Tensor, t: float = 1.0, lam: float = 1.0, alph
     t, lam, alpha = (_check_number(name, value) for name, value in (("t", t), ("lam", lam), ("alpha", alpha)))
     dtype = compute_dtype(z_a, z_b)  # half inputs are normalised in float32 too
     x, y = F.normalize(z_a.to(dtype)), F.normalize(z_b.to(dtype))
-    _, core = registry.select("hypersphere_uniformity", backend, (x, y))
+    views = torch.stack([x, y])
+    _, core = registry.select("hypersphere_uniformity", backend, (views,))
     alignment = (x - y).norm(dim=1).pow(alpha).mean()
-    return alignment + lam * (core(x, t) + core(y, t)) / 2.0
+    return alignment + lam * core(views, t).sum() / 2.0
 
 
 class TiCoLoss(nn.Module):

@@ -78,8 +78,8 @@ def emp_ssl(views: Tensor, tcr_eps: float, inv_coef: float) -> Tensor:
 
 
 def hypersphere_uniformity(x: Tensor, t: float) -> Tensor:
-    """log mean_{i<j} exp(−t ‖x_i − x_j‖²) of the rows of ``x`` (N, D): Wang and Isola's
-    uniformity (lightly's ``lunif``, with ``torch.pdist``)."""
+    """log mean_{i<j} exp(−t ‖x_i − x_j‖²) of the rows of each view of ``x`` (V, N, D) → (V,):
+    Wang and Isola's uniformity (lightly's ``lunif``, with ``torch.pdist``)."""
     x = x.to(compute_dtype(x))
-    return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()
+    return torch.stack([torch.pdist(view, p=2).pow(2).mul(-t).exp().mean().log() for view in x])
 

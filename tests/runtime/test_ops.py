@@ -37,7 +37,7 @@ def _op_samples(dtype):
         ("mmcr", (rand(5, 2, 4), rand(5, 2, 4), 0.1)),
         ("frossl", (rand(3, 7, 5), 0.5)),
         ("emp_ssl", (rand(2, 7, 5), 0.2, 10.0)),
-        ("hypersphere_uniformity", (rand(7, 5), 2.0)),
+        ("hypersphere_uniformity", (rand(2, 7, 5), 2.0)),
         ("sinkhorn", (rand(7, 11, grad=False), 3, 0.05, None, None, 0.0, False)),
         ("sinkhorn", (rand(7, 11, grad=False), 50, 0.1, torch.rand(11, generator=g, dtype=dtype) + 0.5,
                       torch.rand(7, generator=g, dtype=dtype) + 0.5, 1e-3, False)),
