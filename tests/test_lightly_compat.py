@@ -61,3 +61,17 @@ def test_ntxent_has_lightlys_public_attributes():
     loss = fastssl.NTXentLoss(temperature=0.3)
     assert loss.eps == 1e-8 and isinstance(loss.cross_entropy, torch.nn.CrossEntropyLoss)
     assert loss.cross_entropy.reduction == "mean" and loss.temperature == 0.3
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_results_exactly_zero_in_lightly_are_exactly_zero(backend):
+    # One sample, two views: each NT-Xent row's only candidate is its positive (−log 1 = 0); a
+    # one-class DINO head: the softmax is exactly 1. lightly returns an exact 0 (and 0 gradients).
+    out0, out1 = torch.randn(1, 8, requires_grad=True), torch.randn(1, 8, requires_grad=True)
+    loss = fastssl.NTXentLoss(backend=backend)(out0, out1)
+    loss.backward()
+    assert loss.item() == 0.0 and str(loss.item()) == "0.0" and out0.grad.abs().max() == 0
+    students = [torch.randn(3, 1, requires_grad=True) for _ in range(2)]
+    loss = fastssl.DINOLoss(output_dim=1, backend=backend)([torch.randn(3, 1) for _ in range(2)], students)
+    loss.backward()
+    assert loss.item() == 0.0 and str(loss.item()) == "0.0" and students[0].grad.abs().max() == 0

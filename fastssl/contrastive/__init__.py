@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import distributed, registry
+from ..runtime.dtypes import zero_with_graph
 from ..runtime.validation import (
     check_choice,
     check_distributed_available,
@@ -226,7 +227,11 @@ def nt_xent(
         def gathered(view: Tensor) -> Tensor:
             return distributed.gather(view) if world > 1 else view
 
-        if mode == "simclr" and world == 1:
+        if mode == "simclr" and world == 1 and batch * len(views) == 2:
+            # one sample, two views: each row's only candidate is its positive, −log 1 = 0 (lightly's exact 0)
+            loss = zero_with_graph(*views)
+            directions = 2
+        elif mode == "simclr" and world == 1:
             embeddings = torch.cat(views)
             _, core = registry.select("info_nce_self", backend, (embeddings,))
             loss = core(embeddings, local_labels.repeat(len(views)), True, 1.0 / temperature).mean()

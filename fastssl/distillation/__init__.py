@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..runtime import registry
+from ..runtime.dtypes import zero_with_graph
 from ..runtime.validation import (
     check_float_tensor,
     check_int_at_least,
@@ -47,6 +48,8 @@ def pair_losses(targets: Tensor, students: Tensor, weight: Optional[Tensor], sca
     """(T, S) soft cross-entropies of targets (T, B, K) and student logits (S, B, K), or of
     student features (S, B, D) through a fused last layer ``weight`` (K, D)."""
     if weight is None:
+        if students.shape[-1] == 1:  # a softmax over one class is exactly 1: every loss is −log 1 = 0
+            return zero_with_graph(targets, students).expand(targets.shape[0], students.shape[0])
         _, core = registry.select("soft_cross_entropy_pairs", backend, (targets, students))
         return core(targets, students, scale)
     _, core = registry.select("linear_soft_cross_entropy_pairs", backend, (targets, students, weight))
