@@ -16,6 +16,7 @@ from .runtime.registry import BackendUnavailableError
 from .functional import (
     barlow_twins,
     clip_loss,
+    co2,
     dcl,
     dino,
     dino_center,
@@ -39,6 +40,7 @@ from .functional import (
 )
 from .losses import (
     BarlowTwinsLoss,
+    CO2Regularizer,
     DCLLoss,
     DCLWLoss,
     DirectCLRLoss,
@@ -76,7 +78,7 @@ __all__ = [
     "Center", "BackendUnavailableError",
     "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "tico", "mmcr", "frossl", "emp_ssl",
     "hypersphere", "DCLLoss", "DCLWLoss", "dcl", "negative_mises_fisher_weights",
-    "DirectCLRLoss", "MACLLoss", "macl",
+    "DirectCLRLoss", "MACLLoss", "macl", "CO2Regularizer", "co2",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

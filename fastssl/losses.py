@@ -9,8 +9,8 @@ from .contrastive import DCLLoss, DCLWLoss, DirectCLRLoss, MACLLoss, MemoryBankM
 from .cosine import NegativeCosineSimilarity
 from .distillation import DINOLoss
 from .redundancy import BarlowTwinsLoss, VICRegLoss
-from .regularizers import KoLeoLoss
+from .regularizers import CO2Regularizer, KoLeoLoss
 from .spectral import EMPSSLLoss, FroSSLLoss, HypersphereLoss, MMCRLoss, TiCoLoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
-           "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss"]
+           "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer"]

@@ -400,3 +400,24 @@ def hypersphere64(z_a, z_b, t=1.0, lam=1.0, alpha=2.0):
         return torch.logsumexp(exponents, dim=0) - math.log(exponents.numel())
 
     return (x - y).norm(dim=1).pow(alpha).mean() + lam * (uniformity(x) + uniformity(y)) / 2.0
+
+
+# ============================================================================================
+# Regularizers: CO2
+# ============================================================================================
+def lightly_co2_64(out0, out1, negatives=None, alpha=1.0, t_consistency=0.05):
+    """lightly 1.6 ``CO2Regularizer.forward``'s value in float64 (with its gradient: lightly's own
+    return drops it), ``negatives`` the bank (K, D) before this call's update or None."""
+    x0, x1 = F.normalize(out0.double(), dim=1), F.normalize(out1.double(), dim=1)
+
+    def log_labels(a, b):
+        positive = (a * b).sum(dim=1, keepdim=True)
+        if negatives is None:
+            negative = (a @ b.T)[~torch.eye(a.shape[0], dtype=torch.bool)].view(a.shape[0], -1)
+        else:
+            negative = a @ negatives.double().T
+        return F.log_softmax(torch.cat([positive, negative], dim=1) / t_consistency, dim=-1)
+
+    p, q = log_labels(x0, x1), log_labels(x1, x0)
+    kl = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)
+    return alpha * 0.5 * (kl(p, q) + kl(q, p)), p, q

@@ -1,15 +1,20 @@
 """The regularizer family: terms added to an SSL loss to shape the embedding distribution.
 
-Public API: :func:`koleo`, :class:`KoLeoLoss` (DINOv2's KoLeo, as lightly's ``KoLeoLoss``). Core
-op: ``koleo`` (each row's nearest neighbour and the log of its distance).
+Public API: :func:`koleo`, :class:`KoLeoLoss` (DINOv2's KoLeo, as lightly's ``KoLeoLoss``),
+:func:`co2`, :class:`CO2Regularizer` (lightly's, also at ``fastssl.regularizer``). Core ops:
+``koleo`` (each row's nearest neighbour and the log of its distance), ``co2``.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence, Union
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..contrastive import MemoryBankModule
 from ..runtime import registry
-from ..runtime.validation import check_float_tensor, check_positive
+from ..runtime.validation import check_float_tensor, check_positive, check_temperature, check_views
 
 Tensor = torch.Tensor
 
@@ -51,3 +56,52 @@ class KoLeoLoss(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return koleo(x, self.p, self.eps, backend=self.backend)
+
+
+def co2(out0: Tensor, out1: Tensor, negatives: Optional[Tensor] = None, alpha: float = 1.0,
+        t_consistency: float = 0.05, *, backend: str = "auto") -> Tensor:
+    r"""CO2's consistency regularizer (Wei et al., 2021), as lightly's ``CO2Regularizer``: with rows
+    normalised, p_i = softmax([x0_i·x1_i, x0_i·n_j]/t) and q_i the same with the views swapped
+    (n the other rows of the other view, or a memory bank ``negatives`` (K, D)),
+
+    .. math:: \frac{\alpha}{2}\big(\mathrm{KL}(q\|p) + \mathrm{KL}(p\|q)\big)
+
+    averaged over the batch. Unlike lightly's (which returns ``torch.tensor(...)`` of it: no
+    gradient), the result carries its gradient, so it regularizes.
+
+    Args: out0, out1: (N, D), N ≥ 2 without a bank. Returns: 0-dim float32 tensor.
+    """
+    check_views(("out0", "out1"), (out0, out1))
+    if negatives is None and out0.shape[0] < 2:
+        raise ValueError(f"out0 and out1 need at least 2 rows without a memory bank (the other rows are the "
+                         f"negatives), got {tuple(out0.shape)}")
+    if negatives is not None:
+        check_float_tensor("negatives", negatives, ndim=2)
+        if negatives.shape[1] != out0.shape[1]:
+            raise ValueError(f"negatives must be (K, {out0.shape[1]}), got {tuple(negatives.shape)}")
+    scale = 1.0 / check_temperature("t_consistency", t_consistency)
+    x0, x1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    _, core = registry.select("co2", backend, (x0, x1))
+    return core(x0, x1, negatives, alpha, scale)
+
+
+class CO2Regularizer(nn.Module):
+    """CO2, as lightly's ``CO2Regularizer(alpha=1, t_consistency=0.05, memory_bank_size=0)``;
+    ``forward(out0, out1)``. With a memory bank (``memory_bank_size=(K, D)``) its rows are the
+    negatives and every call enqueues the normalised ``out1`` (lightly's rule). See
+    :func:`fastssl.functional.co2` (the one difference: the result has its gradient)."""
+
+    def __init__(self, alpha: float = 1, t_consistency: float = 0.05, memory_bank_size: Union[int, Sequence[int]] = 0,
+                 *, backend: str = "auto"):
+        super().__init__()
+        self.memory_bank = MemoryBankModule(size=memory_bank_size)
+        self.log_target = True
+        self.kl_div = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)
+        self.t_consistency, self.alpha, self.backend = t_consistency, alpha, backend
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        negatives = None
+        if self.memory_bank.size[0] > 0:
+            check_views(("out0", "out1"), (out0, out1))
+            negatives = self.memory_bank.queue(F.normalize(out1, dim=1), update=True).to(out0.device)
+        return co2(out0, out1, negatives, self.alpha, self.t_consistency, backend=self.backend)

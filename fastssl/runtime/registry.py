@@ -90,6 +90,7 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "reference": "fastssl.spectral.reference:hypersphere_uniformity",
         "torch": "fastssl.spectral.torch_backend:hypersphere_uniformity",
     },
+    "co2": {"reference": "fastssl.regularizers.reference:co2", "torch": "fastssl.regularizers.torch_backend:co2"},
     "koleo": {"reference": "fastssl.regularizers.reference:koleo", "torch": "fastssl.regularizers.torch_backend:koleo"},
     "negative_cosine_similarity": {
         "reference": "fastssl.cosine.reference:negative_cosine_similarity",

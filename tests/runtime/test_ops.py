@@ -31,6 +31,8 @@ def _op_samples(dtype):
         ("kmeans_assign", (rand(7, 5, grad=False), rand(4, 5, grad=False))),
         ("negative_cosine_similarity", (rand(7, 5), rand(7, 5), 1e-8)),
         ("koleo", (rand(7, 5), 2.0, 1e-8)),
+        ("co2", (torch.nn.functional.normalize(rand(6, 5), dim=1), torch.nn.functional.normalize(rand(6, 5), dim=1),
+                 None, 1.0, 5.0)),
         # β = 1: TiCo stops the gradient through the batch's share of C' (lightly's detach), which a
         # numerical derivative of the value would see; a covariance is symmetric
         ("tico", (rand(7, 5), rand(7, 5), (lambda c: c @ c.T)(rand(5, 5, grad=False)), 1.0, 3.0)),
@@ -52,7 +54,7 @@ def _overload(fn):
 # Ops whose torch backend is plain PyTorch operations (autograd differentiates it, Dynamo traces
 # it): no torch.library op to opcheck; their gradcheck and compile tests below still run.
 # mmcr and emp_ssl compose ops checked in tests/spectral (nuclear_norm, total_coding_rate) with plain ones.
-PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl"}
+PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl", "co2"}
 
 
 def _torch_backend(name):
@@ -102,6 +104,7 @@ def _losses():
         ("dcl", lambda a, b, be: fn.dcl(a, b, 0.2, backend=be)),
         ("dclw", lambda a, b, be: fastssl.DCLWLoss(0.2, backend=be)(a, b)),
         ("macl", lambda a, b, be: fn.macl(a, b, 0.2, 1.0, 0.5, backend=be)),
+        ("co2", lambda a, b, be: fn.co2(a, b, backend=be)),
         ("tico", lambda a, b, be: fn.tico(a, b, torch.eye(13), 0.5, backend=be)[0]),
         ("mmcr", lambda a, b, be: fn.mmcr(a.reshape(9, 1, 13), b.reshape(9, 1, 13), 0.1, backend=be)),
         ("frossl", lambda a, b, be: fn.frossl([a, b], backend=be)),
