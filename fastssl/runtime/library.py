@@ -34,3 +34,50 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
 def empty_grad(like: torch.Tensor) -> torch.Tensor:
     """The placeholder an op returns for a gradient nobody asked for (schemas return Tensors)."""
     return like.new_empty(0)
+
+
+def define_precomputed_gradient_op(name: str, inputs: str, differentiable: int, extra_outputs: int,
+                                   forward: Callable, fake: Callable) -> Callable:
+    """Register ``fastssl::<name>(<inputs>, bool with_gradient=True) -> (loss, *extras, *gradients)``.
+
+    For losses whose gradient has a closed form that costs less than autograd through their
+    forward (no graph, no recompute): ``forward(*inputs, with_gradient)`` returns the loss (0-dim,
+    or one per leading index of the first input: the gradient is then that entry's),
+    ``extra_outputs`` tensors without gradient (TiCo's covariance state) and, when
+    ``with_gradient``, ∂loss/∂input for each of the first ``differentiable`` inputs in the compute
+    dtype (empty tensors otherwise); the backward only scales them. ``fake`` gives the same
+    outputs' shapes. Returns ``core(*inputs)`` → loss (or (loss, *extras)), which asks for the
+    gradients exactly when autograd will need them; the op is its ``.op``.
+    """
+    outputs = ", ".join(["Tensor"] * (1 + extra_outputs + differentiable))
+    count = len(inputs.split(","))
+
+    def with_default(function):  # the dispatcher drops a trailing argument that equals its default
+        return lambda *args: function(*args, *([True] if len(args) == count else []))
+
+    op = define(name, f"({inputs}, bool with_gradient=True) -> ({outputs})", with_default(forward),
+                        with_default(fake))
+
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.input_dtypes = [inputs[i].dtype for i in range(differentiable)]
+        ctx.num_inputs = len(inputs)
+        ctx.save_for_backward(*output[1 + extra_outputs:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def autograd_backward(ctx, grad, *_unused):
+        if grad is None:  # the loss is not part of the graph being differentiated
+            return (None,) * ctx.num_inputs
+        gradients = tuple((grad.reshape(grad.shape + (1,) * (g.dim() - grad.dim())) * g).to(dtype)
+                          for g, dtype in zip(ctx.saved_tensors, ctx.input_dtypes))
+        return gradients + (None,) * (ctx.num_inputs - differentiable)
+
+    register_autograd(op, autograd_backward, setup_context)
+
+    def core(*args):
+        with_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in args[:differentiable])
+        result = op(*args, with_gradient)
+        return result[0] if extra_outputs == 0 else tuple(result[:1 + extra_outputs])
+
+    core.op = op
+    return core

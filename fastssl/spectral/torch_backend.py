@@ -8,7 +8,7 @@ gradients.
   backward is two more): ∂‖ZZᵀ‖²_F/∂Z = 4ZZᵀZ, ∂logdet(I + cZZᵀ)/∂Z = 2c(I + cZZᵀ)⁻¹Z (one
   Cholesky solve), ∂‖Z‖_*/∂Z = (ZZᵀ)^(−1/2) Z = UVᵀ, TiCo's ∂(ρ/N Σ ẑC'ẑᵀ)/∂ẑ = 2ρ/N ẑC' — one
   GEMM each. TiCo, FroSSL and the total coding rate compute theirs in the forward, with the
-  normalisation's backward written out (``op.define_precomputed_gradient_op``): no autograd
+  normalisation's backward written out (``runtime.library.define_precomputed_gradient_op``): no autograd
   graph, and their backward is one multiply.
 * Nuclear norms from the eigenvalues of the smaller Gram, formed and decomposed in float64
   (small: m² entries): its rounding (≈ n·u64·σ_max²) moves a singular value σ by at most
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..runtime import library
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
-from .op import define_precomputed_gradient_op
+from ..runtime.library import define_precomputed_gradient_op
 
 Tensor = torch.Tensor
 NORMALIZE_EPS = 1e-12  # F.normalize's default

@@ -128,6 +128,15 @@ calls = {
     "NegativeCosineSimilarity": lambda: fastssl.NegativeCosineSimilarity()(a, b),
     "DINOLoss": lambda: fastssl.DINOLoss(output_dim=8)([a, b], [a, b, a]),
     "kmeans": lambda: fastssl.kmeans_update(a.detach(), b.detach()[:3], torch.zeros(3))[0].sum(),
+    "TiCoLoss": lambda: fastssl.TiCoLoss()(a, b),
+    "MMCRLoss": lambda: fastssl.MMCRLoss()(a.view(8, 2, 8), b.view(8, 2, 8)),
+    "FroSSLLoss": lambda: fastssl.FroSSLLoss()([a, b]),
+    "EMPSSLLoss": lambda: fastssl.EMPSSLLoss()([a, b]),
+    "HypersphereLoss": lambda: fastssl.HypersphereLoss()(a, b),
+    "DCLWLoss": lambda: fastssl.DCLWLoss()(a, b),
+    "MACLLoss": lambda: fastssl.MACLLoss()(a, b),
+    "DirectCLRLoss": lambda: fastssl.DirectCLRLoss(loss_dim=4)(a, b),
+    "CO2Regularizer (bank)": lambda: fastssl.CO2Regularizer(memory_bank_size=(32, 8))(a, b),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}

@@ -54,7 +54,7 @@ def _overload(fn):
 # Ops whose torch backend is plain PyTorch operations (autograd differentiates it, Dynamo traces
 # it): no torch.library op to opcheck; their gradcheck and compile tests below still run.
 # mmcr and emp_ssl compose ops checked in tests/spectral (nuclear_norm, total_coding_rate) with plain ones.
-PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl", "co2"}
+PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl"}
 
 
 def _torch_backend(name):
