@@ -21,6 +21,7 @@ from ..runtime.dtypes import zero_with_graph
 from ..runtime.validation import (
     check_choice,
     check_distributed_available,
+    check_finite_number,
     check_float_tensor,
     check_label_tensor,
     check_positive,
@@ -468,10 +469,11 @@ def dcl(out0: Tensor, out1: Tensor, temperature: float = 0.1, weight_fn: Optiona
     weights = []
     for a, b, name in ((x0, x1, "weight_fn(out0, out1)"), (x1, x0, "weight_fn(out1, out0)")):
         weight = weight_fn(a, b)
-        if not isinstance(weight, Tensor) or weight.shape != (batch,):
-            raise ValueError(f"{name} must return a tensor of shape ({batch},), got "
-                             f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-        weights.append(weight)
+        try:  # lightly multiplies the (N,) positive term by it: anything that broadcasts to (N,)
+            weights.append(torch.broadcast_to(torch.as_tensor(weight, device=a.device), (batch,)))
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"{name} must return weights that broadcast to ({batch},), got "
+                             f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}") from None
     positive = scale * (x0 * x1).sum(dim=1)
     # ℓ − (w − 1)·s₊: the core's rows hold −s₊ + log Σ_neg
     return (rows - (torch.cat(weights).to(rows.dtype) - 1) * positive.repeat(2)).mean()
@@ -520,6 +522,16 @@ class DirectCLRLoss(NTXentLoss):
                                out1.flatten(start_dim=1)[:, :self.loss_dim])
 
 
+def check_macl_parameters(temperature: float, alpha: float, A_0: float) -> None:
+    """lightly's ``MACLLoss`` checks, with its messages."""
+    if check_finite_number("temperature", temperature) < 1e-8:
+        raise ValueError(f"Illegal initial temperature: abs({temperature}) < 1e-8")
+    if not 0 <= check_finite_number("alpha", alpha) <= 1:
+        raise ValueError("Alpha must be in the range [0, 1].")
+    if not 0 <= check_finite_number("A_0", A_0) <= 1:
+        raise ValueError("A_0 must be in the range [0, 1].")
+
+
 def macl(z0: Tensor, z1: Tensor, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *,
          backend: str = "auto") -> Tensor:
     r"""Model-aware contrastive learning (Huang et al., 2023), as lightly's ``MACLLoss``: NT-Xent's
@@ -536,6 +548,7 @@ def macl(z0: Tensor, z1: Tensor, temperature: float = 0.1, alpha: float = 0.5, A
     Args: z0, z1: (N, D). Returns: 0-dim float32 loss.
     """
     check_views(("z0", "z1"), (z0, z1))
+    check_macl_parameters(temperature, alpha, A_0)
     x0, x1 = reference.l2_normalize(z0), reference.l2_normalize(z1)
     rows = torch.cat([x0, x1])
     mean_positive = (x0 * x1).sum(dim=1).mean().detach()
@@ -556,14 +569,9 @@ class MACLLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *, backend: str = "auto"):
         super().__init__()
+        check_macl_parameters(temperature, alpha, A_0)
         self.temperature, self.alpha, self.A_0, self.backend = temperature, alpha, A_0, backend
-        self.eps = 1e-08
-        if self.temperature < self.eps:
-            raise ValueError(f"Illegal initial temperature: abs({self.temperature}) < 1e-8")
-        if self.alpha < 0 or self.alpha > 1:
-            raise ValueError("Alpha must be in the range [0, 1].")
-        if self.A_0 < 0 or self.A_0 > 1:
-            raise ValueError("A_0 must be in the range [0, 1].")
+        self.eps = 1e-08  # lightly's attribute
 
     def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
         return macl(z0, z1, self.temperature, self.alpha, self.A_0, backend=self.backend)

@@ -320,8 +320,10 @@ def _merge_statistics(row_max: Tensor, row_sum: Tensor, start: int, tile: Tensor
     stop = start + tile.shape[1 - dim]
     old_max = row_max[start:stop]
     new_max = torch.maximum(old_max, tile.amax(dim=dim))
-    shifted = tile - (new_max[:, None] if dim == 1 else new_max[None, :])
-    row_sum[start:stop] = row_sum[start:stop] * torch.exp(old_max - new_max) + shifted.exp_().sum(dim=dim)
+    # a row with no finite entry yet (all masked) shifts by 0: −inf − (−inf) would be NaN
+    shift = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)
+    shifted = tile - (shift[:, None] if dim == 1 else shift[None, :])
+    row_sum[start:stop] = row_sum[start:stop] * torch.exp(old_max - shift) + shifted.exp_().sum(dim=dim)
     row_max[start:stop] = new_max
 
 

@@ -13,6 +13,7 @@ from ..runtime.validation import (
     check_batch_at_least,
     check_choice,
     check_distributed_available,
+    check_finite_number,
     check_float_tensor,
     check_non_negative,
     check_views,
@@ -65,8 +66,7 @@ def barlow_twins(
     lambda_param = check_non_negative("lambda_param", lambda_param)
     check_choice("distributed_convention", distributed_convention, ("global", "lightly"))
     check_choice("algorithm", algorithm, ALGORITHMS)
-    if isinstance(scale_loss, bool) or not isinstance(scale_loss, (int, float)):
-        raise TypeError(f"scale_loss must be a number, got {type(scale_loss).__name__}")
+    scale_loss = check_finite_number("scale_loss", scale_loss)
     world = distributed.world_size() if gather_distributed else 1
     if world > 1 and distributed_convention == "lightly":
         return scale_loss * reference.barlow_twins_lightly_distributed(z_a, z_b, lambda_param, world)

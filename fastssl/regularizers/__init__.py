@@ -14,6 +14,7 @@ from torch import nn
 
 from ..contrastive import MemoryBankModule
 from ..runtime import registry
+from ..runtime.dtypes import compute_dtype
 from ..runtime.validation import check_float_tensor, check_positive, check_temperature, check_views
 
 Tensor = torch.Tensor
@@ -69,18 +70,18 @@ def co2(out0: Tensor, out1: Tensor, negatives: Optional[Tensor] = None, alpha: f
     averaged over the batch. Unlike lightly's (which returns ``torch.tensor(...)`` of it: no
     gradient), the result carries its gradient, so it regularizes.
 
-    Args: out0, out1: (N, D), N ≥ 2 without a bank. Returns: 0-dim float32 tensor.
+    A batch of one without a bank has a single candidate, the positive: exactly 0, as in lightly.
+
+    Args: out0, out1: (N, D). Returns: 0-dim float32 tensor (float64 for float64 inputs).
     """
     check_views(("out0", "out1"), (out0, out1))
-    if negatives is None and out0.shape[0] < 2:
-        raise ValueError(f"out0 and out1 need at least 2 rows without a memory bank (the other rows are the "
-                         f"negatives), got {tuple(out0.shape)}")
     if negatives is not None:
         check_float_tensor("negatives", negatives, ndim=2)
         if negatives.shape[1] != out0.shape[1]:
             raise ValueError(f"negatives must be (K, {out0.shape[1]}), got {tuple(negatives.shape)}")
     scale = 1.0 / check_temperature("t_consistency", t_consistency)
-    x0, x1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    dtype = compute_dtype(out0, out1)  # half inputs are normalised in float32 too
+    x0, x1 = F.normalize(out0.to(dtype), dim=1), F.normalize(out1.to(dtype), dim=1)
     _, core = registry.select("co2", backend, (x0, x1))
     return core(x0, x1, negatives, alpha, scale)
 
@@ -95,13 +96,17 @@ class CO2Regularizer(nn.Module):
                  *, backend: str = "auto"):
         super().__init__()
         self.memory_bank = MemoryBankModule(size=memory_bank_size)
+        # lightly's public attributes (the loss itself never builds the N × N divergence terms)
         self.log_target = True
         self.kl_div = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)
-        self.t_consistency, self.alpha, self.backend = t_consistency, alpha, backend
+        # checked here: a bad value must fail before forward enqueues the batch
+        self.t_consistency = check_temperature("t_consistency", t_consistency)
+        self.alpha, self.backend = alpha, backend
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         negatives = None
         if self.memory_bank.size[0] > 0:
             check_views(("out0", "out1"), (out0, out1))
-            negatives = self.memory_bank.queue(F.normalize(out1, dim=1), update=True).to(out0.device)
+            keys = F.normalize(out1.to(compute_dtype(out0, out1)), dim=1)
+            negatives = self.memory_bank.queue(keys, update=True).to(out0.device)
         return co2(out0, out1, negatives, self.alpha, self.t_consistency, backend=self.backend)

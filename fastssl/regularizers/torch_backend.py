@@ -43,7 +43,7 @@ def koleo(x: Tensor, p: float, eps: float) -> Tensor:
 
 
 def _divergence_logit_grads(p: Tensor, q: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per row KL(q‖p) + KL(p‖q) = Σ_k (q_k − p_k)(Q_k − P_k) of log-softmaxes p, q (P = e^p,
+    """p, q: (rows, K) log-softmaxes → (Σ over the rows, (rows, K), (rows, K)). Per row KL(q‖p) + KL(p‖q) = Σ_k (q_k − p_k)(Q_k − P_k) of log-softmaxes p, q (P = e^p,
     Q = e^q), and its gradients with respect to the logits behind p and q: with
     g = ∂/∂p = −(Q − P) − (q − p)P and h = ∂/∂q = (Q − P) + (q − p)Q, through the log-softmax
     ∂/∂s = g − P Σg and ∂/∂t = h − Q Σh."""
@@ -57,7 +57,9 @@ def _divergence_logit_grads(p: Tensor, q: Tensor) -> Tuple[Tensor, Tensor, Tenso
 
 def co2_forward(x0: Tensor, x1: Tensor, negatives: Optional[Tensor], alpha: float, scale: float,
                 with_gradient: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``reference.co2`` in blocks of rows, with its closed-form gradient from the same blocks: O(block)
+    """x0, x1: (N, D) unit rows; negatives: (K, D) or None → (loss, ∂/∂x0, ∂/∂x1) in the compute dtype.
+
+    ``reference.co2`` in blocks of rows, with its closed-form gradient from the same blocks: O(block)
     memory, where autograd would keep the N × N (or N × K) log-probabilities twice over. Without a
     bank, row i's candidates are every row of the other view with the positive at j = i: the same
     classes as lightly's [positive, others in order], permuted alike in p and q, which the KL does
@@ -99,8 +101,7 @@ def co2_forward(x0: Tensor, x1: Tensor, negatives: Optional[Tensor], alpha: floa
 
 def _co2_fake(x0, x1, negatives, alpha, scale, with_gradient):
     dtype = compute_dtype(x0, x1)
-    gradients = [torch.empty_like(x, dtype=dtype) if with_gradient else library.empty_grad(x) for x in (x0, x1)]
-    return (x0.new_empty((), dtype=dtype), *gradients)
+    return (x0.new_empty((), dtype=dtype), *library.gradient_fakes(with_gradient, (x0, x1), dtype))
 
 
 co2 = define_precomputed_gradient_op("co2", "Tensor x0, Tensor x1, Tensor? negatives, float alpha, float scale",

@@ -8,7 +8,7 @@ custom op's first eager call imports ``torch._dynamo`` (and with it Triton, Indu
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,6 +36,17 @@ def empty_grad(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
+def gradients_or_empty(with_gradient: bool, like: Sequence[torch.Tensor], compute: Callable) -> Tuple[torch.Tensor, ...]:
+    """``compute()``'s gradients, or an empty placeholder per input of ``like`` without the gradient
+    (the outputs of a ``define_precomputed_gradient_op`` forward)."""
+    return tuple(compute()) if with_gradient else tuple(empty_grad(t) for t in like)
+
+
+def gradient_fakes(with_gradient: bool, like: Sequence[torch.Tensor], dtype: torch.dtype) -> List[torch.Tensor]:
+    """The fake gradient outputs of a ``define_precomputed_gradient_op`` op: one per input of ``like``."""
+    return [torch.empty_like(t, dtype=dtype) if with_gradient else empty_grad(t) for t in like]
+
+
 def define_precomputed_gradient_op(name: str, inputs: str, differentiable: int, extra_outputs: int,
                                    forward: Callable, fake: Callable) -> Callable:
     """Register ``fastssl::<name>(<inputs>, bool with_gradient=True) -> (loss, *extras, *gradients)``.
@@ -47,7 +58,9 @@ def define_precomputed_gradient_op(name: str, inputs: str, differentiable: int, 
     ``with_gradient``, ∂loss/∂input for each of the first ``differentiable`` inputs in the compute
     dtype (empty tensors otherwise); the backward only scales them. ``fake`` gives the same
     outputs' shapes. Returns ``core(*inputs)`` → loss (or (loss, *extras)), which asks for the
-    gradients exactly when autograd will need them; the op is its ``.op``.
+    gradients exactly when autograd will need them; the op is its ``.op``. Once differentiable:
+    the precomputed gradients carry no graph, so a double backward (``create_graph=True``) through
+    these ops would miss every second-order term and raises instead.
     """
     outputs = ", ".join(["Tensor"] * (1 + extra_outputs + differentiable))
     count = len(inputs.split(","))
@@ -68,6 +81,9 @@ def define_precomputed_gradient_op(name: str, inputs: str, differentiable: int, 
     def autograd_backward(ctx, grad, *_unused):
         if grad is None:  # the loss is not part of the graph being differentiated
             return (None,) * ctx.num_inputs
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(f"fastssl::{name} is differentiable once: its gradient is computed in closed form "
+                               "without a graph, so backward(create_graph=True) through it is not supported")
         gradients = tuple((grad.reshape(grad.shape + (1,) * (g.dim() - grad.dim())) * g).to(dtype)
                           for g, dtype in zip(ctx.saved_tensors, ctx.input_dtypes))
         return gradients + (None,) * (ctx.num_inputs - differentiable)

@@ -89,6 +89,15 @@ def check_positive(name: str, value) -> float:
     return float(value)
 
 
+def check_finite_number(name: str, value) -> float:
+    """A finite real number (a weight or coefficient of any sign)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
 def check_temperature(name: str, value) -> float:
     """lightly's rule for a temperature: a finite number with |τ| ≥ 1e-8 (a negative one is allowed)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -19,6 +19,7 @@ from ..runtime.dtypes import compute_dtype
 from ..runtime.validation import (
     InputError,
     check_distributed_available,
+    check_finite_number,
     check_float_tensor,
     check_non_negative,
     check_positive,
@@ -27,12 +28,6 @@ from ..runtime.validation import (
 )
 
 Tensor = torch.Tensor
-
-
-def _check_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
 
 
 def tico(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor] = None, beta: float = 0.9, rho: float = 8.0, *,
@@ -61,7 +56,7 @@ def tico(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor] = None, beta: fl
         if covariance.shape != (z_a.shape[1],) * 2:
             raise ValueError(f"covariance must be (D, D) = {(z_a.shape[1],) * 2} for z_a {tuple(z_a.shape)}, "
                              f"got {tuple(covariance.shape)}")
-    beta, rho = _check_number("beta", beta), _check_number("rho", rho)
+    beta, rho = check_finite_number("beta", beta), check_finite_number("rho", rho)
     if gather_distributed and distributed.world_size() > 1:
         z_a, z_b = distributed.gather(z_a), distributed.gather(z_b)
     _, core = registry.select("tico", backend, (z_a, z_b))
@@ -73,7 +68,7 @@ def mmcr(online: Tensor, momentum: Tensor, lmda: float = 5e-3, *, backend: str =
     axis (B, 2k, D), c its mean over views (B, D), :math:`L = -\|c\|_* + \lambda \sum_b \|z_b\|_* / B`
     (nuclear norms).
 
-    Args: online, momentum: (B, k, D). Returns: 0-dim float32 loss.
+    Args: online, momentum: (B, k, D). Returns: 0-dim float32 loss (float64 for float64 inputs).
     """
     check_float_tensor("online", online)
     check_float_tensor("momentum", momentum)
@@ -99,11 +94,11 @@ def frossl(z_views: Sequence[Tensor], invariance_weight: float = 1.0, *, backend
     :math:`L = \sum_v 2\log\|K_v / \mathrm{tr} K_v\|_F + w \sum_v V D\,\mathrm{mse}(\hat z_v, \bar z)`
     with K_v the view's smaller Gram and z̄ the mean of the views.
 
-    Args: z_views: V ≥ 2 tensors (N, D). Returns: 0-dim float32 loss.
+    Args: z_views: V ≥ 2 tensors (N, D). Returns: 0-dim float32 loss (float64 for float64 inputs).
     """
     views = _stacked_views(z_views)
     _, core = registry.select("frossl", backend, (views,))
-    return core(views, _check_number("invariance_weight", invariance_weight))
+    return core(views, check_finite_number("invariance_weight", invariance_weight))
 
 
 def emp_ssl(z_views: Sequence[Tensor], tcr_eps: float = 0.2, inv_coef: float = 200.0, *,
@@ -112,12 +107,12 @@ def emp_ssl(z_views: Sequence[Tensor], tcr_eps: float = 0.2, inv_coef: float = 2
     :math:`\frac12 \mathrm{mean}_v \log\det(I + \frac{D}{N\epsilon} Z_v^\top Z_v)` plus ``inv_coef``
     times −mean cos(z_v,i, z̄_i).
 
-    Args: z_views: V ≥ 2 tensors (N, D). Returns: 0-dim float32 loss.
+    Args: z_views: V ≥ 2 tensors (N, D). Returns: 0-dim float32 loss (float64 for float64 inputs).
     """
     views = _stacked_views(z_views)
     tcr_eps = check_positive("tcr_eps", tcr_eps)
     _, core = registry.select("emp_ssl", backend, (views,))
-    return core(views, tcr_eps, _check_number("inv_coef", inv_coef))
+    return core(views, tcr_eps, check_finite_number("inv_coef", inv_coef))
 
 
 def hypersphere(z_a: Tensor, z_b: Tensor, t: float = 1.0, lam: float = 1.0, alpha: float = 2.0, *,
@@ -130,13 +125,13 @@ def hypersphere(z_a: Tensor, z_b: Tensor, t: float = 1.0, lam: float = 1.0, alph
                   + \log \mathrm{mean}_{i<j} e^{-t\|y_i - y_j\|^2}\Big)
 
     Args: z_a, z_b: (N, D), N ≥ 2 (uniformity needs a pair; lightly returns NaN for N = 1).
-    Returns: 0-dim float32 loss.
+    Returns: 0-dim float32 loss (float64 for float64 inputs).
     """
     check_views(("z_a", "z_b"), (z_a, z_b))
     if z_a.shape[0] < 2:
         raise ValueError(f"z_a and z_b need at least 2 rows (uniformity averages over pairs of rows), got "
                          f"{tuple(z_a.shape)}")
-    t, lam, alpha = (_check_number(name, value) for name, value in (("t", t), ("lam", lam), ("alpha", alpha)))
+    t, lam, alpha = (check_finite_number(name, value) for name, value in (("t", t), ("lam", lam), ("alpha", alpha)))
     dtype = compute_dtype(z_a, z_b)  # half inputs are normalised in float32 too
     x, y = F.normalize(z_a.to(dtype)), F.normalize(z_b.to(dtype))
     views = torch.stack([x, y])

@@ -20,7 +20,7 @@ gradients.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +48,6 @@ def _normalize_backward_(unit: Tensor, norms: Tensor, grad: Tensor, dim: int) ->
     return grad.addcmul_(unit, along, value=-1).div_(torch.where(unclamped, norms, NORMALIZE_EPS))
 
 
-def _gradients_or_empty(with_gradient: bool, like: Sequence[Tensor], compute: Callable) -> Tuple[Tensor, ...]:
-    return tuple(compute()) if with_gradient else tuple(library.empty_grad(t) for t in like)
-
-
 def tico_forward(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: float, rho: float,
                  with_gradient: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``reference.tico`` and its gradient: two GEMMs of N·D² (C', which the state needs, as one
@@ -69,7 +65,7 @@ def tico_forward(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: f
         updated = torch.addmm(covariance.to(dtype), a.T, a, beta=beta, alpha=(1 - beta) / n)
     projected = a @ updated
     loss = 1.0 - (a * b).sum(dim=1).mean() + rho / n * (a * projected).sum()
-    gradients = _gradients_or_empty(with_gradient, (z_a, z_b), lambda: (
+    gradients = library.gradients_or_empty(with_gradient, (z_a, z_b), lambda: (
         _normalize_backward_(a, norms_a, torch.add(b, projected, alpha=-2 * rho).div_(-n), 1),
         _normalize_backward_(b, norms_b, a / -n, 1)))
     return (loss, updated) + gradients
@@ -77,8 +73,8 @@ def tico_forward(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: f
 
 def _tico_fake(z_a, z_b, covariance, beta, rho, with_gradient):
     dtype = compute_dtype(z_a, z_b)
-    gradients = [torch.empty_like(z, dtype=dtype) if with_gradient else library.empty_grad(z) for z in (z_a, z_b)]
-    return (z_a.new_empty((), dtype=dtype), z_a.new_empty(z_a.shape[1], z_a.shape[1], dtype=dtype), *gradients)
+    return (z_a.new_empty((), dtype=dtype), z_a.new_empty(z_a.shape[1], z_a.shape[1], dtype=dtype),
+            *library.gradient_fakes(with_gradient, (z_a, z_b), dtype))
 
 
 tico = define_precomputed_gradient_op(
@@ -114,8 +110,7 @@ def nuclear_norm_forward(x: Tensor, with_gradient: bool) -> Tuple[Tensor, Tensor
 
 def _nuclear_norm_fake(x, with_gradient):
     dtype = compute_dtype(x)
-    return (x.new_empty(x.shape[:-2], dtype=dtype),
-            torch.empty_like(x, dtype=dtype) if with_gradient else library.empty_grad(x))
+    return (x.new_empty(x.shape[:-2], dtype=dtype), *library.gradient_fakes(with_gradient, (x,), dtype))
 
 
 nuclear_norm = define_precomputed_gradient_op("nuclear_norm", "Tensor x", 1, 0, nuclear_norm_forward,
@@ -149,15 +144,13 @@ def frossl_forward(views: Tensor, invariance_weight: float, with_gradient: bool)
         direction.add_(difference, alpha=2 * invariance_weight * num_views / rows)
         return [_normalize_backward_(unit, norms, direction, 1)]
 
-    (gradient,) = _gradients_or_empty(with_gradient, (views,), gradient)
-    return loss, gradient
+    return (loss,) + library.gradients_or_empty(with_gradient, (views,), gradient)
 
 
 def _views_fake(views, *args):
     with_gradient = args[-1]
     dtype = compute_dtype(views)
-    return views.new_empty((), dtype=dtype), (torch.empty_like(views, dtype=dtype) if with_gradient
-                                              else library.empty_grad(views))
+    return (views.new_empty((), dtype=dtype), *library.gradient_fakes(with_gradient, (views,), dtype))
 
 
 frossl = define_precomputed_gradient_op("frossl", "Tensor views, float invariance_weight", 1, 0, frossl_forward,
@@ -180,7 +173,7 @@ def total_coding_rate_forward(views: Tensor, tcr_eps: float, with_gradient: bool
         inverse = torch.cholesky_inverse(factor).mul_(c / num_views)
         return [torch.bmm(inverse, z) if by_rows else torch.bmm(z, inverse)]
 
-    return (value,) + _gradients_or_empty(with_gradient, (views,), gradient)
+    return (value,) + library.gradients_or_empty(with_gradient, (views,), gradient)
 
 
 total_coding_rate = define_precomputed_gradient_op(
@@ -242,8 +235,7 @@ def pairwise_uniformity_forward(x: Tensor, t: float, with_gradient: bool) -> Tup
 
 def _uniformity_fake(x, t, with_gradient):
     dtype = compute_dtype(x)
-    return (x.new_empty(x.shape[0], dtype=dtype),
-            torch.empty_like(x, dtype=dtype) if with_gradient else library.empty_grad(x))
+    return (x.new_empty(x.shape[0], dtype=dtype), *library.gradient_fakes(with_gradient, (x,), dtype))
 
 
 hypersphere_uniformity = define_precomputed_gradient_op("hypersphere_uniformity", "Tensor x, float t", 1, 0,

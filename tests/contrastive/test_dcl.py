@@ -149,8 +149,8 @@ BAD_INPUTS = [
     pytest.param(lambda: DCLLoss()(torch.randn(4, 4), torch.randn(5, 4)), ValueError, r"out0.*out1",
                  id="shapes"),
     pytest.param(lambda: DCLLoss(temperature=1e-9), ValueError, r"Illegal temperature", id="temperature"),
-    pytest.param(lambda: DCLLoss(weight_fn=lambda a, b: a.sum())(torch.randn(4, 3), torch.randn(4, 3)), ValueError,
-                 r"weight_fn\(out0, out1\) must return a tensor of shape \(4,\)", id="weight-shape"),
+    pytest.param(lambda: DCLLoss(weight_fn=lambda a, b: a[:3, 0])(torch.randn(4, 3), torch.randn(4, 3)), ValueError,
+                 r"weight_fn\(out0, out1\) must return weights that broadcast to \(4,\)", id="weight-shape"),
 ]
 
 
@@ -165,3 +165,10 @@ def test_dcl_gathering_without_torch_distributed_raises_like_lightly(monkeypatch
     for make in (lambda: DCLLoss(gather_distributed=True), lambda: DCLWLoss(gather_distributed=True)):
         with pytest.raises(ValueError, match="gather_distributed is True but torch.distributed is not available"):
             make()
+
+
+def test_dcl_scalar_weight_broadcasts_like_lightly():
+    out0, out1 = views(6, 5)
+    scaled = DCLLoss(0.2, weight_fn=lambda a, b: torch.tensor(2.0))(out0, out1)
+    exact = lightly_dcl64(out0, out1, 0.2, lambda a, b: torch.tensor(2.0, dtype=torch.float64))
+    assert_within(scaled, exact, dcl_value_bound(out0, out1, 0.2, torch.full((12,), 2.0)), "loss")

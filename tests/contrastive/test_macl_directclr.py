@@ -73,6 +73,8 @@ def test_macl_module_is_lightlys():
                             ({"A_0": -0.1}, r"A_0 must be in the range \[0, 1\].")):
         with pytest.raises(ValueError, match=message):
             MACLLoss(**kwargs)
+        with pytest.raises(ValueError, match=message):  # the function checks the same
+            fastssl.functional.macl(torch.randn(4, 3), torch.randn(4, 3), **{"temperature": 0.1, **kwargs})
 
 
 @pytest.mark.parametrize("backend", backend_params("info_nce_self"))

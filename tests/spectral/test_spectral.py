@@ -300,3 +300,12 @@ def test_input_error_is_caught_where_lightly_asserts():
         with pytest.raises(ValueError):
             call()
     assert issubclass(InputError, ValueError) and issubclass(InputError, AssertionError)
+
+
+def test_precomputed_gradients_refuse_a_double_backward():
+    z_a, z_b = leaves(correlated_views(8, 5))
+    loss = fn.tico(z_a, z_b, backend="torch")[0]
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, (z_a,), create_graph=True)
+    (grad,) = torch.autograd.grad(fn.tico(z_a, z_b, backend="torch")[0], (z_a,))  # a first backward is fine
+    assert torch.isfinite(grad).all()
