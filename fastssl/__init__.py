@@ -30,6 +30,7 @@ from .functional import (
     macl,
     mmcr,
     negative_mises_fisher_weights,
+    patch_kernel_alignment,
     negative_cosine_similarity,
     nt_xent,
     sinkhorn,
@@ -51,6 +52,7 @@ from .losses import (
     KoLeoLoss,
     MACLLoss,
     MMCRLoss,
+    PatchKernelAlignmentLoss,
     MemoryBankModule,
     NegativeCosineSimilarity,
     NTXentLoss,
@@ -79,6 +81,7 @@ __all__ = [
     "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "tico", "mmcr", "frossl", "emp_ssl",
     "hypersphere", "DCLLoss", "DCLWLoss", "dcl", "negative_mises_fisher_weights",
     "DirectCLRLoss", "MACLLoss", "macl", "CO2Regularizer", "co2",
+    "PatchKernelAlignmentLoss", "patch_kernel_alignment",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

@@ -421,3 +421,23 @@ def lightly_co2_64(out0, out1, negatives=None, alpha=1.0, t_consistency=0.05):
     p, q = log_labels(x0, x1), log_labels(x1, x0)
     kl = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)
     return alpha * 0.5 * (kl(p, q) + kl(q, p)), p, q
+
+
+def lightly_patch_kernel_alignment64(student, teacher, mask=None):
+    """lightly 1.6 ``PatchKernelAlignmentLoss`` (no token subsampling) in float64."""
+    s, t = student.double(), teacher.double().detach()
+    w = torch.ones(s.shape[:2], dtype=torch.float64) if mask is None else (~mask).double()
+    n = w.sum(dim=-1).clamp(min=1.0)
+
+    def centred_kernel(x):
+        k = x @ x.transpose(-2, -1)
+        row = (k * w[:, None, :]).sum(dim=-1) / n[:, None]
+        col = (k * w[:, :, None]).sum(dim=1) / n[:, None]
+        total = (k * w[:, None, :] * w[:, :, None]).sum(dim=(1, 2)) / (n * n)
+        return (k - row[:, :, None] - col[:, None, :] + total[:, None, None]) * w[:, :, None] * w[:, None, :]
+
+    k_s, k_t = centred_kernel(s), centred_kernel(t)
+    cka = (k_s * k_t).sum(dim=(1, 2)) / ((k_s * k_s).sum(dim=(1, 2)).clamp_min(1e-6).sqrt()
+                                         * (k_t * k_t).sum(dim=(1, 2)).clamp_min(1e-6).sqrt())
+    enough = (w.sum(dim=-1) >= 2).double()
+    return ((1.0 - cka) * enough).sum() / enough.sum().clamp(min=1.0)

@@ -86,6 +86,10 @@ MANIFEST: Dict[str, Dict[str, str]] = {
     "mmcr": {"reference": "fastssl.spectral.reference:mmcr", "torch": "fastssl.spectral.torch_backend:mmcr"},
     "frossl": {"reference": "fastssl.spectral.reference:frossl", "torch": "fastssl.spectral.torch_backend:frossl"},
     "emp_ssl": {"reference": "fastssl.spectral.reference:emp_ssl", "torch": "fastssl.spectral.torch_backend:emp_ssl"},
+    "patch_kernel_alignment": {
+        "reference": "fastssl.spectral.reference:patch_kernel_alignment",
+        "torch": "fastssl.spectral.torch_backend:patch_kernel_alignment",
+    },
     "hypersphere_uniformity": {
         "reference": "fastssl.spectral.reference:hypersphere_uniformity",
         "torch": "fastssl.spectral.torch_backend:hypersphere_uniformity",

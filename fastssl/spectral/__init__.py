@@ -1,10 +1,11 @@
 """The spectral family: losses on the spectrum of a batch's Gram/covariance matrix — TiCo, MMCR,
-FroSSL, EMP-SSL and the hypersphere (alignment + uniformity) loss, as lightly 1.6's.
+FroSSL, EMP-SSL, the hypersphere (alignment + uniformity) loss and patch kernel alignment, as
+lightly 1.6's.
 
 Public API: :func:`tico`, :func:`mmcr`, :func:`frossl`, :func:`emp_ssl`, :func:`hypersphere` and
 :class:`TiCoLoss`, :class:`MMCRLoss`, :class:`FroSSLLoss`, :class:`EMPSSLLoss`,
-:class:`HypersphereLoss`. Core ops: ``tico``, ``mmcr``, ``frossl``, ``emp_ssl``,
-``hypersphere_uniformity``.
+:class:`HypersphereLoss`, :func:`patch_kernel_alignment`, :class:`PatchKernelAlignmentLoss`. Core
+ops: ``tico``, ``mmcr``, ``frossl``, ``emp_ssl``, ``hypersphere_uniformity``, ``patch_kernel_alignment``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..runtime.validation import (
     check_positive,
     check_tensor_list,
     check_views,
+    eager,
 )
 
 Tensor = torch.Tensor
@@ -208,3 +210,60 @@ class HypersphereLoss(nn.Module):
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         return hypersphere(z_a, z_b, self.t, self.lam, self.alpha, backend=self.backend)
+
+
+def patch_kernel_alignment(student_features: Tensor, teacher_features: Tensor, mask: Optional[Tensor] = None,
+                           max_tokens: Optional[int] = None, *, backend: str = "auto") -> Tensor:
+    r"""Dense relational distillation, as lightly's ``PatchKernelAlignmentLoss``: per image, 1 − linear
+    CKA between the double-centred patch kernels K = XXᵀ of student and teacher (the teacher
+    detached), averaged over the images with at least 2 valid tokens (a differentiable 0 when none).
+
+    Args:
+        student_features, teacher_features: (B, N, D). mask: (B, N) bool, True for tokens to
+            ignore, or None. max_tokens: subsample that many tokens per image (valid ones first,
+            drawn with ``torch.rand`` exactly as lightly does), or None.
+    Returns: 0-dim float32 loss (float64 for float64 inputs).
+    """
+    for name, value in (("student_features", student_features), ("teacher_features", teacher_features)):
+        check_float_tensor(name, value, min_ndim=0)
+        if value.dim() != 3:
+            raise ValueError(f"{name} must have shape (B, N, D) but has shape {tuple(value.shape)}.")
+    if student_features.shape != teacher_features.shape:
+        raise ValueError(f"student_features and teacher_features must have the same shape but have "
+                         f"{tuple(student_features.shape)} and {tuple(teacher_features.shape)}.")
+    batch, tokens, _ = student_features.shape
+    if mask is not None:
+        if mask.shape != (batch, tokens):
+            raise ValueError(f"mask must have shape {(batch, tokens)} but has shape {tuple(mask.shape)}.")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must have dtype torch.bool but has dtype {mask.dtype}.")
+    student, teacher = student_features, teacher_features.detach()
+    valid = student.new_ones(batch, tokens) if mask is None else (~mask).to(student.dtype)
+    if max_tokens is not None and tokens > max_tokens:  # lightly's draw, so the same tokens are kept
+        scores = torch.rand(batch, tokens, device=student.device).masked_fill(valid == 0, torch.inf)
+        indices = scores.topk(max_tokens, dim=1, largest=False).indices
+        student, teacher = (torch.gather(x, 1, indices[:, :, None].expand(-1, -1, x.shape[-1]))
+                            for x in (student, teacher))
+        valid = torch.gather(valid, 1, indices)
+    _, core = registry.select("patch_kernel_alignment", backend, (student, teacher))
+    per_image = core(student, teacher, valid)
+    enough = (valid.sum(dim=-1) >= 2).to(per_image.dtype)
+    if eager() and not bool(enough.any()):
+        return (student_features * 0.0).sum().to(per_image.dtype)
+    return (per_image * enough).sum() / enough.sum().clamp(min=1.0)
+
+
+class PatchKernelAlignmentLoss(nn.Module):
+    """Patch kernel alignment, as lightly's ``PatchKernelAlignmentLoss(max_tokens=None)``;
+    ``forward(student_features, teacher_features, mask=None)``; see
+    :func:`fastssl.functional.patch_kernel_alignment`."""
+
+    def __init__(self, max_tokens: Optional[int] = None, *, backend: str = "auto") -> None:
+        super().__init__()
+        if max_tokens is not None and max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2 or None but is {max_tokens}.")
+        self.max_tokens, self.backend = max_tokens, backend
+
+    def forward(self, student_features: Tensor, teacher_features: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        return patch_kernel_alignment(student_features, teacher_features, mask, self.max_tokens,
+                                      backend=self.backend)

@@ -83,3 +83,28 @@ def hypersphere_uniformity(x: Tensor, t: float) -> Tensor:
     x = x.to(compute_dtype(x))
     return torch.stack([torch.pdist(view, p=2).pow(2).mul(-t).exp().mean().log() for view in x])
 
+
+
+def patch_kernel_alignment(student: Tensor, teacher: Tensor, valid: Tensor) -> Tensor:
+    """1 − linear CKA between the patch kernels of each image, as lightly's
+    ``PatchKernelAlignmentLoss``: student, teacher (B, N, D), valid (B, N) 1/0 weights; with K = XXᵀ
+    double-centred over the valid tokens (entries of invalid tokens 0),
+
+        loss_b = 1 − ⟨K_s, K_t⟩ / (√max(⟨K_s, K_s⟩, 1e-6) · √max(⟨K_t, K_t⟩, 1e-6))
+
+    → (B,) per-image losses."""
+    dtype = compute_dtype(student, teacher)
+    w = valid.to(dtype)
+    count = w.sum(dim=-1).clamp(min=1.0)
+
+    def centred_kernel(x):
+        kernel = x.to(dtype) @ x.to(dtype).transpose(-2, -1)
+        row = (kernel * w[:, None, :]).sum(dim=-1) / count[:, None]
+        col = (kernel * w[:, :, None]).sum(dim=1) / count[:, None]
+        total = (kernel * w[:, None, :] * w[:, :, None]).sum(dim=(1, 2)) / (count * count)
+        return (kernel - row[:, :, None] - col[:, None, :] + total[:, None, None]) * w[:, :, None] * w[:, None, :]
+
+    k_s, k_t = centred_kernel(student), centred_kernel(teacher)
+    cross = (k_s * k_t).sum(dim=(1, 2))
+    norm = (k_s * k_s).sum(dim=(1, 2)).clamp_min(1e-6).sqrt() * (k_t * k_t).sum(dim=(1, 2)).clamp_min(1e-6).sqrt()
+    return 1.0 - cross / norm

@@ -240,3 +240,24 @@ def _uniformity_fake(x, t, with_gradient):
 
 hypersphere_uniformity = define_precomputed_gradient_op("hypersphere_uniformity", "Tensor x, float t", 1, 0,
                                                         pairwise_uniformity_forward, _uniformity_fake)
+
+
+def patch_kernel_alignment(student: Tensor, teacher: Tensor, valid: Tensor) -> Tensor:
+    """``reference.patch_kernel_alignment`` without the N×N kernels where D < N: the double-centred
+    kernel is X_c X_cᵀ with X_c = (X − mean of the valid rows)·w, so ⟨K_s, K_t⟩ = ‖X_sᵀX_t‖²_F from
+    D×D cross-products (N×N otherwise: the smaller side)."""
+    dtype = compute_dtype(student, teacher)
+    w = valid.to(dtype)[:, :, None]
+    count = w.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+    def centred(x):
+        x = x.to(dtype)
+        return (x - (x * w).sum(dim=1, keepdim=True) / count) * w
+
+    s, t = centred(student), centred(teacher)
+    if s.shape[-1] < s.shape[-2]:  # ⟨X_sX_sᵀ, X_tX_tᵀ⟩ = ‖X_sᵀX_t‖²_F
+        cross, s_self, t_self = ((a.transpose(-2, -1) @ b).square().sum(dim=(1, 2)) for a, b in ((s, t), (s, s), (t, t)))
+    else:
+        k_s, k_t = s @ s.transpose(-2, -1), t @ t.transpose(-2, -1)
+        cross, s_self, t_self = ((a * b).sum(dim=(1, 2)) for a, b in ((k_s, k_t), (k_s, k_s), (k_t, k_t)))
+    return 1.0 - cross / (s_self.clamp_min(1e-6).sqrt() * t_self.clamp_min(1e-6).sqrt())

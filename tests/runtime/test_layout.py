@@ -137,6 +137,7 @@ calls = {
     "MACLLoss": lambda: fastssl.MACLLoss()(a, b),
     "DirectCLRLoss": lambda: fastssl.DirectCLRLoss(loss_dim=4)(a, b),
     "CO2Regularizer (bank)": lambda: fastssl.CO2Regularizer(memory_bank_size=(32, 8))(a, b),
+    "PatchKernelAlignmentLoss": lambda: fastssl.PatchKernelAlignmentLoss()(a.view(2, 8, 8), b.view(2, 8, 8)),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}

@@ -40,6 +40,7 @@ def _op_samples(dtype):
         ("frossl", (rand(3, 7, 5), 0.5)),
         ("emp_ssl", (rand(2, 7, 5), 0.2, 10.0)),
         ("hypersphere_uniformity", (rand(2, 7, 5), 2.0)),
+        ("patch_kernel_alignment", (rand(2, 6, 4), rand(2, 6, 4, grad=False), torch.ones(2, 6, dtype=dtype))),
         ("sinkhorn", (rand(7, 11, grad=False), 3, 0.05, None, None, 0.0, False)),
         ("sinkhorn", (rand(7, 11, grad=False), 50, 0.1, torch.rand(11, generator=g, dtype=dtype) + 0.5,
                       torch.rand(7, generator=g, dtype=dtype) + 0.5, 1e-3, False)),
@@ -54,7 +55,7 @@ def _overload(fn):
 # Ops whose torch backend is plain PyTorch operations (autograd differentiates it, Dynamo traces
 # it): no torch.library op to opcheck; their gradcheck and compile tests below still run.
 # mmcr and emp_ssl compose ops checked in tests/spectral (nuclear_norm, total_coding_rate) with plain ones.
-PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl"}
+PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl", "patch_kernel_alignment"}
 
 
 def _torch_backend(name):
@@ -105,6 +106,8 @@ def _losses():
         ("dclw", lambda a, b, be: fastssl.DCLWLoss(0.2, backend=be)(a, b)),
         ("macl", lambda a, b, be: fn.macl(a, b, 0.2, 1.0, 0.5, backend=be)),
         ("co2", lambda a, b, be: fn.co2(a, b, backend=be)),
+        ("patch_kernel_alignment", lambda a, b, be: sum(  # each view the student once: the teacher is detached
+            fn.patch_kernel_alignment(x.view(3, 3, 13), y.view(3, 3, 13), backend=be) for x, y in ((a, b), (b, a)))),
         ("tico", lambda a, b, be: fn.tico(a, b, torch.eye(13), 0.5, backend=be)[0]),
         ("mmcr", lambda a, b, be: fn.mmcr(a.reshape(9, 1, 13), b.reshape(9, 1, 13), 0.1, backend=be)),
         ("frossl", lambda a, b, be: fn.frossl([a, b], backend=be)),
