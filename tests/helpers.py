@@ -428,6 +428,15 @@ def _assert_grads_within(grads, exact_grads, batch, dim, scale=1.0):
 # --------------------------------------------------------------------------------------------
 # Normalised rows and the spectral losses (TiCo, MMCR, FroSSL, EMP-SSL, hypersphere)
 # --------------------------------------------------------------------------------------------
+def seeded_views(*shape, count=2, base_scale=1.0, noise=0.5, dtype=torch.float32, seed=0, grad=False):
+    """``count`` correlated views base_scale·base + noise·randn of ``shape`` (float64 draws from a
+    generator seeded ``seed``, then cast), so positives and invariance terms are not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return [(base_scale * base + noise * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+            .requires_grad_(grad) for _ in range(count)]
+
+
 def normalized_entry_error(dim, u=U32):
     """Relative error of each entry of a vector of ``dim`` entries normalised in floating point
     (x/peak, then F.normalize): a D-term sum of squares (D·u), its square root (u/2 more, half of

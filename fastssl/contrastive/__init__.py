@@ -425,14 +425,15 @@ def _dcl_gathered_rows(x0: Tensor, x1: Tensor, scale: float) -> Tensor:
     batch = x0.shape[0]
     own = torch.arange(batch, device=x0.device)
     columns = own + distributed.rank() * batch
+    all0, all1 = distributed.gather(x0), distributed.gather(x1)  # once each: both sides use both
 
-    def side(a: Tensor, b: Tensor) -> Tensor:
-        same, other = scale * (a @ distributed.gather(a).T), scale * (a @ distributed.gather(b).T)
+    def side(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor) -> Tensor:
+        same, other = scale * (a @ a_all.T), scale * (a @ b_all.T)
         same[own, columns] = float("-inf")
         other[own, columns] = float("-inf")
         return torch.logsumexp(torch.cat([same, other], dim=1), dim=1) - scale * (a * b).sum(dim=1)
 
-    return torch.cat([side(x0, x1), side(x1, x0)])
+    return torch.cat([side(x0, x1, all0, all1), side(x1, x0, all1, all0)])
 
 
 def dcl(out0: Tensor, out1: Tensor, temperature: float = 0.1, weight_fn: Optional[Callable] = None, *,

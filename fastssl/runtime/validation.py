@@ -100,11 +100,10 @@ def check_finite_number(name: str, value) -> float:
 
 def check_temperature(name: str, value) -> float:
     """lightly's rule for a temperature: a finite number with |τ| ≥ 1e-8 (a negative one is allowed)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or abs(value) < 1e-8:
-        raise ValueError(f"Illegal {name}: abs({value}) < 1e-8 (or not finite)")
-    return float(value)
+    value = check_finite_number(name, value)
+    if abs(value) < 1e-8:
+        raise ValueError(f"Illegal {name}: abs({value}) < 1e-8")
+    return value
 
 
 def check_non_negative(name: str, value) -> float:

@@ -84,7 +84,6 @@ def hypersphere_uniformity(x: Tensor, t: float) -> Tensor:
     return torch.stack([torch.pdist(view, p=2).pow(2).mul(-t).exp().mean().log() for view in x])
 
 
-
 def patch_kernel_alignment(student: Tensor, teacher: Tensor, valid: Tensor) -> Tensor:
     """1 − linear CKA between the patch kernels of each image, as lightly's
     ``PatchKernelAlignmentLoss``: student, teacher (B, N, D), valid (B, N) 1/0 weights; with K = XXᵀ

@@ -12,7 +12,7 @@ from fastssl import DCLLoss, DCLWLoss
 from fastssl.contrastive import torch_backend as contrastive
 
 from helpers import (FLOAT_DTYPES, U32, assert_info_nce_grads_within, assert_within, backend_params, dcl_blocks,
-                     gamma, info_nce_grad_bound, logit_error, normalized_entry_error, unit_roundoff)
+                     gamma, info_nce_grad_bound, logit_error, normalized_entry_error, seeded_views, unit_roundoff)
 from oracles import lightly_dcl64, mises_fisher_weights64
 
 SHAPES = [pytest.param((6, 9), id="6x9"), pytest.param((21, 5), id="21x5")]
@@ -30,11 +30,8 @@ def tiling(request, monkeypatch):
     return request.param
 
 
-def views(n, d, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, d, generator=g, dtype=torch.float64)
-    return [(base + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
-            for _ in range(2)]
+def views(n, d, dtype=torch.float32):
+    return seeded_views(n, d, noise=0.7, dtype=dtype, grad=True)
 
 
 def dcl_value_bound(out0, out1, temperature, weights=None, weight_error=None, u=U32):

@@ -8,15 +8,12 @@ import fastssl
 from fastssl import DirectCLRLoss, MACLLoss
 
 from helpers import (FLOAT_DTYPES, U32, assert_ce_within, assert_info_nce_grads_within, assert_within,
-                     backend_params, gamma, logit_error, simclr_blocks, unit_roundoff)
+                     backend_params, gamma, logit_error, seeded_views, simclr_blocks, unit_roundoff)
 from oracles import lightly_macl64, lightly_nt_xent
 
 
-def views(n, d, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, d, generator=g, dtype=torch.float64)
-    return [(base + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
-            for _ in range(2)]
+def views(n, d, dtype=torch.float32):
+    return seeded_views(n, d, noise=0.8, dtype=dtype, grad=True)
 
 
 def macl_bounds(z0, z1, temperature, alpha, a_0, u=U32):

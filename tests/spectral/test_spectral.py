@@ -11,7 +11,8 @@ from fastssl.runtime.validation import InputError
 from fastssl.spectral.torch_backend import nuclear_norm
 
 from helpers import (FLOAT_DTYPES, HALF_DTYPES, assert_within, backend_params, emp_ssl_bounds, frossl_bounds,
-                     gamma, hypersphere_bounds, mmcr_bounds, normalized_entry_error, tico_bounds, unit_roundoff)
+                     gamma, hypersphere_bounds, mmcr_bounds, normalized_entry_error, seeded_views, tico_bounds,
+                     unit_roundoff)
 from oracles import emp_ssl64, frossl64, hypersphere64, mmcr64, tico64
 
 SHAPES = [pytest.param((13, 7), id="N>D"), pytest.param((6, 19), id="N<D")]
@@ -19,9 +20,7 @@ SHAPES = [pytest.param((13, 7), id="N>D"), pytest.param((6, 19), id="N<D")]
 
 def correlated_views(*shape, count=2, dtype=torch.float32, seed=0):
     """``count`` views sharing a common part, so the invariance terms are not trivial."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(*shape, generator=g, dtype=torch.float64)
-    return [(0.8 * base + 0.6 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype) for _ in range(count)]
+    return seeded_views(*shape, count=count, base_scale=0.8, noise=0.6, dtype=dtype, seed=seed)
 
 
 def leaves(tensors):
