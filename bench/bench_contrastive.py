@@ -1,5 +1,6 @@
 """Contrastive losses: SimCLR's NT-Xent, MoCo's InfoNCE against a 65,536-row queue, CLIP, DCL/DCLW,
-DetConB (region-level InfoNCE; BYOL's target branch receives no gradient).
+DetConB (region-level InfoNCE; BYOL's target branch receives no gradient), MACL, DirectCLR and the
+CO2 regularizer (a KL between the two views' softmaxes over the other view's rows).
 
 Sizes (full set): SimCLR batch 256-8192 at D=128 (the paper's projection) and D=768 (ViT-B
 features); MoCo v2 batch 256-1024 against its 65,536-row queue at D=128; CLIP at D=768, batch
@@ -83,6 +84,36 @@ def dcl(batch: int, dim: int = 128, weighted: bool = False) -> core.Case:
     )
 
 
+def _with_a_graph(build):
+    """lightly's ``CO2Regularizer`` returns a copy of its value without gradient: its step is then a
+    forward plus a zero-cost backward through ``0 · Σ inputs`` (fastssl's also computes the gradient)."""
+    def wrapped():
+        loss = build()
+        return lambda out0, out1: loss(out0, out1) + 0 * (out0.sum() + out1.sum())
+
+    return wrapped
+
+
+def lightly_parity(loss: str, module: str, batch: int, dim: int = 128, lightly_module: str = "lightly.loss",
+                   **kwargs) -> core.Case:
+    """A two-view loss added for lightly parity, at lightly's defaults (``kwargs`` for both)."""
+    rows = 2 * batch
+    peer = peers.lightly(module, lightly_module, **kwargs)
+    return core.Case(
+        family="contrastive", loss=loss, name=f"{loss}-b{batch}-d{dim}", sizes={"batch": batch, "dim": dim},
+        make_inputs=core.two_views(batch, dim),
+        make_loss=lambda backend: getattr(fastssl, module)(backend=backend, **kwargs),
+        peers={"lightly": _with_a_graph(peer) if module == "CO2Regularizer" else peer},
+        gemm_flops={"fwd": rows * rows * dim, "bwd": 3 * rows * rows * dim},
+        series=((f"{module}, D={dim}", "batch"),),
+    )
+
+
+def parity_cases(batch: int) -> List[core.Case]:
+    return [lightly_parity("macl", "MACLLoss", batch), lightly_parity("directclr", "DirectCLRLoss", batch),
+            lightly_parity("co2", "CO2Regularizer", batch, lightly_module="lightly.loss.regularizer")]
+
+
 def detcon(batch: int, regions: int = 16, dim: int = 128, masks: int = 16) -> core.Case:
     """DetConB on (batch, regions, dim) pooled regions of two views, region indices drawn from
     ``masks`` per image (repeats allowed); the targets are BYOL's, without gradient. Rows per
@@ -109,16 +140,17 @@ def detcon(batch: int, regions: int = 16, dim: int = 128, masks: int = 16) -> co
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
         return [simclr(6, 10), moco(6, 10, queue=24), clip(6, 10), dcl(6, 10), dcl(6, 10, weighted=True),
-                detcon(3, 4, 10, masks=3)]
+                detcon(3, 4, 10, masks=3)] + parity_cases(6)
     if size_set == "quick":
         # DCL and DetConB at the issue's sizes: 256 and 8192 rows (DetCon: 16 regions per image), D = 128
         return ([simclr(b, 128) for b in (128, 256, 512)] + [simclr(b, 768) for b in (128, 256)]
                 + [moco(b, queue=16384) for b in (64, 128)] + [clip(b) for b in (128, 256)]
-                + [dcl(b, weighted=w) for b in (256, 8192) for w in (False, True)] + [detcon(b) for b in (16, 512)])
+                + [dcl(b, weighted=w) for b in (256, 8192) for w in (False, True)] + [detcon(b) for b in (16, 512)]
+                + parity_cases(256) + parity_cases(8192))
     return ([simclr(b, d) for d in (128, 768) for b in (256, 512, 1024, 2048, 4096, 8192)]
             + [moco(b) for b in (256, 512, 1024)] + [clip(b) for b in (256, 1024, 4096, 16384)]
             + [dcl(b, weighted=w) for b in (256, 1024, 8192) for w in (False, True)]
-            + [detcon(b) for b in (16, 64, 512)])
+            + [detcon(b) for b in (16, 64, 512)] + parity_cases(256) + parity_cases(8192))
 
 
 def test_contrastive(benchmark, bench_job):

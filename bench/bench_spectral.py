@@ -1,4 +1,5 @@
-"""Spectral losses: TiCo, MMCR, FroSSL, EMP-SSL and the hypersphere loss on (N, D) embeddings.
+"""Spectral losses: TiCo, MMCR, FroSSL, EMP-SSL and the hypersphere loss on (N, D) embeddings;
+patch kernel alignment on (B, T, D) patch tokens (N = B·T rows; the teacher takes no gradient).
 
 Sizes: N = 256 at D ∈ {128, 8192} (the issue's small and large covariance sizes; TiCo's and
 EMP-SSL's projectors are 8192 / 4096 wide), plus N ∈ {64, 1024} at D = 2048 in the full set.
@@ -7,7 +8,9 @@ GEMM floor (the cheaper exact algorithm), per view: TiCo needs its D×D state, s
 (4ND²), backward elementwise; MMCR the centroids' smaller Gram (2·min(N, D)²·max(N, D)) and its
 gradient product (as much again); FroSSL and EMP-SSL the smaller Gram of each view (2·min²·max)
 and one product of that size backward; the hypersphere loss the N×N Gram of each view (2N²D)
-and, backward, a recompute and one more product (4N²D).
+and, backward, a recompute and one more product (4N²D); patch kernel alignment the per-image
+T×T kernels of student and teacher (2·2BT²D, or the D×D cross-products when D < T) and one
+product backward.
 """
 from __future__ import annotations
 
@@ -55,6 +58,20 @@ def _mmcr_views(n: int, dim: int):
     return inputs
 
 
+PATCH_IMAGES = 2  # patch kernel alignment: N rows = 2 images × N/2 tokens
+
+
+def _patch_tokens(n: int, dim: int):
+    make = core.two_views(n, dim, second_requires_grad=False)
+
+    def inputs(device, dtype):
+        (student, teacher), _ = make(device, dtype)
+        student = student.detach().reshape(PATCH_IMAGES, n // PATCH_IMAGES, dim).requires_grad_(True)
+        return (student, teacher.reshape(PATCH_IMAGES, n // PATCH_IMAGES, dim)), [student]
+
+    return inputs
+
+
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
         sizes = ((6, 10),)
@@ -73,6 +90,9 @@ def cases(size_set: str) -> List[core.Case]:
             _case("emp_ssl", "EMPSSLLoss", "EMP-SSL", n, d, {"fwd": 2 * gram, "bwd": 2 * gram}, wrap=_two_view_list),
             _case("hypersphere", "HypersphereLoss", "Hypersphere", n, d,
                   {"fwd": 4 * n * n * d, "bwd": 8 * n * n * d}, lightly_module="lightly.loss.hypersphere_loss"),
+            _case("patch_kernel_alignment", "PatchKernelAlignmentLoss", "Patch kernel alignment", n, d,
+                  {"fwd": 4 * n * (n // PATCH_IMAGES) * d, "bwd": 2 * n * (n // PATCH_IMAGES) * d},
+                  make_inputs=_patch_tokens(n, d)),
         ]
     return result
 
