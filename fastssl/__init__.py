@@ -68,6 +68,8 @@ from .momentum import (
     linear_warmup_schedule,
     update_momentum,
 )
+from .functional import vicregl
+from .losses import VICRegLLoss
 
 __version__ = "0.1.0"
 
@@ -82,6 +84,7 @@ __all__ = [
     "hypersphere", "DCLLoss", "DCLWLoss", "dcl", "negative_mises_fisher_weights",
     "DirectCLRLoss", "MACLLoss", "macl", "CO2Regularizer", "co2",
     "PatchKernelAlignmentLoss", "patch_kernel_alignment",
+    "VICRegLLoss", "vicregl",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

@@ -441,3 +441,68 @@ def lightly_patch_kernel_alignment64(student, teacher, mask=None):
                                          * (k_t * k_t).sum(dim=(1, 2)).clamp_min(1e-6).sqrt())
     enough = (w.sum(dim=-1) >= 2).double()
     return ((1.0 - cka) * enough).sum() / enough.sum().clamp(min=1.0)
+
+
+# ============================================================================================
+# VICRegL (lightly's VICRegLLoss)
+# ============================================================================================
+def _nearest_neighbors64(input_maps, candidate_maps, distances, num_matches):
+    """lightly's models.utils.nearest_neighbors: each input row's nearest candidate, then the
+    num_matches inputs with the smallest such distance, in increasing distance."""
+    if num_matches is None or num_matches == -1 or num_matches > input_maps.size(1):
+        num_matches = input_maps.size(1)
+    values, nearest = distances.topk(k=1, dim=2, largest=False)
+    closest = values.squeeze(-1).topk(k=num_matches, dim=1, largest=False).indices
+    dim = input_maps.shape[2]
+    filtered = torch.gather(input_maps, 1, closest.unsqueeze(-1).expand(-1, -1, dim))
+    selected = torch.gather(candidate_maps, 1, nearest.expand(-1, -1, dim))
+    return filtered, torch.gather(selected, 1, closest.unsqueeze(-1).expand(-1, -1, dim))
+
+
+def lightly_vicregl64(global_views, global_grids, local_views=None, local_grids=None, lambda_param=25.0,
+                      mu_param=25.0, nu_param=1.0, alpha=0.75, eps=1e-4, num_matches=(20, 4)):
+    """lightly's VICRegLLoss in the inputs' dtype (float64 for the oracle): views are
+    (global (B, D), local map (B, H, W, C)) pairs, grids (B, H, W, 2); returns shape (1,).
+    Distances exact (cdist without the matmul shortcut)."""
+    def variance(x):
+        return torch.relu(1 - torch.sqrt(x.var(dim=0) + eps)).mean()
+
+    def covariance(x):
+        x = x - x.mean(dim=0)
+        d = x.shape[-1]
+        cov = torch.einsum("b...c,b...d->...cd", x, x) / (x.shape[0] - 1)
+        return (cov[..., ~torch.eye(d, dtype=torch.bool)] ** 2).sum(-1).div(d).mean()
+
+    def vicreg(z_a, z_b):  # lightly's VICRegLoss with ν/2
+        return (lambda_param * ((z_a - z_b) ** 2).mean() + mu_param * 0.5 * (variance(z_a) + variance(z_b))
+                + 0.5 * nu_param * (covariance(z_a) + covariance(z_b)))
+
+    def distances(x, y):
+        return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+
+    def matched(z_a, z_b, d_ab):
+        a_filtered, a_nn = _nearest_neighbors64(z_a, z_b, d_ab, num_matches[0])
+        b_filtered, b_nn = _nearest_neighbors64(z_b, z_a, d_ab.transpose(1, 2), num_matches[1])
+        return 0.5 * (vicreg(a_filtered, a_nn) + vicreg(b_filtered, b_nn))
+
+    local_views, local_grids = list(local_views or []), list(local_grids or [])
+    views = list(global_views) + local_views
+    inv, inv_count = 0.0, 0
+    local, local_count = 0.0, 0
+    for (g_a, l_a), grid_a in zip(global_views, global_grids):
+        for (g_b, l_b), grid_b in zip(global_views, global_grids):
+            if g_a is not g_b:
+                inv, inv_count = inv + ((g_a - g_b) ** 2).mean(), inv_count + 1
+        for (g_b, _), grid_b in zip(local_views, local_grids):
+            inv, inv_count = inv + ((g_a - g_b) ** 2).mean(), inv_count + 1
+        for (g_b, l_b), grid_b in zip(list(global_views) + local_views, list(global_grids) + local_grids):
+            if l_b is l_a:
+                continue
+            z_a, z_b = l_a.flatten(1, 2), l_b.flatten(1, 2)
+            local = local + matched(z_a, z_b, distances(z_a, z_b))
+            local = local + matched(z_a, z_b, distances(grid_a.flatten(1, 2), grid_b.flatten(1, 2)))
+            local_count += 1
+    var = sum(variance(g) for g, _ in views) / len(views)
+    cov = sum(covariance(g) for g, _ in views) / len(views)
+    global_loss = lambda_param * inv / inv_count + mu_param * var + nu_param * cov
+    return (alpha * global_loss + (1 - alpha) * local / local_count).reshape(1)

@@ -71,3 +71,18 @@ def invariance(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
     """VICReg's invariance term: the mean squared difference of the two views."""
     dtype = compute_dtype(z_a)
     return F.mse_loss(z_a.to(dtype), z_b.to(dtype))
+
+
+def mutual_nearest_neighbors(a: torch.Tensor, b: torch.Tensor):
+    """VICRegL's nearest-neighbour search, both ways, on (B, Na, C) and (B, Nb, C) point sets.
+
+    Returns (a_index (B, Na) int64: each a row's nearest b row, a_distance (B, Na): its squared
+    Euclidean distance, b_index (B, Nb), b_distance (B, Nb): the same from b to a); distances in
+    float32 (float64 for float64 inputs); ties go to the lowest index. No gradient.
+    """
+    dtype = compute_dtype(a, b)
+    distances = torch.cdist(a.detach().to(dtype), b.detach().to(dtype),
+                            compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+    a_distance, a_index = distances.min(dim=2)
+    b_distance, b_index = distances.min(dim=1)
+    return a_index, a_distance, b_index, b_distance

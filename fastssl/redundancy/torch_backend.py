@@ -39,9 +39,10 @@ from typing import Tuple
 
 import torch
 
+from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
 from ..runtime.validation import check_choice
-from .op import define_two_view_op
+from .op import define_nearest_neighbors_op, define_two_view_op
 
 Tensor = torch.Tensor
 
@@ -243,8 +244,49 @@ def vicreg_variance_covariance_forward_fake(z_a: Tensor, z_b: Tensor, eps: float
             z_a.new_empty(2, groups, size, size, dtype=dtype))
 
 
+# --------------------------------------------------------------------------------------------
+# VICRegL's nearest neighbours
+# --------------------------------------------------------------------------------------------
+DIRECT_DISTANCE_MAX_DIM = 4  # grids (C = 2): differences, not the matmul form (see below)
+
+
+def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """(G, Na, C), (G, Nb, C) → (G, Na, Nb) squared Euclidean distances.
+
+    Few coordinates (grids): the differences themselves, exact to rounding — the matmul form
+    ‖a‖² + ‖b‖² − 2a·b would cancel for pixel coordinates (‖a‖² ~ 1e5 against neighbours a few
+    pixels apart). Feature vectors: that matmul form (a GEMM, as torch.cdist's) on both sets less
+    b's mean, so that a common offset of the features cancels before the products.
+    """
+    if a.shape[-1] <= DIRECT_DISTANCE_MAX_DIM:
+        return (a.unsqueeze(2) - b.unsqueeze(1)).pow(2).sum(dim=-1)
+    centre = b.mean(dim=1, keepdim=True)
+    a, b = a - centre, b - centre
+    norms_a, norms_b = a.pow(2).sum(dim=-1), b.pow(2).sum(dim=-1)
+    return torch.baddbmm(norms_b.unsqueeze(1), a, b.transpose(1, 2), alpha=-2).add_(norms_a.unsqueeze(2))
+
+
+def mutual_nearest_neighbors_forward(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``reference.mutual_nearest_neighbors`` in blocks of batch elements: each block's
+    (block, Na, Nb) distances give both directions' minima (one distance per pair, where lightly
+    runs cdist twice), so memory is O(block·Na·Nb) beyond the O(B·(Na + Nb)) results."""
+    dtype = compute_dtype(a, b)
+    batch, rows_a, rows_b = a.shape[0], a.shape[1], b.shape[1]
+    a_index = torch.empty(batch, rows_a, dtype=torch.long, device=a.device)
+    b_index = torch.empty(batch, rows_b, dtype=torch.long, device=a.device)
+    a_distance = torch.empty(batch, rows_a, dtype=dtype, device=a.device)
+    b_distance = torch.empty(batch, rows_b, dtype=dtype, device=a.device)
+    per_element = rows_a * rows_b * (a.shape[-1] if a.shape[-1] <= DIRECT_DISTANCE_MAX_DIM else 1)
+    for part in blocks(batch, per_element):
+        distances = _squared_distances(a[part].to(dtype), b[part].to(dtype))
+        torch.min(distances, dim=2, out=(a_distance[part], a_index[part]))
+        torch.min(distances, dim=1, out=(b_distance[part], b_index[part]))
+    return a_index, a_distance, b_index, b_distance
+
+
 barlow_twins = define_two_view_op("barlow_twins", 'float lambda_param, str algorithm="auto"',
                                   barlow_twins_forward, barlow_twins_forward_fake, barlow_twins_backward)
 vicreg_variance_covariance = define_two_view_op(
     "vicreg_variance_covariance", 'float eps, str algorithm="auto"',
     vicreg_variance_covariance_forward, vicreg_variance_covariance_forward_fake, vicreg_variance_covariance_backward)
+mutual_nearest_neighbors = define_nearest_neighbors_op("mutual_nearest_neighbors", mutual_nearest_neighbors_forward)
