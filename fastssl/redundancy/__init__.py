@@ -25,6 +25,7 @@ from ..runtime.validation import (
     check_same_device,
     check_same_dtype,
     check_views,
+    InputError,
 )
 from . import reference
 from .torch_backend import ALGORITHMS
@@ -261,8 +262,9 @@ def vicregl(
     num_matches = _check_num_matches(num_matches)
     check_choice("algorithm", algorithm, ALGORITHMS)
     options = dict(gather_distributed=gather_distributed, algorithm=algorithm, backend=backend)
-    global_loss = _vicregl_global([view[0] for view in globals_], [view[0] for view in locals_], lambda_param, mu_param,
-                                  nu_param, eps, options)
+    globals_, locals_ = _in_compute_dtype(globals_, locals_)
+    global_loss = _vicregl_global([view[0] for view in globals_], [view[0] for view in locals_], lambda_param,
+                                  mu_param, nu_param, eps, options)
     local_loss = _vicregl_local(globals_, locals_, (lambda_param, mu_param, 0.5 * nu_param, eps), num_matches,
                                 options)
     return (alpha * global_loss + (1 - alpha) * local_loss).reshape(1)
@@ -314,9 +316,28 @@ def _check_vicregl_views(global_view_features, global_view_grids, local_view_fea
             raise ValueError(f"{names[2]} must have the coordinates of {first_names[2]}, got shapes "
                              f"{tuple(grid.shape)} and {tuple(first_grid.shape)}")
     check_same_device((first_names[0], first_names[1], first_names[2]), (first, first_map, first_grid))
-    check_batch_at_least(first_names[0], first, 2, "the unbiased variance needs two rows")
+    if first.shape[0] < 2:  # lightly's VICRegLoss asserts it
+        raise InputError(f"{first_names[0]} must have batch size > 1 (the unbiased variance needs two rows), got "
+                         f"shape {tuple(first.shape)}")
     flat = [(features, local_map, grid) for _, features, local_map, grid in views]
     return flat[:len(global_view_features)], flat[len(global_view_features):]
+
+
+def _in_compute_dtype(globals_, locals_):
+    """The views' features in the compute dtype (a copy for fp16/bf16 only), so that the gradients
+    a feature collects from its many terms (and a cell from its many matches) add up in float32 and
+    are rounded to the input dtype once. A tensor given twice stays one tensor (lightly pairs
+    views by identity)."""
+    dtype = compute_dtype(globals_[0][0], globals_[0][1])
+    converted = {}
+
+    def convert(tensor):
+        if id(tensor) not in converted:
+            converted[id(tensor)] = tensor.to(dtype)
+        return converted[id(tensor)]
+
+    return ([(convert(features), convert(local_map), grid) for features, local_map, grid in views]
+            for views in (globals_, locals_))
 
 
 def _check_num_matches(num_matches) -> Tuple[Optional[int], Optional[int]]:
@@ -359,7 +380,8 @@ def _vicregl_local(globals_, locals_, vicreg_params, num_matches, options) -> Te
     views = globals_ + locals_
     batch, dim = views[0][1].shape[0], views[0][1].shape[-1]
     maps = [local_map.flatten(1, 2) for _, local_map, _ in views]
-    grids = [grid.flatten(1, 2) for _, _, grid in views]
+    grids = [grid.flatten(1, 2).detach() for _, _, grid in views]
+    searched = [local_map.detach() for local_map in maps]  # the search carries no gradient
     offsets = [0]
     for local_map in maps:
         offsets.append(offsets[-1] + local_map.shape[1])
@@ -371,7 +393,7 @@ def _vicregl_local(globals_, locals_, vicreg_params, num_matches, options) -> Te
             if b == a or (b < len(globals_) and views[a][1] is views[b][1]):
                 continue
             pairs += 1
-            for points in (maps, grids):
+            for points in (searched, grids):
                 a_index, a_distance, b_index, b_distance = search(points[a], points[b])
                 for (source, target), index, distance, count in (((a, b), a_index, a_distance, num_matches[0]),
                                                                  ((b, a), b_index, b_distance, num_matches[1])):
