@@ -32,6 +32,9 @@ feature far from zero — out of the gradient, as autograd through the reference
 Saved for the backward: the inputs (no copy), O(D) statistics (mean, rstd or variance, c) and
 the small product matrix of the chosen path (two N×N Grams, or C when N ≥ D, which is then no
 larger than an input). Normalised copies of the views are recomputed from the saved statistics, in O(ND).
+
+VICRegL's ``mutual_nearest_neighbors`` (indices, no gradient): each block of images' distance
+matrix gives the nearest cell both ways, from differences for grids and a GEMM for features.
 """
 from __future__ import annotations
 
