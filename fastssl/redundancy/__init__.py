@@ -374,43 +374,71 @@ def _vicregl_global(globals_, locals_, lambda_param, mu_param, nu_param, eps, op
     return lambda_param * invariance + mu_param * variance + nu_param * 0.5 * covariance
 
 
+def _segments(views):
+    """Runs of consecutive views with the same number of cells: (first view, last view + 1)."""
+    runs = []
+    for index, (_, local_map, _) in enumerate(views):
+        cells = local_map.shape[1] * local_map.shape[2]
+        if runs and cells == runs[-1][2]:
+            runs[-1][1] = index + 1
+        else:
+            runs.append([index, index + 1, cells])
+    return [(first, stop) for first, stop, _ in runs]
+
+
+def _match_count(count, cells):
+    """lightly's num_matches rule: None, −1 or more than the cells: every cell."""
+    return cells if count is None or count == -1 or count > cells else count
+
+
 def _vicregl_local(globals_, locals_, vicreg_params, num_matches, options) -> Tensor:
     """The local term of :func:`vicregl`: matches by feature and by grid distance, both ways, for
-    every ordered pair (global a, view b ≠ a), grouped by match count into one VICReg call each."""
+    every ordered pair (global a, view b ≠ a), grouped by match count into one VICReg call each.
+
+    All feature maps are rows of one (B, Σ H·W, C) tensor; each global view is searched against
+    each run of same-sized views at once (one op call for all of them, the pairs lightly skips
+    dropped after), and the matched rows of every pair with the same count are gathered at once.
+    """
     views = globals_ + locals_
     batch, dim = views[0][1].shape[0], views[0][1].shape[-1]
-    maps = [local_map.flatten(1, 2) for _, local_map, _ in views]
-    grids = [grid.flatten(1, 2).detach() for _, _, grid in views]
-    searched = [local_map.detach() for local_map in maps]  # the search carries no gradient
+    cells = torch.cat([local_map.flatten(1, 2) for _, local_map, _ in views], dim=1)
+    points = (cells.detach(), torch.cat([grid.flatten(1, 2) for _, _, grid in views], dim=1).detach())
     offsets = [0]
-    for local_map in maps:
-        offsets.append(offsets[-1] + local_map.shape[1])
-    search = registry.select("mutual_nearest_neighbors", options["backend"], (maps[0], maps[0]))[1]
-    rows_by_count = {}  # match count k → ([filtered rows (B, k)], [matched rows (B, k)]) into all maps
+    for _, local_map, _ in views:
+        offsets.append(offsets[-1] + local_map.shape[1] * local_map.shape[2])
+    search = registry.select("mutual_nearest_neighbors", options["backend"], points[:1])[1]
+    rows_by_count = {}  # match count k → ([filtered rows (B, ·)], [matched rows (B, ·)]) into ``cells``
     pairs = 0
     for a in range(len(globals_)):
-        for b in range(len(views)):
-            if b == a or (b < len(globals_) and views[a][1] is views[b][1]):
+        for first, stop in _segments(views):
+            kept = [b for b in range(first, stop)
+                    if b != a and not (b < len(globals_) and views[a][1] is views[b][1])]
+            if not kept:
                 continue
-            pairs += 1
-            for points in (searched, grids):
-                a_index, a_distance, b_index, b_distance = search(points[a], points[b])
-                for (source, target), index, distance, count in (((a, b), a_index, a_distance, num_matches[0]),
-                                                                 ((b, a), b_index, b_distance, num_matches[1])):
-                    k = distance.shape[1] if count is None or count == -1 or count > distance.shape[1] else count
-                    closest = distance.topk(k, dim=1, largest=False).indices  # (B, k), increasing distance
+            pairs += len(kept)
+            keep = torch.tensor([b - first for b in kept], device=cells.device)
+            size = offsets[first + 1] - offsets[first]
+            segment_offsets = (offsets[first] + size * keep).view(1, -1, 1)  # each kept view's first row
+            for found in points:
+                segment = found[:, offsets[first]:offsets[stop]].unflatten(1, (stop - first, size))
+                a_index, a_distance, b_index, b_distance = (t.index_select(1, keep)
+                                                            for t in search(found[:, offsets[a]:offsets[a + 1]], segment))
+                for index, distance, count, source, target in (
+                        (a_index, a_distance, num_matches[0], offsets[a], segment_offsets),
+                        (b_index, b_distance, num_matches[1], segment_offsets, offsets[a])):
+                    k = _match_count(count, distance.shape[2])
+                    closest = distance.topk(k, dim=2, largest=False).indices  # (B, kept, k), increasing distance
                     filtered, matched = rows_by_count.setdefault(k, ([], []))
-                    filtered.append(closest + offsets[source])
-                    matched.append(index.gather(1, closest) + offsets[target])
+                    filtered.append((closest + source).flatten(1))
+                    matched.append((index.gather(2, closest) + target).flatten(1))
     if pairs == 0:
-        return views[0][0].new_tensor(math.nan, dtype=compute_dtype(views[0][0], views[0][1]))
-    cells = torch.cat(maps, dim=1)  # (B, Σ H·W, C): every matched row is gathered from it at once
+        return cells.new_tensor(math.nan)
     total = 0.0
-    for filtered, matched in rows_by_count.values():
+    for k, (filtered, matched) in rows_by_count.items():
         z_a, z_b = (cells.gather(1, torch.cat(rows, dim=1).unsqueeze(-1).expand(batch, -1, dim))
                     for rows in (filtered, matched))
         # (B, calls·k, C): the calls are VICReg's groups, whose terms it averages; × calls for their sum
-        total = total + len(filtered) * vicreg(z_a, z_b, *vicreg_params, **options)
+        total = total + z_a.shape[1] // k * vicreg(z_a, z_b, *vicreg_params, **options)
     return total / (2 * pairs)
 
 

@@ -56,8 +56,8 @@ def define_nearest_neighbors_op(name: str, impl: Callable) -> Callable:
 
     def fake(a, b):
         dtype = compute_dtype(a, b)
-        batch, rows_a, rows_b = a.shape[0], a.shape[1], b.shape[1]
-        return (a.new_empty(batch, rows_a, dtype=torch.long), a.new_empty(batch, rows_a, dtype=dtype),
-                a.new_empty(batch, rows_b, dtype=torch.long), a.new_empty(batch, rows_b, dtype=dtype))
+        batch, sets, rows_a, rows_b = a.shape[0], b.shape[1], a.shape[1], b.shape[2]
+        return (a.new_empty(batch, sets, rows_a, dtype=torch.long), a.new_empty(batch, sets, rows_a, dtype=dtype),
+                a.new_empty(batch, sets, rows_b, dtype=torch.long), a.new_empty(batch, sets, rows_b, dtype=dtype))
 
     return library.define(name, "(Tensor a, Tensor b) -> (Tensor, Tensor, Tensor, Tensor)", impl, fake)

@@ -74,15 +74,19 @@ def invariance(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
 
 
 def mutual_nearest_neighbors(a: torch.Tensor, b: torch.Tensor):
-    """VICRegL's nearest-neighbour search, both ways, on (B, Na, C) and (B, Nb, C) point sets.
+    """VICRegL's nearest-neighbour search, both ways, between the (B, Na, C) points of a and each
+    of S sets of (B, ·, Nb, C) points b (image by image).
 
-    Returns (a_index (B, Na) int64: each a row's nearest b row, a_distance (B, Na): its squared
-    Euclidean distance, b_index (B, Nb), b_distance (B, Nb): the same from b to a); distances in
-    float32 (float64 for float64 inputs); ties go to the lowest index. No gradient.
+    Returns (a_index (B, S, Na) int64: each a point's nearest point of set s, a_distance (B, S, Na):
+    its squared Euclidean distance, b_index (B, S, Nb), b_distance (B, S, Nb): each set's points'
+    nearest a point and distance); distances in float32 (float64 for float64 inputs); ties go to
+    the lowest index. No gradient.
     """
     dtype = compute_dtype(a, b)
-    distances = torch.cdist(a.detach().to(dtype), b.detach().to(dtype),
-                            compute_mode="donot_use_mm_for_euclid_dist").pow(2)
-    a_distance, a_index = distances.min(dim=2)
-    b_distance, b_index = distances.min(dim=1)
+    batch, sets = b.shape[0], b.shape[1]
+    repeated = a.detach().to(dtype).unsqueeze(1).expand(-1, sets, -1, -1).flatten(0, 1)
+    distances = torch.cdist(repeated, b.detach().to(dtype).flatten(0, 1),
+                            compute_mode="donot_use_mm_for_euclid_dist").pow(2).unflatten(0, (batch, sets))
+    a_distance, a_index = distances.min(dim=3)
+    b_distance, b_index = distances.min(dim=2)
     return a_index, a_distance, b_index, b_distance

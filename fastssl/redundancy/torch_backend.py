@@ -229,13 +229,17 @@ def vicreg_variance_covariance_backward(grad: Tensor, stats: Tensor, products: T
         hinge = (std < 1).to(std.dtype) / (2 * groups * dim * (batch - 1) * std)
         column = -grad_variance * hinge - grad_covariance * 4 * var / (groups * dim * (batch - 1))
         scaled = product * (grad_covariance * 4 / (groups * dim * (batch - 1) ** 2))
-        grad_x = x * column[:, None, :]
+        # contiguous (G, B, D), not x's transposed layout: baddbmm_ into a strided output runs
+        # one GEMM per group (VICRegL's hundreds of match groups)
+        grad_x = torch.mul(x, column[:, None, :], out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
         if on_gram:
             grad_x.baddbmm_(scaled, x)
         else:
             grad_x.baddbmm_(x, scaled)
-        grad_x -= grad_x.mean(dim=1, keepdim=True)  # the centring's backward (the mean's rounding only)
-        grads.append(grad_x.transpose(0, 1).to(z.dtype))
+        # the centring's backward (the mean's rounding only), written in z's (B, G, D) layout
+        grad_z = torch.empty(batch, groups, dim, dtype=grad_x.dtype, device=grad_x.device)
+        torch.sub(grad_x, grad_x.mean(dim=1, keepdim=True), out=grad_z.transpose(0, 1))
+        grads.append(grad_z.to(z.dtype))
     return grads[0], grads[1]
 
 
@@ -254,7 +258,7 @@ DIRECT_DISTANCE_MAX_DIM = 4  # grids (C = 2): differences, not the matmul form (
 
 
 def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
-    """(G, Na, C), (G, Nb, C) → (G, Na, Nb) squared Euclidean distances.
+    """(G, Na, C), (G, M, C) → (G, Na, M) squared Euclidean distances.
 
     Few coordinates (grids): the differences themselves, exact to rounding — the matmul form
     ‖a‖² + ‖b‖² − 2a·b would cancel for pixel coordinates (‖a‖² ~ 1e5 against neighbours a few
@@ -270,20 +274,22 @@ def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
 
 
 def mutual_nearest_neighbors_forward(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``reference.mutual_nearest_neighbors`` in blocks of batch elements: each block's
-    (block, Na, Nb) distances give both directions' minima (one distance per pair, where lightly
-    runs cdist twice), so memory is O(block·Na·Nb) beyond the O(B·(Na + Nb)) results."""
+    """``reference.mutual_nearest_neighbors`` in blocks of images: a block's distances from a to
+    all S sets at once (one GEMM, (block, Na, S·Nb)) give both directions' minima (one distance per
+    pair, where lightly runs cdist twice per pair), so memory is O(block·Na·S·Nb) beyond the
+    O(B·S·(Na + Nb)) results."""
     dtype = compute_dtype(a, b)
-    batch, rows_a, rows_b = a.shape[0], a.shape[1], b.shape[1]
-    a_index = torch.empty(batch, rows_a, dtype=torch.long, device=a.device)
-    b_index = torch.empty(batch, rows_b, dtype=torch.long, device=a.device)
-    a_distance = torch.empty(batch, rows_a, dtype=dtype, device=a.device)
-    b_distance = torch.empty(batch, rows_b, dtype=dtype, device=a.device)
-    per_element = rows_a * rows_b * (a.shape[-1] if a.shape[-1] <= DIRECT_DISTANCE_MAX_DIM else 1)
-    for part in blocks(batch, per_element):
-        distances = _squared_distances(a[part].to(dtype), b[part].to(dtype))
-        torch.min(distances, dim=2, out=(a_distance[part], a_index[part]))
-        torch.min(distances, dim=1, out=(b_distance[part], b_index[part]))
+    batch, sets, rows_a, rows_b = a.shape[0], b.shape[1], a.shape[1], b.shape[2]
+    a_index = torch.empty(batch, sets, rows_a, dtype=torch.long, device=a.device)
+    b_index = torch.empty(batch, sets, rows_b, dtype=torch.long, device=a.device)
+    a_distance = torch.empty(batch, sets, rows_a, dtype=dtype, device=a.device)
+    b_distance = torch.empty(batch, sets, rows_b, dtype=dtype, device=a.device)
+    per_image = rows_a * sets * rows_b * (a.shape[-1] if a.shape[-1] <= DIRECT_DISTANCE_MAX_DIM else 1)
+    for part in blocks(batch, per_image):
+        distances = _squared_distances(a[part].to(dtype), b[part].flatten(1, 2).to(dtype))
+        distances = distances.unflatten(2, (sets, rows_b)).transpose(1, 2)  # (block, S, Na, Nb)
+        torch.min(distances, dim=3, out=(a_distance[part], a_index[part]))
+        torch.min(distances, dim=2, out=(b_distance[part], b_index[part]))
     return a_index, a_distance, b_index, b_distance
 
 

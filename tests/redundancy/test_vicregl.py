@@ -193,9 +193,14 @@ def test_vicregl_half_inputs(dtype, backend):
 # The nearest-neighbour op
 # ============================================================================================
 def _brute_force_neighbors(a, b):
-    """Each a row's nearest b row (and back) by exhaustive float64 search, ties to the lowest index."""
-    d = ((a.double()[:, :, None] - b.double()[:, None]) ** 2).sum(-1)
-    return d.argmin(dim=2), d.min(dim=2).values, d.argmin(dim=1), d.min(dim=1).values
+    """Each a point's nearest point of each set of b (and back) by exhaustive float64 search, image
+    by image and set by set, ties to the lowest index."""
+    results = [[], [], [], []]
+    for s in range(b.shape[1]):
+        d = ((a.double()[:, :, None] - b[:, s].double()[:, None]) ** 2).sum(-1)
+        for result, value in zip(results, (d.argmin(dim=2), d.min(dim=2).values, d.argmin(dim=1), d.min(dim=1).values)):
+            result.append(value)
+    return [torch.stack(result, dim=1) for result in results]
 
 
 @pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
@@ -203,12 +208,13 @@ def _brute_force_neighbors(a, b):
                                                 pytest.param(37, 0.0, id="features-C37"),
                                                 pytest.param(37, 50.0, id="features-C37-offset50")])
 def test_mutual_nearest_neighbors_equal_brute_force(coordinates, offset, backend, monkeypatch):
-    """Every block of images (tiny blocks forced), both directions, on points whose common offset
-    would cancel digits in the matmul form ‖a‖² + ‖b‖² − 2ab were it not removed first."""
+    """Every block of images (tiny blocks forced), both directions, three sets of b at once, on
+    points whose common offset would cancel digits in the matmul form ‖a‖² + ‖b‖² − 2ab were it
+    not removed first."""
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 64)
     g = torch.Generator().manual_seed(3)
     a = offset + torch.randn(11, 9, coordinates, generator=g, dtype=torch.float64)
-    b = offset + torch.randn(11, 14, coordinates, generator=g, dtype=torch.float64)
+    b = offset + torch.randn(11, 3, 14, coordinates, generator=g, dtype=torch.float64)
     a, b = a.float(), b.float()
     search = reference.mutual_nearest_neighbors if backend == "reference" else torch_backend.mutual_nearest_neighbors
     got = search(a, b)
