@@ -237,9 +237,9 @@ def vicregl(
     matched local cells) go through the ``vicreg_variance_covariance`` op (Gram path when
     B < D, closed-form backward, no D×D); the views are its groups, so all global views are one
     call and all matches with the same count one call (their terms average exactly as lightly's
-    per-call losses do). The nearest-neighbour search is the ``mutual_nearest_neighbors`` op:
-    both directions from one distance block per group of images, no gradient, O(block · Na · Nb)
-    memory. Plain torch: the invariance MSEs (elementwise, nothing to fuse), the top-k of each
+    per-call losses do). The nearest-neighbour search is the ``mutual_nearest_neighbors`` op: a
+    global view against all same-sized views at once, both directions from one distance block per
+    group of images, no gradient, O(block · Na · S · Nb) memory. Plain torch: the invariance MSEs (elementwise, nothing to fuse), the top-k of each
     image's Na match distances and the gather of the matched rows (index tensors of B · k; the
     gather is what carries the gradient back to the feature maps).
 
@@ -272,8 +272,8 @@ def vicregl(
 
 def _check_vicregl_views(global_view_features, global_view_grids, local_view_features, local_view_grids):
     """lightly's length checks (its ValueErrors, word for word), then the shapes; returns the
-    global and local views as lists of (global features, flattened local map (B, H·W, C), flattened
-    grid (B, H·W, 2))."""
+    global and local views as lists of (global features (B, D), local map (B, H, W, C), grid
+    (B, H, W, 2))."""
     if len(global_view_features) != len(global_view_grids):
         raise ValueError(f"global_view_features and global_view_grids must have same length "
                          f"but found {len(global_view_features)} and {len(global_view_grids)}.")
