@@ -25,6 +25,8 @@ SHAPES = [
     pytest.param(dict(batch=13, dim=7, local_dim=9, grid_sizes=(5, 5, 3)), id="B13-D7-C9-2x5x5+3x3"),
     pytest.param(dict(batch=5, dim=9, local_dim=3, grid_sizes=(3, 3, 3), n_global=3), id="B5-D9-C3-3x3x3"),
     pytest.param(dict(batch=4, dim=6, local_dim=4, grid_sizes=(3, 3)), id="B4-D6-C4-no-local"),
+    # globals of two sizes, locals alternating: runs of one view each for the batched search
+    pytest.param(dict(batch=7, dim=5, local_dim=6, grid_sizes=(4, 3, 2, 3, 2)), id="B7-D5-C6-4x4+3x3+2x2+3x3+2x2"),
 ]
 PARAMS = [
     pytest.param(dict(DEFAULTS, alpha=0.75, num_matches=(20, 4)), id="lightly-defaults"),
