@@ -71,6 +71,8 @@ from .momentum import (
     linear_warmup_schedule,
     update_momentum,
 )
+from .functional import vicregl
+from .losses import VICRegLLoss
 
 __version__ = "0.1.0"
 
@@ -86,6 +88,7 @@ __all__ = [
     "DirectCLRLoss", "MACLLoss", "macl", "CO2Regularizer", "co2",
     "PatchKernelAlignmentLoss", "patch_kernel_alignment",
     "DetConBLoss", "DetConSLoss", "detcon",
+    "VICRegLLoss", "vicregl",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

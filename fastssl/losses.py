@@ -12,8 +12,10 @@ from .distillation import DINOLoss
 from .redundancy import BarlowTwinsLoss, VICRegLoss
 from .regularizers import CO2Regularizer, KoLeoLoss
 from .spectral import EMPSSLLoss, FroSSLLoss, HypersphereLoss, MMCRLoss, PatchKernelAlignmentLoss, TiCoLoss
+from .redundancy import VICRegLLoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
            "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer",
            "PatchKernelAlignmentLoss",
-           "DetConBLoss", "DetConSLoss"]
+           "DetConBLoss", "DetConSLoss",
+           "VICRegLLoss"]

@@ -19,10 +19,12 @@ from .redundancy.reference import barlow_twins, barlow_twins_from_correlation, b
 from .regularizers.reference import co2, koleo
 from .spectral.reference import emp_ssl, frossl, hypersphere_uniformity, mmcr, patch_kernel_alignment, tico
 from .runtime.dtypes import compute_dtype, max_exp_span
+from .redundancy.reference import mutual_nearest_neighbors
 
 __all__ = [
     "compute_dtype", "max_exp_span", "l2_normalize", "info_nce", "info_nce_self", "info_nce_self_decoupled", "info_nce_masked", "batch_normalize",
     "barlow_twins_from_correlation", "barlow_twins", "vicreg_variance_covariance", "marginal_logs", "sinkhorn",
     "soft_cross_entropy_pairs", "linear_soft_cross_entropy_pairs", "kmeans_assign", "negative_cosine_similarity", "koleo",
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere_uniformity", "co2", "patch_kernel_alignment",
+    "mutual_nearest_neighbors",
 ]

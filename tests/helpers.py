@@ -579,3 +579,61 @@ def mmcr_bounds(online, momentum, lmda, u=U32):
     value = value_c.item() + abs(lmda) / batch * (value_z.sum() + gamma(batch, u) * nuclear_z).item() + u * abs(loss.item())
     grad = grad_c.item() / views + abs(lmda) / batch * grad_z.max().item()
     return value, grad
+
+
+# --------------------------------------------------------------------------------------------
+# VICRegL
+# --------------------------------------------------------------------------------------------
+def vicregl_inputs(batch=6, dim=11, local_dim=5, grid_sizes=(4, 4, 2, 2, 2), n_global=2, dtype=torch.float32,
+                   seed=0, grad=False, scale=0.6, grid_dtype=None):
+    """VICRegL's forward arguments (global_view_features, global_view_grids, local_view_features,
+    local_view_grids): one view per grid size, the first ``n_global`` global. Features are correlated
+    across views (scale·base + 0.5·noise, float64 draws then cast); grids as lightly's
+    VICRegLTransform makes them: a random crop (left, top, size in pixels) on a linspace
+    meshgrid ("xy"), flipped horizontally for half the images, in ``grid_dtype`` (default ``dtype``)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    base, base_local = rand(batch, dim), rand(batch, local_dim)
+    features, grids = [], []
+    for size in grid_sizes:
+        global_features = (scale * base + 0.5 * rand(batch, dim)).to(dtype).requires_grad_(grad)
+        local_map = (scale * base_local[:, None, None] + 0.5 * rand(batch, size, size, local_dim))
+        features.append((global_features, local_map.to(dtype).requires_grad_(grad)))
+        corner = 200 * torch.rand(batch, 1, 1, 2, generator=g, dtype=torch.float64)
+        extent = 40 + 160 * torch.rand(batch, 1, 1, 1, generator=g, dtype=torch.float64)
+        steps = torch.linspace(0, 1, size, dtype=torch.float64)
+        unit = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), dim=-1)
+        flip = torch.rand(batch, generator=g) < 0.5
+        unit = torch.where(flip[:, None, None, None], unit.flip(1), unit)
+        grids.append((corner + extent * unit).to(grid_dtype or dtype))
+    return features[:n_global], grids[:n_global], features[n_global:], grids[n_global:]
+
+
+def vicregl_bounds(leaves, terms, params, u=U32):
+    """Bounds on a float32 VICRegL loss and its gradients against ``oracles.lightly_vicregl_terms64``
+    on float64 ``leaves`` (the terms built from them, matches included): the loss is Σ wₜ·termₜ,
+    each term a VICReg piece bounded by vicreg_loss_bound (its gradient normwise by
+    batch_norm_grad_tolerance), plus γ of the terms' count for their sum. Returns (|δL| bound,
+    [‖δ∂L/∂x‖∞ bound for each leaf])."""
+    from oracles import lightly_vicregl_term64
+
+    lambda_param, mu_param, nu_param, eps = (params[k] for k in ("lambda_param", "mu_param", "nu_param", "eps"))
+    value_bound, magnitude = 0.0, 0.0
+    grad_bounds = [0.0] * len(leaves)
+    summing = gamma(len(terms) + 8, u)  # the sums over terms, of the loss and of each gradient
+    for weight, kind, operands in terms:
+        term = lightly_vicregl_term64(kind, operands, **params)
+        magnitude += abs(weight * term.item())
+        first, second = operands if len(operands) == 2 else operands * 2
+        piece = {"invariance": (1.0, 0.0, 0.0), "variance": (0.0, 1.0, 0.0), "covariance": (0.0, 0.0, 0.5),
+                 "vicreg": (lambda_param, mu_param, 0.5 * nu_param)}[kind]
+        value_bound += abs(weight) * vicreg_loss_bound(first, second, *piece, eps=eps, u=u)
+        tolerance = batch_norm_grad_tolerance(first.shape[0], first.shape[-1], u) + summing
+        grads = torch.autograd.grad(weight * term, leaves, allow_unused=True, retain_graph=True)
+        for i, grad in enumerate(grads):
+            if grad is not None:
+                grad_bounds[i] += tolerance * grad.abs().max().item()
+    return value_bound + summing * magnitude, grad_bounds

@@ -471,3 +471,73 @@ def lightly_detcon64(pred0, pred1, target0, target1, mask0, mask1, temperature, 
     rows1, weights1 = side(p1, t1, t0, mask1, mask0)
     loss = (weights0 * rows0).mean() + (weights1 * rows1).mean()
     return loss, torch.cat([rows0, rows1]), torch.cat([weights0, weights1])
+
+
+# ============================================================================================
+# VICRegL (lightly's VICRegLLoss)
+# ============================================================================================
+def _nearest_neighbors64(input_maps, candidate_maps, distances, num_matches):
+    """lightly's models.utils.nearest_neighbors: each input row's nearest candidate, then the
+    num_matches inputs with the smallest such distance, in increasing distance."""
+    if num_matches is None or num_matches == -1 or num_matches > input_maps.size(1):
+        num_matches = input_maps.size(1)
+    values, nearest = distances.topk(k=1, dim=2, largest=False)
+    closest = values.squeeze(-1).topk(k=num_matches, dim=1, largest=False).indices
+    dim = input_maps.shape[2]
+    filtered = torch.gather(input_maps, 1, closest.unsqueeze(-1).expand(-1, -1, dim))
+    selected = torch.gather(candidate_maps, 1, nearest.expand(-1, -1, dim))
+    return filtered, torch.gather(selected, 1, closest.unsqueeze(-1).expand(-1, -1, dim))
+
+
+def lightly_vicregl_terms64(global_views, global_grids, local_views=None, local_grids=None, lambda_param=25.0,
+                            mu_param=25.0, nu_param=1.0, alpha=0.75, eps=1e-4, num_matches=(20, 4)):
+    """lightly's VICRegLLoss as a weighted sum, term by term, in the inputs' dtype (float64 for the
+    oracle): views are (global (B, D), local map (B, H, W, C)) pairs, grids (B, H, W, 2).
+
+    Returns [(weight, kind, operands)] with the loss Σ weight · term(operands): kind "invariance"
+    (MSE of two global features), "variance" / "covariance" (one view's global features) and
+    "vicreg" (lightly's VICRegLoss with ν/2 on a matched (filtered, nearest) pair of (B, k, C)
+    rows). Distances exact (from the differences, not the matmul shortcut), matching as lightly's
+    models.utils.nearest_neighbors."""
+    def distances(x, y):  # torch.cdist without the matmul shortcut, written out (CPU cdist has no half kernels)
+        return (x.unsqueeze(2) - y.unsqueeze(1)).pow(2).sum(dim=-1).sqrt()
+
+    local_views, local_grids = list(local_views or []), list(local_grids or [])
+    views = list(global_views) + local_views
+    invariance, matched = [], []
+    for (g_a, l_a), grid_a in zip(global_views, global_grids):
+        invariance += [(g_a, g_b) for g_b, _ in global_views if g_a is not g_b]
+        invariance += [(g_a, g_b) for g_b, _ in local_views]
+        for (_, l_b), grid_b in zip(views, list(global_grids) + local_grids):
+            if l_b is l_a:
+                continue
+            z_a, z_b = l_a.flatten(1, 2), l_b.flatten(1, 2)
+            pair = []
+            for d_ab in (distances(z_a, z_b), distances(grid_a.flatten(1, 2), grid_b.flatten(1, 2))):
+                pair.append(_nearest_neighbors64(z_a, z_b, d_ab, num_matches[0]))
+                pair.append(_nearest_neighbors64(z_b, z_a, d_ab.transpose(1, 2), num_matches[1]))
+            matched.append(pair)
+    terms = [(alpha * lambda_param / len(invariance), "invariance", pair) for pair in invariance]
+    terms += [(alpha * mu_param / len(views), "variance", (g,)) for g, _ in views]
+    terms += [(alpha * nu_param / len(views), "covariance", (g,)) for g, _ in views]
+    terms += [((1 - alpha) / (2 * len(matched)), "vicreg", rows) for pair in matched for rows in pair]
+    return terms
+
+
+def lightly_vicregl_term64(kind, operands, lambda_param=25.0, mu_param=25.0, nu_param=1.0, eps=1e-4):
+    """One term of ``lightly_vicregl_terms64``."""
+    if kind == "invariance":
+        return ((operands[0] - operands[1]) ** 2).mean()
+    if kind == "vicreg":
+        return vicreg_formula(*operands, lambda_param, mu_param, 0.5 * nu_param, eps)
+    z = operands[0]
+    _, variance, covariance = vicreg_terms(z, z, eps)  # each twice the one view's, ½ for the variance
+    return variance if kind == "variance" else 0.5 * covariance
+
+
+def lightly_vicregl64(*views_and_grids, lambda_param=25.0, mu_param=25.0, nu_param=1.0, alpha=0.75, eps=1e-4,
+                      num_matches=(20, 4)):
+    """lightly's VICRegLLoss (``lightly_vicregl_terms64`` summed), shape (1,)."""
+    params = dict(lambda_param=lambda_param, mu_param=mu_param, nu_param=nu_param, eps=eps)
+    terms = lightly_vicregl_terms64(*views_and_grids, **params, alpha=alpha, num_matches=num_matches)
+    return sum(weight * lightly_vicregl_term64(kind, operands, **params) for weight, kind, operands in terms).reshape(1)

@@ -10,6 +10,7 @@ GATHERING = [
     pytest.param(lambda: fastssl.VICRegLoss(gather_distributed=True), "gather_distributed", id="VICRegLoss"),
     pytest.param(lambda: fastssl.SwaVLoss(sinkhorn_gather_distributed=True), "sinkhorn_gather_distributed",
                  id="SwaVLoss"),
+    pytest.param(lambda: fastssl.VICRegLLoss(gather_distributed=True), "gather_distributed", id="VICRegLLoss"),
 ]
 
 

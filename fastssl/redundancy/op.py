@@ -2,6 +2,7 @@
 
 Barlow Twins and VICReg are losses of two views; each backend (torch, triton, native) defines its
 op through :func:`define_two_view_op` with its own forward, saved statistics and backward.
+VICRegL's nearest-neighbour search (:func:`define_nearest_neighbors_op`) returns indices only.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..runtime import library
+from ..runtime.dtypes import compute_dtype
 
 
 def define_two_view_op(name: str, parameters: str, forward: Callable, forward_fake: Callable,
@@ -46,3 +48,16 @@ def define_two_view_op(name: str, parameters: str, forward: Callable, forward_fa
 
     core.op = op
     return core
+
+
+def define_nearest_neighbors_op(name: str, impl: Callable) -> Callable:
+    """Register ``fastssl::<name>`` with ``reference.mutual_nearest_neighbors``'s signature: indices
+    and distances only, no gradient (the losses gather the matched rows outside the op)."""
+
+    def fake(a, b):
+        dtype = compute_dtype(a, b)
+        batch, sets, rows_a, rows_b = a.shape[0], b.shape[1], a.shape[1], b.shape[2]
+        return (a.new_empty(batch, sets, rows_a, dtype=torch.long), a.new_empty(batch, sets, rows_a, dtype=dtype),
+                a.new_empty(batch, sets, rows_b, dtype=torch.long), a.new_empty(batch, sets, rows_b, dtype=dtype))
+
+    return library.define(name, "(Tensor a, Tensor b) -> (Tensor, Tensor, Tensor, Tensor)", impl, fake)

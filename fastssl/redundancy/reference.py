@@ -71,3 +71,22 @@ def invariance(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
     """VICReg's invariance term: the mean squared difference of the two views."""
     dtype = compute_dtype(z_a)
     return F.mse_loss(z_a.to(dtype), z_b.to(dtype))
+
+
+def mutual_nearest_neighbors(a: torch.Tensor, b: torch.Tensor):
+    """VICRegL's nearest-neighbour search, both ways, between the (B, Na, C) points of a and each
+    of S sets of (B, ·, Nb, C) points b (image by image).
+
+    Returns (a_index (B, S, Na) int64: each a point's nearest point of set s, a_distance (B, S, Na):
+    its squared Euclidean distance, b_index (B, S, Nb), b_distance (B, S, Nb): each set's points'
+    nearest a point and distance); distances in float32 (float64 for float64 inputs); ties go to
+    the lowest index. No gradient.
+    """
+    dtype = compute_dtype(a, b)
+    batch, sets = b.shape[0], b.shape[1]
+    repeated = a.detach().to(dtype).unsqueeze(1).expand(-1, sets, -1, -1).flatten(0, 1)
+    distances = torch.cdist(repeated, b.detach().to(dtype).flatten(0, 1),
+                            compute_mode="donot_use_mm_for_euclid_dist").pow(2).unflatten(0, (batch, sets))
+    a_distance, a_index = distances.min(dim=3)
+    b_distance, b_index = distances.min(dim=2)
+    return a_index, a_distance, b_index, b_distance

@@ -32,6 +32,9 @@ feature far from zero — out of the gradient, as autograd through the reference
 Saved for the backward: the inputs (no copy), O(D) statistics (mean, rstd or variance, c) and
 the small product matrix of the chosen path (two N×N Grams, or C when N ≥ D, which is then no
 larger than an input). Normalised copies of the views are recomputed from the saved statistics, in O(ND).
+
+VICRegL's ``mutual_nearest_neighbors`` (indices, no gradient): each block of images' distance
+matrix gives the nearest cell both ways, from differences for grids and a GEMM for features.
 """
 from __future__ import annotations
 
@@ -39,9 +42,10 @@ from typing import Tuple
 
 import torch
 
+from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
 from ..runtime.validation import check_choice
-from .op import define_two_view_op
+from .op import define_nearest_neighbors_op, define_two_view_op
 
 Tensor = torch.Tensor
 
@@ -225,13 +229,17 @@ def vicreg_variance_covariance_backward(grad: Tensor, stats: Tensor, products: T
         hinge = (std < 1).to(std.dtype) / (2 * groups * dim * (batch - 1) * std)
         column = -grad_variance * hinge - grad_covariance * 4 * var / (groups * dim * (batch - 1))
         scaled = product * (grad_covariance * 4 / (groups * dim * (batch - 1) ** 2))
-        grad_x = x * column[:, None, :]
+        # contiguous (G, B, D), not x's transposed layout: baddbmm_ into a strided output runs
+        # one GEMM per group (VICRegL's hundreds of match groups)
+        grad_x = torch.mul(x, column[:, None, :], out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
         if on_gram:
             grad_x.baddbmm_(scaled, x)
         else:
             grad_x.baddbmm_(x, scaled)
-        grad_x -= grad_x.mean(dim=1, keepdim=True)  # the centring's backward (the mean's rounding only)
-        grads.append(grad_x.transpose(0, 1).to(z.dtype))
+        # the centring's backward (the mean's rounding only), written in z's (B, G, D) layout
+        grad_z = torch.empty(batch, groups, dim, dtype=grad_x.dtype, device=grad_x.device)
+        torch.sub(grad_x, grad_x.mean(dim=1, keepdim=True), out=grad_z.transpose(0, 1))
+        grads.append(grad_z.to(z.dtype))
     return grads[0], grads[1]
 
 
@@ -243,8 +251,51 @@ def vicreg_variance_covariance_forward_fake(z_a: Tensor, z_b: Tensor, eps: float
             z_a.new_empty(2, groups, size, size, dtype=dtype))
 
 
+# --------------------------------------------------------------------------------------------
+# VICRegL's nearest neighbours
+# --------------------------------------------------------------------------------------------
+DIRECT_DISTANCE_MAX_DIM = 4  # grids (C = 2): differences, not the matmul form (see below)
+
+
+def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """(G, Na, C), (G, M, C) → (G, Na, M) squared Euclidean distances.
+
+    Few coordinates (grids): the differences themselves, exact to rounding — the matmul form
+    ‖a‖² + ‖b‖² − 2a·b would cancel for pixel coordinates (‖a‖² ~ 1e5 against neighbours a few
+    pixels apart). Feature vectors: that matmul form (a GEMM, as torch.cdist's) on both sets less
+    b's mean, so that a common offset of the features cancels before the products.
+    """
+    if a.shape[-1] <= DIRECT_DISTANCE_MAX_DIM:
+        return (a.unsqueeze(2) - b.unsqueeze(1)).pow(2).sum(dim=-1)
+    centre = b.mean(dim=1, keepdim=True)
+    a, b = a - centre, b - centre
+    norms_a, norms_b = a.pow(2).sum(dim=-1), b.pow(2).sum(dim=-1)
+    return torch.baddbmm(norms_b.unsqueeze(1), a, b.transpose(1, 2), alpha=-2).add_(norms_a.unsqueeze(2))
+
+
+def mutual_nearest_neighbors_forward(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``reference.mutual_nearest_neighbors`` in blocks of images: a block's distances from a to
+    all S sets at once (one GEMM, (block, Na, S·Nb)) give both directions' minima (one distance per
+    pair, where lightly runs cdist twice per pair), so memory is O(block·Na·S·Nb) beyond the
+    O(B·S·(Na + Nb)) results."""
+    dtype = compute_dtype(a, b)
+    batch, sets, rows_a, rows_b = a.shape[0], b.shape[1], a.shape[1], b.shape[2]
+    a_index = torch.empty(batch, sets, rows_a, dtype=torch.long, device=a.device)
+    b_index = torch.empty(batch, sets, rows_b, dtype=torch.long, device=a.device)
+    a_distance = torch.empty(batch, sets, rows_a, dtype=dtype, device=a.device)
+    b_distance = torch.empty(batch, sets, rows_b, dtype=dtype, device=a.device)
+    per_image = rows_a * sets * rows_b * (a.shape[-1] if a.shape[-1] <= DIRECT_DISTANCE_MAX_DIM else 1)
+    for part in blocks(batch, per_image):
+        distances = _squared_distances(a[part].to(dtype), b[part].flatten(1, 2).to(dtype))
+        distances = distances.unflatten(2, (sets, rows_b)).transpose(1, 2)  # (block, S, Na, Nb)
+        torch.min(distances, dim=3, out=(a_distance[part], a_index[part]))
+        torch.min(distances, dim=2, out=(b_distance[part], b_index[part]))
+    return a_index, a_distance, b_index, b_distance
+
+
 barlow_twins = define_two_view_op("barlow_twins", 'float lambda_param, str algorithm="auto"',
                                   barlow_twins_forward, barlow_twins_forward_fake, barlow_twins_backward)
 vicreg_variance_covariance = define_two_view_op(
     "vicreg_variance_covariance", 'float eps, str algorithm="auto"',
     vicreg_variance_covariance_forward, vicreg_variance_covariance_forward_fake, vicreg_variance_covariance_backward)
+mutual_nearest_neighbors = define_nearest_neighbors_op("mutual_nearest_neighbors", mutual_nearest_neighbors_forward)

@@ -66,6 +66,10 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "torch": "fastssl.redundancy.torch_backend:vicreg_variance_covariance",
         "triton": "fastssl.redundancy.triton_backend:vicreg_variance_covariance",
     },
+    "mutual_nearest_neighbors": {
+        "reference": "fastssl.redundancy.reference:mutual_nearest_neighbors",
+        "torch": "fastssl.redundancy.torch_backend:mutual_nearest_neighbors",
+    },
     "sinkhorn": {
         "reference": "fastssl.clustering.reference:sinkhorn",
         "torch": "fastssl.clustering.torch_backend:sinkhorn",

@@ -140,6 +140,8 @@ calls = {
     "PatchKernelAlignmentLoss": lambda: fastssl.PatchKernelAlignmentLoss()(a.view(2, 8, 8), b.view(2, 8, 8)),
     "DetConSLoss": lambda: fastssl.DetConSLoss(gather_distributed=False)(
         a.view(4, 4, 8), b.view(4, 4, 8), torch.tensor([[0, 1, 1, 2]] * 4), torch.tensor([[1, 0, 2, 3]] * 4)),
+    "VICRegLLoss": lambda: fastssl.VICRegLLoss()([(a, a.view(16, 2, 2, 2)), (b, b.view(16, 2, 2, 2))],
+                                                 [a.detach().view(16, 2, 2, 2), b.detach().view(16, 2, 2, 2)]),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}

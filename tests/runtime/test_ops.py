@@ -33,6 +33,8 @@ def _op_samples(dtype):
         ("soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9, grad=False), -1), rand(4, 5, 9), 10.0)),
         ("linear_soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9), -1), rand(4, 5, 3), rand(9, 3), 10.0)),
         ("kmeans_assign", (rand(7, 5, grad=False), rand(4, 5, grad=False))),
+        ("mutual_nearest_neighbors", (rand(3, 7, 5, grad=False), rand(3, 2, 4, 5, grad=False))),
+        ("mutual_nearest_neighbors", (rand(3, 7, 2, grad=False), rand(3, 1, 9, 2, grad=False))),
         ("negative_cosine_similarity", (rand(7, 5), rand(7, 5), 1e-8)),
         ("koleo", (rand(7, 5), 2.0, 1e-8)),
         ("co2", (torch.nn.functional.normalize(rand(6, 5), dim=1), torch.nn.functional.normalize(rand(6, 5), dim=1),
@@ -77,7 +79,7 @@ def test_opcheck_every_registered_op(dtype):
 
 
 @pytest.mark.parametrize("name,args", [pytest.param(n, a, id=n) for n, a in _op_samples(torch.float64)
-                                       if n not in ("sinkhorn", "kmeans_assign")])  # no gradient
+                                       if n not in ("sinkhorn", "kmeans_assign", "mutual_nearest_neighbors")])  # no gradient
 def test_torch_backend_op_gradcheck(name, args):
     op = _torch_backend(name)
     if name == "tico":  # its second output, the covariance state, carries no gradient (as in lightly)
@@ -91,6 +93,9 @@ def test_torch_backend_op_gradcheck(name, args):
         return op(*full)
 
     assert torch.autograd.gradcheck(call, [args[i] for i in differentiable])
+
+
+VICREGL_GRIDS = 100 * torch.rand(3, 9, 2, 2, 2, generator=torch.Generator().manual_seed(5))
 
 
 def _losses():
@@ -120,6 +125,9 @@ def _losses():
         ("frossl", lambda a, b, be: fn.frossl([a, b], backend=be)),
         ("emp_ssl", lambda a, b, be: fn.emp_ssl([a, b], backend=be)),
         ("hypersphere", lambda a, b, be: fn.hypersphere(a, b, 2.0, backend=be)),
+        ("vicregl", lambda a, b, be: fn.vicregl(  # maps of 2×2 cells of 3 features, on fixed grids
+            [(a, a[:, :12].reshape(9, 2, 2, 3)), (b, b[:, 1:].reshape(9, 2, 2, 3))], [VICREGL_GRIDS[0], VICREGL_GRIDS[1]],
+            [(0.5 * a, b[:, :3].reshape(9, 1, 1, 3))], [VICREGL_GRIDS[2][:, :1, :1]], num_matches=(3, 2), backend=be)),
     ]
 
 
