@@ -39,6 +39,7 @@ from .functional import (
     tico,
     vicreg,
 )
+from .functional import dse, norm_mse_loss, whiten, wmse
 from .losses import (
     BarlowTwinsLoss,
     CO2Regularizer,
@@ -60,6 +61,7 @@ from .losses import (
     TiCoLoss,
     VICRegLoss,
 )
+from .losses import DSERegularizer, Whitening2d, WMSELoss
 from .distillation import Center
 from .momentum import (
     CosineWarmupScheduler,
@@ -82,6 +84,7 @@ __all__ = [
     "hypersphere", "DCLLoss", "DCLWLoss", "dcl", "negative_mises_fisher_weights",
     "DirectCLRLoss", "MACLLoss", "macl", "CO2Regularizer", "co2",
     "PatchKernelAlignmentLoss", "patch_kernel_alignment",
+    "DSERegularizer", "dse", "Whitening2d", "WMSELoss", "whiten", "wmse", "norm_mse_loss",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

@@ -27,9 +27,12 @@ from .distillation import dino, dino_center
 from .redundancy import barlow_twins, vicreg
 from .regularizers import co2, koleo
 from .spectral import emp_ssl, frossl, hypersphere, mmcr, patch_kernel_alignment, tico
+from .regularizers import dse
+from .whitening import norm_mse_loss, whiten, wmse
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
     "swav", "dino", "dino_center", "kmeans_assign", "kmeans_update", "negative_cosine_similarity", "koleo",
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "negative_mises_fisher_weights", "macl", "co2", "patch_kernel_alignment",
+    "dse", "whiten", "wmse", "norm_mse_loss",
 ]

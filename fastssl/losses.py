@@ -11,7 +11,9 @@ from .distillation import DINOLoss
 from .redundancy import BarlowTwinsLoss, VICRegLoss
 from .regularizers import CO2Regularizer, KoLeoLoss
 from .spectral import EMPSSLLoss, FroSSLLoss, HypersphereLoss, MMCRLoss, PatchKernelAlignmentLoss, TiCoLoss
+from .regularizers import DSERegularizer
+from .whitening import Whitening2d, WMSELoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
            "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer",
-           "PatchKernelAlignmentLoss"]
+           "PatchKernelAlignmentLoss", "DSERegularizer", "Whitening2d", "WMSELoss"]
