@@ -141,12 +141,15 @@ def effective_dimensionality_forward(x: Tensor, with_gradient: bool) -> Tuple[Te
     float64: an m×m matrix, m = min(M, D)) and its gradient U·diag(∂/∂σ)·Vᵀ from the same
     eigenvectors, Q·diag(g/σ)·Qᵀ·X (or X·Q·diag(g/σ)·Qᵀ): no SVD, no autograd graph. With
     p = σ/(Σσ + ε), h_j = −log(p_j + ε) − p_j/(p_j + ε): ∂H/∂σ_k = (h_k − Σ_j h_j p_j)/(Σσ + ε).
-    Directions whose eigenvalue is below the Gram's rounding get no gradient (the minimum-norm
-    subgradient; an SVD gives them rounding-noise vectors)."""
+    Eigenvalues below the Gram's rounding count as σ = 0 (as ``spectral.torch_backend.nuclear_norm``)
+    and their directions get no gradient (the minimum-norm subgradient; an SVD gives them
+    rounding-noise vectors)."""
     z = x.to(torch.float64)
     gram = z @ z.T if z.shape[0] <= z.shape[1] else z.T @ z
     eigenvalues, vectors = torch.linalg.eigh(gram) if with_gradient else (torch.linalg.eigvalsh(gram), None)
-    singular_values = eigenvalues.clamp_min(0).sqrt()
+    noise = gram.shape[0] * max(z.shape) * torch.finfo(torch.float64).eps * eigenvalues[-1].clamp_min(0)
+    above_noise = eigenvalues > noise
+    singular_values = torch.where(above_noise, eigenvalues.clamp_min(0).sqrt(), 0.0)  # as ``nuclear_norm``
     total = singular_values.sum() + 1e-12
     probabilities = singular_values / total
     log_terms = torch.log(probabilities + 1e-12)
@@ -156,8 +159,7 @@ def effective_dimensionality_forward(x: Tensor, with_gradient: bool) -> Tuple[Te
         return value.to(compute_dtype(x)), library.empty_grad(x)
     weights = -log_terms - probabilities / (probabilities + 1e-12)
     grad_sigma = value * (weights - (weights * probabilities).sum()) / total
-    noise = gram.shape[0] * max(z.shape) * torch.finfo(torch.float64).eps * eigenvalues[-1].clamp_min(0)
-    scale = torch.where(eigenvalues > noise, grad_sigma / singular_values.clamp_min(torch.finfo(torch.float64).tiny),
+    scale = torch.where(above_noise, grad_sigma / singular_values.clamp_min(torch.finfo(torch.float64).tiny),
                         torch.zeros_like(eigenvalues))
     mixing = (vectors * scale) @ vectors.T
     direction = mixing @ z if z.shape[0] <= z.shape[1] else z @ mixing
