@@ -197,4 +197,5 @@ def test_a_singular_sub_batch_raises_lightlys_linalg_error():
     input = torch.ones(8, 2)  # zero covariance: no Cholesky factor, as in lightly
     with pytest.raises(torch.linalg.LinAlgError):
         WMSELoss(embedding_dim=2, w_size=4)(input)
-    assert fastssl.WMSELoss is WMSELoss and fastssl.functional.norm_mse_loss is fastssl.norm_mse_loss
+    from fastssl.wmse_loss import Whitening2d as at_lightlys_path, norm_mse_loss
+    assert fastssl.WMSELoss is WMSELoss and at_lightlys_path is Whitening2d and norm_mse_loss is fn.norm_mse_loss
