@@ -42,6 +42,8 @@ def _op_samples(dtype):
         ("hypersphere_uniformity", (rand(2, 7, 5), 2.0)),
         ("patch_kernel_alignment", (rand(2, 6, 4), rand(2, 6, 4, grad=False), torch.ones(2, 6, dtype=dtype))),
         ("whitening", (rand(2, 7, 3), None, None, 0.1)),
+        ("whitening", (rand(2, 7, 3), rand(3, grad=False), (lambda c: c @ c.T + torch.eye(3, dtype=dtype))(
+            rand(3, 3, grad=False)), 0.0)),
         ("wmse", (rand(2, 2, 2, 7, 3), None, None, 0.0)),
         ("dse", (torch.nn.functional.normalize(rand(3, 5, 4), dim=-1), torch.tensor([[0, 0, 1, 1, 2]] * 3),
                  torch.tensor([[0, 1, 1, 2, 3]] * 2 + [[0, 0, 1, 1, 1]]), rand(3, 5, 4, grad=False), 2, 4)),
@@ -59,9 +61,9 @@ def _overload(fn):
 # Ops whose torch backend is plain PyTorch operations (autograd differentiates it, Dynamo traces
 # it): no torch.library op to opcheck; their gradcheck and compile tests below still run.
 # mmcr and emp_ssl compose ops checked in tests/spectral (nuclear_norm, total_coding_rate) with plain ones;
-# whitening and wmse are batched cholesky / solve_triangular with autograd; dse composes nuclear_norm
-# and effective_dimensionality (opchecked in tests/regularizers/test_dse.py) with plain ones.
-PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl", "patch_kernel_alignment", "whitening", "wmse", "dse"}
+# wmse composes whitening with plain ones; dse composes nuclear_norm and effective_dimensionality
+# (opchecked in tests/regularizers/test_dse.py) with plain ones.
+PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl", "patch_kernel_alignment", "wmse", "dse"}
 
 
 def _torch_backend(name):

@@ -199,3 +199,9 @@ def test_a_singular_sub_batch_raises_lightlys_linalg_error():
         WMSELoss(embedding_dim=2, w_size=4)(input)
     from fastssl.wmse_loss import Whitening2d as at_lightlys_path, norm_mse_loss
     assert fastssl.WMSELoss is WMSELoss and at_lightlys_path is Whitening2d and norm_mse_loss is fn.norm_mse_loss
+
+
+def test_the_closed_form_gradient_refuses_a_double_backward():
+    x = views(10, 3, 1, torch.float64)
+    with pytest.raises(RuntimeError, match="fastssl::whitening is differentiable once"):
+        torch.autograd.grad(fn.whiten(x, backend="torch")[0].sum(), (x,), create_graph=True)
