@@ -109,6 +109,9 @@ def test_whitening2d_without_running_stats_has_no_buffers_and_whitens_by_the_bat
 @pytest.mark.parametrize("backend", backend_params("wmse"))
 def test_wmse_eval_mode_whitens_with_the_running_statistics(backend):
     criterion = WMSELoss(embedding_dim=4, w_size=10, momentum=0.5, backend=backend)
+    assert list(criterion.state_dict()) == ["whitening.running_mean", "whitening.running_variance"]
+    assert (criterion.w_iter, criterion.w_size, criterion.num_samples, criterion.num_pairs) == (1, 10, 2, 1)
+    assert criterion.loss_f is fn.norm_mse_loss and criterion.whitening.momentum == 0.5
     input = views(20, 4)
     torch.manual_seed(0)
     criterion(input)
