@@ -18,6 +18,7 @@ from .functional import (
     clip_loss,
     co2,
     dcl,
+    detcon,
     dino,
     dino_center,
     emp_ssl,
@@ -45,6 +46,8 @@ from .losses import (
     CO2Regularizer,
     DCLLoss,
     DCLWLoss,
+    DetConBLoss,
+    DetConSLoss,
     DirectCLRLoss,
     DINOLoss,
     EMPSSLLoss,
@@ -84,6 +87,7 @@ __all__ = [
     "hypersphere", "DCLLoss", "DCLWLoss", "dcl", "negative_mises_fisher_weights",
     "DirectCLRLoss", "MACLLoss", "macl", "CO2Regularizer", "co2",
     "PatchKernelAlignmentLoss", "patch_kernel_alignment",
+    "DetConBLoss", "DetConSLoss", "detcon",
     "DSERegularizer", "dse", "Whitening2d", "WMSELoss", "whiten", "wmse", "norm_mse_loss",
 ]
 

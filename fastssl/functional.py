@@ -21,7 +21,7 @@ Conventions shared by every function:
   hold the same batch size.
 """
 from .clustering import kmeans_assign, kmeans_update, sinkhorn, sinkhorn_knopp, swav
-from .contrastive import clip_loss, dcl, info_nce, macl, negative_mises_fisher_weights, nt_xent
+from .contrastive import clip_loss, dcl, detcon, info_nce, macl, negative_mises_fisher_weights, nt_xent
 from .cosine import negative_cosine_similarity
 from .distillation import dino, dino_center
 from .redundancy import barlow_twins, vicreg
@@ -34,5 +34,6 @@ __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
     "swav", "dino", "dino_center", "kmeans_assign", "kmeans_update", "negative_cosine_similarity", "koleo",
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "negative_mises_fisher_weights", "macl", "co2", "patch_kernel_alignment",
+    "detcon",
     "dse", "whiten", "wmse", "norm_mse_loss",
 ]

@@ -138,6 +138,8 @@ calls = {
     "DirectCLRLoss": lambda: fastssl.DirectCLRLoss(loss_dim=4)(a, b),
     "CO2Regularizer (bank)": lambda: fastssl.CO2Regularizer(memory_bank_size=(32, 8))(a, b),
     "PatchKernelAlignmentLoss": lambda: fastssl.PatchKernelAlignmentLoss()(a.view(2, 8, 8), b.view(2, 8, 8)),
+    "DetConSLoss": lambda: fastssl.DetConSLoss(gather_distributed=False)(
+        a.view(4, 4, 8), b.view(4, 4, 8), torch.tensor([[0, 1, 1, 2]] * 4), torch.tensor([[1, 0, 2, 3]] * 4)),
     "WMSELoss": lambda: fastssl.WMSELoss(embedding_dim=4, w_size=8)(torch.cat([a, b]).view(-1, 4)),
     "Whitening2d": lambda: fastssl.Whitening2d(8)(a).sum(),
     "DSERegularizer": lambda: fastssl.DSERegularizer()(a.view(2, 8, 8)),
