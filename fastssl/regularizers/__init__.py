@@ -114,17 +114,14 @@ class CO2Regularizer(nn.Module):
 
 
 def _check_dse_arguments(weight, local_clusters, global_clusters, max_kmeans_iters, tol) -> None:
-    """lightly's constructor checks, its messages."""
-    if weight < 0:
-        raise ValueError(f"weight must be >= 0, got {weight}.")
-    if local_clusters < 1:
-        raise ValueError(f"local_clusters must be >= 1, got {local_clusters}.")
-    if global_clusters < 1:
-        raise ValueError(f"global_clusters must be >= 1, got {global_clusters}.")
-    if max_kmeans_iters < 1:
-        raise ValueError(f"max_kmeans_iters must be >= 1, got {max_kmeans_iters}.")
-    if tol <= 0:
-        raise ValueError(f"tol must be > 0, got {tol}.")
+    """lightly's constructor checks, in its order, with its messages."""
+    for name, value, valid, rule in (("weight", weight, weight >= 0, ">= 0"),
+                                     ("local_clusters", local_clusters, local_clusters >= 1, ">= 1"),
+                                     ("global_clusters", global_clusters, global_clusters >= 1, ">= 1"),
+                                     ("max_kmeans_iters", max_kmeans_iters, max_kmeans_iters >= 1, ">= 1"),
+                                     ("tol", tol, tol > 0, "> 0")):
+        if not valid:
+            raise ValueError(f"{name} must be {rule}, got {value}.")
 
 
 def dse(representations: Tensor, weight: float = 1.0, normalize: bool = True, local_clusters: int = 3,
