@@ -40,6 +40,7 @@ from .functional import (
     tico,
     vicreg,
 )
+from .functional import dse, norm_mse_loss, whiten, wmse
 from .losses import (
     BarlowTwinsLoss,
     CO2Regularizer,
@@ -63,6 +64,7 @@ from .losses import (
     TiCoLoss,
     VICRegLoss,
 )
+from .losses import DSERegularizer, Whitening2d, WMSELoss
 from .distillation import Center
 from .momentum import (
     CosineWarmupScheduler,
@@ -89,6 +91,7 @@ __all__ = [
     "PatchKernelAlignmentLoss", "patch_kernel_alignment",
     "DetConBLoss", "DetConSLoss", "detcon",
     "VICRegLLoss", "vicregl",
+    "DSERegularizer", "dse", "Whitening2d", "WMSELoss", "whiten", "wmse", "norm_mse_loss",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

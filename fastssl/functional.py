@@ -28,6 +28,8 @@ from .redundancy import barlow_twins, vicreg
 from .regularizers import co2, koleo
 from .spectral import emp_ssl, frossl, hypersphere, mmcr, patch_kernel_alignment, tico
 from .redundancy import vicregl
+from .regularizers import dse
+from .whitening import norm_mse_loss, whiten, wmse
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
@@ -35,4 +37,5 @@ __all__ = [
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "negative_mises_fisher_weights", "macl", "co2", "patch_kernel_alignment",
     "detcon",
     "vicregl",
+    "dse", "whiten", "wmse", "norm_mse_loss",
 ]

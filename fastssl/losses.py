@@ -13,9 +13,10 @@ from .redundancy import BarlowTwinsLoss, VICRegLoss
 from .regularizers import CO2Regularizer, KoLeoLoss
 from .spectral import EMPSSLLoss, FroSSLLoss, HypersphereLoss, MMCRLoss, PatchKernelAlignmentLoss, TiCoLoss
 from .redundancy import VICRegLLoss
+from .regularizers import DSERegularizer
+from .whitening import Whitening2d, WMSELoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
            "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer",
            "PatchKernelAlignmentLoss",
-           "DetConBLoss", "DetConSLoss",
-           "VICRegLLoss"]
+           "DetConBLoss", "DetConSLoss", "VICRegLLoss", "DSERegularizer", "Whitening2d", "WMSELoss"]

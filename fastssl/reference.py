@@ -18,6 +18,8 @@ from .distillation.reference import linear_soft_cross_entropy_pairs, soft_cross_
 from .redundancy.reference import barlow_twins, barlow_twins_from_correlation, batch_normalize, vicreg_variance_covariance
 from .regularizers.reference import co2, koleo
 from .spectral.reference import emp_ssl, frossl, hypersphere_uniformity, mmcr, patch_kernel_alignment, tico
+from .regularizers.reference import dse
+from .whitening.reference import whitening, wmse
 from .runtime.dtypes import compute_dtype, max_exp_span
 from .redundancy.reference import mutual_nearest_neighbors
 
@@ -27,4 +29,5 @@ __all__ = [
     "soft_cross_entropy_pairs", "linear_soft_cross_entropy_pairs", "kmeans_assign", "negative_cosine_similarity", "koleo",
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere_uniformity", "co2", "patch_kernel_alignment",
     "mutual_nearest_neighbors",
+    "dse", "whitening", "wmse",
 ]

@@ -637,3 +637,174 @@ def vicregl_bounds(leaves, terms, params, u=U32):
             if grad is not None:
                 grad_bounds[i] += tolerance * grad.abs().max().item()
     return value_bound + summing * magnitude, grad_bounds
+# Whitening (W-MSE)
+# --------------------------------------------------------------------------------------------
+def whitening_error(x, eps=0.0, running_mean=None, running_variance=None, u=U32):
+    """Bound on ‖δY‖_F of a block's whitening Y = x_c L⁻ᵀ (``oracles.lightly_whitening64``). The
+    centred rows are off by E = γ_{n+1}(|x| + |m|) entrywise (an n-term mean, a difference), the
+    covariance by γ_n|x_c|ᵀ|x_c|/(n − 1) + 2|E|ᵀ|x_c|/(n − 1) (none when given), the shrinkage by
+    2u|C'|, and the Cholesky factor is exact for C' + ΔC with |ΔC| ≤ γ_{D+1}|L||Lᵀ| (Higham
+    Thm 10.3). chol(C' + ΔC) = L·chol(I + G), G = L⁻¹ΔCL⁻ᵀ, = L(I + Φ(G)) to first order with
+    ‖Φ(G)‖_F ≤ ‖G‖_F/√2, so Y moves by ≤ ‖Y‖₂‖G‖_F/(√2(1 − ‖G‖_F)). The solve for Y (or the
+    explicit L⁻¹ and its product) adds γ_D‖Y‖_F‖|L|‖₂‖L⁻¹‖₂ (Higham Thm 8.5) + γ_D‖|L⁻¹||L||L⁻¹|‖₂‖x_c‖_F
+    + γ_D‖|x_c||L⁻¹|ᵀ‖_F, and E goes through L⁻ᵀ: ‖E‖_F‖L⁻¹‖₂."""
+    from oracles import lightly_whitening64
+
+    x = x.detach().double()
+    n, dim = x.shape
+    whitened, mean, covariance = lightly_whitening64(x, eps, running_mean, running_variance)
+    centred = x - mean
+    centring = gamma(n + 1, u) * (x.abs() + mean.abs())
+    shrunk = (1 - eps) * covariance + eps * torch.eye(dim, dtype=torch.float64)
+    factor = torch.linalg.cholesky(shrunk)
+    inverse = torch.linalg.inv(factor)
+    delta = gamma(dim + 1, u) * factor.abs() @ factor.abs().T + 2 * u * shrunk.abs()
+    if running_variance is None:
+        delta = delta + (gamma(n, u) * centred.abs().T @ centred.abs() + 2 * centring.T @ centred.abs()) / (n - 1)
+    two_norm = lambda m: torch.linalg.matrix_norm(m, ord=2).item()  # noqa: E731
+    g = torch.linalg.matrix_norm(inverse @ delta @ inverse.T).item()
+    assert g < 0.5, "the block is too ill-conditioned for a first-order bound"
+    factor_error = two_norm(whitened) * g / (math.sqrt(2) * (1 - g))
+    solve = gamma(dim, u) * (whitened.norm().item() * two_norm(factor.abs()) * two_norm(inverse)
+                             + two_norm(inverse.abs() @ factor.abs() @ inverse.abs()) * centred.norm().item()
+                             + (centred.abs() @ inverse.abs().T).norm().item())
+    return factor_error + solve + centring.norm().item() * two_norm(inverse)
+
+
+def wmse_bounds(blocks, eps=0.0, running=(None, None), u=U32):
+    """(|δL|, relative normwise gradient bound) of W-MSE on the sub-batches ``blocks`` (I, S, V, w, D).
+    Per row, ŷ moves by ≤ 2‖δy‖/‖y‖ + (D/2 + 4)u (a normalisation); by Cauchy-Schwarz
+    Σ_r ‖δy_r‖/‖y_r‖ ≤ ‖δY‖_F (Σ_r ‖y_r‖⁻²)^½ per block (``whitening_error``). Each of the V − 1
+    pairs a view's row is in moves its dot by that, plus (D + V + 4)u·V² per row for the dots
+    (or their fused form ‖Σŷ‖² − Σ‖ŷ‖²) and γ_{I·B}V² for the sum over rows; L = 2 − 2·mean over
+    the I·P·B dots. The gradient goes through the same whitening and normalisation, so its
+    relative error is bounded by 4× the largest relative perturbation of a block's Y (δY/‖Y‖₂:
+    ‖G‖ sets both) and of a row's ŷ."""
+    from oracles import lightly_whitening64
+
+    iterations, subbatches, views, rows, dim = blocks.shape
+    pairs = views * (views - 1) // 2
+    batch = subbatches * rows
+    moved, relative = 0.0, 0.0
+    for block in blocks.detach().double().reshape(-1, rows, dim):
+        error = whitening_error(block, eps, *running, u=u)
+        whitened = lightly_whitening64(block, eps, *running)[0]
+        row_norms = whitened.norm(dim=1)
+        moved += 2 * error * row_norms.pow(-2).sum().sqrt().item() + rows * normalized_entry_error(dim, u)
+        relative = max(relative, error / torch.linalg.matrix_norm(whitened, ord=2).item(),
+                       2 * error / row_norms.min().item())
+    arithmetic = iterations * batch * views ** 2 * ((dim + views + 4) * u + gamma(iterations * batch, u))
+    value = 2 * ((views - 1) * moved + arithmetic) / (iterations * pairs * batch)
+    return value, 4 * (relative + normalized_entry_error(dim, u))
+
+
+# --------------------------------------------------------------------------------------------
+# DSE (dense structure estimator)
+# --------------------------------------------------------------------------------------------
+def _decomposition_error(matrix, sigma, u):
+    """How far a singular value of ``matrix`` may move in its decomposition: an SVD's
+    (max(m, n) + 4)u·σ₁, or the eigenvalues of a float64 Gram √(max(m, n)·u64)·‖A‖_F (the
+    torch backend's; rounding δλ ≈ u64·σ₁² moves a small σ = √λ by up to √δλ)."""
+    return (max(matrix.shape) + 4) * u * sigma[0].item() + math.sqrt(max(matrix.shape) * 2.0 ** -53) * matrix.norm().item()
+
+
+def _singular_sum_errors(cluster, entry_error, u):
+    """(|δ Σσ|, relative error of its gradient UVᵀ) of a centred (n, D) cluster, given entrywise
+    errors: each σ moves by ≤ ‖δA‖_F (Weyl) plus the decomposition's backward error (``_decomposition_error``),
+    Σσ by min(n, D) times that; UVᵀ by ≤ 2·that/σ_r over the rank r = min(n − 1, D) the
+    centring leaves (the centred-away direction gets no gradient)."""
+    centred = cluster - cluster.mean(dim=0, keepdim=True)
+    sigma = torch.linalg.svdvals(centred)
+    n, dim = cluster.shape
+    perturbation = entry_error.norm().item() + _decomposition_error(centred, sigma, u)
+    return min(n, dim) * perturbation, 2 * perturbation / sigma[min(n - 1, dim) - 1].item()
+
+
+def _mean_of_cluster_errors(clusters, row_error, u):
+    """(|δ mean_c Σσ_c/√max(n_c − 1, D)|, the largest gradient relative error) over ``clusters``: the
+    centred entries are off by (row error + γ_{n+1})(|x| + |mean x|)."""
+    values, relatives, terms = [], [0.0], []
+    for cluster in clusters:
+        n, dim = cluster.shape
+        entry = (row_error + gamma(n + 1, u)) * (cluster.abs() + cluster.mean(dim=0).abs())
+        value, relative = _singular_sum_errors(cluster.detach(), entry, u)
+        scale = math.sqrt(max(n - 1, dim))
+        values.append(value / scale)
+        relatives.append(relative)
+        terms.append(torch.linalg.svdvals(cluster - cluster.mean(dim=0)).sum().item() / scale)
+    if not values:
+        return 0.0, 0.0
+    return sum(values) / len(values) + gamma(len(values), u) * sum(terms) / len(terms), max(relatives)
+
+
+def dse_bounds(representations, parts, weight, normalize, u=U32):
+    """(|δL|, entrywise gradient bound) of DSE, from ``oracles.lightly_dse64``'s parts (same clusters).
+
+    Rows: the normalised rows are off by e = (D/2 + 4)u relative (none without ``normalize``); R
+    is the largest row norm. Average norm r̄: each centred row by 2(e + γ_{M+1})R, its norm by
+    (D/2 + 2)u, the mean by γ_M. Inter term: a centroid (a mean of ≤ M rows) is off by
+    (e + γ_M)R, so each distance by (2e + γ_M)R + (D/2 + 3)u·d and the means by γ_M. Singular
+    sums: ``_singular_sum_errors`` per cluster. Effective dimensionality: every σ moves by
+    ≤ p = ‖δX‖_F + ``_decomposition_error``, H by p·Σ|log p_k + H|/Σσ (∂H/∂σ_k = −(log p_k + H)/Σσ)
+    plus γ_{m+2}Σ|p_k log p_k|, exp(H)/m by its relative e^{δH} − 1 + 2u. DSE = A/a + ED with
+    A = I − ½(R_b + R_i), a = r̄ + 1e-12: δDSE ≤ δA/a + |A|δa/(a(a − δa)) + δED + 4u(|A|/a + ED).
+    Gradients: each part's gradient moves relative to its norm by 2δd/d (the unit directions of
+    the inter term and r̄), ``_singular_sum_errors``' ratio, 3p/σ_min + δH + p/Σσ (U diag(g) Vᵀ:
+    vectors and weights); combined with the coefficients' own errors, plus 2e through the
+    normalisation's Jacobian; an entry's error is ≤ the Frobenius norm of the gradient's."""
+    x = parts["rows"].detach()
+    batch_size, num_tokens, dim = x.shape
+    rows = batch_size * num_tokens
+    e = normalized_entry_error(dim, u) if normalize else 0.0
+    big_r = x.norm(dim=-1).max().item()
+    terms = {name: parts[name].item() for name in ("inter_term", "intra_batch", "intra_image", "effective",
+                                                   "average_norm")}
+    a = terms["average_norm"] + 1e-12
+    centred_norms = (x - x.mean(dim=(0, 1))).norm(dim=-1)
+    delta_a = 2 * (e + gamma(rows + 1, u)) * big_r + ((dim / 2 + 2) * u + gamma(rows, u)) * terms["average_norm"]
+    kappa_a = 2 * 2 * (e + gamma(rows + 1, u)) * big_r / centred_norms.min().item()
+
+    delta_i, kappa_i = 0.0, 0.0
+    for _, _, distances in parts["inter"]:
+        moved = (2 * e + gamma(rows, u)) * big_r + (dim / 2 + 3) * u * distances
+        delta_i += moved.mean().item() + gamma(rows, u) * distances.mean().item()
+        kappa_i = max(kappa_i, 2 * (moved / distances).max().item())
+    delta_i = delta_i / max(len(parts["inter"]), 1) + gamma(len(parts["inter"]) + 1, u) * terms["inter_term"]
+
+    delta_rb, kappa_rb = _mean_of_cluster_errors(parts["global"], e, u)
+    image_errors = [_mean_of_cluster_errors(clusters, e, u) for clusters in parts["local"] if clusters]
+    delta_ri = (sum(v for v, _ in image_errors) / max(len(image_errors), 1)
+                + gamma(len(image_errors) + 1, u) * terms["intra_image"])
+    kappa_ri = max([k for _, k in image_errors], default=0.0)
+
+    flat = x.reshape(rows, dim)
+    sigma = torch.linalg.svdvals(flat)
+    perturbation = e * flat.norm().item() + _decomposition_error(flat, sigma, u)
+    total = sigma.sum().item()
+    probabilities = sigma / (total + 1e-12)
+    logs = torch.log(probabilities + 1e-12)
+    entropy = -(probabilities * logs).sum().item()
+    delta_h = (perturbation * (logs + entropy).abs().sum().item() / total
+               + gamma(len(sigma) + 2, u) * (probabilities * logs).abs().sum().item())
+    delta_ed = terms["effective"] * (math.expm1(delta_h) + 2 * u)
+    kappa_ed = 3 * perturbation / sigma[-1].item() + delta_h + perturbation / total
+
+    big_a = terms["inter_term"] - 0.5 * (terms["intra_batch"] + terms["intra_image"])
+    delta_big_a = delta_i + 0.5 * (delta_rb + delta_ri)
+    value = (delta_big_a / a + abs(big_a) * delta_a / (a * (a - delta_a)) + delta_ed
+             + 4 * u * (abs(big_a) / a + terms["effective"]))
+    loss = -weight * (big_a / a + terms["effective"])
+
+    source = parts["source"]
+    def norm_of(name):  # a term without clusters is a constant 0
+        if not parts[name].requires_grad:
+            return 0.0
+        return torch.autograd.grad(parts[name], source, retain_graph=True)[0].norm().item()
+
+    g_i, g_rb, g_ri, g_ed, g_a = (norm_of(n) for n in ("inter_term", "intra_batch", "intra_image", "effective",
+                                                       "average_norm"))
+    g_big_a = g_i + 0.5 * (g_rb + g_ri)
+    gradient = ((kappa_i * g_i + 0.5 * (kappa_rb * g_rb + kappa_ri * g_ri)) / a + g_big_a * delta_a / a ** 2
+                + (abs(big_a) * kappa_a + delta_big_a + 2 * abs(big_a) * delta_a / a) * g_a / a ** 2
+                + kappa_ed * g_ed + 2 * e * (g_big_a / a + abs(big_a) * g_a / a ** 2 + g_ed))
+    return abs(weight) * value + u * abs(loss), abs(weight) * gradient

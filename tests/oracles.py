@@ -473,8 +473,7 @@ def lightly_detcon64(pred0, pred1, target0, target1, mask0, mask1, temperature, 
     return loss, torch.cat([rows0, rows1]), torch.cat([weights0, weights1])
 
 
-# ============================================================================================
-# VICRegL (lightly's VICRegLLoss)
+# =====================================================================================# VICRegL (lightly's VICRegLLoss)
 # ============================================================================================
 def _nearest_neighbors64(input_maps, candidate_maps, distances, num_matches):
     """lightly's models.utils.nearest_neighbors: each input row's nearest candidate, then the
@@ -541,3 +540,120 @@ def lightly_vicregl64(*views_and_grids, lambda_param=25.0, mu_param=25.0, nu_par
     params = dict(lambda_param=lambda_param, mu_param=mu_param, nu_param=nu_param, eps=eps)
     terms = lightly_vicregl_terms64(*views_and_grids, **params, alpha=alpha, num_matches=num_matches)
     return sum(weight * lightly_vicregl_term64(kind, operands, **params) for weight, kind, operands in terms).reshape(1)
+=======
+def lightly_whitening64(x, eps=0.0, running_mean=None, running_variance=None):
+    """lightly's ``Whitening2d.forward`` in float64 on (n, D): m = mean, C = x_cᵀx_c/(n − 1) (or the
+    running ones), L⁻¹ = solve_triangular(chol((1 − eps)C + eps·I), I), y = x_c·L⁻ᵀ (its 1×1
+    conv2d). Returns (y, m, C)."""
+    x = x.double()
+    mean = x.mean(dim=0) if running_mean is None else running_mean.double().reshape(-1)
+    centred = x - mean
+    covariance = centred.T @ centred / (x.shape[0] - 1) if running_variance is None else running_variance.double()
+    identity = torch.eye(x.shape[1], dtype=torch.float64)
+    inverse_root = torch.linalg.solve_triangular(torch.linalg.cholesky((1 - eps) * covariance + eps * identity),
+                                                 identity, upper=False)
+    return centred @ inverse_root.T, mean, covariance
+
+
+def lightly_wmse64(input, permutations, num_samples=2, w_size=256, eps=0.0, running_mean=None, running_variance=None):
+    """lightly's ``WMSELoss.forward`` in float64 with the permutations it drew ((w_iter, B)): z filled
+    sub-batch by sub-batch and view by view, ``norm_mse_loss`` of every pair of views, averaged.
+    Returns (loss, [(m, C) of each whitening call, in lightly's order])."""
+    x = input.double()
+    batch = x.shape[0] // num_samples
+    loss, statistics = 0.0, []
+    for permutation in permutations:
+        z = torch.empty_like(x)
+        for index in permutation.view(-1, w_size):
+            for i in range(num_samples):
+                whitened, mean, covariance = lightly_whitening64(x[index + i * batch], eps, running_mean, running_variance)
+                z[index + i * batch] = whitened
+                statistics.append((mean, covariance))
+        for i in range(num_samples - 1):
+            for j in range(i + 1, num_samples):
+                x0, x1 = (F.normalize(z[v * batch:(v + 1) * batch]) for v in (i, j))
+                loss = loss + 2 - 2 * (x0 * x1).sum(dim=-1).mean()
+    return loss / (len(permutations) * num_samples * (num_samples - 1) // 2), statistics
+
+
+def lightly_kmeans64(x, num_clusters, max_iters=20, tol=1e-4):
+    """lightly's ``DSERegularizer._kmeans`` (k-means++ seeds by randint/multinomial, Lloyd steps with
+    a randint re-seed of each empty cluster in order) in float64: (centroids, labels)."""
+    num_points = x.shape[0]
+    num_clusters = min(num_clusters, num_points)
+    centroids = x[torch.randint(num_points, (1,))]
+    for _ in range(num_clusters - 1):
+        probabilities = torch.cdist(x, centroids).min(dim=1).values.square()
+        probabilities = probabilities / (probabilities.sum() + 1e-12)
+        if torch.sum(probabilities) == 0:
+            probabilities = torch.ones_like(probabilities) / probabilities.numel()
+        centroids = torch.cat((centroids, x[torch.multinomial(probabilities, 1)]), dim=0)
+    for _ in range(max_iters):
+        labels = torch.argmin(torch.cdist(x, centroids), dim=1)
+        new_centroids = []
+        for cluster_index in range(num_clusters):
+            cluster = x[labels == cluster_index]
+            new_centroids.append(cluster.mean(dim=0) if cluster.shape[0] > 0
+                                 else x[torch.randint(num_points, (1,))].squeeze(0))
+        new_centroids = torch.stack(new_centroids)
+        shift = (new_centroids - centroids).pow(2).sum().sqrt()
+        centroids = new_centroids
+        if shift < tol:
+            break
+    return centroids, torch.argmin(torch.cdist(x, centroids), dim=1)
+
+
+def _centred_singular_sum64(cluster):
+    centred = cluster - cluster.mean(dim=0, keepdim=True)
+    return torch.linalg.svdvals(centred).sum() / math.sqrt(max(cluster.shape[0] - 1, cluster.shape[1]))
+
+
+def lightly_dse64(representations, weight=1.0, normalize=True, local_clusters=3, global_clusters=24,
+                  max_kmeans_iters=20, tol=1e-4):
+    """lightly's ``DSERegularizer.forward`` in float64, its draws in its order. Returns (loss, parts):
+    the terms (inter, intra_batch, intra_image, effective, average_norm) and the clusters ((n, D)
+    row sets with more than one row: "local" per image, "global"), the (row, other centroid)
+    pairs of the inter term and the normalised rows, for the error bounds."""
+    x = representations.double()
+    source = x
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    batch_size, _, dim = x.shape
+    average_norm = torch.norm(x - x.mean(dim=(0, 1), keepdim=True), dim=-1).mean()
+    parts = {"local": [], "global": [], "inter": [], "rows": x, "source": source}
+    image_terms = []
+    for image in x:
+        _, labels = lightly_kmeans64(image.detach(), local_clusters, max_kmeans_iters, tol)
+        clusters = [image[labels == c] for c in torch.unique(labels)]
+        clusters = [c for c in clusters if c.shape[0] > 1]
+        parts["local"].append(clusters)
+        if clusters:
+            image_terms.append(torch.stack([_centred_singular_sum64(c) for c in clusters]).mean())
+    inter_terms, intra_terms = [], []
+    group_images = max(global_clusters // local_clusters, 1)
+    for start in range(0, batch_size, group_images):
+        group = x[start:start + group_images].reshape(-1, dim)
+        centroids, labels = lightly_kmeans64(group.detach(), global_clusters, max_kmeans_iters, tol)
+        if centroids.shape[0] > 1:
+            distances = torch.cdist(group, centroids)
+            mask = torch.zeros_like(distances, dtype=torch.bool)
+            mask[torch.arange(group.shape[0]), labels] = True
+            other = distances.masked_fill(mask, float("inf")).min(dim=1)
+            inter_terms.append(other.values.mean())
+            parts["inter"].append((group, centroids[other.indices], other.values))
+        clusters = [group[labels == c] for c in torch.unique(labels)]
+        parts["global"] += [c for c in clusters if c.shape[0] > 1]
+        intra_terms += [_centred_singular_sum64(c) for c in clusters if c.shape[0] > 1]
+    zero = x.new_zeros(())
+    inter = torch.stack(inter_terms).mean() if inter_terms else zero
+    intra_batch = torch.stack(intra_terms).mean() if intra_terms else zero
+    intra_image = torch.stack(image_terms).mean() if image_terms else zero
+    flat = x.reshape(-1, dim)
+    singular_values = torch.linalg.svdvals(flat)
+    probabilities = singular_values / (singular_values.sum() + 1e-12)
+    effective = torch.exp(-torch.sum(probabilities * torch.log(probabilities + 1e-12))) / min(flat.shape)
+    a = average_norm + 1e-12
+    dse = inter / a + effective - 0.5 * (intra_batch / a + intra_image / a)
+    parts.update(inter_term=inter, intra_batch=intra_batch, intra_image=intra_image, effective=effective,
+                 average_norm=average_norm)
+    return -weight * dse, parts

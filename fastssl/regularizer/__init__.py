@@ -1,4 +1,4 @@
-"""lightly's ``lightly.loss.regularizer`` path: ``from fastssl.regularizer import CO2Regularizer``."""
-from ..regularizers import CO2Regularizer
+"""lightly's ``lightly.loss.regularizer`` path: ``from fastssl.regularizer import CO2Regularizer, DSERegularizer``."""
+from ..regularizers import CO2Regularizer, DSERegularizer
 
-__all__ = ["CO2Regularizer"]
+__all__ = ["CO2Regularizer", "DSERegularizer"]

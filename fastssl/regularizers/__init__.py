@@ -16,6 +16,7 @@ from ..contrastive import MemoryBankModule
 from ..runtime import registry
 from ..runtime.dtypes import compute_dtype
 from ..runtime.validation import check_float_tensor, check_positive, check_temperature, check_views
+from .kmeans import kmeans, nearest_other_centroids
 
 Tensor = torch.Tensor
 
@@ -110,3 +111,87 @@ class CO2Regularizer(nn.Module):
             keys = F.normalize(out1.to(compute_dtype(out0, out1)), dim=1)
             negatives = self.memory_bank.queue(keys, update=True).to(out0.device)
         return co2(out0, out1, negatives, self.alpha, self.t_consistency, backend=self.backend)
+
+
+def _check_dse_arguments(weight, local_clusters, global_clusters, max_kmeans_iters, tol) -> None:
+    """lightly's constructor checks, in its order, with its messages."""
+    for name, value, valid, rule in (("weight", weight, weight >= 0, ">= 0"),
+                                     ("local_clusters", local_clusters, local_clusters >= 1, ">= 1"),
+                                     ("global_clusters", global_clusters, global_clusters >= 1, ">= 1"),
+                                     ("max_kmeans_iters", max_kmeans_iters, max_kmeans_iters >= 1, ">= 1"),
+                                     ("tol", tol, tol > 0, "> 0")):
+        if not valid:
+            raise ValueError(f"{name} must be {rule}, got {value}.")
+
+
+def dse(representations: Tensor, weight: float = 1.0, normalize: bool = True, local_clusters: int = 3,
+        global_clusters: int = 24, max_kmeans_iters: int = 20, tol: float = 1e-4, *, backend: str = "auto") -> Tensor:
+    r"""The Dense Structure Estimator regularizer (arXiv 2510.17299), as lightly's ``DSERegularizer``:
+    −weight · DSE with
+
+    .. math:: \mathrm{DSE} = \frac{d_{inter}}{\bar r} + \frac{e^{H(\sigma/\sum\sigma)}}{\min(BN, D)}
+              - \frac12\Big(\frac{R_{batch}}{\bar r} + \frac{R_{image}}{\bar r}\Big)
+
+    on the (optionally L2-normalised) tokens: r̄ the mean distance to the batch mean; each
+    image's tokens in ``local_clusters`` k-means clusters and each group of
+    max(global_clusters // local_clusters, 1) images' in ``global_clusters``; R the mean centred
+    singular sum Σσ(X_c)/√max(n − 1, D) of the clusters of more than one token (per image, then
+    over images; over all groups' clusters); d_inter the mean distance of each token to the
+    nearest centroid other than its own; the last term the effective rank of all B·N tokens.
+    k-means (lightly's, without gradient) draws ``torch.randint`` / ``torch.multinomial`` in
+    lightly's order: the same seed gives lightly's clusters.
+
+    Args: representations: (B, N, D), patch tokens (a feature map (B, D, H, W) is passed as
+        ``features.flatten(2).transpose(1, 2)``, as lightly's docstring shows).
+    Returns: 0-dim float32 loss (float64 for float64 inputs); weight 0 gives lightly's
+    ``new_zeros(())`` (no gradient).
+    """
+    _check_dse_arguments(weight, local_clusters, global_clusters, max_kmeans_iters, tol)
+    if not isinstance(representations, Tensor) or representations.ndim != 3:
+        raise ValueError("representations must have shape (batch_size, num_tokens, dim), "
+                         f"got {getattr(representations, 'shape', type(representations).__name__)}.")
+    if min(representations.shape) == 0:
+        raise ValueError("representations must have non-empty batch, token, and feature "
+                         f"dimensions, got {representations.shape}.")
+    check_float_tensor("representations", representations, ndim=3)
+    if weight == 0:
+        return representations.new_zeros(())
+    x = representations.to(compute_dtype(representations))
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    batch_size, num_tokens, dim = x.shape
+    points = x.detach()
+    local_labels = torch.stack([kmeans(image, local_clusters, max_kmeans_iters, tol)[1] for image in points])
+    images_per_group = max(global_clusters // local_clusters, 1)
+    global_labels, other_centroids = [], []
+    for start in range(0, batch_size, images_per_group):
+        group = points[start:start + images_per_group].reshape(-1, dim)
+        centroids, labels = kmeans(group, global_clusters, max_kmeans_iters, tol)
+        global_labels.append(labels)
+        other_centroids.append(nearest_other_centroids(group, centroids, labels))
+    global_labels = torch.cat(global_labels).view(batch_size, num_tokens)
+    other_centroids = torch.cat(other_centroids).view(batch_size, num_tokens, dim)
+    _, core = registry.select("dse", backend, (x, other_centroids))
+    return -weight * core(x, local_labels, global_labels, other_centroids, images_per_group, global_clusters)
+
+
+class DSERegularizer(nn.Module):
+    """DSE, as lightly's ``DSERegularizer(weight=1.0, normalize=True, local_clusters=3,
+    global_clusters=24, max_kmeans_iters=20, tol=1e-4)`` (its checks and messages);
+    ``forward(representations)`` on (B, N, D); see :func:`fastssl.functional.dse`."""
+
+    def __init__(self, weight: float = 1.0, normalize: bool = True, local_clusters: int = 3,
+                 global_clusters: int = 24, max_kmeans_iters: int = 20, tol: float = 1e-4, *, backend: str = "auto"):
+        super().__init__()
+        _check_dse_arguments(weight, local_clusters, global_clusters, max_kmeans_iters, tol)
+        self.weight = weight
+        self.normalize = normalize
+        self.local_clusters = local_clusters
+        self.global_clusters = global_clusters
+        self.max_kmeans_iters = max_kmeans_iters
+        self.tol = tol
+        self.backend = backend
+
+    def forward(self, representations: Tensor) -> Tensor:
+        return dse(representations, self.weight, self.normalize, self.local_clusters, self.global_clusters,
+                   self.max_kmeans_iters, self.tol, backend=self.backend)

@@ -2,6 +2,8 @@
 float32 (float64 inputs stay float64, so ``gradcheck`` works). Every backend is tested against it."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,3 +47,57 @@ def co2(x0: torch.Tensor, x1: torch.Tensor, negatives, alpha: float, scale: floa
     divergence = F.kl_div(p, q, reduction="batchmean", log_target=True) + F.kl_div(q, p, reduction="batchmean",
                                                                                   log_target=True)
     return alpha * 0.5 * divergence
+
+
+def centred_singular_sum(rows: torch.Tensor) -> torch.Tensor:
+    """lightly's ``_centered_singular_sum``: Σσ(X − mean X) / √max(n − 1, D) of (n, D) rows."""
+    centred = rows - rows.mean(dim=0, keepdim=True)
+    return torch.linalg.svdvals(centred).sum() / math.sqrt(max(rows.shape[0] - 1, rows.shape[1]))
+
+
+def effective_dimensionality(x: torch.Tensor) -> torch.Tensor:
+    """lightly's ``_effective_dimensionality`` of (M, D): exp(entropy of σ/Σσ) / min(M, D)."""
+    singular_values = torch.linalg.svdvals(x)
+    probabilities = singular_values / (singular_values.sum() + 1e-12)
+    entropy = -torch.sum(probabilities * torch.log(probabilities + 1e-12))
+    return torch.exp(entropy) / min(x.shape)
+
+
+def _mean_or_zero(terms, like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(terms).mean() if terms else like.new_zeros(())
+
+
+def _cluster_singular_sums(rows: torch.Tensor, labels: torch.Tensor) -> list:
+    """``centred_singular_sum`` of every cluster of ``labels`` with more than one row, in label order."""
+    clusters = [rows[labels == label] for label in torch.unique(labels)]
+    return [centred_singular_sum(cluster) for cluster in clusters if cluster.shape[0] > 1]
+
+
+def dse(x: torch.Tensor, local_labels: torch.Tensor, global_labels: torch.Tensor, other_centroids: torch.Tensor,
+        images_per_group: int, global_clusters: int) -> torch.Tensor:
+    """lightly's DSE score (``DSERegularizer.forward`` before −weight) of dense features ``x``
+    (B, N, D), already normalised if asked, given the k-means results (no gradient): each
+    image's clusters ``local_labels`` (B, N); each group of ``images_per_group`` images' clusters
+    ``global_labels`` (B, N) and, per token, the nearest centroid other than its own
+    ``other_centroids`` (B, N, D) (used where the group has min(global_clusters, its tokens) > 1
+    centroids). Image by image, cluster by cluster, by SVD, as lightly."""
+    dtype = compute_dtype(x, other_centroids)
+    x, other_centroids = x.to(dtype), other_centroids.to(dtype)
+    batch_size, num_tokens, dim = x.shape
+    average_norm = torch.norm(x - x.mean(dim=(0, 1), keepdim=True), dim=-1, p=2).mean() + 1e-12
+    image_terms = []
+    for image, labels in zip(x, local_labels):
+        ranks = _cluster_singular_sums(image, labels)
+        if ranks:
+            image_terms.append(torch.stack(ranks).mean())
+    inter_terms, intra_terms = [], []
+    for start in range(0, batch_size, images_per_group):
+        group = x[start:start + images_per_group].reshape(-1, dim)
+        if min(global_clusters, group.shape[0]) > 1:
+            others = other_centroids[start:start + images_per_group].reshape(-1, dim)
+            inter_terms.append((group - others).norm(dim=1).mean())
+        intra_terms += _cluster_singular_sums(group, global_labels[start:start + images_per_group].reshape(-1))
+    inter_batch, intra_batch, intra_image = (_mean_or_zero(terms, x) for terms in (inter_terms, intra_terms,
+                                                                                    image_terms))
+    return (inter_batch / average_norm + effective_dimensionality(x.reshape(-1, dim))
+            - 0.5 * (intra_batch / average_norm + intra_image / average_norm))

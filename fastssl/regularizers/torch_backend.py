@@ -18,6 +18,7 @@ from ..runtime import library
 from ..runtime.blocks import blocks
 from ..runtime.library import define_precomputed_gradient_op
 from ..runtime.dtypes import compute_dtype
+from ..spectral.torch_backend import nuclear_norm
 from .reference import koleo_from_neighbours
 
 Tensor = torch.Tensor
@@ -106,3 +107,109 @@ def _co2_fake(x0, x1, negatives, alpha, scale, with_gradient):
 
 co2 = define_precomputed_gradient_op("co2", "Tensor x0, Tensor x1, Tensor? negatives, float alpha, float scale",
                                      2, 0, co2_forward, _co2_fake)
+
+
+def _padded_clusters(rows: Tensor, cluster_ids: Tensor, num_ids: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The clusters of more than one row, each centred and zero-padded to the largest one:
+    (C, n_max, D), their sizes (C,) and ids (C,), ids in increasing order. Zero rows change no
+    singular value (nor either Gram's nonzero eigenvalues), so the padded blocks' are the clusters'."""
+    counts = torch.bincount(cluster_ids, minlength=num_ids)
+    order = torch.argsort(cluster_ids, stable=True)
+    sorted_ids = cluster_ids[order]
+    starts = torch.cumsum(counts, dim=0) - counts
+    positions = torch.arange(rows.shape[0], device=rows.device) - starts[sorted_ids]
+    kept = (counts > 1).nonzero().flatten()
+    padded = rows.new_zeros(num_ids, int(counts.max()), rows.shape[1]).index_put((sorted_ids, positions), rows[order])
+    padded, sizes = padded[kept], counts[kept]
+    valid = (torch.arange(padded.shape[1], device=rows.device)[None, :] < sizes[:, None]).to(rows.dtype)[:, :, None]
+    means = padded.sum(dim=1, keepdim=True) / sizes.to(rows.dtype)[:, None, None]
+    return (padded - means) * valid, sizes, kept
+
+
+def _centred_singular_sums(rows: Tensor, cluster_ids: Tensor, num_ids: int) -> Tuple[Tensor, Tensor]:
+    """Σσ/√max(n − 1, D) of every cluster of more than one row, all in one batched nuclear norm
+    (eigenvalues of each cluster's smaller float64 Gram, closed-form gradient): (C,) and their ids."""
+    centred, sizes, ids = _padded_clusters(rows, cluster_ids, num_ids)
+    if ids.numel() == 0:
+        return rows.new_zeros(0), ids
+    denominators = torch.clamp_min(sizes - 1, rows.shape[1]).to(rows.dtype).sqrt()
+    return nuclear_norm(centred) / denominators, ids
+
+
+def effective_dimensionality_forward(x: Tensor, with_gradient: bool) -> Tuple[Tensor, Tensor]:
+    """lightly's exp(H(σ/Σσ))/min(M, D) of (M, D) ``x`` from the eigenvalues of its smaller Gram (in
+    float64: an m×m matrix, m = min(M, D)) and its gradient U·diag(∂/∂σ)·Vᵀ from the same
+    eigenvectors, Q·diag(g/σ)·Qᵀ·X (or X·Q·diag(g/σ)·Qᵀ): no SVD, no autograd graph. With
+    p = σ/(Σσ + ε), h_j = −log(p_j + ε) − p_j/(p_j + ε): ∂H/∂σ_k = (h_k − Σ_j h_j p_j)/(Σσ + ε).
+    Eigenvalues below the Gram's rounding count as σ = 0 (as ``spectral.torch_backend.nuclear_norm``)
+    and their directions get no gradient (the minimum-norm subgradient; an SVD gives them
+    rounding-noise vectors)."""
+    z = x.to(torch.float64)
+    gram = z @ z.T if z.shape[0] <= z.shape[1] else z.T @ z
+    eigenvalues, vectors = torch.linalg.eigh(gram) if with_gradient else (torch.linalg.eigvalsh(gram), None)
+    noise = gram.shape[0] * max(z.shape) * torch.finfo(torch.float64).eps * eigenvalues[-1].clamp_min(0)
+    above_noise = eigenvalues > noise
+    singular_values = torch.where(above_noise, eigenvalues.clamp_min(0).sqrt(), 0.0)  # as ``nuclear_norm``
+    total = singular_values.sum() + 1e-12
+    probabilities = singular_values / total
+    log_terms = torch.log(probabilities + 1e-12)
+    entropy = -torch.sum(probabilities * log_terms)
+    value = torch.exp(entropy) / min(x.shape)
+    if not with_gradient:
+        return value.to(compute_dtype(x)), library.empty_grad(x)
+    weights = -log_terms - probabilities / (probabilities + 1e-12)
+    grad_sigma = value * (weights - (weights * probabilities).sum()) / total
+    scale = torch.where(above_noise, grad_sigma / singular_values.clamp_min(torch.finfo(torch.float64).tiny),
+                        torch.zeros_like(eigenvalues))
+    mixing = (vectors * scale) @ vectors.T
+    direction = mixing @ z if z.shape[0] <= z.shape[1] else z @ mixing
+    return value.to(compute_dtype(x)), direction.to(compute_dtype(x))
+
+
+def _effective_dimensionality_fake(x, with_gradient):
+    dtype = compute_dtype(x)
+    return (x.new_empty((), dtype=dtype), *library.gradient_fakes(with_gradient, (x,), dtype))
+
+
+effective_dimensionality = define_precomputed_gradient_op(
+    "effective_dimensionality", "Tensor x", 1, 0, effective_dimensionality_forward, _effective_dimensionality_fake)
+
+
+def dse(x: Tensor, local_labels: Tensor, global_labels: Tensor, other_centroids: Tensor, images_per_group: int,
+        global_clusters: int) -> Tensor:
+    """``reference.dse``'s signature and result, without its loops: every cluster's centred singular
+    sum (all images' local clusters in one batched call, all groups' in another) from the
+    smaller side of its centred rows, the effective dimensionality from the D×D (or M×M) Gram,
+    the distances to the nearest other centroids in one pass."""
+    dtype = compute_dtype(x, other_centroids)
+    x, other_centroids = x.to(dtype), other_centroids.to(dtype)
+    batch_size, num_tokens, dim = x.shape
+    rows = x.reshape(-1, dim)
+    average_norm = torch.norm(x - x.mean(dim=(0, 1), keepdim=True), dim=-1, p=2).mean() + 1e-12
+    image_of_row = torch.arange(batch_size, device=x.device).repeat_interleave(num_tokens)
+
+    local_clusters = int(local_labels.max()) + 1
+    sums, ids = _centred_singular_sums(rows, image_of_row * local_clusters + local_labels.reshape(-1),
+                                       batch_size * local_clusters)
+    per_image = torch.zeros(batch_size, dtype=dtype, device=x.device).index_add_(0, ids // local_clusters, sums)
+    clusters_per_image = torch.bincount(ids // local_clusters, minlength=batch_size)
+    with_clusters = clusters_per_image > 0
+    intra_image = (per_image[with_clusters] / clusters_per_image[with_clusters]).mean() if ids.numel() else \
+        x.new_zeros(())
+
+    group_of_row = image_of_row // images_per_group
+    num_groups = -(-batch_size // images_per_group)
+    group_clusters = int(global_labels.max()) + 1
+    intra_sums, _ = _centred_singular_sums(rows, group_of_row * group_clusters + global_labels.reshape(-1),
+                                           num_groups * group_clusters)
+    intra_batch = intra_sums.mean() if intra_sums.numel() else x.new_zeros(())
+
+    group_rows = torch.bincount(group_of_row, minlength=num_groups)
+    has_others = torch.clamp_max(group_rows, global_clusters) > 1
+    distances = (rows - other_centroids.reshape(-1, dim)).norm(dim=1)
+    group_means = torch.zeros(num_groups, dtype=dtype, device=x.device).index_add_(0, group_of_row, distances)
+    group_means = group_means / group_rows.to(dtype)
+    inter_batch = group_means[has_others].mean() if bool(has_others.any()) else x.new_zeros(())
+
+    return (inter_batch / average_norm + effective_dimensionality(rows)
+            - 0.5 * (intra_batch / average_norm + intra_image / average_norm))

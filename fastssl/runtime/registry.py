@@ -104,6 +104,10 @@ MANIFEST: Dict[str, Dict[str, str]] = {
     },
     "co2": {"reference": "fastssl.regularizers.reference:co2", "torch": "fastssl.regularizers.torch_backend:co2"},
     "koleo": {"reference": "fastssl.regularizers.reference:koleo", "torch": "fastssl.regularizers.torch_backend:koleo"},
+    "dse": {"reference": "fastssl.regularizers.reference:dse", "torch": "fastssl.regularizers.torch_backend:dse"},
+    "whitening": {"reference": "fastssl.whitening.reference:whitening",
+                  "torch": "fastssl.whitening.torch_backend:whitening"},
+    "wmse": {"reference": "fastssl.whitening.reference:wmse", "torch": "fastssl.whitening.torch_backend:wmse"},
     "negative_cosine_similarity": {
         "reference": "fastssl.cosine.reference:negative_cosine_similarity",
         "torch": "fastssl.cosine.torch_backend:negative_cosine_similarity",

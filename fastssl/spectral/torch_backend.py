@@ -91,16 +91,16 @@ def _smaller_gram(z: Tensor) -> Tuple[Tensor, bool]:
 def nuclear_norm_forward(x: Tensor, with_gradient: bool) -> Tuple[Tensor, Tensor]:
     """‖A‖_* of each trailing (m, n) matrix of ``x`` and, with the gradient, UVᵀ = (AAᵀ)^(−1/2) A
     (or A (AᵀA)^(−1/2)) from the same eigendecomposition; directions whose eigenvalue is below
-    the Gram's rounding (rank deficiency) get 0, as the pseudo-inverse would."""
+    the Gram's rounding (rank deficiency) get 0, as the pseudo-inverse would, and add 0 to the value
+    (√ of a rounding-noise eigenvalue u64·σ₁² would add ≈ 1e-8·σ₁: the error of a float64 input)."""
     z = x.to(torch.float64)
     gram, rows = _smaller_gram(z)
-    if not with_gradient:
-        eigenvalues = torch.linalg.eigvalsh(gram)
-        return eigenvalues.clamp_min(0).sqrt().sum(dim=-1).to(compute_dtype(x)), library.empty_grad(x)
-    eigenvalues, vectors = torch.linalg.eigh(gram)
-    value = eigenvalues.clamp_min(0).sqrt().sum(dim=-1).to(compute_dtype(x))
+    eigenvalues, vectors = torch.linalg.eigh(gram) if with_gradient else (torch.linalg.eigvalsh(gram), None)
     noise = gram.shape[-1] * max(z.shape[-2:]) * torch.finfo(torch.float64).eps
     floor = noise * eigenvalues[..., -1:].clamp_min(0)
+    value = torch.where(eigenvalues > floor, eigenvalues.clamp_min(0).sqrt(), 0.0).sum(dim=-1).to(compute_dtype(x))
+    if not with_gradient:
+        return value, library.empty_grad(x)
     inverse_root = torch.where(eigenvalues > floor, eigenvalues.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(),
                                torch.zeros_like(eigenvalues))
     whitening = (vectors * inverse_root[..., None, :]) @ vectors.mT

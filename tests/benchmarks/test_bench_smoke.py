@@ -27,10 +27,124 @@ CPU = torch.device("cpu")
 SMOKE = dataclasses.replace(core.SETTINGS["smoke"], allow_interpreter=True)
 LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "swav", "sinkhorn_knopp", "dino",
           "negative_cosine_similarity", "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "dclw", "detcon",
-          "macl", "directclr", "co2", "patch_kernel_alignment", "vicregl"}
+          "macl", "directclr", "co2", "patch_kernel_alignment", "vicregl", "wmse", "dse"}
 GEMM_LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "tico", "mmcr", "frossl",
                "emp_ssl", "hypersphere", "dcl", "dclw", "detcon", "macl", "directclr", "co2",
-               "patch_kernel_alignment", "vicregl"}
+               "patch_kernel_alignment", "vicregl", "wmse"}
+
+
+@pytest.fixture(scope="module")
+def smoke_cases():
+    return [case for family in core.FAMILIES for case in core.family_cases(family, "smoke")]
+
+
+@pytest.fixture(scope="module")
+def smoke_result(smoke_cases):
+    return report.run(CPU, torch.float32, "smoke", smoke_cases, SMOKE, memory_process="run")
+
+
+def test_one_smoke_case_per_loss(smoke_cases):
+    assert {case.loss for case in smoke_cases} == LOSSES
+    names = [(case.family, case.name) for case in smoke_cases]
+    assert len(names) == len(set(names))
+
+
+def test_one_row_per_case_provider_and_mode(smoke_cases, smoke_result):
+    found = [(r["case"], r["provider"], r["mode"]) for r in smoke_result["rows"]]
+    expected = [(case.name, provider, mode) for case in smoke_cases
+                for provider in backends.BACKENDS + tuple(case.peers) for mode in case.modes]
+    assert sorted(found) == sorted(expected)
+
+
+def test_rows_are_well_formed(smoke_result):
+    for row in smoke_result["rows"]:
+        assert row["status"] in core.STATUSES, row
+        if row["status"] == "ok":
+            assert 0 < row["q25_ms"] <= row["median_ms"] <= row["q75_ms"], row
+            assert row["runs"] >= 1 and row["timer"], row
+            assert isinstance(row["peak_memory_bytes"], int) and row["peak_memory_bytes"] >= 0, row
+            assert row["memory_method"], row
+        else:
+            assert row["reason"] and row["median_ms"] is None and row["peak_memory_bytes"] is None, row
+        # TiCo does all its GEMMs in the forward (its backward is elementwise)
+        has_gemm = row["loss"] in GEMM_LOSSES and not (row["loss"] == "tico" and row["mode"] == "bwd")
+        assert (row["gemm_floor_ms"] is not None and row["gemm_floor_ms"] > 0) == has_gemm, row
+
+
+def test_reference_and_torch_backends_run_every_case(smoke_result):
+    for row in smoke_result["rows"]:
+        if row["provider"] in ("reference", "torch"):
+            assert row["status"] == "ok", row
+
+
+def test_unavailable_only_where_fastssl_refuses(smoke_cases, smoke_result):
+    by_name = {case.name: case for case in smoke_cases}
+    for row in smoke_result["rows"]:
+        if row["provider_kind"] == "fastssl" and row["status"] == "unavailable" and row["mode"] == "fwd":
+            args, _ = core.make_inputs(by_name[row["case"]], CPU, torch.float32)
+            with pytest.raises(backends.BackendUnavailableError):
+                by_name[row["case"]].make_loss(row["provider"])(*args)
+
+
+def test_missing_or_failing_peers_are_reported(smoke_cases):
+    def out_of_memory(*_):
+        raise MemoryError("cannot allocate the logits")
+
+    def broken(*_):
+        raise RuntimeError("a bug in the peer")
+
+    def missing():
+        raise ImportError("No module named 'somepeer'")
+
+    expected = {"oom-peer": ("oom", "cannot allocate the logits"), "broken-peer": ("failed", "a bug in the peer"),
+                "missing-peer": ("unavailable", "No module named 'somepeer'")}
+    case = dataclasses.replace(smoke_cases[0], peers={"oom-peer": lambda: out_of_memory,
+                                                      "broken-peer": lambda: broken, "missing-peer": missing})
+    inputs = core.make_inputs(case, CPU, torch.float32)
+    for peer, (status, message) in expected.items():
+        rows = core.measure(case, peer, case.modes, CPU, torch.float32, SMOKE, inputs, core.default_timer(CPU, SMOKE))
+        assert [r.mode for r in rows] == list(case.modes)
+        for row in rows:
+            assert (row.status, row.provider_kind) == (status, "peer") and message in row.reason, row
+
+
+def test_machine_info(smoke_result):
+    info = smoke_result["machine"]
+    for key in ("cpu_model", "cpu_threads", "gpu_name", "torch", "triton", "commit", "key", "matmul_gflops"):
+        assert key in info
+    assert info["matmul_gflops"] > 0 and info["torch"] == torch.__version__
+
+
+def test_written_results(smoke_result, tmp_path):
+    paths = report.write_results(smoke_result, tmp_path, make_plots=True)
+    with open(tmp_path / "results.csv") as handle:
+        lines = list(csv.DictReader(handle))
+    assert len(lines) == len(smoke_result["rows"])
+    assert {"size_batch", "provider", "mode", "median_ms", "peak_memory_bytes"} <= set(lines[0])
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == smoke_result["rows"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert report.summary_table(smoke_result) in markdown
+    assert "unavailable" in markdown  # the reasons of what did not run are in the report
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    # the BYOL series has two smoke sizes: its curve is drawn
+    assert any(p.suffix == ".png" and p.stem.startswith("byol") for p in paths)
+
+
+def test_pytest_benchmark_entry_point():
+    """``pytest bench/ --benchmark-only`` collects the bench files and runs their jobs."""
+    command = [sys.executable, "-m", "pytest", "bench/bench_byol.py", "--benchmark-only", "--bench-set", "smoke",
+               "--bench-device", "cpu", "-q", "-p", "no:cacheprovider", "-k", "b6-d10-torch-fwd+bwd"]
+    process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    assert "1 passed" in process.stdoutLOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "swav", "sinkhorn_knopp", "dino",
+          "negative_cosine_similarity", "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "dclw", "detcon",
+          "macl", "directclr", "co2", "patch_kernel_alignment", "vicregl", "wmse", "dse"}
+GEMM_LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "tico", "mmcr", "frossl",
+               "emp_ssl", "hypersphere", "dcl", "dclw", "detcon", "macl", "directclr", "co2",
+               "patch_kernel_alignment", "vicregl", "wmse"}
 
 
 @pytest.fixture(scope="module")

@@ -142,6 +142,9 @@ calls = {
         a.view(4, 4, 8), b.view(4, 4, 8), torch.tensor([[0, 1, 1, 2]] * 4), torch.tensor([[1, 0, 2, 3]] * 4)),
     "VICRegLLoss": lambda: fastssl.VICRegLLoss()([(a, a.view(16, 2, 2, 2)), (b, b.view(16, 2, 2, 2))],
                                                  [a.detach().view(16, 2, 2, 2), b.detach().view(16, 2, 2, 2)]),
+    "WMSELoss": lambda: fastssl.WMSELoss(embedding_dim=4, w_size=8)(torch.cat([a, b]).view(-1, 4)),
+    "Whitening2d": lambda: fastssl.Whitening2d(8)(a).sum(),
+    "DSERegularizer": lambda: fastssl.DSERegularizer()(a.view(2, 8, 8)),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}

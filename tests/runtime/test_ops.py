@@ -47,6 +47,12 @@ def _op_samples(dtype):
         ("emp_ssl", (rand(2, 7, 5), 0.2, 10.0)),
         ("hypersphere_uniformity", (rand(2, 7, 5), 2.0)),
         ("patch_kernel_alignment", (rand(2, 6, 4), rand(2, 6, 4, grad=False), torch.ones(2, 6, dtype=dtype))),
+        ("whitening", (rand(2, 7, 3), None, None, 0.1)),
+        ("whitening", (rand(2, 7, 3), rand(3, grad=False), (lambda c: c @ c.T + torch.eye(3, dtype=dtype))(
+            rand(3, 3, grad=False)), 0.0)),
+        ("wmse", (rand(2, 2, 2, 7, 3), None, None, 0.0)),
+        ("dse", (torch.nn.functional.normalize(rand(3, 5, 4), dim=-1), torch.tensor([[0, 0, 1, 1, 2]] * 3),
+                 torch.tensor([[0, 1, 1, 2, 3]] * 2 + [[0, 0, 1, 1, 1]]), rand(3, 5, 4, grad=False), 2, 4)),
         ("sinkhorn", (rand(7, 11, grad=False), 3, 0.05, None, None, 0.0, False)),
         ("sinkhorn", (rand(7, 11, grad=False), 50, 0.1, torch.rand(11, generator=g, dtype=dtype) + 0.5,
                       torch.rand(7, generator=g, dtype=dtype) + 0.5, 1e-3, False)),
@@ -60,8 +66,10 @@ def _overload(fn):
 
 # Ops whose torch backend is plain PyTorch operations (autograd differentiates it, Dynamo traces
 # it): no torch.library op to opcheck; their gradcheck and compile tests below still run.
-# mmcr and emp_ssl compose ops checked in tests/spectral (nuclear_norm, total_coding_rate) with plain ones.
-PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl", "patch_kernel_alignment"}
+# mmcr and emp_ssl compose ops checked in tests/spectral (nuclear_norm, total_coding_rate) with plain ones;
+# wmse composes whitening with plain ones; dse composes nuclear_norm and effective_dimensionality
+# (opchecked in tests/regularizers/test_dse.py) with plain ones.
+PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl", "patch_kernel_alignment", "wmse", "dse"}
 
 
 def _torch_backend(name):
@@ -101,6 +109,7 @@ VICREGL_GRIDS = 100 * torch.rand(3, 9, 2, 2, 2, generator=torch.Generator().manu
 def _losses():
     """(id, function of two (B, D) views) for every public loss."""
     center = torch.randn(13)
+    wmse_permutations = torch.stack([torch.randperm(39, generator=torch.Generator().manual_seed(s)) for s in range(2)])
     return [
         ("nt_xent", lambda a, b, be: fn.nt_xent(a, b, backend=be)),
         ("nt_xent_labels", lambda a, b, be: fn.nt_xent(a, b, labels=torch.arange(a.shape[0]) % 3, backend=be)),
@@ -128,6 +137,11 @@ def _losses():
         ("vicregl", lambda a, b, be: fn.vicregl(  # maps of 2×2 cells of 3 features, on fixed grids
             [(a, a[:, :12].reshape(9, 2, 2, 3)), (b, b[:, 1:].reshape(9, 2, 2, 3))], [VICREGL_GRIDS[0], VICREGL_GRIDS[1]],
             [(0.5 * a, b[:, :3].reshape(9, 1, 1, 3))], [VICREGL_GRIDS[2][:, :1, :1]], num_matches=(3, 2), backend=be)),
+        # fixed permutations: a draw inside the compiled function would differ from the eager call's
+        ("wmse", lambda a, b, be: fn.wmse(torch.cat([a, b]).view(-1, 3), w_iter=2, w_size=13, eps=0.1,
+                                          permutations=wmse_permutations, backend=be)[0]),
+        ("whiten", lambda a, b, be: (fn.whiten(a.reshape(39, 3), 0.1, backend=be)[0] * b.reshape(39, 3)).sum()),
+        # no dse: its k-means stops on the data (lightly's `if shift < tol`), a graph break by nature
     ]
 
 
