@@ -27,9 +27,13 @@ from .distillation import dino, dino_center
 from .redundancy import barlow_twins, vicreg
 from .regularizers import co2, koleo
 from .spectral import emp_ssl, frossl, hypersphere, mmcr, patch_kernel_alignment, tico
+from .sliced import (latent_distance, latent_prediction_loss, lejepa, lejepa_invariance_loss, lewm, sigreg,
+                     visreg, visreg_center_loss, visreg_components, visreg_scale_loss, visreg_shape_loss)
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
     "swav", "dino", "dino_center", "kmeans_assign", "kmeans_update", "negative_cosine_similarity", "koleo",
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "negative_mises_fisher_weights", "macl", "co2", "patch_kernel_alignment",
+    "sigreg", "lejepa", "lejepa_invariance_loss", "lewm", "latent_distance", "latent_prediction_loss", "visreg",
+    "visreg_components", "visreg_center_loss", "visreg_scale_loss", "visreg_shape_loss",
 ]

@@ -11,7 +11,8 @@ from .distillation import DINOLoss
 from .redundancy import BarlowTwinsLoss, VICRegLoss
 from .regularizers import CO2Regularizer, KoLeoLoss
 from .spectral import EMPSSLLoss, FroSSLLoss, HypersphereLoss, MMCRLoss, PatchKernelAlignmentLoss, TiCoLoss
+from .sliced import LeJEPALoss, LeWMLoss, SIGReg, VISRegLoss, VISRegLossComponents
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
            "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer",
-           "PatchKernelAlignmentLoss"]
+           "PatchKernelAlignmentLoss", "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents"]

@@ -18,6 +18,7 @@ from .distillation.reference import linear_soft_cross_entropy_pairs, soft_cross_
 from .redundancy.reference import barlow_twins, barlow_twins_from_correlation, batch_normalize, vicreg_variance_covariance
 from .regularizers.reference import co2, koleo
 from .spectral.reference import emp_ssl, frossl, hypersphere_uniformity, mmcr, patch_kernel_alignment, tico
+from .sliced.reference import sigreg_sums, visreg_shape
 from .runtime.dtypes import compute_dtype, max_exp_span
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "barlow_twins_from_correlation", "barlow_twins", "vicreg_variance_covariance", "marginal_logs", "sinkhorn",
     "soft_cross_entropy_pairs", "linear_soft_cross_entropy_pairs", "kmeans_assign", "negative_cosine_similarity", "koleo",
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere_uniformity", "co2", "patch_kernel_alignment",
+    "sigreg_sums", "visreg_shape",
 ]
