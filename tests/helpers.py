@@ -669,3 +669,23 @@ def visreg_shape_bounds(z, slices, eps, u=U32):
     grad = grad + (centred / scale).abs() * (delta_scale / scale + u)
     return value, grad, gap_ratio
 
+
+def invariance_bound(all_proj, global_proj, u=U32):
+    """LeJEPA's (and VISReg's) invariance mean((c − x)²) over all views (V, N, D): |δ|, c the mean of the Vg global views: c off by γ_{Vg+1} mean|g|, c − x by u
+    more of |c − x|, the square by u, the mean of ``count`` terms by γ_count."""
+    a, g = all_proj.detach().double(), global_proj.detach().double()
+    difference = g.mean(0) - a
+    delta = gamma(g.shape[0] + 1, u) * g.abs().mean(0) + u * difference.abs()
+    return ((2 * difference.abs() * delta + delta.square()).mean() + (gamma(a.numel(), u) + u)
+            * difference.square().mean()).item()
+
+
+def invariance_grad_bounds(all_proj, global_proj, u=U32):
+    """Entrywise |δ∂/∂views| of the invariance (views = [global, local]): ∂/∂x_v = −2d_v/count, d = c − x
+    off by δd (``invariance_bound``'s) + 2u|d| for the products; a global view also receives
+    (1/Vg) Σ_v 2d_v/count, off by the same per view plus γ_{V+1} of Σ_v|d_v| (the V-term sum)."""
+    a, g = all_proj.detach().double(), global_proj.detach().double()
+    difference = g.mean(0) - a
+    per_view = 2 / a.numel() * (gamma(g.shape[0] + 1, u) * g.abs().mean(0) + 3 * u * difference.abs())
+    shared = (per_view.sum(0) + 2 / a.numel() * gamma(a.shape[0] + 1, u) * difference.abs().sum(0)) / g.shape[0]
+    return per_view + torch.cat([shared.expand_as(g), torch.zeros_like(a[g.shape[0]:])])

@@ -9,8 +9,8 @@ import fastssl.functional as fn
 from fastssl import LeJEPALoss, LeWMLoss, SIGReg
 from fastssl.sliced import random_unit_columns, sigreg_statistic
 
-from helpers import (FLOAT_DTYPES, HALF_DTYPES, U32, assert_within, backend_params, gamma,
-                     half_error_within_twice_reference, seeded_views, sigreg_bounds, unit_roundoff)
+from helpers import (FLOAT_DTYPES, HALF_DTYPES, assert_within, backend_params, gamma, half_error_within_twice_reference,
+                     invariance_bound, invariance_grad_bounds, seeded_views, sigreg_bounds, unit_roundoff)
 from oracles import lejepa64, lewm64, lightly_sigreg_grid, lightly_unit_columns, sigreg_formula
 
 SHAPES = [pytest.param((13, 7), id="N>C"), pytest.param((6, 19), id="N<C"), pytest.param((3, 11, 5), id="leading")]
@@ -30,27 +30,6 @@ def lightly_vectors(num_features, num_vectors, dtype, seed=SEED):
     """lightly's slices for ``seed``: the same randn draw (C, M) in the input dtype, float64."""
     torch.manual_seed(seed)
     return lightly_unit_columns(num_features, num_vectors, dtype)
-
-
-def invariance_bound(all_proj, global_proj, u=U32):
-    """|δ mean((c − x)²)|, c the mean of the Vg global views: c off by γ_{Vg+1} mean|g|, c − x by u
-    more of |c − x|, the square by u, the mean of ``count`` terms by γ_count."""
-    a, g = all_proj.detach().double(), global_proj.detach().double()
-    difference = g.mean(0) - a
-    delta = gamma(g.shape[0] + 1, u) * g.abs().mean(0) + u * difference.abs()
-    return ((2 * difference.abs() * delta + delta.square()).mean() + (gamma(a.numel(), u) + u)
-            * difference.square().mean()).item()
-
-
-def invariance_grad_bounds(all_proj, global_proj, u=U32):
-    """Entrywise |δ∂/∂views| of the invariance (views = [global, local]): ∂/∂x_v = −2d_v/count, d = c − x
-    off by δd (``invariance_bound``'s) + 2u|d| for the products; a global view also receives
-    (1/Vg) Σ_v 2d_v/count, off by the same per view plus γ_{V+1} of Σ_v|d_v| (the V-term sum)."""
-    a, g = all_proj.detach().double(), global_proj.detach().double()
-    difference = g.mean(0) - a
-    per_view = 2 / a.numel() * (gamma(g.shape[0] + 1, u) * g.abs().mean(0) + 3 * u * difference.abs())
-    shared = (per_view.sum(0) + 2 / a.numel() * gamma(a.shape[0] + 1, u) * difference.abs().sum(0)) / g.shape[0]
-    return per_view + torch.cat([shared.expand_as(g), torch.zeros_like(a[g.shape[0]:])])
 
 
 # ============================================================================================
