@@ -138,6 +138,11 @@ calls = {
     "DirectCLRLoss": lambda: fastssl.DirectCLRLoss(loss_dim=4)(a, b),
     "CO2Regularizer (bank)": lambda: fastssl.CO2Regularizer(memory_bank_size=(32, 8))(a, b),
     "PatchKernelAlignmentLoss": lambda: fastssl.PatchKernelAlignmentLoss()(a.view(2, 8, 8), b.view(2, 8, 8)),
+    "SIGReg": lambda: fastssl.SIGReg()(a),
+    "LeJEPALoss": lambda: fastssl.LeJEPALoss()(local_proj=a.view(2, 8, 8), global_proj=b.view(2, 8, 8)),
+    "LeWMLoss": lambda: fastssl.LeWMLoss()(predicted=a.view(4, 4, 8)[:, 1:], target=b.view(4, 4, 8)[:, 1:],
+                                           embeddings=b.view(4, 4, 8)),
+    "VISRegLoss": lambda: fastssl.VISRegLoss()(local_proj=a.view(2, 8, 8), global_proj=b.view(2, 8, 8)),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}
