@@ -30,7 +30,7 @@ from . import machine
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FASTSSL_PROVIDERS = backends.BACKENDS
-FAMILIES = ("contrastive", "redundancy", "spectral", "clustering", "byol")
+FAMILIES = ("contrastive", "redundancy", "spectral", "clustering", "byol", "sliced")
 SIZE_SETS = ("smoke", "quick", "full")
 STATUSES = ("ok", "unavailable", "skipped", "oom", "failed")
 

@@ -26,9 +26,10 @@ CPU = torch.device("cpu")
 # tests/conftest.py sets TRITON_INTERPRET=1: Triton kernels that run there are exercised too.
 SMOKE = dataclasses.replace(core.SETTINGS["smoke"], allow_interpreter=True)
 LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "swav", "sinkhorn_knopp",
-          "dino", "negative_cosine_similarity", "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "dclw"}
+          "dino", "negative_cosine_similarity", "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "dclw",
+          "sigreg", "lejepa", "lewm", "visreg"}
 GEMM_LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "tico", "mmcr", "frossl",
-               "emp_ssl", "hypersphere", "dcl", "dclw"}
+               "emp_ssl", "hypersphere", "dcl", "dclw", "sigreg", "lejepa", "lewm", "visreg"}
 
 
 @pytest.fixture(scope="module")
