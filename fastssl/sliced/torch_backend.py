@@ -89,6 +89,9 @@ def _sigreg_setup_context(ctx, inputs, output):
 
 
 def _sigreg_autograd_backward(ctx, grad_cos, grad_sin, _grad_projections):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # the backward op has no autograd itself
+        raise RuntimeError("fastssl::sigreg_sums is differentiable once: its backward is a closed-form op without a "
+                           "graph, so backward(create_graph=True) through it is not supported")
     projections, vectors, t = ctx.saved_tensors
     grad_proj = _sigreg_sums_backward_op(grad_cos, grad_sin, projections, vectors, t)
     return grad_proj.to(ctx.proj_dtype), None, None

@@ -260,3 +260,12 @@ def test_gathering_without_torch_distributed_raises_like_lightly(make, monkeypat
     monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
     with pytest.raises(ValueError, match="gather_distributed is True but torch.distributed is not available"):
         make()
+
+
+def test_fused_gradients_refuse_a_double_backward():
+    """The torch backend's closed-form backwards carry no graph: a second derivative would be wrong."""
+    proj = seeded_proj(8, 5)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(SIGReg(num_vectors=4, backend="torch")(proj), proj, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(fn.visreg_shape_loss(proj, 4, backend="torch"), proj, create_graph=True)
