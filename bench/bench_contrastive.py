@@ -1,4 +1,5 @@
-"""Contrastive losses: SimCLR's NT-Xent, MoCo's InfoNCE against a 65,536-row queue, CLIP, DCL/DCLW.
+"""Contrastive losses: SimCLR's NT-Xent, MoCo's InfoNCE against a 65,536-row queue, CLIP, DCL/DCLW,
+DetConB (region-level InfoNCE; BYOL's target branch receives no gradient).
 
 Sizes (full set): SimCLR batch 256-8192 at D=128 (the paper's projection) and D=768 (ViT-B
 features); MoCo v2 batch 256-1024 against its 65,536-row queue at D=128; CLIP at D=768, batch
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import functools
 from typing import List
+
+import torch
 
 import fastssl
 
@@ -80,17 +83,42 @@ def dcl(batch: int, dim: int = 128, weighted: bool = False) -> core.Case:
     )
 
 
+def detcon(batch: int, regions: int = 16, dim: int = 128, masks: int = 16) -> core.Case:
+    """DetConB on (batch, regions, dim) pooled regions of two views, region indices drawn from
+    ``masks`` per image (repeats allowed); the targets are BYOL's, without gradient. Rows per
+    view: batch·regions, against 2·batch·regions keys."""
+    rows = 2 * batch * regions
+
+    def make(device, dtype):
+        preds = [core.randn((batch, regions, dim), device, dtype) for _ in range(2)]
+        targets = [core.randn((batch, regions, dim), device, dtype, False) for _ in range(2)]
+        index = [torch.randint(0, masks, (batch, regions), device=device) for _ in range(2)]
+        return (*preds, *targets, *index), preds
+
+    return core.Case(
+        family="contrastive", loss="detcon", name=f"detconb-b{batch}-m{regions}-d{dim}",
+        sizes={"batch": batch, "regions": regions, "dim": dim},
+        make_inputs=make,
+        make_loss=lambda backend: fastssl.DetConBLoss(gather_distributed=False, backend=backend),
+        peers={"lightly": peers.lightly("DetConBLoss", gather_distributed=False)},
+        gemm_flops={"fwd": 2 * rows * rows * dim, "bwd": 4 * rows * rows * dim},  # the backward recomputes S
+        series=((f"DetConB, {regions} regions, D={dim}", "batch"),),
+    )
+
+
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
-        return [simclr(6, 10), moco(6, 10, queue=24), clip(6, 10), dcl(6, 10), dcl(6, 10, weighted=True)]
+        return [simclr(6, 10), moco(6, 10, queue=24), clip(6, 10), dcl(6, 10), dcl(6, 10, weighted=True),
+                detcon(3, 4, 10, masks=3)]
     if size_set == "quick":
-        # DCL at the issue's sizes: batch 256 and 8192, D = 128
+        # DCL and DetConB at the issue's sizes: 256 and 8192 rows (DetCon: 16 regions per image), D = 128
         return ([simclr(b, 128) for b in (128, 256, 512)] + [simclr(b, 768) for b in (128, 256)]
                 + [moco(b, queue=16384) for b in (64, 128)] + [clip(b) for b in (128, 256)]
-                + [dcl(b, weighted=w) for b in (256, 8192) for w in (False, True)])
+                + [dcl(b, weighted=w) for b in (256, 8192) for w in (False, True)] + [detcon(b) for b in (16, 512)])
     return ([simclr(b, d) for d in (128, 768) for b in (256, 512, 1024, 2048, 4096, 8192)]
             + [moco(b) for b in (256, 512, 1024)] + [clip(b) for b in (256, 1024, 4096, 16384)]
-            + [dcl(b, weighted=w) for b in (256, 1024, 8192) for w in (False, True)])
+            + [dcl(b, weighted=w) for b in (256, 1024, 8192) for w in (False, True)]
+            + [detcon(b) for b in (16, 64, 512)])
 
 
 def test_contrastive(benchmark, bench_job):

@@ -18,6 +18,7 @@ from .functional import (
     clip_loss,
     co2,
     dcl,
+    detcon,
     dino,
     dino_center,
     emp_ssl,
@@ -55,6 +56,8 @@ from .losses import (
     CO2Regularizer,
     DCLLoss,
     DCLWLoss,
+    DetConBLoss,
+    DetConSLoss,
     DirectCLRLoss,
     DINOLoss,
     EMPSSLLoss,
@@ -101,6 +104,7 @@ __all__ = [
     "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents", "sigreg", "lejepa",
     "lejepa_invariance_loss", "lewm", "latent_distance", "latent_prediction_loss", "visreg", "visreg_components",
     "visreg_center_loss", "visreg_scale_loss", "visreg_shape_loss",
+    "DetConBLoss", "DetConSLoss", "detcon",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

@@ -21,7 +21,7 @@ Conventions shared by every function:
   hold the same batch size.
 """
 from .clustering import kmeans_assign, kmeans_update, sinkhorn, sinkhorn_knopp, swav
-from .contrastive import clip_loss, dcl, info_nce, macl, negative_mises_fisher_weights, nt_xent
+from .contrastive import clip_loss, dcl, detcon, info_nce, macl, negative_mises_fisher_weights, nt_xent
 from .cosine import negative_cosine_similarity
 from .distillation import dino, dino_center
 from .redundancy import barlow_twins, vicreg
@@ -36,4 +36,5 @@ __all__ = [
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "negative_mises_fisher_weights", "macl", "co2", "patch_kernel_alignment",
     "sigreg", "lejepa", "lejepa_invariance_loss", "lewm", "latent_distance", "latent_prediction_loss", "visreg",
     "visreg_components", "visreg_center_loss", "visreg_scale_loss", "visreg_shape_loss",
+    "detcon",
 ]

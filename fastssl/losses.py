@@ -5,7 +5,8 @@ Constructor arguments and defaults match lightly's, so ``from lightly.loss impor
 → ``from fastssl import NTXentLoss`` keeps the numbers; fastssl's extras are keyword-only.
 """
 from .clustering import SwaVLoss
-from .contrastive import DCLLoss, DCLWLoss, DirectCLRLoss, MACLLoss, MemoryBankModule, NTXentLoss
+from .contrastive import (DCLLoss, DCLWLoss, DetConBLoss, DetConSLoss, DirectCLRLoss, MACLLoss, MemoryBankModule,
+                          NTXentLoss)
 from .cosine import NegativeCosineSimilarity
 from .distillation import DINOLoss
 from .redundancy import BarlowTwinsLoss, VICRegLoss
@@ -15,4 +16,5 @@ from .sliced import LeJEPALoss, LeWMLoss, SIGReg, VISRegLoss, VISRegLossComponen
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
            "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer",
-           "PatchKernelAlignmentLoss", "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents"]
+           "PatchKernelAlignmentLoss", "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents",
+           "DetConBLoss", "DetConSLoss"]

@@ -12,7 +12,7 @@ for every backend. Each family keeps its own spec (``fastssl.<family>.reference`
 re-exports them all.
 """
 from .clustering.reference import kmeans_assign, marginal_logs, sinkhorn
-from .contrastive.reference import info_nce, info_nce_self, info_nce_self_decoupled, l2_normalize
+from .contrastive.reference import info_nce, info_nce_masked, info_nce_self, info_nce_self_decoupled, l2_normalize
 from .cosine.reference import negative_cosine_similarity
 from .distillation.reference import linear_soft_cross_entropy_pairs, soft_cross_entropy_pairs
 from .redundancy.reference import barlow_twins, barlow_twins_from_correlation, batch_normalize, vicreg_variance_covariance
@@ -22,7 +22,7 @@ from .sliced.reference import sigreg_sums, visreg_shape
 from .runtime.dtypes import compute_dtype, max_exp_span
 
 __all__ = [
-    "compute_dtype", "max_exp_span", "l2_normalize", "info_nce", "info_nce_self", "info_nce_self_decoupled", "batch_normalize",
+    "compute_dtype", "max_exp_span", "l2_normalize", "info_nce", "info_nce_self", "info_nce_self_decoupled", "info_nce_masked", "batch_normalize",
     "barlow_twins_from_correlation", "barlow_twins", "vicreg_variance_covariance", "marginal_logs", "sinkhorn",
     "soft_cross_entropy_pairs", "linear_soft_cross_entropy_pairs", "kmeans_assign", "negative_cosine_similarity", "koleo",
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere_uniformity", "co2", "patch_kernel_alignment",

@@ -520,3 +520,36 @@ def visreg64(local_proj, global_proj, slices, lambda_param=0.9, lambda_scale=1.0
     total = (1 - lambda_param) * pred + lambda_param * (lambda_scale * scale + lambda_shape * shape
                                                         + lambda_center * center)
     return total, pred, scale, shape, center
+
+
+def lightly_detcon64(pred0, pred1, target0, target1, mask0, mask1, temperature, dtype=torch.float64):
+    """lightly 1.6 ``DetConBLoss.forward`` (one process), in float64 (or ``dtype``, as a peer computing
+    in the inputs' dtype does), per row: (loss, row losses (2·B·M,) before the 1/A weights, the
+    weights (2·B·M,)). Excluded logits get −inf where lightly subtracts 1e9 (the same zero after exp)."""
+    b, m, _ = pred0.shape
+    p0, p1, t0, t1 = (F.normalize(x.to(dtype), dim=2) for x in (pred0, pred1, target0, target1))
+    own_image = torch.eye(b, dtype=dtype)[:, None, :, None]  # (b, 1, b, 1)
+
+    def same(x, y):  # (b, m, 1, m)
+        return (x.unsqueeze(2) == y.unsqueeze(1)).to(dtype).unsqueeze(2)
+
+    def side(p, t_same, t_other, mask, other_mask):
+        cross = torch.einsum("abk,uvk->abuv", p, t_other) / temperature
+        within = torch.einsum("abk,uvk->abuv", p, t_same) / temperature
+        within = within.masked_fill((own_image * same(mask, mask)) > 0, float("-inf"))
+        labels = (own_image * same(mask, other_mask)).reshape(b, m, -1)
+        labels = torch.cat([labels, torch.zeros_like(labels)], dim=2)
+        count = labels.sum(dim=2)
+        logits = torch.cat([cross, within], dim=2).reshape(b, m, -1)
+        log_probs = torch.log_softmax(logits, dim=2)
+        rows = -torch.where(labels > 0, log_probs, torch.zeros_like(log_probs)).sum(dim=2) / count.clamp_min(1)
+        weights = (count > 0).to(dtype) / same(mask, mask).sum(dim=(2, 3))
+        return rows.reshape(-1), weights.reshape(-1)
+
+    rows0, weights0 = side(p0, t0, t1, mask0, mask1)
+    rows1, weights1 = side(p1, t1, t0, mask1, mask0)
+    loss = (weights0 * rows0).mean() + (weights1 * rows1).mean()
+    return loss, torch.cat([rows0, rows1]), torch.cat([weights0, weights1])
+
+
+# =====================================================================================

@@ -3,7 +3,7 @@ SimCSE, CLIP, SupCon, MoCo v3).
 
 Public API: :func:`info_nce`, :func:`nt_xent`, :func:`clip_loss`, :func:`dcl`, :class:`NTXentLoss`,
 :class:`MemoryBankModule`, :class:`DCLLoss`, :class:`DCLWLoss`, :class:`DirectCLRLoss`, :func:`macl`,
-:class:`MACLLoss`. Core ops (``fastssl.runtime.registry``):
+:class:`MACLLoss`, :func:`detcon`, :class:`DetConBLoss`, :class:`DetConSLoss`. Core ops (``fastssl.runtime.registry``):
 ``info_nce`` (queries against keys, optional positive keys and labels), ``info_nce_self`` (a batch
 against itself) and ``info_nce_self_decoupled`` (the same, positives out of the denominator: DCL).
 """
@@ -576,3 +576,116 @@ class MACLLoss(nn.Module):
 
     def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
         return macl(z0, z1, self.temperature, self.alpha, self.A_0, backend=self.backend)
+
+
+def _check_region_masks(masks: Sequence[Tensor], shape: Tuple[int, int]) -> None:
+    for name, mask in zip(("mask_view0", "mask_view1"), masks):
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise TypeError(f"{name} must be an integer tensor of region indices, got {mask.dtype}")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"{name} must have shape (B, M) = {shape} for views of shape (B, M, D), got "
+                             f"{tuple(mask.shape)}")
+
+
+def detcon(pred_view0: Tensor, pred_view1: Tensor, target_view0: Tensor, target_view1: Tensor,
+           mask_view0: Tensor, mask_view1: Tensor, temperature: float = 0.1, *, gather_distributed: bool = False,
+           backend: str = "auto") -> Tensor:
+    r"""DetCon (Hénaff et al., 2021), as lightly's ``DetConBLoss``: region-level InfoNCE between the
+    mask-pooled, normalised region embeddings of a prediction and a target branch (DetConS: both
+    the same). For region i of view 0 of image b (row), with :math:`s = p\cdot t/\tau`, the
+    positives are the target regions of view 1 of image b with the same mask index, and the
+    target regions of view 0 of image b with the same index leave the denominator:
+
+    .. math:: \ell_i = \frac{1}{A_i}\Big(\log\sum_{j \notin E_i} e^{s_{ij}} - \frac{1}{|P_i|}\sum_{j\in P_i} s_{ij}\Big)
+
+    over the keys of both target views of every image (0 when :math:`P_i` is empty), with
+    :math:`A_i` the number of view-0 regions of image b sharing i's index; the loss is the mean
+    over view-0 rows plus the same with the views swapped.
+
+    On the masked InfoNCE core (``info_nce_masked``): O(B·M) extra memory, where lightly forms
+    four (B, M, B·W, M) logit tensors. The region labels are canonical indices (the first region
+    of the image with the same mask index), so any integer mask indices work.
+
+    Args:
+        pred_view0, pred_view1, target_view0, target_view1: (B, M, D) float.
+        mask_view0, mask_view1: (B, M) integer region indices (repeats allowed).
+        temperature: |τ| ≥ 1e-8. gather_distributed: targets from every rank (with gradient).
+    Returns:
+        0-dim float32 loss (float64 for float64 inputs).
+    """
+    views = (pred_view0, pred_view1, target_view0, target_view1)
+    check_views(("pred_view0", "pred_view1", "target_view0", "target_view1"), views, ndim=3)
+    batch, regions, dim = pred_view0.shape
+    _check_region_masks((mask_view0, mask_view1), (batch, regions))
+    scale = 1.0 / check_temperature("temperature", temperature)
+    world = distributed.world_size() if gather_distributed else 1
+    first_image = distributed.rank() * batch if world > 1 else 0
+    if world > 1:
+        target_view0, target_view1 = distributed.gather(target_view0), distributed.gather(target_view1)
+
+    def normalized(x: Tensor) -> Tensor:
+        return reference.l2_normalize(x.reshape(-1, dim))
+
+    queries = torch.cat([normalized(pred_view0), normalized(pred_view1)])
+    keys = torch.cat([normalized(target_view0), normalized(target_view1)])
+    # One label per (image, region index, view): the canonical index of a region is its image's
+    # first region (of either view) with the same mask index.
+    masks = torch.cat([mask_view0, mask_view1], dim=1)
+    same = masks[:, :, None] == masks[:, None, :]  # (B, 2M, 2M)
+    canonical = same.to(torch.int8).argmax(dim=2)
+    image = torch.arange(batch, device=masks.device)[:, None] + first_image
+
+    def label(view: int, canonical_index: Tensor) -> Tensor:
+        return (((image + 1) * 2 + view) * (2 * regions) + canonical_index).reshape(-1)
+
+    region0, region1 = canonical[:, :regions], canonical[:, regions:]
+    query_labels = torch.cat([label(0, region0), label(1, region1)])
+    # keys: [target view 0 of every image, target view 1 of every image]; a view-0 row's
+    # positives are its image's view-1 targets (labelled as view-0 rows) and its exclusions
+    # its image's view-0 targets; the other images' keys match no row (label −1).
+    block = world * batch * regions
+    positive_key_labels = torch.full((2 * block,), -1, dtype=torch.long, device=masks.device)
+    excluded_key_labels = positive_key_labels.clone()
+    local = slice(first_image * regions, (first_image + batch) * regions)
+    positive_key_labels[local] = label(1, region0)
+    positive_key_labels[block:][local] = label(0, region1)
+    excluded_key_labels[local] = label(0, region0)
+    excluded_key_labels[block:][local] = label(1, region1)
+    # A_i: the view's regions of the image sharing row i's index; rows: view 0, then view 1
+    area = torch.stack([same[:, :regions, :regions].sum(2), same[:, regions:, regions:].sum(2)]).reshape(-1)
+    row_weights = 1.0 / (area * (batch * regions)).to(queries.dtype)  # each view's mean over its rows
+    _, core = registry.select("info_nce_masked", backend, (queries, keys))
+    return core(queries, keys, query_labels, positive_key_labels, excluded_key_labels, row_weights, scale,
+                keys.requires_grad)
+
+
+class DetConBLoss(nn.Module):
+    """DetConB, as lightly's ``DetConBLoss(temperature=0.1, gather_distributed=True)``; see
+    :func:`fastssl.functional.detcon`. forward(pred_view0, pred_view1, target_view0, target_view1,
+    mask_view0, mask_view1)."""
+
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = True, *, backend: str = "auto"):
+        super().__init__()
+        self.eps = 1e-8  # lightly's attribute
+        self.temperature = check_temperature("temperature", temperature)
+        self.gather_distributed = check_distributed_available("gather_distributed", gather_distributed)
+        self.backend = backend
+
+    def forward(self, pred_view0: Tensor, pred_view1: Tensor, target_view0: Tensor, target_view1: Tensor,
+                mask_view0: Tensor, mask_view1: Tensor) -> Tensor:
+        return detcon(pred_view0, pred_view1, target_view0, target_view1, mask_view0, mask_view1, self.temperature,
+                      gather_distributed=self.gather_distributed, backend=self.backend)
+
+
+class DetConSLoss(nn.Module):
+    """DetConS, as lightly's ``DetConSLoss(temperature=0.1, gather_distributed=True)``: DetConB with
+    each view its own target. forward(view0, view1, mask_view0, mask_view1)."""
+
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = True, *, backend: str = "auto"):
+        super().__init__()
+        self.detconbloss = DetConBLoss(temperature, gather_distributed, backend=backend)
+
+    def forward(self, view0: Tensor, view1: Tensor, mask_view0: Tensor, mask_view1: Tensor) -> Tensor:
+        return self.detconbloss(view0, view1, view0, view1, mask_view0, mask_view1)

@@ -121,3 +121,4 @@ def define_info_nce_self_op(name: str, forward: Callable, backward: Callable) ->
 
     info_nce_self_core.op = op
     return info_nce_self_core
+

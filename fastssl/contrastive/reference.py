@@ -113,3 +113,27 @@ def info_nce_self_decoupled(embeddings: torch.Tensor, labels: torch.Tensor, excl
     negatives = torch.logsumexp(logits.masked_fill(positive_mask, float("-inf")), dim=1)
     positive_mean = torch.where(positive_mask, logits, torch.zeros_like(logits)).sum(dim=1) / count.clamp_min(1)
     return torch.where(count > 0, negatives - positive_mean, torch.zeros_like(negatives))
+
+
+def info_nce_masked(query: torch.Tensor, keys: torch.Tensor, query_labels: torch.Tensor,
+                    positive_key_labels: torch.Tensor, excluded_key_labels: torch.Tensor, row_weights: torch.Tensor,
+                    scale: float, keys_gradient: bool) -> torch.Tensor:
+    """Weighted InfoNCE with label-given positives and exclusions (DetCon's pooled regions): Σᵢ wᵢ ℓᵢ.
+
+    With s_ij = scale · q_i·k_j, P_i = {j : positive_key_labels[j] == query_labels[i]} and
+    E_i = {j : excluded_key_labels[j] == query_labels[i]} (disjoint from P_i)::
+
+        ℓ_i = logsumexp_{j ∉ E_i} s_ij − mean_{j ∈ P_i} s_ij     (0 when P_i is empty)
+
+    Args: query (N, D), keys (M, D); the labels (N,), (M,), (M,) int64; row_weights (N,) wᵢ;
+        keys_gradient: whether the keys take a gradient (a backend may skip it; here autograd decides).
+    Returns: 0-dim, float32 (float64 inputs: float64).
+    """
+    dtype = compute_dtype(query, keys)
+    logits = scale * (query.to(dtype) @ keys.to(dtype).T)
+    positive_mask = query_labels[:, None] == positive_key_labels[None, :]
+    logits = logits.masked_fill(query_labels[:, None] == excluded_key_labels[None, :], float("-inf"))
+    count = positive_mask.sum(dim=1)
+    positive_mean = torch.where(positive_mask, logits, torch.zeros_like(logits)).sum(dim=1) / count.clamp_min(1)
+    rows = torch.where(count > 0, torch.logsumexp(logits, dim=1) - positive_mean, torch.zeros_like(positive_mean))
+    return (row_weights.to(dtype) * rows).sum()

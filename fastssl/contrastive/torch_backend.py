@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..runtime import library
 from ..runtime.dtypes import compute_dtype, max_exp_span
 from .op import define_info_nce_op, define_info_nce_self_op
 
@@ -138,11 +139,17 @@ def _mask_self(block: Tensor, self_index: Tensor, value) -> None:
     block[rows, self_index[rows]] = value
 
 
-def _block_logits(scaled_query: Tensor, keys: Tensor, self_index: Optional[Tensor], start: int, stop: int) -> Tensor:
-    """scale · Q[start:stop] Kᵀ with self entries set to −inf: (stop − start, M)."""
+def _block_logits(scaled_query: Tensor, keys: Tensor, self_index: Optional[Tensor], start: int, stop: int,
+                  excluded: Optional[Positives] = None) -> Tensor:
+    """scale · Q[start:stop] Kᵀ with self entries (and ``excluded``'s pairs) set to −inf: (stop − start, M)."""
     logits = scaled_query[start:stop] @ keys.T
     if self_index is not None:
         _mask_self(logits, self_index[start:stop], float("-inf"))
+    if excluded is not None:
+        if excluded.pair_rows is not None:
+            logits[excluded.block_pairs(start, stop)] = float("-inf")
+        else:
+            logits.masked_fill_(excluded.block_mask(start, stop), float("-inf"))
     return logits
 
 
@@ -297,6 +304,68 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
         grad_q += positive_coef[:, None] * p
         grad_positive_keys = (positive_coef[:, None] * q).to(positive_keys.dtype)
     return grad_q.to(query.dtype), grad_k.to(keys.dtype), grad_positive_keys
+
+
+def info_nce_masked_forward(query: Tensor, keys: Tensor, query_labels: Tensor, positive_key_labels: Tensor,
+                            excluded_key_labels: Tensor, row_weights: Tensor, scale: float, keys_gradient: bool,
+                            with_gradient: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``reference.info_nce_masked`` (Σᵢ wᵢ ℓᵢ, positives and exclusions given by labels: DetCon's
+    pooled regions) in blocks of rows, its gradient from the same blocks. Returns (loss, ∂/∂query,
+    ∂/∂keys) in the compute dtype (empty gradients without ``with_gradient``; the keys' also
+    without ``keys_gradient``: BYOL's targets take none).
+
+    Each block holds all M logits of its rows, so its log-sum-exps are complete and
+    G = wᵢ(softmax − 1_P/|P|) follows at once: dQ_b = scale · G K, dK += scale · Gᵀ Q_b. Two GEMMs
+    per block without the keys' gradient, three with it (autograd, or a backward that recomputes
+    the logits, needs one more); O(block) memory. The positives and exclusions are found in
+    O((N + M) log M) by label (``find_positives``); excluded logits are −inf in the block."""
+    dtype = compute_dtype(query, keys)
+    q, k, weights = query.to(dtype), keys.to(dtype), row_weights.to(dtype)
+    positives = find_positives(query_labels, positive_key_labels, None)
+    excluded = find_positives(query_labels, excluded_key_labels, None)
+    unshifted = exps_stay_normal(scale, q, k)
+    scaled_q = q * scale
+    total = q.new_zeros(())
+    grad_q = torch.empty_like(q) if with_gradient else library.empty_grad(q)
+    grad_k = torch.zeros_like(k) if with_gradient and keys_gradient else library.empty_grad(k)
+    # rows without a positive add nothing (lightly's weight 0)
+    weights = torch.where(positives.count > 0, weights, torch.zeros_like(weights))
+    positive_weights = weights / positives.count.clamp_min(1).to(dtype)
+    n = q.shape[0]
+    step = rows_per_block(k.shape[0])
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        logits = _block_logits(scaled_q, k, None, start, stop, excluded)
+        shift = torch.zeros(stop - start, dtype=dtype, device=k.device) if unshifted else logits.amax(dim=1)
+        if not unshifted:
+            logits.sub_(shift[:, None])
+        if positives.pair_rows is not None:
+            rows, cols = positives.block_pairs(start, stop)
+            positive_sum = torch.zeros(stop - start, dtype=dtype, device=k.device).index_add_(0, rows, logits[rows, cols])
+        else:
+            mask = positives.block_mask(start, stop)
+            positive_sum = torch.where(mask, logits, torch.zeros((), dtype=dtype, device=k.device)).sum(dim=1)
+        exp_sum = logits.exp_().sum(dim=1)
+        row_loss = torch.log(exp_sum) - positive_sum / positives.count[start:stop].clamp_min(1).to(dtype)
+        total = total + (weights[start:stop] * row_loss).sum()
+        if not with_gradient:
+            continue
+        grad_logits = logits.mul_((weights[start:stop] / exp_sum * scale)[:, None])  # wᵢ·softmax·scale
+        if positives.pair_rows is not None:
+            grad_logits.index_put_((rows, cols), -scale * positive_weights[start:stop][rows], accumulate=True)
+        else:
+            grad_logits.sub_(mask.to(dtype) * (scale * positive_weights[start:stop])[:, None])
+        torch.mm(grad_logits, k, out=grad_q[start:stop])
+        if keys_gradient:
+            grad_k.addmm_(grad_logits.T, q[start:stop])
+    return total, grad_q, grad_k
+
+
+def _info_nce_masked_fake(query, keys, query_labels, positive_key_labels, excluded_key_labels, row_weights, scale,
+                          keys_gradient, with_gradient):
+    dtype = compute_dtype(query, keys)
+    grad_q, grad_k = library.gradient_fakes(with_gradient, (query, keys), dtype)
+    return query.new_empty((), dtype=dtype), grad_q, (grad_k if keys_gradient else library.empty_grad(keys))
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,6 +570,10 @@ def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor,
 
 info_nce = define_info_nce_op("info_nce", info_nce_forward, info_nce_backward)
 info_nce_self = define_info_nce_self_op("info_nce_self", info_nce_self_forward, info_nce_self_backward)
+info_nce_masked = library.define_precomputed_gradient_op(
+    "info_nce_masked", "Tensor query, Tensor keys, Tensor query_labels, Tensor positive_key_labels, "
+    "Tensor excluded_key_labels, Tensor row_weights, float scale, bool keys_gradient", 2, 0, info_nce_masked_forward,
+    _info_nce_masked_fake)
 info_nce_self_decoupled = define_info_nce_self_op(
     "info_nce_self_decoupled", functools.partial(info_nce_self_forward, decoupled=True),
     functools.partial(info_nce_self_backward, decoupled=True))

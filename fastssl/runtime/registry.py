@@ -47,6 +47,10 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "torch": "fastssl.contrastive.torch_backend:info_nce_self",
         "triton": "fastssl.contrastive.triton_backend:info_nce_self",
     },
+    "info_nce_masked": {
+        "reference": "fastssl.contrastive.reference:info_nce_masked",
+        "torch": "fastssl.contrastive.torch_backend:info_nce_masked",
+    },
     "info_nce_self_decoupled": {
         "reference": "fastssl.contrastive.reference:info_nce_self_decoupled",
         "torch": "fastssl.contrastive.torch_backend:info_nce_self_decoupled",

@@ -27,9 +27,9 @@ CPU = torch.device("cpu")
 SMOKE = dataclasses.replace(core.SETTINGS["smoke"], allow_interpreter=True)
 LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "swav", "sinkhorn_knopp",
           "dino", "negative_cosine_similarity", "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "dclw",
-          "sigreg", "lejepa", "lewm", "visreg"}
+          "sigreg", "lejepa", "lewm", "visreg", "detcon"}
 GEMM_LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "tico", "mmcr", "frossl",
-               "emp_ssl", "hypersphere", "dcl", "dclw", "sigreg", "lejepa", "lewm", "visreg"}
+               "emp_ssl", "hypersphere", "dcl", "dclw", "sigreg", "lejepa", "lewm", "visreg", "detcon"}
 
 
 @pytest.fixture(scope="module")

@@ -143,6 +143,8 @@ calls = {
     "LeWMLoss": lambda: fastssl.LeWMLoss()(predicted=a.view(4, 4, 8)[:, 1:], target=b.view(4, 4, 8)[:, 1:],
                                            embeddings=b.view(4, 4, 8)),
     "VISRegLoss": lambda: fastssl.VISRegLoss()(local_proj=a.view(2, 8, 8), global_proj=b.view(2, 8, 8)),
+    "DetConSLoss": lambda: fastssl.DetConSLoss(gather_distributed=False)(
+        a.view(4, 4, 8), b.view(4, 4, 8), torch.tensor([[0, 1, 1, 2]] * 4), torch.tensor([[1, 0, 2, 3]] * 4)),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}

@@ -24,6 +24,10 @@ def _op_samples(dtype):
         ("info_nce_self", (rand(9, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 5]), True, 2.0)),
         ("info_nce_self", (rand(9, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 5]), False, 2.0)),
         ("info_nce_self_decoupled", (rand(8, 5), torch.arange(4).repeat(2), True, 2.0)),
+        # row 2 has no positive; rows 0 and 1 share a positive, row 0 has two exclusions
+        ("info_nce_masked", (rand(4, 5), rand(7, 5), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 0, 1, -1, 3, -1, 3]),
+                             torch.tensor([-1, -1, 0, 0, -1, 3, -1]), torch.rand(4, generator=g, dtype=dtype), 2.0,
+                             True)),
         ("barlow_twins", (rand(7, 5), rand(7, 5), 5e-3)),
         ("vicreg_variance_covariance", (rand(7, 3, 5), rand(7, 3, 5), 1e-4)),
         ("soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9, grad=False), -1), rand(4, 5, 9), 10.0)),
@@ -113,6 +117,9 @@ def _losses():
         ("dclw", lambda a, b, be: fastssl.DCLWLoss(0.2, backend=be)(a, b)),
         ("macl", lambda a, b, be: fn.macl(a, b, 0.2, 1.0, 0.5, backend=be)),
         ("co2", lambda a, b, be: fn.co2(a, b, backend=be)),
+        ("detcon", lambda a, b, be: fn.detcon(a.view(3, 3, 13), b.view(3, 3, 13), b.view(3, 3, 13).flip(0),
+                                              a.view(3, 3, 13) * 2, torch.tensor([[0, 1, 1]] * 3),
+                                              torch.tensor([[1, 0, 2]] * 3), 0.2, backend=be)),
         ("patch_kernel_alignment", lambda a, b, be: sum(  # each view the student once: the teacher is detached
             fn.patch_kernel_alignment(x.view(3, 3, 13), y.view(3, 3, 13), backend=be) for x, y in ((a, b), (b, a)))),
         ("tico", lambda a, b, be: fn.tico(a, b, torch.eye(13), 0.5, backend=be)[0]),
