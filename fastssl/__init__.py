@@ -4,7 +4,7 @@
     >>> loss = NTXentLoss(temperature=0.5)(z0, z1)
 
 Each loss family lives in one package (``fastssl.contrastive``, ``.redundancy``, ``.spectral``, ``.clustering``,
-``.distillation``, ``.cosine``): its modules and functions, its ``torch.library`` ops, its
+``.distillation``, ``.cosine``, ``.sliced``): its modules and functions, its ``torch.library`` ops, its
 reference and one file per backend. ``fastssl.functional``, ``fastssl.losses`` and
 ``fastssl.reference`` gather them; ``fastssl.runtime.registry`` (also ``fastssl.backends``) chooses
 between the reference, torch, triton and native implementations; ``python -m fastssl.info``
@@ -39,6 +39,17 @@ from .functional import (
     swav,
     tico,
     vicreg,
+    sigreg,
+    lejepa,
+    lejepa_invariance_loss,
+    lewm,
+    latent_distance,
+    latent_prediction_loss,
+    visreg,
+    visreg_components,
+    visreg_center_loss,
+    visreg_scale_loss,
+    visreg_shape_loss,
 )
 from .functional import dse, norm_mse_loss, whiten, wmse
 from .losses import (
@@ -63,6 +74,11 @@ from .losses import (
     SwaVLoss,
     TiCoLoss,
     VICRegLoss,
+    SIGReg,
+    LeJEPALoss,
+    LeWMLoss,
+    VISRegLoss,
+    VISRegLossComponents,
 )
 from .losses import DSERegularizer, Whitening2d, WMSELoss
 from .distillation import Center
@@ -89,6 +105,9 @@ __all__ = [
     "hypersphere", "DCLLoss", "DCLWLoss", "dcl", "negative_mises_fisher_weights",
     "DirectCLRLoss", "MACLLoss", "macl", "CO2Regularizer", "co2",
     "PatchKernelAlignmentLoss", "patch_kernel_alignment",
+    "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents", "sigreg", "lejepa",
+    "lejepa_invariance_loss", "lewm", "latent_distance", "latent_prediction_loss", "visreg", "visreg_components",
+    "visreg_center_loss", "visreg_scale_loss", "visreg_shape_loss",
     "DetConBLoss", "DetConSLoss", "detcon",
     "VICRegLLoss", "vicregl",
     "DSERegularizer", "dse", "Whitening2d", "WMSELoss", "whiten", "wmse", "norm_mse_loss",

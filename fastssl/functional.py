@@ -30,11 +30,15 @@ from .spectral import emp_ssl, frossl, hypersphere, mmcr, patch_kernel_alignment
 from .redundancy import vicregl
 from .regularizers import dse
 from .whitening import norm_mse_loss, whiten, wmse
+from .sliced import (latent_distance, latent_prediction_loss, lejepa, lejepa_invariance_loss, lewm, sigreg,
+                     visreg, visreg_center_loss, visreg_components, visreg_scale_loss, visreg_shape_loss)
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
     "swav", "dino", "dino_center", "kmeans_assign", "kmeans_update", "negative_cosine_similarity", "koleo",
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "negative_mises_fisher_weights", "macl", "co2", "patch_kernel_alignment",
+    "sigreg", "lejepa", "lejepa_invariance_loss", "lewm", "latent_distance", "latent_prediction_loss", "visreg",
+    "visreg_components", "visreg_center_loss", "visreg_scale_loss", "visreg_shape_loss",
     "detcon",
     "vicregl",
     "dse", "whiten", "wmse", "norm_mse_loss",

@@ -20,6 +20,7 @@ from .regularizers.reference import co2, koleo
 from .spectral.reference import emp_ssl, frossl, hypersphere_uniformity, mmcr, patch_kernel_alignment, tico
 from .regularizers.reference import dse
 from .whitening.reference import whitening, wmse
+from .sliced.reference import sigreg_sums, visreg_shape
 from .runtime.dtypes import compute_dtype, max_exp_span
 from .redundancy.reference import mutual_nearest_neighbors
 
@@ -30,4 +31,5 @@ __all__ = [
     "tico", "mmcr", "frossl", "emp_ssl", "hypersphere_uniformity", "co2", "patch_kernel_alignment",
     "mutual_nearest_neighbors",
     "dse", "whitening", "wmse",
+    "sigreg_sums", "visreg_shape",
 ]

@@ -808,3 +808,110 @@ def dse_bounds(representations, parts, weight, normalize, u=U32):
                 + (abs(big_a) * kappa_a + delta_big_a + 2 * abs(big_a) * delta_a / a) * g_a / a ** 2
                 + kappa_ed * g_ed + 2 * e * (g_big_a / a + abs(big_a) * g_a / a ** 2 + g_ed))
     return abs(weight) * value + u * abs(loss), abs(weight) * gradient
+# Sliced regularizers: SIGReg (LeJEPA, LeWM) and VISReg's shape loss
+# --------------------------------------------------------------------------------------------
+def sigreg_bounds(proj, vectors, t, phi, weights, u=U32, num_samples=None):
+    """(|δL|, entrywise |δ∂L/∂proj|) of SIGReg on ``proj`` (..., N, C) with float64 unit ``vectors``
+    (C, M) (the backend's, normalised in the compute dtype: e_A = ``normalized_entry_error`` each)
+    and the grid (t, φ, w) read exactly from float32.
+
+    P = proj·A is off by ΔP = (γ_C + e_A)|proj||A|; each angle t_k P by δθ = t_k(ΔP + u|P|); a cos or
+    sin (1 ulp) by δθ + 2u; the N-term sums c, s by Σ_n(δθ + 2u) + γ_N N, their means c̄ = c/N by that
+    over N + u|c̄|. The error e_k = (c̄ − φ)² + s̄² moves by 2|c̄ − φ|δc̄ + 2|s̄|δs̄ + δc̄² + δs̄² + 5u e_k,
+    the statistic N Σ_k w_k e_k by N Σ w δe + (γ_K + u) N Σ w e, the mean over the B·M slices by γ_BM.
+    Gradient: G^c = 2w(c̄ − φ)/(BM), G^s = 2w s̄/(BM), each off by 2w/(BM)(δc̄ + 6u|c̄ − φ|) (resp. s̄);
+    ∂L/∂P = Σ_k t_k(G^s cos − G^c sin) by Σ_k t_k[δG^s + δG^c + (|G^s| + |G^c|)(δθ + 2u)] +
+    γ_{2K+2} Σ_k t_k(|G^s| + |G^c|); ∂L/∂proj = ∂L/∂P·Aᵀ by (|δ∂P| + (γ_M + e_A)|∂P|)|A|ᵀ."""
+    x, a = proj.detach().double(), vectors.detach().double()
+    t, phi, w = (v.double() for v in (t, phi, weights))
+    c_dim, m = a.shape
+    n_local, knots = x.shape[-2], t.shape[0]
+    n = n_local if num_samples is None else num_samples
+    slices = x[..., 0, 0].numel() * m
+    e_a = normalized_entry_error(c_dim, u)
+    p = x @ a
+    delta_p = (gamma(c_dim, u) + e_a) * (x.abs() @ a.abs())
+    delta_theta = t * (delta_p + u * p.abs()).unsqueeze(-1)  # (..., N, M, K)
+    angles = p.unsqueeze(-1) * t
+    c_mean, s_mean = angles.cos().sum(-3) / n, angles.sin().sum(-3) / n
+    delta_sum = (delta_theta + 2 * u).sum(-3) + gamma(n_local, u) * n_local
+    delta_c = delta_sum / n + u * c_mean.abs()
+    delta_s = delta_sum / n + u * s_mean.abs()
+    centred = c_mean - phi
+    error = centred.square() + s_mean.square()
+    delta_error = (2 * centred.abs() * delta_c + 2 * s_mean.abs() * delta_s + delta_c.square() + delta_s.square()
+                   + 5 * u * error)
+    statistic = n * (error @ w)
+    value = (n * (delta_error @ w) + (gamma(knots, u) + u) * statistic).mean() + gamma(slices, u) * statistic.mean()
+    g_c, g_s = 2 * w * centred / slices, 2 * w * s_mean / slices
+    delta_g = 2 * w / slices * (delta_c + delta_s + 6 * u * (centred.abs() + s_mean.abs()))
+    g_abs = (g_c.abs() + g_s.abs()).unsqueeze(-3)  # (..., 1, M, K)
+    delta_grad_p = (t * (delta_g.unsqueeze(-3) + g_abs * (delta_theta + 2 * u))).sum(-1)
+    delta_grad_p = delta_grad_p + gamma(2 * knots + 2, u) * (t * g_abs).sum(-1)
+    grad_p = (t * (g_s.unsqueeze(-3) * angles.cos() - g_c.unsqueeze(-3) * angles.sin())).sum(-1)
+    grad = (delta_grad_p + (gamma(m, u) + e_a) * grad_p.abs()) @ a.abs().T
+    return value.item(), grad
+
+
+def visreg_shape_bounds(z, slices, eps, u=U32):
+    """(|δL|, entrywise |δ∂L/∂z|, the sorted projections' smallest gap over their largest error) of
+    VISReg's shape loss on z (..., N, D) with float64 unit ``slices`` (D, S) (e_S each, as SIGReg's
+    vectors). The mean is off by δμ = γ_{N+1} mean|z|, the biased std by δσ ≤ γ_{2N+6} rms(z) (a
+    cancellation-free bound on the data's scale), σ̃ = σ + eps by u σ̃ more; ẑ = (z − μ)/σ̃ by
+    (δμ + u|z − μ|)/σ̃ + |ẑ|(δσ/σ̃ + 2u); P = ẑS by |δẑ||S| + (γ_D + e_S)|ẑ||S|. Sorting is
+    1-Lipschitz in the max-norm of each slice's column, so each residual r = sort(P) − q is off by
+    δr = that column's max δP; L = Σr²/count by Σ(2|r|δr + δr²)/count + γ_{count+4} L.
+    Gradient (when the sorted order cannot change: the gap ratio returned is > 2): ∂L/∂P = 2r/count
+    off by 2(δr + u|r|)/count, ∂L/∂ẑ = ∂P·Sᵀ by |δ∂P||S|ᵀ + (γ_S + e_S)|∂P||S|ᵀ, and
+    ∂L/∂z = (∂ẑ − mean_N ∂ẑ)/σ̃ by (δ∂ẑ + mean δ∂ẑ + γ_{N+1} mean|∂ẑ| + u|∂ẑ − mean ∂ẑ|)/σ̃ + |∂L/∂z|(δσ/σ̃ + u)."""
+    x, s = z.detach().double(), slices.detach().double()
+    n, d = x.shape[-2:]
+    num_slices = s.shape[1]
+    e_s = normalized_entry_error(d, u)
+    mean = x.mean(dim=-2, keepdim=True)
+    scale = x.std(dim=-2, unbiased=False, keepdim=True) + eps
+    delta_mean = gamma(n + 1, u) * x.abs().mean(dim=-2, keepdim=True)
+    delta_scale = gamma(2 * n + 6, u) * x.square().mean(dim=-2, keepdim=True).sqrt() + u * scale
+    normalized = (x - mean) / scale
+    delta_normalized = (delta_mean + u * (x - mean).abs()) / scale + normalized.abs() * (delta_scale / scale + 2 * u)
+    p = normalized @ s
+    delta_p = delta_normalized @ s.abs() + (gamma(d, u) + e_s) * (normalized.abs() @ s.abs())
+    values, order = p.sort(dim=-2)
+    from oracles import lightly_gaussian_quantiles  # lightly's float32 quantiles, exact inputs here
+    quantiles = lightly_gaussian_quantiles(n).double().unsqueeze(-1)
+    residuals = values - quantiles
+    delta_r = delta_p.amax(dim=-2, keepdim=True)
+    count = residuals.numel()
+    loss = residuals.square().mean()
+    value = ((2 * residuals.abs() * delta_r + delta_r.square()).sum() / count + gamma(count + 4, u) * loss).item()
+    gap_ratio = (values.diff(dim=-2).amin(dim=-2, keepdim=True) / delta_r).min().item() if n > 1 else math.inf
+    grad_p = torch.empty_like(p).scatter_(-2, order, 2 * residuals / count)
+    delta_grad_p = torch.empty_like(p).scatter_(-2, order, (2 * (delta_r + u * residuals.abs()) / count).expand_as(p))
+    grad_normalized = grad_p @ s.T
+    delta_grad_normalized = delta_grad_p @ s.abs().T + (gamma(num_slices, u) + e_s) * (grad_p.abs() @ s.abs().T)
+    centred = grad_normalized - grad_normalized.mean(dim=-2, keepdim=True)
+    grad = (delta_grad_normalized + delta_grad_normalized.mean(dim=-2, keepdim=True)
+            + gamma(n + 1, u) * grad_normalized.abs().mean(dim=-2, keepdim=True) + u * centred.abs()) / scale
+    grad = grad + (centred / scale).abs() * (delta_scale / scale + u)
+    return value, grad, gap_ratio
+
+
+def invariance_bound(all_proj, global_proj, u=U32):
+    """LeJEPA's (and VISReg's) invariance mean((c − x)²) over all views (V, N, D): |δ|, c the mean of the Vg global views: c off by γ_{Vg+1} mean|g|, c − x by u
+    more of |c − x|, the square by u, the mean of ``count`` terms by γ_count."""
+    a, g = all_proj.detach().double(), global_proj.detach().double()
+    difference = g.mean(0) - a
+    delta = gamma(g.shape[0] + 1, u) * g.abs().mean(0) + u * difference.abs()
+    return ((2 * difference.abs() * delta + delta.square()).mean() + (gamma(a.numel(), u) + u)
+            * difference.square().mean()).item()
+
+
+def invariance_grad_bounds(all_proj, global_proj, u=U32):
+    """Entrywise |δ∂/∂views| of the invariance (views = [global, local]): ∂/∂x_v = −2d_v/count, d = c − x
+    off by δd (``invariance_bound``'s) + 2u|d| for the products; a global view also receives
+    (1/Vg) Σ_v 2d_v/count, off by the same per view plus γ_{V+1} of Σ_v|d_v| (the V-term sum)."""
+    a, g = all_proj.detach().double(), global_proj.detach().double()
+    difference = g.mean(0) - a
+    per_view = 2 / a.numel() * (gamma(g.shape[0] + 1, u) * g.abs().mean(0) + 3 * u * difference.abs())
+    shared = (per_view.sum(0) + 2 / a.numel() * gamma(a.shape[0] + 1, u) * difference.abs().sum(0)) / g.shape[0]
+    return per_view + torch.cat([shared.expand_as(g), torch.zeros_like(a[g.shape[0]:])])

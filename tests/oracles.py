@@ -443,6 +443,85 @@ def lightly_patch_kernel_alignment64(student, teacher, mask=None):
     return ((1.0 - cka) * enough).sum() / enough.sum().clamp(min=1.0)
 
 
+# ============================================================================================
+# Sliced: SIGReg (LeJEPA, LeWM) and VISReg
+# ============================================================================================
+def lightly_sigreg_grid(knots=17, t_max=3.0):
+    """lightly's SIGReg buffers (t, φ, weights), float32 as it builds them."""
+    t = torch.linspace(0, t_max, knots, dtype=torch.float32)
+    dt = t_max / (knots - 1)
+    weights = torch.full((knots,), 2 * dt, dtype=torch.float32)
+    weights[[0, -1]] = dt
+    window = torch.exp(-t.square() / 2.0)
+    return t, window, weights * window
+
+
+def lightly_unit_columns(rows, columns, dtype=torch.float32):
+    """lightly's draw of SIGReg's vectors and VISReg's slices (one ``torch.randn`` (rows, columns) in
+    the input's dtype from the global generator), normalised in float64."""
+    draw = torch.randn(rows, columns, dtype=dtype).double()
+    return draw / draw.norm(dim=0)
+
+
+def sigreg_formula(proj, vectors, knots=17, t_max=3.0, num_samples=None):
+    """lightly's SIGReg statistic on given unit ``vectors`` (C, M), in proj's dtype (float64 for the
+    exact value) on lightly's float32 grid: mean over (..., m) of N Σ_k w_k [(mean_n cos(t_k P) − φ_k)²
+    + (mean_n sin(t_k P))²], P = proj @ vectors; ``num_samples``: the global batch (default N)."""
+    t, phi, weights = (x.to(proj.dtype) for x in lightly_sigreg_grid(knots, t_max))
+    n = proj.shape[-2] if num_samples is None else num_samples
+    angles = (proj @ vectors.to(proj.dtype)).unsqueeze(-1) * t
+    error = (angles.cos().sum(-3) / n - phi).square() + (angles.sin().sum(-3) / n).square()
+    return ((error @ weights) * n).mean()
+
+
+def lejepa64(local_proj, global_proj, vectors, lambda_param=0.05, knots=17, t_max=3.0):
+    """lightly's ``LeJEPALoss`` in float64 on given SIGReg ``vectors``."""
+    local_proj, global_proj = local_proj.double(), global_proj.double()
+    all_proj = torch.cat([global_proj, local_proj], dim=0)
+    invariance = (global_proj.mean(0) - all_proj).square().mean()
+    return lambda_param * sigreg_formula(all_proj, vectors, knots, t_max) + (1 - lambda_param) * invariance
+
+
+def lewm64(predicted, target, embeddings, vectors, lambda_param=0.1, normalize=False, knots=17, t_max=3.0):
+    """lightly's ``LeWMLoss`` in float64 on given SIGReg ``vectors``: the MSE to the detached target
+    (both layer-normalised with ``normalize``) + λ SIGReg of the embeddings with the batch on dim −2."""
+    predicted, target = predicted.double(), target.double().detach()
+    if normalize:
+        predicted, target = (F.layer_norm(x, (x.shape[-1],)) for x in (predicted, target))
+    sigreg_input = embeddings.double().flatten(start_dim=1, end_dim=-2).transpose(0, 1)
+    return (predicted - target).square().mean() + lambda_param * sigreg_formula(sigreg_input, vectors, knots, t_max)
+
+
+def lightly_gaussian_quantiles(count):
+    """lightly's VISReg quantiles: float32 ``Normal(0, 1).icdf(i / (count + 1))``, i = 1..count."""
+    positions = torch.arange(1, count + 1, dtype=torch.float32) / (count + 1)
+    return torch.distributions.Normal(loc=0.0, scale=1.0).icdf(positions)
+
+
+def visreg_shape_formula(z, slices, eps=1e-4):
+    """lightly's ``visreg_shape_loss`` on given unit ``slices`` (D, S), in z's dtype (float64 for the
+    exact value; the quantiles are lightly's float32 ones)."""
+    std = z.std(dim=-2, unbiased=False, keepdim=True)
+    projections = ((z - z.mean(dim=-2, keepdim=True)) / (std.detach() + eps)) @ slices.to(z.dtype)
+    quantiles = lightly_gaussian_quantiles(z.shape[-2]).to(z.dtype).unsqueeze(-1)
+    return (projections.sort(dim=-2).values - quantiles).square().mean()
+
+
+def visreg64(local_proj, global_proj, slices, lambda_param=0.9, lambda_scale=1.0, lambda_shape=1.0,
+             lambda_center=1.0, eps=1e-4):
+    """lightly's ``VISRegLoss.forward_components`` in float64 on given ``slices``: (total, pred, scale,
+    shape, center)."""
+    global_proj = global_proj.double()
+    proj = torch.cat([global_proj, local_proj.double()], dim=0)
+    pred = (global_proj.mean(0) - proj).square().mean()
+    scale = (1.0 - proj.std(dim=-2, unbiased=False)).square().mean()
+    shape = visreg_shape_formula(proj, slices, eps)
+    center = proj.mean(dim=-2).square().mean()
+    total = (1 - lambda_param) * pred + lambda_param * (lambda_scale * scale + lambda_shape * shape
+                                                        + lambda_center * center)
+    return total, pred, scale, shape, center
+
+
 def lightly_detcon64(pred0, pred1, target0, target1, mask0, mask1, temperature, dtype=torch.float64):
     """lightly 1.6 ``DetConBLoss.forward`` (one process), in float64 (or ``dtype``, as a peer computing
     in the inputs' dtype does), per row: (loss, row losses (2·B·M,) before the 1/A weights, the
@@ -540,7 +619,6 @@ def lightly_vicregl64(*views_and_grids, lambda_param=25.0, mu_param=25.0, nu_par
     params = dict(lambda_param=lambda_param, mu_param=mu_param, nu_param=nu_param, eps=eps)
     terms = lightly_vicregl_terms64(*views_and_grids, **params, alpha=alpha, num_matches=num_matches)
     return sum(weight * lightly_vicregl_term64(kind, operands, **params) for weight, kind, operands in terms).reshape(1)
-=======
 def lightly_whitening64(x, eps=0.0, running_mean=None, running_variance=None):
     """lightly's ``Whitening2d.forward`` in float64 on (n, D): m = mean, C = x_cᵀx_c/(n − 1) (or the
     running ones), L⁻¹ = solve_triangular(chol((1 − eps)C + eps·I), I), y = x_c·L⁻ᵀ (its 1×1
@@ -657,3 +735,4 @@ def lightly_dse64(representations, weight=1.0, normalize=True, local_clusters=3,
     parts.update(inter_term=inter, intra_batch=intra_batch, intra_image=intra_image, effective=effective,
                  average_norm=average_norm)
     return -weight * dse, parts
+# =====================================================================================

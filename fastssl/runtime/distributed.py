@@ -92,3 +92,12 @@ def all_reduce_no_grad(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, op=_REDUCE_OPS[op])
     return tensor
+
+
+@torch.no_grad()
+def broadcast_no_grad(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from rank ``src`` of a tensor that needs no gradient (random draws every
+    rank must share); returns it. Identity on one process."""
+    if world_size() > 1:
+        dist.broadcast(tensor, src=src)
+    return tensor

@@ -112,6 +112,11 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "reference": "fastssl.cosine.reference:negative_cosine_similarity",
         "torch": "fastssl.cosine.torch_backend:negative_cosine_similarity",
     },
+    "sigreg_sums": {"reference": "fastssl.sliced.reference:sigreg_sums", "torch": "fastssl.sliced.torch_backend:sigreg_sums"},
+    "visreg_shape": {
+        "reference": "fastssl.sliced.reference:visreg_shape",
+        "torch": "fastssl.sliced.torch_backend:visreg_shape",
+    },
 }
 
 

@@ -138,6 +138,11 @@ calls = {
     "DirectCLRLoss": lambda: fastssl.DirectCLRLoss(loss_dim=4)(a, b),
     "CO2Regularizer (bank)": lambda: fastssl.CO2Regularizer(memory_bank_size=(32, 8))(a, b),
     "PatchKernelAlignmentLoss": lambda: fastssl.PatchKernelAlignmentLoss()(a.view(2, 8, 8), b.view(2, 8, 8)),
+    "SIGReg": lambda: fastssl.SIGReg()(a),
+    "LeJEPALoss": lambda: fastssl.LeJEPALoss()(local_proj=a.view(2, 8, 8), global_proj=b.view(2, 8, 8)),
+    "LeWMLoss": lambda: fastssl.LeWMLoss()(predicted=a.view(4, 4, 8)[:, 1:], target=b.view(4, 4, 8)[:, 1:],
+                                           embeddings=b.view(4, 4, 8)),
+    "VISRegLoss": lambda: fastssl.VISRegLoss()(local_proj=a.view(2, 8, 8), global_proj=b.view(2, 8, 8)),
     "DetConSLoss": lambda: fastssl.DetConSLoss(gather_distributed=False)(
         a.view(4, 4, 8), b.view(4, 4, 8), torch.tensor([[0, 1, 1, 2]] * 4), torch.tensor([[1, 0, 2, 3]] * 4)),
     "VICRegLLoss": lambda: fastssl.VICRegLLoss()([(a, a.view(16, 2, 2, 2)), (b, b.view(16, 2, 2, 2))],

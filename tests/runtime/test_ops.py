@@ -53,6 +53,11 @@ def _op_samples(dtype):
         ("wmse", (rand(2, 2, 2, 7, 3), None, None, 0.0)),
         ("dse", (torch.nn.functional.normalize(rand(3, 5, 4), dim=-1), torch.tensor([[0, 0, 1, 1, 2]] * 3),
                  torch.tensor([[0, 1, 1, 2, 3]] * 2 + [[0, 0, 1, 1, 1]]), rand(3, 5, 4, grad=False), 2, 4)),
+        ("sigreg_sums", (rand(2, 7, 5), torch.nn.functional.normalize(rand(5, 6, grad=False), dim=0),
+                         torch.linspace(0, 3, 4, dtype=dtype))),
+        # eps 0.5: the shape loss detaches its std (lightly's), so a numerical derivative of the value
+        # differs from its gradient: no gradcheck below; tests/sliced checks it against autograd of float64
+        ("visreg_shape", (rand(2, 9, 5), torch.nn.functional.normalize(rand(5, 7, grad=False), dim=0), 0.5)),
         ("sinkhorn", (rand(7, 11, grad=False), 3, 0.05, None, None, 0.0, False)),
         ("sinkhorn", (rand(7, 11, grad=False), 50, 0.1, torch.rand(11, generator=g, dtype=dtype) + 0.5,
                       torch.rand(7, generator=g, dtype=dtype) + 0.5, 1e-3, False)),
@@ -87,7 +92,8 @@ def test_opcheck_every_registered_op(dtype):
 
 
 @pytest.mark.parametrize("name,args", [pytest.param(n, a, id=n) for n, a in _op_samples(torch.float64)
-                                       if n not in ("sinkhorn", "kmeans_assign", "mutual_nearest_neighbors")])  # no gradient
+                                       if n not in ("sinkhorn", "kmeans_assign", "mutual_nearest_neighbors",
+                                                 "visreg_shape")])  # no gradient; visreg_shape: see above
 def test_torch_backend_op_gradcheck(name, args):
     op = _torch_backend(name)
     if name == "tico":  # its second output, the covariance state, carries no gradient (as in lightly)
@@ -110,6 +116,8 @@ def _losses():
     """(id, function of two (B, D) views) for every public loss."""
     center = torch.randn(13)
     wmse_permutations = torch.stack([torch.randperm(39, generator=torch.Generator().manual_seed(s)) for s in range(2)])
+    slices = torch.nn.functional.normalize(torch.randn(13, 6), dim=0)
+    sigreg_grid = fastssl.sliced.sigreg_grid(5, 2.0)
     return [
         ("nt_xent", lambda a, b, be: fn.nt_xent(a, b, backend=be)),
         ("nt_xent_labels", lambda a, b, be: fn.nt_xent(a, b, labels=torch.arange(a.shape[0]) % 3, backend=be)),
@@ -142,6 +150,11 @@ def _losses():
                                           permutations=wmse_permutations, backend=be)[0]),
         ("whiten", lambda a, b, be: (fn.whiten(a.reshape(39, 3), 0.1, backend=be)[0] * b.reshape(39, 3)).sum()),
         # no dse: its k-means stops on the data (lightly's `if shift < tol`), a graph break by nature
+        # the sliced losses on slices drawn once here (a draw inside would differ between the two runs)
+        ("sigreg", lambda a, b, be: fastssl.sliced.sigreg_statistic(torch.stack([a, b]), slices, *sigreg_grid,
+                                                                    backend=be)),
+        ("visreg_shape", lambda a, b, be: backends.implementation("visreg_shape", be).fn(torch.stack([a, b]),
+                                                                                          slices, 1e-4)),
     ]
 
 
