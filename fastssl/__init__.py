@@ -4,7 +4,7 @@
     >>> loss = NTXentLoss(temperature=0.5)(z0, z1)
 
 Each loss family lives in one package (``fastssl.contrastive``, ``.redundancy``, ``.spectral``, ``.clustering``,
-``.distillation``, ``.cosine``, ``.sliced``): its modules and functions, its ``torch.library`` ops, its
+``.distillation``, ``.cosine``, ``.sliced``, ``.whitening``, ``.regularizers``): its modules and functions, its ``torch.library`` ops, its
 reference and one file per backend. ``fastssl.functional``, ``fastssl.losses`` and
 ``fastssl.reference`` gather them; ``fastssl.runtime.registry`` (also ``fastssl.backends``) chooses
 between the reference, torch, triton and native implementations; ``python -m fastssl.info``
