@@ -456,9 +456,12 @@ def lightly_sigreg_grid(knots=17, t_max=3.0):
     return t, window, weights * window
 
 
-def lightly_unit_columns(rows, columns, dtype=torch.float32):
+def lightly_unit_columns(rows, columns, dtype=torch.float32, seed=None):
     """lightly's draw of SIGReg's vectors and VISReg's slices (one ``torch.randn`` (rows, columns) in
-    the input's dtype from the global generator), normalised in float64."""
+    the input's dtype from the global generator, seeded ``seed`` first when given), normalised in
+    float64."""
+    if seed is not None:
+        torch.manual_seed(seed)
     draw = torch.randn(rows, columns, dtype=dtype).double()
     return draw / draw.norm(dim=0)
 

@@ -26,12 +26,6 @@ def seeded_proj(*shape, dtype=torch.float32, seed=0, scale=1.0):
     return leaf(seeded_views(*shape, count=1, base_scale=scale, noise=0.3 * scale, dtype=dtype, seed=seed)[0])
 
 
-def lightly_vectors(num_features, num_vectors, dtype, seed=SEED):
-    """lightly's slices for ``seed``: the same randn draw (C, M) in the input dtype, float64."""
-    torch.manual_seed(seed)
-    return lightly_unit_columns(num_features, num_vectors, dtype)
-
-
 # ============================================================================================
 # SIGReg
 # ============================================================================================
@@ -44,7 +38,7 @@ def test_sigreg_equals_float64_with_lightlys_slices(backend, dtype, shape, grid,
     proj = seeded_proj(*shape, dtype=dtype)
     torch.manual_seed(SEED)
     loss = SIGReg(knots=knots, t_max=t_max, num_vectors=num_vectors, backend=backend)(proj)
-    vectors = lightly_vectors(shape[-1], num_vectors, dtype)
+    vectors = lightly_unit_columns(shape[-1], num_vectors, dtype, seed=SEED)
     x = leaf(proj.double())
     exact = sigreg_formula(x, vectors, knots, t_max)
     value_bound, grad_bound = sigreg_bounds(proj, vectors, *lightly_sigreg_grid(knots, t_max), unit_roundoff(dtype))
@@ -80,7 +74,7 @@ def test_sigreg_batch_of_one_and_zero_embeddings(backend):
     one = seeded_proj(1, 6, dtype=torch.float64)
     torch.manual_seed(SEED)
     loss = SIGReg(num_vectors=7, backend=backend)(one)
-    exact = sigreg_formula(one.detach(), lightly_vectors(6, 7, torch.float64))
+    exact = sigreg_formula(one.detach(), lightly_unit_columns(6, 7, torch.float64, seed=SEED))
     torch.testing.assert_close(loss, exact, rtol=1e-12, atol=0)  # float64 both: a few roundings apart
     # All embeddings 0: cos = 1, sin = 0 at every knot: L = N Σ_k w_k (1 − φ_k)², no gradient
     zeros = torch.zeros(5, 4, requires_grad=True)
@@ -146,7 +140,7 @@ def test_modules_equal_functions(backend):
 
 def test_sigreg_statistic_takes_given_slices():
     proj = seeded_proj(8, 5, dtype=torch.float64)
-    vectors = lightly_vectors(5, 6, torch.float64)
+    vectors = lightly_unit_columns(5, 6, torch.float64, seed=SEED)
     t, phi, weights = lightly_sigreg_grid()
     got = sigreg_statistic(proj, vectors, t, phi, weights)
     torch.testing.assert_close(got, sigreg_formula(proj.detach(), vectors), rtol=1e-12, atol=0)
@@ -163,7 +157,7 @@ def test_lejepa_equals_float64(backend, dtype, views, lambda_param):
     global_, local = seeded_proj(n_global, 10, 7, dtype=dtype, seed=1), seeded_proj(n_local, 10, 7, dtype=dtype, seed=2)
     torch.manual_seed(SEED)
     loss = LeJEPALoss(lambda_param, sigreg_num_vectors=12, backend=backend)(local_proj=local, global_proj=global_)
-    vectors = lightly_vectors(7, 12, dtype)
+    vectors = lightly_unit_columns(7, 12, dtype, seed=SEED)
     x_local, x_global = leaf(local.double()), leaf(global_.double())
     exact = lejepa64(x_local, x_global, vectors, lambda_param)
     u = unit_roundoff(dtype)
@@ -187,7 +181,7 @@ def test_lewm_equals_float64_with_the_batch_as_sigregs_samples(backend, dtype):
     target = emb[:, 1:]
     torch.manual_seed(SEED)
     loss = LeWMLoss(0.25, sigreg_num_vectors=10, backend=backend)(predicted=predicted, target=target, embeddings=emb)
-    vectors = lightly_vectors(6, 10, dtype)
+    vectors = lightly_unit_columns(6, 10, dtype, seed=SEED)
     x_emb, x_pred = leaf(emb.double()), leaf(predicted.double())
     exact = lewm64(x_pred, x_emb[:, 1:], x_emb, vectors, 0.25)
     u = unit_roundoff(dtype)

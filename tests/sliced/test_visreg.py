@@ -25,11 +25,6 @@ def seeded_z(*shape, dtype=torch.float32, seed=0, shift=0.0):
     return leaf(seeded_views(*shape, count=1, base_scale=1.5, noise=0.5, dtype=dtype, seed=seed)[0] + shift)
 
 
-def lightly_slices(num_features, num_slices, dtype, seed=SEED):
-    torch.manual_seed(seed)
-    return lightly_unit_columns(num_features, num_slices, dtype)
-
-
 @pytest.mark.parametrize("backend", backend_params("visreg_shape"))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -38,7 +33,7 @@ def test_shape_loss_equals_float64_with_lightlys_slices(backend, dtype, shape, n
     z = seeded_z(*shape, dtype=dtype, shift=shift)
     torch.manual_seed(SEED)
     loss = fn.visreg_shape_loss(z, num_slices, eps, backend=backend)
-    slices = lightly_slices(shape[-1], num_slices, dtype)
+    slices = lightly_unit_columns(shape[-1], num_slices, dtype, seed=SEED)
     x = leaf(z.double())
     exact = visreg_shape_formula(x, slices, eps)
     value_bound, grad_bound, gap_ratio = visreg_shape_bounds(z, slices, eps, unit_roundoff(dtype))
@@ -115,7 +110,7 @@ def test_visreg_components_equal_float64(backend, dtype, weights):
     got = VISRegLoss(lambda_param, 17, lambda_scale, lambda_shape, lambda_center, backend=backend).forward_components(
         local_proj=local, global_proj=global_)
     assert isinstance(got, VISRegLossComponents) and got._fields == ("total", "pred", "scale", "shape", "center")
-    slices = lightly_slices(6, 17, dtype)
+    slices = lightly_unit_columns(6, 17, dtype, seed=SEED)
     exact = visreg64(local, global_, slices, lambda_param, lambda_scale, lambda_shape, lambda_center)
     u = unit_roundoff(dtype)
     proj = torch.cat([global_, local]).detach()
