@@ -121,4 +121,3 @@ def define_info_nce_self_op(name: str, forward: Callable, backward: Callable) ->
 
     info_nce_self_core.op = op
     return info_nce_self_core
-

@@ -336,9 +336,8 @@ def info_nce_masked_forward(query: Tensor, keys: Tensor, query_labels: Tensor, p
     for start in range(0, n, step):
         stop = min(start + step, n)
         logits = _block_logits(scaled_q, k, None, start, stop, excluded)
-        shift = torch.zeros(stop - start, dtype=dtype, device=k.device) if unshifted else logits.amax(dim=1)
         if not unshifted:
-            logits.sub_(shift[:, None])
+            logits.sub_(logits.amax(dim=1)[:, None])
         if positives.pair_rows is not None:
             rows, cols = positives.block_pairs(start, stop)
             positive_sum = torch.zeros(stop - start, dtype=dtype, device=k.device).index_add_(0, rows, logits[rows, cols])
