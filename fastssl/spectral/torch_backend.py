@@ -16,6 +16,8 @@ gradients.
 * Hypersphere uniformity in row blocks: ‖x_i − x_j‖² = ‖x_i‖² + ‖x_j‖² − 2x_i·x_j from a GEMM per
   block and a logsumexp, never the N(N − 1)/2 pair distances of ``torch.pdist`` (whose CPU
   backward is a slow scalar loop); the gradient recomputes each block once (or reuses the only one).
+* Patch kernel alignment in closed form: the N×N kernels (or D×D cross-products when D < N), the
+  gradient one GEMM of the double-centred ∂loss/∂K with the centred features.
 """
 from __future__ import annotations
 
@@ -242,22 +244,64 @@ hypersphere_uniformity = define_precomputed_gradient_op("hypersphere_uniformity"
                                                         pairwise_uniformity_forward, _uniformity_fake)
 
 
-def patch_kernel_alignment(student: Tensor, teacher: Tensor, valid: Tensor) -> Tensor:
-    """``reference.patch_kernel_alignment`` without the N×N kernels where D < N: the double-centred
-    kernel is X_c X_cᵀ with X_c = (X − mean of the valid rows)·w, so ⟨K_s, K_t⟩ = ‖X_sᵀX_t‖²_F from
-    D×D cross-products (N×N otherwise: the smaller side)."""
+# Patch kernel alignment, per image (B images of N tokens, D dims; w the (N,) valid weights):
+#   X_c = P X with P = W − w wᵀ/n (n = Σ w): the rows of X minus their weighted mean μ, times w, so
+#   the double-centred kernel is K = X_c X_cᵀ; c = ⟨K_s, K_t⟩, a = √max(⟨K_s, K_s⟩, 1e-6), b likewise
+#   for t, loss = 1 − c / (a b).
+# Gradient (the teacher is detached): G = ∂loss/∂K_s = −K_t/(ab) + [a² > 1e-6] c K_s/(a³b) and
+#   ∂loss/∂X_s = 2 P G P X_s = 2 (P G P)(X_s − 1μᵀ)   (P G P 1 = 0).
+# From the smaller side: D < N takes K's inner products as ‖X_sᵀX_t‖²_F from D×D cross-products;
+# D ≥ N forms the N×N kernels, with w applied to the kernel (w_i w_j) rather than to the features,
+# and P G P as an N×N double centring, so the features see one subtraction pass each and the
+# gradient one GEMM (autograd through X_c X_cᵀ does two and adds their strided results: the slower
+# half of the step at D = 8192, where every pass over the (N, D) features counts).
+def _weighted_mean(x: Tensor, w: Tensor, count: Tensor) -> Tensor:
+    """(B, 1, C): the w-weighted mean of the rows of x (B, N, C); w (B, N, 1), count (B, 1, 1)."""
+    return torch.bmm(w.transpose(1, 2), x) / count
+
+
+def _double_centre(kernel: Tensor, w: Tensor, count: Tensor) -> Tensor:
+    """P K P for a symmetric (B, N, N) kernel: w_i w_j (K_ij − k_i − k_j + k̄), k = K w / n."""
+    row_mean = _weighted_mean(kernel, w, count)
+    total = _weighted_mean(row_mean.transpose(1, 2), w, count)
+    return (kernel - row_mean - row_mean.transpose(1, 2) + total) * w * w.transpose(1, 2)
+
+
+def patch_kernel_alignment_forward(student: Tensor, teacher: Tensor, valid: Tensor,
+                                   with_gradient: bool) -> Tuple[Tensor, Tensor]:
+    """``reference.patch_kernel_alignment`` (B,) and, when ``with_gradient``, its gradient for
+    ``student`` (B, N, D) in closed form; see the formulas above."""
     dtype = compute_dtype(student, teacher)
     w = valid.to(dtype)[:, :, None]
     count = w.sum(dim=1, keepdim=True).clamp(min=1.0)
-
-    def centred(x):
-        x = x.to(dtype)
-        return (x - (x * w).sum(dim=1, keepdim=True) / count) * w
-
-    s, t = centred(student), centred(teacher)
-    if s.shape[-1] < s.shape[-2]:  # ⟨X_sX_sᵀ, X_tX_tᵀ⟩ = ‖X_sᵀX_t‖²_F
-        cross, s_self, t_self = ((a.transpose(-2, -1) @ b).square().sum(dim=(1, 2)) for a, b in ((s, t), (s, s), (t, t)))
+    s, t = (x.to(dtype) - _weighted_mean(x.to(dtype), w, count) for x in (student, teacher))
+    small_features = s.shape[-1] < s.shape[-2]
+    if small_features:  # ⟨X_sX_sᵀ, X_tX_tᵀ⟩ = ‖X_sᵀX_t‖²_F
+        s, t = s * w, t * w
+        s_t, s_s, t_t = (a.transpose(-2, -1) @ b for a, b in ((s, t), (s, s), (t, t)))
+        cross, s_self, t_self = (m.square().sum(dim=(1, 2)) for m in (s_t, s_s, t_t))
     else:
-        k_s, k_t = s @ s.transpose(-2, -1), t @ t.transpose(-2, -1)
+        mask = w * w.transpose(1, 2)
+        k_s, k_t = (s @ s.transpose(-2, -1)).mul_(mask), (t @ t.transpose(-2, -1)).mul_(mask)
         cross, s_self, t_self = ((a * b).sum(dim=(1, 2)) for a, b in ((k_s, k_t), (k_s, k_s), (k_t, k_t)))
-    return 1.0 - cross / (s_self.clamp_min(1e-6).sqrt() * t_self.clamp_min(1e-6).sqrt())
+    s_norm, t_norm = s_self.clamp_min(1e-6).sqrt(), t_self.clamp_min(1e-6).sqrt()
+    loss = 1.0 - cross / (s_norm * t_norm)
+    if not with_gradient:
+        return loss, library.empty_grad(student)
+    teacher_weight = (-2.0 / (s_norm * t_norm))[:, None, None]
+    self_weight = torch.where(s_self > 1e-6, 2.0 * cross / (s_norm ** 3 * t_norm), 0.0)[:, None, None]
+    if small_features:  # 2 G X_{s,c} = 2 (−X_{t,c}(X_{t,c}ᵀX_{s,c})/(ab) + c X_{s,c}(X_{s,c}ᵀX_{s,c})/(a³b)), then P
+        g_s = (t @ s_t.transpose(-2, -1)).mul_(teacher_weight).add_(s @ s_s * self_weight)
+        return loss, (g_s - _weighted_mean(g_s, w, count)) * w
+    return loss, _double_centre(k_t.mul_(teacher_weight).add_(k_s.mul_(self_weight)), w, count) @ s
+
+
+def _patch_kernel_alignment_fake(student, teacher, valid, with_gradient):
+    dtype = compute_dtype(student, teacher)
+    return (student.new_empty(student.shape[0], dtype=dtype),
+            *library.gradient_fakes(with_gradient, (student,), dtype))
+
+
+patch_kernel_alignment = define_precomputed_gradient_op(
+    "patch_kernel_alignment", "Tensor student, Tensor teacher, Tensor valid", 1, 0,
+    patch_kernel_alignment_forward, _patch_kernel_alignment_fake)

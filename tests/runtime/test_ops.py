@@ -74,7 +74,7 @@ def _overload(fn):
 # mmcr and emp_ssl compose ops checked in tests/spectral (nuclear_norm, total_coding_rate) with plain ones;
 # wmse composes whitening with plain ones; dse composes nuclear_norm and effective_dimensionality
 # (opchecked in tests/regularizers/test_dse.py) with plain ones.
-PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl", "patch_kernel_alignment", "wmse", "dse"}
+PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl", "wmse", "dse"}
 
 
 def _torch_backend(name):
