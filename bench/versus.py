@@ -6,7 +6,10 @@ shared machine's load changes hit both; the result is the ratio of each round an
 
 Each round times ``--runs`` training steps (forward + backward; one where a step takes over a
 second) of one provider, then of the other (which goes first alternates). Cases a provider cannot
-run are listed with the reason.
+run are listed with the reason. ``--mode forward`` times the forward alone under ``torch.no_grad``
+(the fair comparison where the peer's value has no gradient: lightly's CO2); ``--clock process``
+times the process's CPU time, which other processes on a shared machine do not inflate (use it with
+``--threads 1``: with more, idle OpenMP threads spinning count too).
 """
 from __future__ import annotations
 
@@ -22,22 +25,30 @@ import torch
 from . import core, machine, report
 
 
-def _steps_ms(fn, args, leaves, runs: int) -> float:
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def _steps_ms(fn, args, leaves, runs: int, clock=time.perf_counter, forward_only: bool = False) -> float:
+    start = clock()
     for _ in range(runs):
-        core.clear_grads(leaves)
-        fn(*args).backward()
-    return (time.perf_counter() - start) / runs * 1e3
+        if forward_only:
+            with torch.no_grad():
+                fn(*args)
+        else:
+            core.clear_grads(leaves)
+            fn(*args).backward()
+    return (clock() - start) / runs * 1e3
 
 
-def compare(case: core.Case, peer: str, rounds: int, runs: int) -> Dict[str, object]:
+def compare(case: core.Case, peer: str, rounds: int, runs: int, clock=time.perf_counter,
+            forward_only: bool = False) -> Dict[str, object]:
     """Median ms of each side and the per-round speedups (peer ms / fastssl ms) of one case."""
     args, leaves = core.make_inputs(case, torch.device("cpu"), torch.float32)
     sides, warmup_ms = {}, {}
     for name, build in (("fastssl", lambda: case.make_loss("auto")), (peer, case.peers[peer])):
         try:
             sides[name] = build()
-            warmup_ms[name] = _steps_ms(sides[name], args, leaves, 1)  # a failure here is the row's reason
+            warmup_ms[name] = _steps_ms(sides[name], args, leaves, 1, clock, forward_only)  # a failure: the row's reason
         except Exception as error:  # noqa: BLE001 - the row says why
             failure = core.classify(error, name)
             return {"case": case.name, "status": failure.status, "reason": f"{name}: {failure.reason}"}
@@ -45,7 +56,8 @@ def compare(case: core.Case, peer: str, rounds: int, runs: int) -> Dict[str, obj
     for round_index in range(rounds):
         order = list(sides) if round_index % 2 == 0 else list(sides)[::-1]
         for name in order:  # one step per round where a step takes over a second
-            times[name].append(_steps_ms(sides[name], args, leaves, 1 if warmup_ms[name] > 1e3 else runs))
+            times[name].append(_steps_ms(sides[name], args, leaves, 1 if warmup_ms[name] > 1e3 else runs,
+                                         clock, forward_only))
     speedups = [p / f for p, f in zip(times[peer], times["fastssl"])]
     return {"case": case.name, "status": "ok", "fastssl_ms": statistics.median(times["fastssl"]),
             "peer_ms": statistics.median(times[peer]), "speedup": statistics.median(speedups),
@@ -72,6 +84,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=5, help="training steps per provider per round")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--mode", default="step", choices=("step", "forward"),
+                        help="step: forward + backward; forward: the forward alone, without gradient")
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                        help="wall time, or the process's CPU time (for a shared machine, with --threads 1)")
     parser.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -80,13 +96,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
              if args.peer in case.peers and (not args.case or any(part in case.name for part in args.case))]
     rows = []
     for case in cases:
-        rows.append(compare(case, args.peer, args.rounds, args.runs))
+        rows.append(compare(case, args.peer, args.rounds, args.runs, CLOCKS[args.clock], args.mode == "forward"))
         print(table(rows[-1:], args.peer).splitlines()[-1], flush=True)
     command = " ".join(argv if argv is not None else sys.argv[1:])
     info = dict(machine.machine_info(torch.device("cpu")),
                 matmul_gflops=core.matmul_flops_per_s(torch.device("cpu"), torch.float32, core.SETTINGS["quick"]) / 1e9)
     header = (f"{report.machine_line(info)}; {args.rounds} alternating rounds "
-              f"of {args.runs} training steps (fwd+bwd) each, float32\n\ncommand: `python -m bench.versus {command}`")
+              f"of {args.runs} {'training steps (fwd+bwd)' if args.mode == 'step' else 'forwards (no gradient)'} each, "
+              f"{args.clock} clock, float32\n\ncommand: `python -m bench.versus {command}`")
     text = f"{header}\n\n{table(rows, args.peer)}\n"
     print("\n" + text)
     if args.out:

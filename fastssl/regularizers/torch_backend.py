@@ -43,17 +43,23 @@ def koleo(x: Tensor, p: float, eps: float) -> Tensor:
     return koleo_from_neighbours(x, nearest_other_rows(x), p, eps)
 
 
-def _divergence_logit_grads(p: Tensor, q: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """p, q: (rows, K) log-softmaxes → (Σ over the rows, (rows, K), (rows, K)). Per row KL(q‖p) + KL(p‖q) = Σ_k (q_k − p_k)(Q_k − P_k) of log-softmaxes p, q (P = e^p,
-    Q = e^q), and its gradients with respect to the logits behind p and q: with
-    g = ∂/∂p = −(Q − P) − (q − p)P and h = ∂/∂q = (Q − P) + (q − p)Q, through the log-softmax
-    ∂/∂s = g − P Σg and ∂/∂t = h − Q Σh."""
+def _divergence_and_logit_grads(p: Tensor, q: Tensor, with_gradient: bool
+                                ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """p, q: (rows, K) log-softmaxes → (Σ over the rows, (rows, K), (rows, K)), the gradients None
+    without ``with_gradient``. Per row KL(q‖p) + KL(p‖q) = Σ_k (q_k − p_k)(Q_k − P_k) of
+    log-softmaxes p, q (P = e^p, Q = e^q), and its gradients with respect to the logits behind p and
+    q: with g = ∂/∂p = −(Q − P) − (q − p)P and h = ∂/∂q = (Q − P) + (q − p)Q, through the log-softmax
+    ∂/∂s = g − P Σg and ∂/∂t = h − Q Σh. In place where a temporary is not needed again: each pass
+    over a block is a pass over (rows, K) memory, the cost of this loss beside its GEMMs."""
     big_p, big_q = p.exp(), q.exp()
     difference, mass = q - p, big_q - big_p
-    g = -mass - difference * big_p
-    h = mass + difference * big_q
-    return ((difference * mass).sum(), g - big_p * g.sum(dim=1, keepdim=True),
-            h - big_q * h.sum(dim=1, keepdim=True))
+    total = torch.dot(difference.view(-1), mass.view(-1))
+    if not with_gradient:
+        return total, None, None
+    g = (difference * big_p).add_(mass).neg_()
+    h = difference.mul_(big_q).add_(mass)
+    return (total, g.addcmul_(big_p, g.sum(dim=1, keepdim=True), value=-1),
+            h.addcmul_(big_q, h.sum(dim=1, keepdim=True), value=-1))
 
 
 def co2_forward(x0: Tensor, x1: Tensor, negatives: Optional[Tensor], alpha: float, scale: float,
@@ -64,9 +70,11 @@ def co2_forward(x0: Tensor, x1: Tensor, negatives: Optional[Tensor], alpha: floa
     memory, where autograd would keep the N × N (or N × K) log-probabilities twice over. Without a
     bank, row i's candidates are every row of the other view with the positive at j = i: the same
     classes as lightly's [positive, others in order], permuted alike in p and q, which the KL does
-    not see. The bank takes no gradient (lightly detaches it)."""
+    not see. The bank takes no gradient (lightly detaches it). The temperature scales the (N, D)
+    rows before the GEMMs, not the (N, K) logits after them."""
     dtype = compute_dtype(x0, x1)
     a, b = x0.to(dtype), x1.to(dtype)
+    scaled_a, scaled_b = a * scale, b * scale
     bank = None if negatives is None else negatives.to(dtype)
     n = a.shape[0]
     candidates = n if bank is None else bank.shape[0] + 1
@@ -75,13 +83,13 @@ def co2_forward(x0: Tensor, x1: Tensor, negatives: Optional[Tensor], alpha: floa
     for rows in blocks(n, candidates):
         a_rows, b_rows = a[rows], b[rows]
         if bank is None:
-            logits_p, logits_q = a_rows @ b.T, b_rows @ a.T
+            logits_p, logits_q = scaled_a[rows] @ b.T, scaled_b[rows] @ a.T
         else:
-            positive = (a_rows * b_rows).sum(dim=1, keepdim=True)
-            logits_p = torch.cat([positive, a_rows @ bank.T], dim=1)
-            logits_q = torch.cat([positive, b_rows @ bank.T], dim=1)
-        block_total, g_p, g_q = _divergence_logit_grads(F.log_softmax(scale * logits_p, dim=-1),
-                                                        F.log_softmax(scale * logits_q, dim=-1))
+            positive = (scaled_a[rows] * b_rows).sum(dim=1, keepdim=True)
+            logits_p = torch.cat([positive, scaled_a[rows] @ bank.T], dim=1)
+            logits_q = torch.cat([positive, scaled_b[rows] @ bank.T], dim=1)
+        block_total, g_p, g_q = _divergence_and_logit_grads(F.log_softmax(logits_p, dim=-1),
+                                                            F.log_softmax(logits_q, dim=-1), with_gradient)
         total = total + block_total
         if not with_gradient:
             continue

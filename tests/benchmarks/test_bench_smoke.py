@@ -141,3 +141,18 @@ def test_pytest_benchmark_entry_point():
     process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     assert "1 passed" in process.stdout
+
+
+@pytest.mark.parametrize("clock", ["wall", "process"])
+@pytest.mark.parametrize("forward_only", [False, True], ids=["step", "forward"])
+def test_versus_times_both_sides_in_every_mode_and_clock(smoke_cases, clock, forward_only):
+    """bench.versus against a stand-in peer (the reference backend): each round timed on both
+    sides, a speedup per round, the median inside the spread."""
+    from bench import versus
+
+    case = next(c for c in smoke_cases if c.loss == "nt_xent")
+    case = dataclasses.replace(case, peers={"reference": lambda: case.make_loss("reference")})
+    row = versus.compare(case, "reference", rounds=3, runs=1, clock=versus.CLOCKS[clock], forward_only=forward_only)
+    assert row["status"] == "ok", row
+    assert row["fastssl_ms"] > 0 and row["peer_ms"] > 0
+    assert row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
