@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -153,6 +153,23 @@ def _block_logits(scaled_query: Tensor, keys: Tensor, self_index: Optional[Tenso
     return logits
 
 
+def _positive_logit_sums(logits: Tensor, positives: Positives, start: int, stop: int, with_columns: bool = False
+                         ) -> Tuple[Tensor, Optional[Tensor], Union[Tuple[Tensor, Tensor], Tensor]]:
+    """Σ of each block row's positive logits (stop − start,), with ``with_columns`` each key
+    column's (M,) too (else None), and where the positives are: (rows, cols) pairs of the block
+    (sparse) or its (stop − start, M) mask."""
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    if positives.pair_rows is not None:
+        rows, cols = positives.block_pairs(start, stop)
+        values = logits[rows, cols]
+        row_sums = zero.expand(stop - start).clone().index_add_(0, rows, values)
+        col_sums = zero.expand(logits.shape[1]).clone().index_add_(0, cols, values) if with_columns else None
+        return row_sums, col_sums, (rows, cols)
+    mask = positives.block_mask(start, stop)
+    kept = torch.where(mask, logits, zero)
+    return kept.sum(dim=1), (kept.sum(dim=0) if with_columns else None), mask
+
+
 def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor], positives: Optional[Positives],
                     self_index: Optional[Tensor], unshifted: bool,
                     columns: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
@@ -178,19 +195,11 @@ def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor],
             logits.sub_(m[:, None])  # shifted logits s − m: exactly 0 at the row max
         if extra is not None:
             positive_shifted = extra[start:stop] - m
-        elif positives.pair_rows is not None:
-            rows, cols = positives.block_pairs(start, stop)
-            values = logits[rows, cols]
-            positive_sum = torch.zeros(stop - start, dtype=dtype, device=keys.device)
-            positive_sum.index_add_(0, rows, values)
+        else:  # same labels: the pair (i, j) is also column j's positive i
+            positive_sum, column_sums, _ = _positive_logit_sums(logits, positives, start, stop, columns is not None)
             positive_shifted = positive_sum / positives.count[start:stop].clamp_min(1).to(dtype)
-            if columns is not None:  # same labels: the pair (i, j) is also column j's positive i
-                columns[0].index_add_(0, cols, values)
-        else:
-            kept = torch.where(positives.block_mask(start, stop), logits, torch.zeros((), dtype=dtype, device=keys.device))
-            positive_shifted = kept.sum(1) / positives.count[start:stop].clamp_min(1).to(dtype)
             if columns is not None:
-                columns[0].add_(kept.sum(0))
+                columns[0].add_(column_sums)
         total = logits.exp_().sum(dim=1)
         if columns is not None:
             columns[1].add_(logits.sum(dim=0))
@@ -338,22 +347,18 @@ def info_nce_masked_forward(query: Tensor, keys: Tensor, query_labels: Tensor, p
         logits = _block_logits(scaled_q, k, None, start, stop, excluded)
         if not unshifted:
             logits.sub_(logits.amax(dim=1)[:, None])
-        if positives.pair_rows is not None:
-            rows, cols = positives.block_pairs(start, stop)
-            positive_sum = torch.zeros(stop - start, dtype=dtype, device=k.device).index_add_(0, rows, logits[rows, cols])
-        else:
-            mask = positives.block_mask(start, stop)
-            positive_sum = torch.where(mask, logits, torch.zeros((), dtype=dtype, device=k.device)).sum(dim=1)
+        positive_sum, _, where_positive = _positive_logit_sums(logits, positives, start, stop)
         exp_sum = logits.exp_().sum(dim=1)
         row_loss = torch.log(exp_sum) - positive_sum / positives.count[start:stop].clamp_min(1).to(dtype)
         total = total + (weights[start:stop] * row_loss).sum()
         if not with_gradient:
             continue
         grad_logits = logits.mul_((weights[start:stop] / exp_sum * scale)[:, None])  # wᵢ·softmax·scale
-        if positives.pair_rows is not None:
-            grad_logits.index_put_((rows, cols), -scale * positive_weights[start:stop][rows], accumulate=True)
+        if isinstance(where_positive, tuple):
+            rows, _ = where_positive
+            grad_logits.index_put_(where_positive, -scale * positive_weights[start:stop][rows], accumulate=True)
         else:
-            grad_logits.sub_(mask.to(dtype) * (scale * positive_weights[start:stop])[:, None])
+            grad_logits.sub_(where_positive.to(dtype) * (scale * positive_weights[start:stop])[:, None])
         torch.mm(grad_logits, k, out=grad_q[start:stop])
         if keys_gradient:
             grad_k.addmm_(grad_logits.T, q[start:stop])
