@@ -2,8 +2,11 @@
 
 Triton kernels run on the CPU through the interpreter: ``TRITON_INTERPRET=1`` must be set
 before anything imports ``triton``, so it is set here, at the top of the first module pytest
-imports. (On a machine with a CUDA device the variable is left alone unless already set, so the
-GPU tests run the compiled kernels.)
+imports — on a machine with a CUDA device too, where compiled kernels handed the CPU tensors of
+the interpreter tests would fail. Each Triton test runs only in the mode its tensors fit
+(``helpers.triton_skip_reason``): ``triton`` tests on CPU tensors under the interpreter,
+``triton`` + ``requires_cuda`` tests on CUDA tensors with ``TRITON_INTERPRET=0`` (and
+``python -m bench.gpu_check`` validates a card in one go).
 """
 import os
 import re
@@ -11,8 +14,7 @@ import tempfile
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Inductor's FX-graph cache is keyed without the vector ISA that ATEN_CPU_CAPABILITY forces
 # (torch 2.13): a graph compiled under AVX-512 and reloaded under `avx2` computes garbage, under
@@ -28,6 +30,7 @@ import pytest  # noqa: E402
 
 from fastssl import backends  # noqa: E402
 from fastssl.runtime import blocks, native  # noqa: E402
+from helpers import triton_skip_reason  # noqa: E402
 
 # Decorate every kernel now, while TRITON_INTERPRET is set: @triton.jit picks interpreter or
 # compiler when a kernel module is imported, and tests that unset the variable must not be the
@@ -59,6 +62,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if "triton" in item.keywords and backends.triton_import_reasons():
             item.add_marker(skip_triton)
+        mode_reason = triton_skip_reason(item.keywords, backends.triton_interpreted())
+        if mode_reason:
+            item.add_marker(pytest.mark.skip(reason=mode_reason))
 
 
 @pytest.fixture(autouse=True)

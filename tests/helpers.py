@@ -12,6 +12,7 @@ formula) far more than all of them.
 """
 import math
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -915,3 +916,16 @@ def invariance_grad_bounds(all_proj, global_proj, u=U32):
     per_view = 2 / a.numel() * (gamma(g.shape[0] + 1, u) * g.abs().mean(0) + 3 * u * difference.abs())
     shared = (per_view.sum(0) + 2 / a.numel() * gamma(a.shape[0] + 1, u) * difference.abs().sum(0)) / g.shape[0]
     return per_view + torch.cat([shared.expand_as(g), torch.zeros_like(a[g.shape[0]:])])
+
+
+def triton_skip_reason(keywords, interpreted: bool) -> Optional[str]:
+    """Why a test cannot run in this process's Triton mode (None when it can), so that no compiled
+    kernel is handed CPU tensors and no interpreted one CUDA tensors: ``triton`` tests build CPU
+    tensors for the interpreter; ``triton`` + ``requires_cuda`` tests build CUDA tensors for the
+    compiled kernels (``TRITON_INTERPRET=0``)."""
+    if "triton" not in keywords:
+        return None
+    if "requires_cuda" in keywords:
+        return ("runs compiled Triton kernels on CUDA tensors: set TRITON_INTERPRET=0 on a CUDA machine"
+                if interpreted else None)
+    return None if interpreted else "runs Triton kernels on CPU tensors through the interpreter (TRITON_INTERPRET=1)"

@@ -6,7 +6,9 @@ registry asks it first and imports Triton (:func:`import_reasons`) only when the
 """
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 from typing import List, Sequence, Tuple
 
 import torch
@@ -43,6 +45,25 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _installed_version(package: str) -> Tuple[int, ...]:
+    """(major, minor) of an installed distribution, read from its metadata (no import); () if absent."""
+    try:
+        text = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+
+
+def interpreter_reasons(triton_version: Tuple[int, ...], numpy_version: Tuple[int, ...]) -> List[str]:
+    """Known breakages of the Triton interpreter with these versions: up to Triton 3.6 it converts
+    1-element arrays to Python ints implicitly, which numpy 2.4 made an error
+    (triton-lang/triton#9171: "only 0-dimensional arrays can be converted to Python scalars")."""
+    if triton_version and triton_version <= (3, 6) and numpy_version >= (2, 4):
+        return [f"the Triton {'.'.join(map(str, triton_version))} interpreter fails with numpy "
+                f"{'.'.join(map(str, numpy_version))} (triton-lang/triton#9171): use numpy < 2.4 or triton >= 3.7"]
+    return []
+
+
 def device_reasons(tensors: Sequence[torch.Tensor]) -> List[str]:
     """Reasons Triton cannot run on these tensors' devices and dtypes (no import)."""
     reasons = []
@@ -52,6 +73,7 @@ def device_reasons(tensors: Sequence[torch.Tensor]) -> List[str]:
             reasons.append(f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, got {sorted(devices)}")
         if any(t.dtype == torch.bfloat16 for t in tensors):
             reasons.append("the Triton interpreter has no bfloat16 arithmetic")
+        reasons += interpreter_reasons(_installed_version("triton"), _installed_version("numpy"))
     elif devices != {"cuda"}:
         reasons.append(f"triton kernels need CUDA tensors, got {sorted(devices)} "
                        "(set TRITON_INTERPRET=1 to run them on CPU for testing)")

@@ -422,6 +422,7 @@ def test_triton_autotune_opt_in_picks_the_fastest_candidate(monkeypatch):
 
 
 @pytest.mark.requires_cuda
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_triton_on_cuda_equals_reference(dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
