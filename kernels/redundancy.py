@@ -31,9 +31,19 @@ BLOCK_COLUMNS = 64  # columns per program of the column kernels
 BLOCK_REDUCED = 32  # step along the reduced dimension of a product tile
 
 
-def _tile(size: int) -> int:
-    """Side of a square product tile: 16 (tl.dot's minimum) to 64, no larger than needed."""
-    return max(16, min(64, triton.next_power_of_2(size)))
+def _tile(size: int, dtype: torch.dtype) -> int:
+    """Side of a square product tile: 16 (tl.dot's minimum) to 64 (32 in float64), no larger than
+    needed. Compiled for sm_90, a float64 tile of 64 needs 360,448 B of shared memory (an H100 has
+    232,448 per block); 32 needs 180,224 (``tests/runtime/test_gpu_static.py`` checks every choice)."""
+    return max(16, min(32 if dtype == torch.float64 else 64, triton.next_power_of_2(size)))
+
+
+def product_launch_options(block: int) -> dict:
+    """num_warps / num_stages of ``_product_frobenius_kernel`` at tile side ``block``: with 4 warps
+    its two (block × block) accumulators and four operand tiles spill registers (up to 1.9 KB per
+    thread at 64 on sm_80), and 3 stages need 180,224 B of shared memory (sm_80 has 166,912); 8
+    warps and 2 stages: no spill, ≤ 98,304 B at every tile and dtype."""
+    return {"num_warps": 8 if block >= 32 else 4, "num_stages": 2}
 
 
 @triton.jit
@@ -323,13 +333,13 @@ def squared_norms(u: Tensor, v: Tensor, stats: Tensor, rows: Tuple[int, int], gr
     batch, columns = u.shape
     dim = columns // groups
     size = batch if gram else dim
-    block = _tile(size)
+    block = _tile(size, stats.dtype)
     tiles = triton.cdiv(size, block)
     partial = torch.empty(groups, tiles, tiles, dtype=stats.dtype, device=u.device)
     _product_frobenius_kernel[(tiles, tiles, groups)](
         u, v, stats, partial, batch, dim, columns,
         U_ROW=rows[0], V_ROW=rows[1], GRAM=gram, TWO_PRODUCTS=two_products, SYMMETRIC=symmetric, SCALED=scaled,
-        BLOCK=block, BLOCK_REDUCED=BLOCK_REDUCED)
+        BLOCK=block, BLOCK_REDUCED=BLOCK_REDUCED, **product_launch_options(block))
     return partial.flatten(1).sum(dim=1)
 
 
