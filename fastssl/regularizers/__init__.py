@@ -1,6 +1,7 @@
 """The regularizer family: terms added to an SSL loss to shape the embedding distribution.
 
-Public API: :func:`koleo`, :class:`KoLeoLoss` (DINOv2's KoLeo, as lightly's ``KoLeoLoss``),
+Public API: :func:`koleo`, :class:`KoLeoLoss` (DINOv2's KoLeo, as lightly's ``KoLeoLoss``, with
+DINOv3's distributed form and group size),
 :func:`co2`, :class:`CO2Regularizer` (lightly's, also at ``fastssl.regularizer``). Core ops:
 ``koleo`` (each row's nearest neighbour and the log of its distance), ``co2``.
 """

@@ -4,8 +4,9 @@ lightly 1.6's.
 
 Public API: :func:`tico`, :func:`mmcr`, :func:`frossl`, :func:`emp_ssl`, :func:`hypersphere` and
 :class:`TiCoLoss`, :class:`MMCRLoss`, :class:`FroSSLLoss`, :class:`EMPSSLLoss`,
-:class:`HypersphereLoss`, :func:`patch_kernel_alignment`, :class:`PatchKernelAlignmentLoss`. Core
-ops: ``tico``, ``mmcr``, ``frossl``, ``emp_ssl``, ``hypersphere_uniformity``, ``patch_kernel_alignment``.
+:class:`HypersphereLoss`, :func:`patch_kernel_alignment`, :class:`PatchKernelAlignmentLoss`,
+:func:`gram_anchoring_loss`, :class:`GramAnchoringLoss` (DINOv3's). Core ops: ``tico``, ``mmcr``,
+``frossl``, ``emp_ssl``, ``hypersphere_uniformity``, ``patch_kernel_alignment``, ``gram_anchoring``.
 """
 from __future__ import annotations
 
