@@ -40,6 +40,9 @@ def capi_sinkhorn_knopp(logits: Tensor, iterations: int = 3, gather_distributed:
     assignments, float32 (float64 for float64 logits; lightly's stay in a half dtype), each row
     summing to 1 up to epsilon (0 iterations: the shifted exponentials).
     """
+    check_float_tensor("logits", logits, ndim=3)
+    check_int_at_least("iterations", iterations, 0)
+    epsilon = check_positive("epsilon", epsilon)
     return _balance_(logits.to(compute_dtype(logits), copy=True), iterations, gather_distributed, epsilon)
 
 

@@ -41,8 +41,9 @@ def koleo(x: Tensor, p: float = 2.0, eps: float = 1e-8, *, gather_distributed: b
 
     Degenerate batches, by lightly's formula: a group of one row is its own neighbour (value
     −log(eps·D^(1/p) + eps), gradient 0); two equal rows are each other's neighbour at distance
-    eps·D^(1/p), a large finite value (≈ 18.4 − log √D at p = 2) with a finite gradient of
-    magnitude ≤ 1/(N·eps·D^(1/p)) per entry before the normalisation's projection. Half inputs are
+    eps·D^(1/p), a large finite value (≈ 18.4 − log √D at p = 2) with a finite gradient (each
+    term's ≤ 1/(N·eps) in norm before the normalisation's projection; two rows that are each
+    other's neighbours get exactly 0: their two terms cancel). Half inputs are
     normalised and searched in float32, where eps is representable (in float16 it rounds to 0, the
     0/0 behind dinov2's NaNs on duplicates, #314 / #492).
 

@@ -146,3 +146,5 @@ def test_capi_bad_input_names_the_argument():
         fastssl.CAPILoss(student_temperature=0)
     with pytest.raises(ValueError, match="sinkhorn_iterations must be >= 0, got -1"):
         fastssl.CAPILoss(sinkhorn_iterations=-1)
+    with pytest.raises(ValueError, match=r"logits must have 3 dimensions, got shape \(5, 7\)"):
+        fn.capi_sinkhorn_knopp(teacher[:, :, 0])
