@@ -1,4 +1,5 @@
-"""Clustering and distillation: SwAV (with Sinkhorn-Knopp codes), Sinkhorn alone, DINO.
+"""Clustering and distillation: SwAV (with Sinkhorn-Knopp codes), Sinkhorn alone, DINO, CAPI
+(16-32 images × 196 tokens, 49 predicted, 256-16,384 clusters).
 
 Sizes (full set): SwAV with K=3000 prototypes and 2+6 crops (2 high-resolution, 6 low) of
 64-1024 rows; Sinkhorn-Knopp on B×3000 scores, B up to 16,384 (4096 is SwAV's gathered batch);
@@ -77,14 +78,34 @@ def dino(batch: int, dim: int = DINO_DIM, global_crops: int = 2, local_crops: in
     )
 
 
+def capi(batch: int, clusters: int, tokens: int = 196, predicted: int = 49) -> core.Case:
+    """CAPI: the teacher's cluster logits of every token (no gradient), the student's of the
+    predicted ones (a quarter of a ViT's 14 × 14 patches), at their row-major teacher indices."""
+    def make(device, dtype) -> core.Inputs:
+        teacher = cosine_scores((batch, tokens, clusters), device, dtype, requires_grad=False)
+        student = cosine_scores((batch, predicted, clusters), device, dtype)
+        index = torch.stack([torch.randperm(tokens, device=device)[:predicted] for _ in range(batch)])
+        return (teacher, student, index), [student]
+
+    return core.Case(
+        family="clustering", loss="capi", name=f"capi-b{batch}-k{clusters}-t{tokens}-p{predicted}",
+        sizes={"batch": batch, "prototypes": clusters, "tokens": tokens},
+        make_inputs=make,
+        make_loss=lambda backend: fastssl.CAPILoss(backend=backend),
+        peers={"lightly": peers.lightly("CAPILoss")},
+        series=((f"CAPI, {tokens} tokens, {predicted} predicted", "prototypes"),),
+    )
+
+
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
-        return [swav(6, 10, high=2, low=1), sinkhorn(6, 10), dino(3, 10, global_crops=2, local_crops=1)]
+        return [swav(6, 10, high=2, low=1), sinkhorn(6, 10), dino(3, 10, global_crops=2, local_crops=1),
+                capi(2, 7, tokens=5, predicted=3)]
     if size_set == "quick":
         return ([swav(b) for b in (32, 64)] + [sinkhorn(b) for b in (256, 1024)]
-                + [dino(b) for b in (4, 8)])
+                + [dino(b) for b in (4, 8)] + [capi(16, k) for k in (256, 4096)])
     return ([swav(b) for b in (64, 128, 256, 512, 1024)] + [sinkhorn(b) for b in (1024, 4096, 16384)]
-            + [dino(b) for b in (16, 32, 64, 128)])
+            + [dino(b) for b in (16, 32, 64, 128)] + [capi(32, k) for k in (4096, 16384)])
 
 
 def test_clustering(benchmark, bench_job):

@@ -1,4 +1,5 @@
-"""Regularizers: the DSE regularizer (``DSERegularizer``) on dense tokens (B, N, D).
+"""Regularizers: the DSE regularizer (``DSERegularizer``) on dense tokens (B, N, D); KoLeo
+(``KoLeoLoss``) on (N, D) rows at N = 256 and 8192 (32,768 in the full set), D = 128.
 
 Sizes: 256 tokens at D = 128 (B = 8, N = 32) and D = 8192 (B = 2, N = 128) — the covariance
 suite's N = 256 — plus a ViT-S batch (B = 8, N = 196, D = 384, lightly's docstring) in the full
@@ -34,10 +35,32 @@ def _dse_case(batch: int, tokens: int, dim: int) -> core.Case:
     )
 
 
+KOLEO_SIZES = ((256, 128), (8192, 128))  # (N, D): the contrastive suite's small and large batches
+KOLEO_MORE = ((32768, 128),)  # lightly's N × N cosines: 4 GiB
+
+
+def _koleo_case(batch: int, dim: int) -> core.Case:
+    """GEMM floor: the N × N similarities of the neighbour search (2N²D), no GEMM backward."""
+    def make(device, dtype):
+        x = core.randn((batch, dim), device, dtype)
+        return (x,), [x]
+
+    return core.Case(
+        family="regularizers", loss="koleo", name=f"koleo-n{batch}-d{dim}", sizes={"batch": batch, "dim": dim},
+        make_inputs=make, make_loss=lambda backend: fastssl.KoLeoLoss(backend=backend),
+        peers={"lightly": peers.lightly("KoLeoLoss")},
+        gemm_flops={"fwd": 2 * batch * batch * dim, "bwd": 0},
+        series=((f"KoLeo, D={dim}", "batch"),),
+    )
+
+
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
-        return [_dse_case(2, 6, 5)]
-    return [_dse_case(*size) for size in (DSE_SIZES if size_set == "quick" else DSE_SIZES + DSE_MORE)]
+        return [_dse_case(2, 6, 5), _koleo_case(6, 5)]
+    if size_set == "quick":
+        return [_dse_case(*size) for size in DSE_SIZES] + [_koleo_case(*size) for size in KOLEO_SIZES]
+    return ([_dse_case(*size) for size in DSE_SIZES + DSE_MORE]
+            + [_koleo_case(*size) for size in KOLEO_SIZES + KOLEO_MORE])
 
 
 def test_regularizers(benchmark, bench_job):

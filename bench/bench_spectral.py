@@ -58,6 +58,47 @@ def _mmcr_views(n: int, dim: int):
     return inputs
 
 
+def dinov3_gram_code():
+    """DINOv3's ``GramLoss.forward`` (defaults: normalised, per image, negatives removed) typed
+    from its code: the plain torch peer of ``GramAnchoringLoss``."""
+    import torch
+    import torch.nn.functional as F
+
+    def gram_loss(output_feats, target_feats):
+        student, teacher = F.normalize(output_feats.float(), dim=-1), F.normalize(target_feats.float(), dim=-1)
+        target_sim = torch.matmul(teacher, teacher.transpose(-1, -2))
+        student_sim = torch.matmul(student, student.transpose(-1, -2))
+        target_sim[target_sim < 0] = 0.0
+        student_sim[student_sim < 0] = 0.0
+        return F.mse_loss(student_sim, target_sim)
+
+    return gram_loss
+
+
+def gram_anchoring(images: int, tokens: int, dim: int) -> core.Case:
+    """Per-image Grams of ``tokens`` patches; GEMM floor 2·2BN²D forward (student and teacher
+    Grams), 2BN²D backward (one product)."""
+    make = core.two_views(images * tokens, dim, second_requires_grad=False)
+
+    def inputs(device, dtype):
+        (student, teacher), _ = make(device, dtype)
+        student = student.detach().reshape(images, tokens, dim).requires_grad_(True)
+        return (student, teacher.reshape(images, tokens, dim)), [student]
+
+    return core.Case(
+        family="spectral", loss="gram_anchoring", name=f"gram_anchoring-b{images}-n{tokens}-d{dim}",
+        sizes={"batch": images * tokens, "dim": dim}, make_inputs=inputs,
+        make_loss=lambda backend: fastssl.GramAnchoringLoss(backend=backend),
+        peers={"dinov3-code": dinov3_gram_code},
+        gemm_flops={"fwd": 4 * images * tokens ** 2 * dim, "bwd": 2 * images * tokens ** 2 * dim},
+        series=((f"Gram anchoring, {images} images × {tokens} tokens", "dim"),),
+    )
+
+
+GRAM_SIZES = ((2, 128, 128), (2, 128, 8192))  # the covariance suite's 256 rows, as 2 images
+GRAM_MORE = ((8, 1024, 1024),)  # DINOv3's high-resolution phase: 32 × 32 patches per image
+
+
 PATCH_IMAGES = 2  # patch kernel alignment: N rows = 2 images × N/2 tokens
 
 
@@ -94,7 +135,9 @@ def cases(size_set: str) -> List[core.Case]:
                   {"fwd": 4 * n * (n // PATCH_IMAGES) * d, "bwd": 2 * n * (n // PATCH_IMAGES) * d},
                   make_inputs=_patch_tokens(n, d)),
         ]
-    return result
+    if size_set == "smoke":
+        return result + [gram_anchoring(2, 5, 6)]
+    return result + [gram_anchoring(*size) for size in (GRAM_SIZES if size_set == "quick" else GRAM_SIZES + GRAM_MORE)]
 
 
 def test_spectral(benchmark, bench_job):

@@ -91,6 +91,8 @@ from .momentum import (
 )
 from .functional import vicregl
 from .losses import VICRegLLoss
+from .functional import capi, capi_sinkhorn_knopp, gram_anchoring_loss
+from .losses import CAPILoss, GramAnchoringLoss
 
 __version__ = "0.1.0"
 
@@ -111,6 +113,7 @@ __all__ = [
     "DetConBLoss", "DetConSLoss", "detcon",
     "VICRegLLoss", "vicregl",
     "DSERegularizer", "dse", "Whitening2d", "WMSELoss", "whiten", "wmse", "norm_mse_loss",
+    "CAPILoss", "capi", "capi_sinkhorn_knopp", "GramAnchoringLoss", "gram_anchoring_loss",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

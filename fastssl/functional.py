@@ -30,6 +30,8 @@ from .spectral import emp_ssl, frossl, hypersphere, mmcr, patch_kernel_alignment
 from .redundancy import vicregl
 from .regularizers import dse
 from .whitening import norm_mse_loss, whiten, wmse
+from .distillation import capi, capi_sinkhorn_knopp
+from .spectral import gram_anchoring_loss
 from .sliced import (latent_distance, latent_prediction_loss, lejepa, lejepa_invariance_loss, lewm, sigreg,
                      visreg, visreg_center_loss, visreg_components, visreg_scale_loss, visreg_shape_loss)
 
@@ -42,4 +44,5 @@ __all__ = [
     "detcon",
     "vicregl",
     "dse", "whiten", "wmse", "norm_mse_loss",
+    "capi", "capi_sinkhorn_knopp", "gram_anchoring_loss",
 ]

@@ -739,3 +739,43 @@ def lightly_dse64(representations, weight=1.0, normalize=True, local_clusters=3,
                  average_norm=average_norm)
     return -weight * dse, parts
 # =====================================================================================
+
+
+# ============================================================================================
+# CAPI, Gram anchoring (DINOv3)
+# ============================================================================================
+def lightly_capi_sinkhorn(logits, iterations=3, epsilon=1e-8):
+    """lightly's capi_loss.sinkhorn_knopp, single process, in the dtype of ``logits`` (B, S, K)."""
+    q = logits.transpose(0, 1)
+    q = torch.exp(q - torch.amax(q, dim=1, keepdim=True))
+    for _ in range(iterations):
+        q = q / (torch.sum(q, dim=1, keepdim=True) + epsilon)
+        q = q / (torch.sum(q, dim=2, keepdim=True) + epsilon)
+    return q.transpose(0, 1)
+
+
+def lightly_capi(teacher, student, index=None, teacher_temperature=0.06, student_temperature=0.12, iterations=3,
+                 dtype=torch.float64):
+    """lightly's CAPILoss.forward in ``dtype`` (float64: the oracle; a half dtype: its own rounding)."""
+    assignments = lightly_capi_sinkhorn(teacher.detach().to(dtype) / teacher_temperature, iterations)
+    if index is not None:
+        assignments = torch.gather(assignments, 1, index.unsqueeze(-1).expand(-1, -1, assignments.shape[-1]))
+    log_probs = F.log_softmax(student.to(dtype) / student_temperature, dim=-1)
+    return -torch.sum(assignments * log_probs, dim=-1).mean()
+
+
+def dinov3_gram64(student, teacher, apply_norm=True, img_level=True, remove_neg=True, remove_only_teacher_neg=False):
+    """DINOv3's GramLoss.forward in float64 (written from its code)."""
+    s, t = student.double(), teacher.double()
+    if apply_norm:
+        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    if not img_level and s.dim() == 3:
+        s, t = s.flatten(0, 1), t.flatten(0, 1)
+    student_sim, target_sim = s @ s.transpose(-1, -2), t @ t.transpose(-1, -2)
+    if remove_neg:
+        target_sim = torch.where(target_sim < 0, 0.0, target_sim)
+        student_sim = torch.where(student_sim < 0, 0.0, student_sim)
+    elif remove_only_teacher_neg:
+        student_sim = torch.where((student_sim < 0) & (target_sim < 0), 0.0, student_sim)
+        target_sim = torch.where(target_sim < 0, 0.0, target_sim)
+    return torch.nn.functional.mse_loss(student_sim, target_sim)

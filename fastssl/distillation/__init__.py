@@ -226,3 +226,4 @@ class Center(nn.Module):
     def update(self, x: Tensor) -> None:
         batch_center = reference.center_mean(x, self.dim)
         self.center = self.center * self.momentum + batch_center.to(self.center.dtype) * (1 - self.momentum)
+from .capi import CAPILoss, capi, capi_sinkhorn_knopp  # noqa: E402,F401

@@ -1,6 +1,7 @@
 """The regularizer family: terms added to an SSL loss to shape the embedding distribution.
 
-Public API: :func:`koleo`, :class:`KoLeoLoss` (DINOv2's KoLeo, as lightly's ``KoLeoLoss``),
+Public API: :func:`koleo`, :class:`KoLeoLoss` (DINOv2's KoLeo, as lightly's ``KoLeoLoss``, with
+DINOv3's distributed form and group size),
 :func:`co2`, :class:`CO2Regularizer` (lightly's, also at ``fastssl.regularizer``). Core ops:
 ``koleo`` (each row's nearest neighbour and the log of its distance), ``co2``.
 """
@@ -13,24 +14,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..contrastive import MemoryBankModule
-from ..runtime import registry
+from ..runtime import distributed, registry
 from ..runtime.dtypes import compute_dtype
-from ..runtime.validation import check_float_tensor, check_positive, check_temperature, check_views
+from ..runtime.validation import (check_distributed_available, check_float_tensor, check_int_at_least, check_positive,
+                                  check_temperature, check_views)
 from .kmeans import kmeans, nearest_other_centroids
 
 Tensor = torch.Tensor
 
 
-def koleo(x: Tensor, p: float = 2.0, eps: float = 1e-8, *, backend: str = "auto") -> Tensor:
+def koleo(x: Tensor, p: float = 2.0, eps: float = 1e-8, *, gather_distributed: bool = False,
+          group_size: Optional[int] = None, backend: str = "auto") -> Tensor:
     r"""KoLeo (Sablayrolles et al., 2019; DINOv2): −mean_i log(‖x̂_i − x̂_{n(i)} + eps‖_p + eps).
 
     x̂ are the rows of ``x`` scaled to unit L2 norm (``F.normalize``, eps ``eps``) and n(i) the row
     of largest cosine similarity to row i other than itself, as lightly's ``KoLeoLoss``
     (``torch.nn.PairwiseDistance(p, eps)``, which adds eps to the difference). No gradient flows
-    through the choice of neighbour. A batch of one row is its own neighbour (lightly's answer:
-    −log(eps·D^(1/p) + eps)); duplicate rows give distance eps·D^(1/p), a large but finite loss.
+    through the choice of neighbour.
 
-    Args: x: (N, D). Returns: 0-dim float32 loss (float64 for float64 inputs).
+    DINOv3's ``KoLeoLossDistributed``: with ``gather_distributed`` (in a process group) each rank's
+    rows search their neighbour among every rank's rows (gathered with gradient, so a neighbour on
+    another rank gets its gradient there); ``group_size`` cuts the (global) batch into groups of
+    that many consecutive rows (rank order) and searches within each row's group only. The loss
+    stays the mean over the local rows (lightly's convention, as DINOv3's: DDP's averaging makes it
+    the loss of the global batch). The defaults are lightly's: the local batch, one group.
+
+    Degenerate batches, by lightly's formula: a group of one row is its own neighbour (value
+    −log(eps·D^(1/p) + eps), gradient 0); two equal rows are each other's neighbour at distance
+    eps·D^(1/p), a large finite value (≈ 18.4 − log √D at p = 2) with a finite gradient (each
+    term's ≤ 1/(N·eps) in norm before the normalisation's projection; two rows that are each
+    other's neighbours get exactly 0: their two terms cancel). Half inputs are
+    normalised and searched in float32, where eps is representable (in float16 it rounds to 0, the
+    0/0 behind dinov2's NaNs on duplicates, #314 / #492).
+
+    Args: x: (N, D). group_size: divides the global batch W·N and is a multiple or a divisor of N.
+    Returns: 0-dim float32 loss (float64 for float64 inputs).
 
     Example::
 
@@ -39,12 +57,27 @@ def koleo(x: Tensor, p: float = 2.0, eps: float = 1e-8, *, backend: str = "auto"
     check_float_tensor("x", x, ndim=2)
     p = check_positive("p", p)
     eps = check_positive("eps", eps)
+    _check_koleo_groups(x.shape[0], group_size, gather_distributed)
     _, core = registry.select("koleo", backend, (x,))
-    return core(x, p, eps)
+    return core(x, p, eps, group_size, bool(gather_distributed))
+
+
+def _check_koleo_groups(batch: int, group_size: Optional[int], gather_distributed: bool) -> None:
+    """DINOv3's rules for ``loss_group_size`` (its messages), and groups within one rank's rows."""
+    if group_size is None:
+        return
+    check_int_at_least("group_size", group_size, 1)
+    total = batch * (distributed.world_size() if gather_distributed else 1)
+    if total % group_size != 0:
+        raise ValueError(f"Global batch size {total} must be divisible by loss group size {group_size}.")
+    if group_size % batch != 0 and batch % group_size != 0:
+        raise ValueError(f"Loss group size size {group_size} must be a multiple of local batch size {batch} "
+                         "(or divide it).")
 
 
 class KoLeoLoss(nn.Module):
-    """KoLeo, as lightly's ``KoLeoLoss(p=2, eps=1e-8)``; see :func:`fastssl.functional.koleo`.
+    """KoLeo, as lightly's ``KoLeoLoss(p=2, eps=1e-8)``, plus DINOv3's distributed form and group
+    size (keyword-only, off by default); see :func:`fastssl.functional.koleo`.
 
     Example::
 
@@ -52,12 +85,18 @@ class KoLeoLoss(nn.Module):
         >>> loss = criterion(features)
     """
 
-    def __init__(self, p: float = 2, eps: float = 1e-8, *, backend: str = "auto"):
+    def __init__(self, p: float = 2, eps: float = 1e-8, *, gather_distributed: bool = False,
+                 group_size: Optional[int] = None, backend: str = "auto"):
         super().__init__()
         self.p, self.eps, self.backend = check_positive("p", p), check_positive("eps", eps), backend
+        self.gather_distributed = check_distributed_available("gather_distributed", gather_distributed)
+        self.group_size = None if group_size is None else check_int_at_least("group_size", group_size, 1)
+        # lightly's public attribute (the loss computes its distances without it)
+        self.pairwise_distance = nn.PairwiseDistance(p=p, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return koleo(x, self.p, self.eps, backend=self.backend)
+        return koleo(x, self.p, self.eps, gather_distributed=self.gather_distributed, group_size=self.group_size,
+                     backend=self.backend)
 
 
 def co2(out0: Tensor, out1: Tensor, negatives: Optional[Tensor] = None, alpha: float = 1.0,

@@ -3,24 +3,54 @@ float32 (float64 inputs stay float64, so ``gradcheck`` works). Every backend is 
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..runtime import distributed
 from ..runtime.dtypes import compute_dtype
 
 
-def koleo_from_neighbours(x: torch.Tensor, neighbours: torch.Tensor, p: float, eps: float) -> torch.Tensor:
-    """−mean log(‖x_i − x_{n(i)} + eps‖_p + eps) of unit rows ``x`` (N, D) and their neighbours (N,)."""
-    return -(F.pairwise_distance(x, x[neighbours], p=p, eps=eps) + eps).log().mean()
+def koleo_groups(unit: torch.Tensor, group_size: Optional[int], gather_distributed: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """DINOv3's neighbour sets: the global batch (every rank's unit rows (N, D), rank order, when
+    gathering) cut into groups of ``group_size`` consecutive rows (None: one group), each row's
+    candidates its own group. Returns the local rows as (groups, q, D), each group's candidates
+    (groups, G, D) and the position of the first local row in its group (so row i of a group is
+    candidate ``offset + i``). Groups within the local rows need no gather; a group spanning ranks
+    takes the gathered rows with their gradient (``runtime.distributed.gather``), so each rank's
+    neighbours on other ranks receive their share under DDP."""
+    batch, dim = unit.shape
+    world = distributed.world_size() if gather_distributed else 1
+    size = group_size or batch * world
+    if size <= batch:  # whole groups of local rows (the caller checked that size divides N)
+        grouped = unit.view(-1, size, dim)
+        return grouped, grouped, 0
+    everyone = distributed.gather(unit) if world > 1 else unit
+    start = distributed.rank() * batch
+    first = start - start % size
+    return unit[None], everyone[None, first:first + size], start - first
 
 
-def koleo(x: torch.Tensor, p: float, eps: float) -> torch.Tensor:
-    """lightly's KoLeo on (N, D) rows: neighbours by the full N×N cosine matrix (diagonal −2)."""
+def koleo_from_neighbours(queries: torch.Tensor, candidates: torch.Tensor, neighbours: torch.Tensor, p: float,
+                          eps: float) -> torch.Tensor:
+    """−mean log(‖x_i − c_{n(i)} + eps‖_p + eps) of unit rows ``queries`` (g, q, D), their groups'
+    ``candidates`` (g, G, D) and neighbours (g, q) (indices into the group)."""
+    chosen = torch.gather(candidates, 1, neighbours[:, :, None].expand(-1, -1, candidates.shape[2]))
+    return -(F.pairwise_distance(queries, chosen, p=p, eps=eps) + eps).log().mean()
+
+
+def koleo(x: torch.Tensor, p: float, eps: float, group_size: Optional[int] = None,
+          gather_distributed: bool = False) -> torch.Tensor:
+    """lightly's KoLeo on (N, D) rows, in DINOv3's groups (``koleo_groups``): neighbours by the
+    full cosine matrix of the local rows against their group (−2 at the row itself)."""
     x = F.normalize(x.to(compute_dtype(x)), p=2, dim=-1, eps=eps)
-    cosine = (x @ x.T).detach()
-    cosine = cosine.masked_fill(torch.eye(x.shape[0], dtype=torch.bool, device=x.device), -2)  # not itself
-    return koleo_from_neighbours(x, cosine.argmax(dim=1), p, eps)
+    queries, candidates, offset = koleo_groups(x, group_size, gather_distributed)
+    cosine = (queries @ candidates.mT).detach()
+    own = torch.arange(queries.shape[1], device=x.device)
+    cosine[:, own, own + offset] = -2  # not itself
+    return koleo_from_neighbours(queries, candidates, cosine.argmax(dim=2), p, eps)
 
 
 def _consistency_log_labels(a: torch.Tensor, b: torch.Tensor, negatives, scale: float) -> torch.Tensor:

@@ -1,46 +1,78 @@
 """The ``torch`` backend of the regularizer family: KoLeo without the N×N cosine matrix, CO2 in
 row blocks with its closed-form gradient.
 
-Each row's nearest neighbour n(i) = argmax_{j≠i} x̂_i·x̂_j comes from blocks of rows against all
-rows (about ``runtime.blocks.BLOCK_ELEMENTS`` similarities at a time, without gradient: the
-choice of neighbour has none), and the loss −mean log(‖x̂_i − x̂_{n(i)} + eps‖_p + eps) from the
-reference's O(N·D) expression, which autograd differentiates. Memory: O(N·D + block) instead of
-N², for the same neighbours wherever no two candidates tie to rounding.
+Each row's nearest neighbour n(i) = argmax_{j≠i} x̂_i·x̂_j (within its group, DINOv3's
+``loss_group_size``; the group's rows gathered from every rank with gradient when it spans ranks)
+comes from tiles of rows against up to 4096 candidates with a running max (about
+``runtime.blocks.BLOCK_ELEMENTS`` similarities at a time, without gradient: the choice of
+neighbour has none), and the loss −mean log(‖x̂_i − x̂_{n(i)} + eps‖_p + eps) from the
+reference's O(N·D) expression, which autograd differentiates. Memory: O(N·D + tile) instead of
+N·G, for the same neighbours wherever no two candidates tie to rounding.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..runtime import library
+from ..runtime import blocks as tiling
 from ..runtime.blocks import blocks
 from ..runtime.library import define_precomputed_gradient_op
 from ..runtime.dtypes import compute_dtype
 from ..spectral.torch_backend import nuclear_norm
-from .reference import koleo_from_neighbours
+from .reference import koleo_from_neighbours, koleo_groups
 
 Tensor = torch.Tensor
 
 
+NEIGHBOUR_TILE_COLUMNS = 4096  # candidates per similarity tile: a tile's GEMM stays efficient
+
+
 @torch.no_grad()
-def nearest_other_rows(x: Tensor) -> Tensor:
-    """(N,) int64: for each unit row of ``x`` (N, D), the other row of largest dot product (itself
-    for N = 1, as the reference's −2 on the diagonal gives)."""
-    neighbours = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for rows in blocks(x.shape[0], x.shape[0]):
-        similarity = x[rows] @ x.T
-        similarity[torch.arange(similarity.shape[0], device=x.device), torch.arange(rows.start, rows.stop,
-                                                                                     device=x.device)] = -2
-        neighbours[rows] = similarity.argmax(dim=1)
+def nearest_other_in_groups(queries: Tensor, candidates: Tensor, offset: int) -> Tensor:
+    """(g, q) int64: for each unit row of ``queries`` (g, q, D), the candidate of its group
+    (``candidates`` (g, G, D)) of largest dot product other than itself (query i is candidate
+    ``offset + i``; a group of one row is its own neighbour, as the reference's −2 gives).
+
+    Tiles of at most BLOCK_ELEMENTS similarities (rows × up to NEIGHBOUR_TILE_COLUMNS candidates,
+    or several small groups at once) with a running max per row: O(tile) memory at any batch,
+    where the reference holds q × G. Ties keep the lowest index, as ``argmax`` does."""
+    groups, rows, size = queries.shape[0], queries.shape[1], candidates.shape[1]
+    columns = min(size, NEIGHBOUR_TILE_COLUMNS)
+    rows_per_tile = max(1, tiling.BLOCK_ELEMENTS // columns)  # read per call: tests shrink it
+    groups_per_tile = max(1, rows_per_tile // rows)
+    best = torch.full((groups, rows), -math.inf, dtype=queries.dtype, device=queries.device)
+    neighbours = torch.zeros(groups, rows, dtype=torch.long, device=queries.device)
+    for first_group in range(0, groups, groups_per_tile):
+        tile_groups = slice(first_group, first_group + groups_per_tile)
+        for first_row in range(0, rows, rows_per_tile):
+            tile_rows = slice(first_row, min(first_row + rows_per_tile, rows))
+            for first_column in range(0, size, columns):
+                similarity = queries[tile_groups, tile_rows] @ candidates[tile_groups,
+                                                                          first_column:first_column + columns].mT
+                # the rows' own columns inside this tile (one diagonal run, in Python ints: no data-dependent shape)
+                low = max(tile_rows.start + offset, first_column)
+                high = min(tile_rows.stop + offset, first_column + similarity.shape[2])
+                if low < high:
+                    own = torch.arange(low, high, device=queries.device)
+                    similarity[:, own - offset - tile_rows.start, own - first_column] = -2
+                value, index = similarity.max(dim=2)
+                better = value > best[tile_groups, tile_rows]
+                best[tile_groups, tile_rows] = torch.where(better, value, best[tile_groups, tile_rows])
+                neighbours[tile_groups, tile_rows] = torch.where(better, index + first_column,
+                                                                 neighbours[tile_groups, tile_rows])
     return neighbours
 
 
-def koleo(x: Tensor, p: float, eps: float) -> Tensor:
-    """``reference.koleo``'s signature and result."""
+def koleo(x: Tensor, p: float, eps: float, group_size: Optional[int] = None, gather_distributed: bool = False
+          ) -> Tensor:
+    """``reference.koleo``'s signature and result, the neighbours from ``nearest_other_in_groups``."""
     x = F.normalize(x.to(compute_dtype(x)), p=2, dim=-1, eps=eps)
-    return koleo_from_neighbours(x, nearest_other_rows(x), p, eps)
+    queries, candidates, offset = koleo_groups(x, group_size, gather_distributed)
+    return koleo_from_neighbours(queries, candidates, nearest_other_in_groups(queries, candidates, offset), p, eps)
 
 
 def _divergence_and_logit_grads(p: Tensor, q: Tensor, with_gradient: bool

@@ -98,6 +98,10 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "reference": "fastssl.spectral.reference:patch_kernel_alignment",
         "torch": "fastssl.spectral.torch_backend:patch_kernel_alignment",
     },
+    "gram_anchoring": {
+        "reference": "fastssl.spectral.reference:gram_anchoring",
+        "torch": "fastssl.spectral.torch_backend:gram_anchoring",
+    },
     "hypersphere_uniformity": {
         "reference": "fastssl.spectral.reference:hypersphere_uniformity",
         "torch": "fastssl.spectral.torch_backend:hypersphere_uniformity",

@@ -4,8 +4,9 @@ lightly 1.6's.
 
 Public API: :func:`tico`, :func:`mmcr`, :func:`frossl`, :func:`emp_ssl`, :func:`hypersphere` and
 :class:`TiCoLoss`, :class:`MMCRLoss`, :class:`FroSSLLoss`, :class:`EMPSSLLoss`,
-:class:`HypersphereLoss`, :func:`patch_kernel_alignment`, :class:`PatchKernelAlignmentLoss`. Core
-ops: ``tico``, ``mmcr``, ``frossl``, ``emp_ssl``, ``hypersphere_uniformity``, ``patch_kernel_alignment``.
+:class:`HypersphereLoss`, :func:`patch_kernel_alignment`, :class:`PatchKernelAlignmentLoss`,
+:func:`gram_anchoring_loss`, :class:`GramAnchoringLoss` (DINOv3's). Core ops: ``tico``, ``mmcr``,
+``frossl``, ``emp_ssl``, ``hypersphere_uniformity``, ``patch_kernel_alignment``, ``gram_anchoring``.
 """
 from __future__ import annotations
 
@@ -267,3 +268,71 @@ class PatchKernelAlignmentLoss(nn.Module):
     def forward(self, student_features: Tensor, teacher_features: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         return patch_kernel_alignment(student_features, teacher_features, mask, self.max_tokens,
                                       backend=self.backend)
+
+
+def gram_anchoring_loss(output_feats: Tensor, target_feats: Tensor, apply_norm: bool = True, img_level: bool = True,
+                        remove_neg: bool = True, remove_only_teacher_neg: bool = False, *,
+                        backend: str = "auto") -> Tensor:
+    r"""DINOv3's Gram anchoring (Siméoni et al., 2025, ``GramLoss``): the MSE between the patch
+    similarity (Gram) matrices of the student and of the Gram teacher,
+
+    .. math:: L = \frac{1}{G N^2} \sum_g \| f(\hat S_g \hat S_g^\top) - f(\hat T_g \hat T_g^\top) \|_F^2
+
+    with rows L2-normalised (``apply_norm``), one N×N Gram per image (``img_level``) or one over all
+    B·N patches, and f the clamp at 0 of both (``remove_neg``) or of the teacher only, the student's
+    entries zeroed where both are negative (``remove_only_teacher_neg``).
+
+    It lives in the spectral family beside patch kernel alignment, the other patch-kernel loss:
+    both compare X Xᵀ kernels from the token side. The clamps make the entries non-polynomial,
+    so the loss has no D×D form: the torch backend sums it over tiles of the N×N Grams (a row
+    block against a column block, a few thousand entries; several images per tile when N is
+    small), with its closed-form gradient from the same tiles, so the (B·N)² Gram of
+    ``img_level=False`` is never held. The Gram teacher takes no gradient (DINOv3's is a frozen
+    checkpoint run without gradient).
+
+    Args: output_feats, target_feats: (B, N, D) (or (M, D) with ``img_level=False``); computed in
+    float32 (float64 for float64 inputs), as DINOv3's ``.float()``. Returns: 0-dim loss.
+
+    Example::
+
+        >>> loss = fastssl.functional.gram_anchoring_loss(student_patches, gram_teacher_patches)
+    """
+    if remove_neg and remove_only_teacher_neg:
+        raise InputError("remove_neg and remove_only_teacher_neg cannot both be True")
+    for name, value in (("output_feats", output_feats), ("target_feats", target_feats)):
+        check_float_tensor(name, value, min_ndim=2)
+        if value.dim() != 3 and (img_level or value.dim() != 2):
+            raise InputError(f"{name} must have shape (B, N, D){'' if img_level else ' or (M, D)'}, "
+                             f"got {tuple(value.shape)}")
+    check_views(("output_feats", "target_feats"), (output_feats, target_feats), ndim=None)
+    dtype = compute_dtype(output_feats, target_feats)
+    student, teacher = output_feats.to(dtype), target_feats.detach().to(dtype)
+    if apply_norm:
+        student, teacher = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    if not img_level:  # one Gram over every patch of the batch
+        student, teacher = student.reshape(1, -1, student.shape[-1]), teacher.reshape(1, -1, teacher.shape[-1])
+    mode = 1 if remove_neg else 2 if remove_only_teacher_neg else 0
+    _, core = registry.select("gram_anchoring", backend, (student, teacher))
+    return core(student, teacher, mode)
+
+
+class GramAnchoringLoss(nn.Module):
+    """DINOv3's ``GramLoss(apply_norm=True, img_level=True, remove_neg=True,
+    remove_only_teacher_neg=False)``; ``forward(output_feats, target_feats, img_level=None)``, where
+    None takes the constructor's ``img_level`` (DINOv3's forward ignores the constructor's and
+    defaults to True: the same default). See :func:`fastssl.functional.gram_anchoring_loss`."""
+
+    def __init__(self, apply_norm: bool = True, img_level: bool = True, remove_neg: bool = True,
+                 remove_only_teacher_neg: bool = False, *, backend: str = "auto") -> None:
+        super().__init__()
+        if remove_neg and remove_only_teacher_neg:  # DINOv3 asserts remove_neg != remove_only_teacher_neg
+            raise InputError("remove_neg and remove_only_teacher_neg cannot both be True")
+        self.apply_norm, self.img_level = apply_norm, img_level
+        self.remove_neg, self.remove_only_teacher_neg = remove_neg, remove_only_teacher_neg
+        self.mse_loss = nn.MSELoss()  # DINOv3's attribute (the loss is computed without it)
+        self.backend = backend
+
+    def forward(self, output_feats: Tensor, target_feats: Tensor, img_level: Optional[bool] = None) -> Tensor:
+        return gram_anchoring_loss(output_feats, target_feats, self.apply_norm,
+                                   self.img_level if img_level is None else img_level, self.remove_neg,
+                                   self.remove_only_teacher_neg, backend=self.backend)

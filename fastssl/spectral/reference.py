@@ -107,3 +107,22 @@ def patch_kernel_alignment(student: Tensor, teacher: Tensor, valid: Tensor) -> T
     cross = (k_s * k_t).sum(dim=(1, 2))
     norm = (k_s * k_s).sum(dim=(1, 2)).clamp_min(1e-6).sqrt() * (k_t * k_t).sum(dim=(1, 2)).clamp_min(1e-6).sqrt()
     return 1.0 - cross / norm
+
+
+GRAM_MODES = ("all", "remove_neg", "remove_only_teacher_neg")
+
+
+def gram_anchoring(student: torch.Tensor, teacher: torch.Tensor, mode: int) -> torch.Tensor:
+    """DINOv3's Gram loss on (G, N, D) rows (already L2-normalised if asked): the mean over G·N·N
+    entries of (S − T)² with S = XXᵀ of the student, T of the teacher, both clamped at 0 where
+    ``GRAM_MODES[mode]`` is "remove_neg"; with "remove_only_teacher_neg" T is clamped and S is 0
+    where both are negative."""
+    dtype = compute_dtype(student, teacher)
+    s, t = student.to(dtype), teacher.to(dtype)
+    student_sim, teacher_sim = s @ s.mT, t @ t.mT
+    if GRAM_MODES[mode] == "remove_neg":
+        student_sim, teacher_sim = student_sim.clamp_min(0), teacher_sim.clamp_min(0)
+    elif GRAM_MODES[mode] == "remove_only_teacher_neg":
+        student_sim = student_sim.masked_fill((student_sim < 0) & (teacher_sim < 0), 0.0)
+        teacher_sim = teacher_sim.clamp_min(0)
+    return F.mse_loss(student_sim, teacher_sim)

@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..runtime import blocks as tiling
 from ..runtime import library
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
@@ -305,3 +306,61 @@ def _patch_kernel_alignment_fake(student, teacher, valid, with_gradient):
 patch_kernel_alignment = define_precomputed_gradient_op(
     "patch_kernel_alignment", "Tensor student, Tensor teacher, Tensor valid", 1, 0,
     patch_kernel_alignment_forward, _patch_kernel_alignment_fake)
+
+
+# ============================================================================================
+# Gram anchoring (DINOv3)
+# ============================================================================================
+# L = (1/(G·N²)) Σ_g Σ_ij R_ij², R = f(S) − f(T), S = s sᵀ, T = t tᵀ per group g (f the clamp of
+# the mode). The clamps leave no identity that would give the loss from D×D products, so it is
+# summed over tiles of S and T, each a GEMM of a row block against a column block, never an N×N
+# matrix. With M = G·N², ∂L/∂S_ij = (2/M) R_ij·[S_ij kept]; S symmetric, so
+#   ∂L/∂s_i = (4/M) Σ_j R_ij [S_ij kept] s_j,
+# accumulated from the same tiles (one more GEMM each): no graph, no second pass.
+def _gram_residual(student_sim: Tensor, teacher_sim: Tensor, mode: int) -> Tuple[Tensor, Tensor]:
+    """f(S) − f(T) of a tile and the mask of the student entries that f passes (their derivative 1)."""
+    if mode == 0:
+        return student_sim - teacher_sim, None
+    teacher_kept = teacher_sim.clamp_min(0)
+    if mode == 1:
+        kept = student_sim >= 0
+    else:  # remove_only_teacher_neg: S is zeroed only where both are negative
+        kept = (student_sim >= 0) | (teacher_sim >= 0)
+    return torch.where(kept, student_sim, 0.0) - teacher_kept, kept
+
+
+def gram_anchoring_forward(student: Tensor, teacher: Tensor, mode: int, with_gradient: bool) -> Tuple[Tensor, Tensor]:
+    """``reference.gram_anchoring``'s value on (G, N, D) unit rows from tiles of at most
+    ``runtime.blocks.BLOCK_ELEMENTS`` Gram entries (several small groups per tile, or row × column
+    blocks of a large one), and ∂/∂student (the Gram teacher takes none)."""
+    dtype = compute_dtype(student, teacher)
+    s, t = student.to(dtype), teacher.to(dtype)
+    groups, rows, _ = s.shape
+    side = min(rows, max(1, math.isqrt(tiling.BLOCK_ELEMENTS)))
+    groups_per_tile = max(1, tiling.BLOCK_ELEMENTS // (side * side)) if side == rows else 1
+    total = s.new_zeros(())
+    gradient = torch.zeros_like(s) if with_gradient else None
+    for first_group in range(0, groups, groups_per_tile):
+        g = slice(first_group, first_group + groups_per_tile)
+        for first_row in range(0, rows, side):
+            r = slice(first_row, first_row + side)
+            for first_column in range(0, rows, side):
+                c = slice(first_column, first_column + side)
+                residual, kept = _gram_residual(s[g, r] @ s[g, c].mT, t[g, r] @ t[g, c].mT, mode)
+                total = total + residual.square().sum()
+                if with_gradient:
+                    weight = residual if kept is None else residual.mul_(kept)
+                    gradient[g, r] += weight @ s[g, c]
+    scale = 1.0 / (groups * rows * rows)
+    if not with_gradient:
+        return total * scale, library.empty_grad(student)
+    return total * scale, gradient.mul_(4 * scale)
+
+
+def _gram_anchoring_fake(student, teacher, mode, with_gradient):
+    dtype = compute_dtype(student, teacher)
+    return (student.new_empty((), dtype=dtype), *library.gradient_fakes(with_gradient, (student,), dtype))
+
+
+gram_anchoring = define_precomputed_gradient_op("gram_anchoring", "Tensor student, Tensor teacher, int mode", 1, 0,
+                                                gram_anchoring_forward, _gram_anchoring_fake)

@@ -28,10 +28,10 @@ SMOKE = dataclasses.replace(core.SETTINGS["smoke"], allow_interpreter=True)
 LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "swav", "sinkhorn_knopp", "dino",
           "negative_cosine_similarity", "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "dclw", "detcon",
           "macl", "directclr", "co2", "patch_kernel_alignment", "vicregl", "wmse", "dse", "sigreg", "lejepa", "lewm",
-          "visreg"}
+          "visreg"} | {"capi", "koleo", "gram_anchoring"}
 GEMM_LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "tico", "mmcr", "frossl",
                "emp_ssl", "hypersphere", "dcl", "dclw", "detcon", "macl", "directclr", "co2",
-               "patch_kernel_alignment", "vicregl", "wmse", "sigreg", "lejepa", "lewm", "visreg"}
+               "patch_kernel_alignment", "vicregl", "wmse", "sigreg", "lejepa", "lewm", "visreg"} | {"koleo", "gram_anchoring"}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_rows_are_well_formed(smoke_result):
             assert row["memory_method"], row
         else:
             assert row["reason"] and row["median_ms"] is None and row["peak_memory_bytes"] is None, row
-        # TiCo does all its GEMMs in the forward (its backward is elementwise)
-        has_gemm = row["loss"] in GEMM_LOSSES and not (row["loss"] == "tico" and row["mode"] == "bwd")
+        # TiCo and KoLeo do all their GEMMs in the forward (their backward is elementwise)
+        has_gemm = row["loss"] in GEMM_LOSSES and not (row["loss"] in ("tico", "koleo") and row["mode"] == "bwd")
         assert (row["gemm_floor_ms"] is not None and row["gemm_floor_ms"] > 0) == has_gemm, row
 
 

@@ -6,6 +6,7 @@ import torch
 
 import fastssl
 import fastssl.functional as fn
+from fastssl.regularizers import torch_backend as koleo_torch_backend
 from fastssl.runtime import blocks
 
 from helpers import backend_params
@@ -98,3 +99,97 @@ def test_koleo_bad_input_names_the_argument():
         fastssl.KoLeoLoss(p=0)
     with pytest.raises(ValueError, match="eps must be a finite number > 0, got -1.0"):
         fn.koleo(torch.randn(3, 2), eps=-1.0)
+
+
+# ============================================================================================
+# DINOv3's form: groups of rows (and, in tests/distributed, rows gathered from every rank)
+# ============================================================================================
+def grouped_koleo64(x, group_size, p=2.0, eps=1e-8):
+    """DINOv3's loss_group_size in one process: lightly's KoLeo within each group of consecutive
+    rows, averaged over all rows (the groups are of equal size)."""
+    groups = x.split(group_size)
+    return sum(koleo64(group, p, eps) for group in groups) / len(groups)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group_size", [1, 4, 9, 36], ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("tiles", ["one-tile", "ragged-tiles"])
+def test_koleo_groups_equal_float64_formula(group_size, tiles, backend, monkeypatch):
+    if tiles == "ragged-tiles":  # tiles of 5 rows × 3 candidates: row and column tails, self entries split
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 15)
+        monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_COLUMNS", 3)
+    x = separated_rows(36, 6, dtype=torch.float64).requires_grad_(True)
+    loss = fn.koleo(x, group_size=group_size, backend=backend)
+    exact = grouped_koleo64(x.detach(), group_size)
+    torch.testing.assert_close(loss.item(), exact, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss, x)
+    (expected,) = torch.autograd.grad(fn.koleo(x, group_size=group_size, backend="reference"), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_koleo_groups_gradcheck(backend, monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 6)  # tiles of 2 rows × 3 candidates
+    monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_COLUMNS", 3)
+    x = separated_rows(12, 4, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: fn.koleo(t, group_size=6, backend=backend), (x,))
+
+
+def test_koleo_tiles_bound_the_similarities_held(monkeypatch):
+    """The torch backend's neighbour search holds at most one tile of BLOCK_ELEMENTS similarities
+    (never the N × N matrix): every GEMM it makes is checked here, on 300 rows with a 1,000-entry tile."""
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_COLUMNS", 64)
+    x = torch.nn.functional.normalize(torch.randn(300, 8, dtype=torch.float64), dim=1)[None]
+    largest = []
+    original = torch.Tensor.__matmul__
+
+    def counting(a, b):
+        out = original(a, b)
+        largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
+    neighbours = koleo_torch_backend.nearest_other_in_groups(x, x, 0)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", original)
+    assert largest and max(largest) <= 1000
+    cosine = (x[0] @ x[0].T).fill_diagonal_(-2)
+    assert torch.equal(neighbours[0], cosine.argmax(dim=1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_koleo_duplicates_have_a_finite_gradient(backend):
+    # three rows, each twice: twins are each other's neighbours, so their two terms' gradients
+    # cancel exactly (lightly's formula), and the value is −log(eps·√D + eps)
+    twins = torch.randn(3, 4, dtype=torch.float64).repeat(2, 1).requires_grad_(True)
+    loss = fn.koleo(twins, backend=backend)
+    (grad,) = torch.autograd.grad(loss, twins)
+    assert torch.isfinite(grad).all() and grad.abs().max() == 0
+    # a triplet and a single: the gradient is finite and that of the float64 formula
+    rows = torch.randn(2, 5, dtype=torch.float64)
+    x = torch.cat([rows[:1].repeat(3, 1), rows[1:]]).requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn.koleo(x, backend=backend), x)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(fn.koleo(x, backend=backend).item(), koleo64(x.detach()), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_koleo_half_duplicates_stay_finite(dtype):
+    # dinov2's NaN: eps = 1e-8 is 0 in float16; here normalising and distances run in float32
+    x = torch.randn(4, 8).repeat(2, 1).to(dtype).requires_grad_(True)
+    loss = fn.koleo(x, backend="torch")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss.item(), -math.log(1e-8 * math.sqrt(8) + 1e-8), rtol=1e-6, atol=0)
+
+
+def test_koleo_group_size_errors_are_dinov3s():
+    with pytest.raises(ValueError, match="Global batch size 10 must be divisible by loss group size 4."):
+        fn.koleo(torch.randn(10, 3), group_size=4)
+    with pytest.raises(ValueError, match="group_size must be >= 1, got 0"):
+        fastssl.KoLeoLoss(group_size=0)
+    criterion = fastssl.KoLeoLoss(group_size=5)
+    x = separated_rows(10, 4)
+    assert torch.equal(criterion(x), fn.koleo(x, group_size=5))
+    assert criterion.state_dict() == {}  # lightly's: no parameters, no buffers
+    assert isinstance(criterion.pairwise_distance, torch.nn.PairwiseDistance)

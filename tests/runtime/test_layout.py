@@ -150,6 +150,9 @@ calls = {
     "WMSELoss": lambda: fastssl.WMSELoss(embedding_dim=4, w_size=8)(torch.cat([a, b]).view(-1, 4)),
     "Whitening2d": lambda: fastssl.Whitening2d(8)(a).sum(),
     "DSERegularizer": lambda: fastssl.DSERegularizer()(a.view(2, 8, 8)),
+    "CAPILoss": lambda: fastssl.CAPILoss()(a.view(2, 8, 8), b.view(2, 8, 8)[:, :3], torch.tensor([[0, 5, 7]] * 2)),
+    "KoLeoLoss (groups)": lambda: fastssl.KoLeoLoss(group_size=4)(a),
+    "GramAnchoringLoss": lambda: fastssl.GramAnchoringLoss()(a.view(2, 8, 8), b.view(2, 8, 8)),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}

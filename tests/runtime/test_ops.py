@@ -46,6 +46,9 @@ def _op_samples(dtype):
         ("frossl", (rand(3, 7, 5), 0.5)),
         ("emp_ssl", (rand(2, 7, 5), 0.2, 10.0)),
         ("hypersphere_uniformity", (rand(2, 7, 5), 2.0)),
+        ("gram_anchoring", (torch.nn.functional.normalize(rand(2, 6, 4), dim=-1),
+                            torch.nn.functional.normalize(rand(2, 6, 4, grad=False), dim=-1), 1)),
+        ("gram_anchoring", (rand(1, 7, 3), rand(1, 7, 3, grad=False), 2)),
         ("patch_kernel_alignment", (rand(2, 6, 4), rand(2, 6, 4, grad=False), torch.ones(2, 6, dtype=dtype))),
         ("whitening", (rand(2, 7, 3), None, None, 0.1)),
         ("whitening", (rand(2, 7, 3), rand(3, grad=False), (lambda c: c @ c.T + torch.eye(3, dtype=dtype))(
@@ -128,6 +131,15 @@ def _losses():
         ("dino", lambda a, b, be: fn.dino([a, b], [a, b, 0.5 * a], center, backend=be)),
         ("negative_cosine", lambda a, b, be: fn.negative_cosine_similarity(a, b, backend=be)),
         ("koleo", lambda a, b, be: fn.koleo(a, backend=be) + fn.koleo(b, backend=be)),
+        ("koleo_groups", lambda a, b, be: fn.koleo(a, group_size=3, backend=be) + fn.koleo(b, group_size=9, backend=be)),
+        ("capi", lambda a, b, be: sum(  # each view the student once: the teacher is detached
+            fn.capi(x.view(3, 3, 13), y.view(3, 3, 13), backend=be) for x, y in ((a, b), (b, a)))),
+        ("capi_teacher_index", lambda a, b, be: sum(
+            fn.capi(x.view(3, 3, 13), y.view(3, 3, 13)[:, :2], torch.tensor([[2, 0]] * 3), backend=be)
+            for x, y in ((a, b), (b, a)))),
+        ("gram_anchoring", lambda a, b, be: sum(  # each view the student once: the Gram teacher is detached
+            fn.gram_anchoring_loss(x.view(3, 3, 13), y.view(3, 3, 13), img_level=level, backend=be)
+            for x, y, level in ((a, b, True), (b, a, False)))),
         ("dcl", lambda a, b, be: fn.dcl(a, b, 0.2, backend=be)),
         ("dclw", lambda a, b, be: fastssl.DCLWLoss(0.2, backend=be)(a, b)),
         ("macl", lambda a, b, be: fn.macl(a, b, 0.2, 1.0, 0.5, backend=be)),
