@@ -91,6 +91,8 @@ from .momentum import (
 )
 from .functional import vicregl
 from .losses import VICRegLLoss
+from .losses import MSNLoss, PMSNCustomLoss, PMSNLoss
+from .functional import msn, pmsn, pmsn_custom
 
 __version__ = "0.1.0"
 
@@ -111,6 +113,7 @@ __all__ = [
     "DetConBLoss", "DetConSLoss", "detcon",
     "VICRegLLoss", "vicregl",
     "DSERegularizer", "dse", "Whitening2d", "WMSELoss", "whiten", "wmse", "norm_mse_loss",
+    "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "msn", "pmsn", "pmsn_custom",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

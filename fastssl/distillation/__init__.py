@@ -226,3 +226,4 @@ class Center(nn.Module):
     def update(self, x: Tensor) -> None:
         batch_center = reference.center_mean(x, self.dim)
         self.center = self.center * self.momentum + batch_center.to(self.center.dtype) * (1 - self.momentum)
+from .msn import MSNLoss, PMSNCustomLoss, PMSNLoss, msn, msn_targets, msn_terms, pmsn, pmsn_custom
