@@ -63,11 +63,11 @@ def msn_targets(targets: Tensor, prototypes: Tensor, temperature: float = 0.1,
     log_probs = F.log_softmax(logits / (temperature * target_sharpen_temperature), dim=1)
     if sinkhorn_iterations == 0:
         return log_probs.exp_()
-    # lightly normalises each rank's columns to 1 / (its own batch): the same weights here.
-    rank_columns = log_probs.new_full((targets.shape[0],), 1.0 / targets.shape[0]) if gather_distributed else None
-    # The clustering family's op (through the registry: that family imports this one).
+    # The clustering family's op (through the registry: that family imports this one). Its
+    # uniform column marginals 1 / (B_rank · W) are proportional to lightly's 1 / B_rank on every
+    # rank, so the result is lightly's for unequal batches too.
     _, sinkhorn = registry.select("sinkhorn", backend, (log_probs,))
-    return sinkhorn(log_probs, sinkhorn_iterations, 1.0, None, rank_columns, 0.0, bool(gather_distributed))
+    return sinkhorn(log_probs, sinkhorn_iterations, 1.0, None, None, 0.0, bool(gather_distributed))
 
 
 def msn_terms(anchors: Tensor, targets: Tensor, prototypes: Tensor, target_sharpen_temperature: float = 0.25,

@@ -150,6 +150,9 @@ calls = {
     "WMSELoss": lambda: fastssl.WMSELoss(embedding_dim=4, w_size=8)(torch.cat([a, b]).view(-1, 4)),
     "Whitening2d": lambda: fastssl.Whitening2d(8)(a).sum(),
     "DSERegularizer": lambda: fastssl.DSERegularizer()(a.view(2, 8, 8)),
+    "MSNLoss": lambda: fastssl.MSNLoss()(a, b[:8], b[8:]),
+    "PMSNLoss": lambda: fastssl.PMSNLoss()(a, b[:8], b[8:]),
+    "PMSNCustomLoss": lambda: fastssl.PMSNCustomLoss(lambda m: torch.ones_like(m) / len(m))(a, b[:8], b[8:]),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}
