@@ -11,7 +11,7 @@ import torch
 import fastssl.functional as fn
 
 from oracles import lightly_msn_loss, lightly_msn_targets
-from test_distributed import WORLD, results_of_ranks
+from test_distributed import results_of_ranks
 
 pytestmark = pytest.mark.distributed
 
