@@ -5,7 +5,8 @@ regulariser on the anchors' mean distribution (mean-entropy maximisation, or a K
 What is fused: the anchors' cosine logits, their softmax, the cross-entropy to the targets and
 the mean prototype probabilities are one op (``msn_anchor_terms``) that makes the (V·B, K)
 logits one block of samples at a time, in the forward and again in the backward, so no
-(V·B, K) tensor is held for autograd (lightly holds five). The targets' (B, K) distributions are
+(V·B, K) tensor is held for autograd (lightly holds three: the softmax, the repeated
+targets and their power). The targets' (B, K) distributions are
 made once, without gradient, and balanced by the clustering family's log-domain Sinkhorn.
 """
 from __future__ import annotations
