@@ -32,16 +32,14 @@ from ..runtime.validation import (
 Tensor = torch.Tensor
 
 
-def _check_msn_inputs(anchors: Tensor, targets: Tensor, prototypes: Tensor) -> None:
-    for name, tensor in (("anchors", anchors), ("targets", targets), ("prototypes", prototypes)):
+def _check_features(names, tensors) -> None:
+    """2-D floating-point features of one dim, on one device."""
+    for name, tensor in zip(names, tensors):
         check_float_tensor(name, tensor, ndim=2)
-    if not anchors.shape[1] == targets.shape[1] == prototypes.shape[1]:
-        raise ValueError(f"anchors, targets and prototypes must share their dim, got anchors "
-                         f"{tuple(anchors.shape)}, targets {tuple(targets.shape)}, prototypes {tuple(prototypes.shape)}")
-    if anchors.shape[0] % targets.shape[0] != 0:
-        raise ValueError(f"anchors must hold a whole number of views of the targets' batch (V·B rows, view-major), "
-                         f"got anchors {tuple(anchors.shape)} for targets {tuple(targets.shape)}")
-    check_same_device(("anchors", "targets", "prototypes"), (anchors, targets, prototypes))
+    if len({tensor.shape[1] for tensor in tensors}) != 1:
+        shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in zip(names, tensors))
+        raise ValueError(f"{', '.join(names)} must share their dim, got {shapes}")
+    check_same_device(names, tensors)
 
 
 @torch.no_grad()
@@ -59,6 +57,10 @@ def msn_targets(targets: Tensor, prototypes: Tensor, temperature: float = 0.1,
     Args: targets (B, D); prototypes (K, D). Returns: (B, K) rows summing to 1, no gradient,
     float32 (float64 for float64 inputs).
     """
+    _check_features(("targets", "prototypes"), (targets, prototypes))
+    temperature = check_positive("temperature", temperature)
+    target_sharpen_temperature = check_positive("target_sharpen_temperature", target_sharpen_temperature)
+    check_int_at_least("sinkhorn_iterations", sinkhorn_iterations, 0)
     dtype = compute_dtype(targets, prototypes)
     logits = F.normalize(targets.to(dtype), dim=1) @ F.normalize(prototypes.to(dtype), dim=1).T
     log_probs = F.log_softmax(logits / (temperature * target_sharpen_temperature), dim=1)
@@ -84,17 +86,17 @@ def msn_terms(anchors: Tensor, targets: Tensor, prototypes: Tensor, target_sharp
     Args: anchors (V·B, D); targets (B, D); prototypes (K, D).
     Returns: (cross_entropy (), mean_probs (K,)), float32 (float64 for float64 inputs).
     """
-    _check_msn_inputs(anchors, targets, prototypes)
-    temperature = check_positive("temperature", temperature)
-    check_int_at_least("sinkhorn_iterations", sinkhorn_iterations, 0)
-    target_sharpen_temperature = check_positive("target_sharpen_temperature", target_sharpen_temperature)
+    _check_features(("anchors", "targets", "prototypes"), (anchors, targets, prototypes))
+    if anchors.shape[0] % targets.shape[0] != 0:
+        raise ValueError(f"anchors must hold a whole number of views of the targets' batch (V·B rows, view-major), "
+                         f"got anchors {tuple(anchors.shape)} for targets {tuple(targets.shape)}")
     target_probs = msn_targets(targets, prototypes, temperature, target_sharpen_temperature, sinkhorn_iterations,
                                gather_distributed, backend=backend)
     dtype = compute_dtype(anchors, prototypes)
     unit_anchors = F.normalize(anchors.to(dtype), dim=1)
     unit_prototypes = F.normalize(prototypes.to(dtype), dim=1)
     _, core = registry.select("msn_anchor_terms", backend, (target_probs, unit_anchors, unit_prototypes))
-    return core(target_probs, unit_anchors, unit_prototypes, 1.0 / temperature)
+    return core(target_probs, unit_anchors, unit_prototypes, 1.0 / check_positive("temperature", temperature))
 
 
 def mean_entropy_regularization(mean_anchor_probs: Tensor) -> Tensor:

@@ -363,7 +363,8 @@ def test_constructor_errors_are_lightlys(make, match):
 
 
 @pytest.mark.parametrize("call,error,match", [
-    (lambda a, t, p: MSNLoss()(a[:, :5], t, p), ValueError, "must share their dim"),
+    (lambda a, t, p: MSNLoss()(a[:, :5], t, p), ValueError, "anchors, targets, prototypes must share their dim"),
+    (lambda a, t, p: fn.msn_targets(t, p[:, :3]), ValueError, "targets, prototypes must share their dim"),
     (lambda a, t, p: MSNLoss()(a[:-1], t, p), ValueError, "whole number of views"),
     (lambda a, t, p: MSNLoss()(a, t, p[0]), ValueError, "prototypes must have 2 dimensions"),
     (lambda a, t, p: MSNLoss()(a.long(), t, p), TypeError, "anchors must be float16"),
