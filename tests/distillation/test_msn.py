@@ -13,8 +13,8 @@ from fastssl.distillation.msn import power_law_distribution
 from fastssl.runtime import registry
 
 from helpers import (FLOAT_DTYPES, HALF_DTYPES, U32, assert_within, backend_params, gamma,
-                     half_error_within_twice_reference, msn_anchor_terms_bounds, normalized_entry_error,
-                     one_intra_op_thread_unless_asked, sinkhorn_log_span, sinkhorn_rel_error, unit_roundoff,
+                     half_error_within_twice_reference, normalized_entry_error, unit_roundoff,
+                     one_intra_op_thread_unless_asked, sinkhorn_log_span, sinkhorn_rel_error,
                      _normalization_grad_abs)
 from oracles import lightly_msn, lightly_msn_loss, lightly_msn_sinkhorn, lightly_msn_targets, lightly_power_law
 
@@ -33,6 +33,76 @@ def seeded(*shape, seed, dtype=torch.float64):
 def uniform_prior(mean_anchor_probs):
     """lightly's docstring example of a custom target distribution (no gradient through it)."""
     return mean_anchor_probs.new_ones(mean_anchor_probs.shape[0]) / mean_anchor_probs.shape[0]
+
+
+def msn_anchor_terms_bounds(targets, anchors, prototypes, scale, grad_ce, grad_mean, target_error=0.0,
+                            input_error=0.0, grad_mean_error=0.0, u=U32, flush_dtype=torch.float32):
+    """Bounds on the errors of MSN's anchor terms (``msn_anchor_terms``) computed with unit roundoff
+    ``u``, from float64 ``targets`` (B, K), unit ``anchors`` (M = V·B, D) and unit ``prototypes``
+    (K, D), and of the gradients of g·CE + G·p̄ (g = ``grad_ce``, G = ``grad_mean`` (K,)).
+
+    ``target_error``: the targets' relative error (a number or (B, K)); ``input_error``: the
+    anchors' and prototypes' relative entry error (their normalisation); ``grad_mean_error``:
+    |δG| (a number or (K,)). With x = a·wᵀ, z = σx, L = LSE(z), p = softmax(z), T_b = Σ_k t_bk:
+    * δx ≤ (γ_D + 2·input_error) Σ_d |a||w| (the D-term dot, both inputs' errors);
+    * δL ≤ 2σ max_k δx + (2σ max|x| + K + 4 + |L|)u (shifted exps, the K-term sum, its log, the
+      peak added back); each p is off by e = σδx + δL + (σ|x| + |L| + 2)u relative;
+    * CE = (1/M)(Σ_i T_b L_i − σ Σ t_bk x_ik): the V-, B-, K- and BK-term sums add γ of the terms'
+      magnitudes, the targets' error |t| e_t |L − z|, flushing targets below φ = sqrt(tiny) × the
+      row peak σφ·peak Σ|x|, the subtraction and division 3u;
+    * p̄ = (1/M) Σ_i p_i: (1/M) Σ p (e + γ_M + u);
+    * ∂/∂x_ik = (σ/M)(p_ik h_ik − g t_bk), h = g T_b + G_k − p_i·G: p's error e|h|, p_i·G's
+      Σ_j p|G|(e + γ_K) + p·|δG|, δG_k, the 3-term sum's 3u and T_b's γ_K, g t's e_t and the
+      products' and the difference's 4u;
+    * ∂/∂a = Σ_k ∂/∂x w_k, ∂/∂w = Σ_i ∂/∂x a_i: the propagated error and γ_K (γ_M) + input_error
+      of Σ|∂/∂x||w| (Σ|∂/∂x||a|); ∂/∂t_bk = (g/M) Σ_v (L − σx): (|g|/M) Σ_v (δL + σδx +
+      (γ_V + 2u)(|L| + σ|x|)).
+    Returns (CE, p̄ (K,), ∂anchors (M, D), ∂prototypes (K, D), ∂targets (B, K)) bounds.
+    """
+    t, a, w = targets.detach().double(), anchors.detach().double(), prototypes.detach().double()
+    batch, classes = t.shape
+    count, dim = a.shape
+    views = count // batch
+    g = float(grad_ce)
+    big_g = grad_mean.detach().double()
+    delta_big_g = torch.as_tensor(grad_mean_error, dtype=torch.float64).expand(classes)
+    e_t = torch.as_tensor(target_error, dtype=torch.float64).expand(batch, classes).repeat(views, 1)
+    phi = math.sqrt(torch.finfo(flush_dtype).tiny)
+    x = a @ w.T
+    z = scale * x
+    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    p = torch.softmax(z, dim=1)
+    t_rep = t.repeat(views, 1)
+    total = t_rep.sum(dim=1, keepdim=True)
+    delta_x = (gamma(dim, u) + 2 * input_error) * (a.abs() @ w.abs().T)
+    delta_l = (2 * scale * delta_x.amax(dim=1, keepdim=True)
+               + (2 * scale * x.abs().amax(dim=1, keepdim=True) + classes + 4 + lse.abs()) * u)
+    e = scale * delta_x + delta_l + (scale * x.abs() + lse.abs() + 2) * u
+    ce = (1 / count) * ((total * (delta_l + (gamma(classes, u) + gamma(views, u) + gamma(batch, u) + 3 * u)
+                                  * lse.abs())).sum()
+                        + scale * (t_rep.abs() * (delta_x + (gamma(views, u) + gamma(batch * classes, u) + 3 * u)
+                                                  * x.abs())).sum()
+                        + (t_rep.abs() * e_t * (lse - z).abs()).sum()
+                        + scale * phi * (t_rep.abs().amax(dim=1, keepdim=True) * x.abs()).sum())
+    ce_value = -(t_rep * (z - lse)).sum() / count
+    ce = ce + u * ce_value.abs()
+    mean = (p * (e + gamma(count, u) + u)).sum(dim=0) / count
+    s = p @ big_g
+    h = g * total + big_g[None] - s[:, None]
+    delta_s = (p * big_g.abs()[None] * (e + gamma(classes, u))).sum(dim=1) + p @ delta_big_g
+    bracket = (p * e * h.abs()
+               + p * (delta_s[:, None] + delta_big_g[None] + gamma(classes, u) * abs(g) * total
+                      + 3 * u * (abs(g) * total + big_g.abs()[None] + s.abs()[:, None]))
+               + abs(g) * t_rep.abs() * (e_t + u)
+               + 4 * u * (p * h.abs() + abs(g) * t_rep.abs()))
+    grad_x = scale / count * (p * h - g * t_rep)
+    delta_grad_x = scale / count * bracket + 2 * u * grad_x.abs()
+    grad_anchors = delta_grad_x @ w.abs() + (gamma(classes, u) + input_error) * (grad_x.abs() @ w.abs())
+    grad_prototypes = delta_grad_x.T @ a.abs() + (gamma(count, u) + input_error) * (grad_x.abs().T @ a.abs())
+    per_view = (delta_l + scale * delta_x + (gamma(views, u) + 2 * u) * (lse.abs() + scale * x.abs()))
+    grad_targets = abs(g) / count * per_view.view(views, batch, classes).sum(dim=0)
+    grad_targets = grad_targets + 2 * u * abs(g) / count * (lse - z).view(views, batch, classes).sum(dim=0).abs()
+    return ce, mean, grad_anchors, grad_prototypes, grad_targets
 
 
 # ============================================================================================
