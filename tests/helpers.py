@@ -915,4 +915,3 @@ def invariance_grad_bounds(all_proj, global_proj, u=U32):
     per_view = 2 / a.numel() * (gamma(g.shape[0] + 1, u) * g.abs().mean(0) + 3 * u * difference.abs())
     shared = (per_view.sum(0) + 2 / a.numel() * gamma(a.shape[0] + 1, u) * difference.abs().sum(0)) / g.shape[0]
     return per_view + torch.cat([shared.expand_as(g), torch.zeros_like(a[g.shape[0]:])])
-
