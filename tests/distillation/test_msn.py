@@ -445,3 +445,20 @@ def test_bad_inputs_name_the_argument(call, error, match):
     anchors, targets, prototypes = msn_inputs()
     with pytest.raises(error, match=match):
         call(anchors.detach(), targets.detach(), prototypes.detach())
+
+
+def test_torch_backend_keeps_no_anchor_logits_for_backward():
+    """The fused op saves its inputs and one LSE per anchor: no (V·B, K) tensor waits for the
+    backward (lightly's graph holds three)."""
+    anchors, targets, prototypes = msn_inputs(views=3, batch=8, dim=6, classes=40)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = PMSNLoss(backend="torch")(anchors, targets, prototypes)
+    assert saved and max(saved) < anchors.shape[0] * prototypes.shape[0]
+    loss.backward()
+    assert anchors.grad.abs().sum() > 0
