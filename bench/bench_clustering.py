@@ -1,11 +1,15 @@
-"""Clustering and distillation: SwAV (with Sinkhorn-Knopp codes), Sinkhorn alone, DINO, CAPI
-(16-32 images × 196 tokens, 49 predicted, 256-16,384 clusters).
+"""Clustering and distillation: SwAV (with Sinkhorn-Knopp codes), Sinkhorn alone, DINO, MSN / PMSN,
+CAPI (16-32 images × 196 tokens, 49 predicted, 256-16,384 clusters).
 
 Sizes (full set): SwAV with K=3000 prototypes and 2+6 crops (2 high-resolution, 6 low) of
 64-1024 rows; Sinkhorn-Knopp on B×3000 scores, B up to 16,384 (4096 is SwAV's gathered batch);
 DINO with 2 teacher and 2+10 student crops of 16-128 rows at 65,536 output dims.
 
-None of these does a GEMM (prototype scores and head outputs are inputs): no GEMM floor.
+MSN / PMSN: 1 + 10 anchor views of B targets (MSN's 1 random-masked + 10 focal views), D = 256,
+K = 1024 prototypes (MSN's ViT-S/16 setting), B ∈ {32, 256} (quick) and up to 1024 (full).
+
+None of SwAV, Sinkhorn and DINO does a GEMM (prototype scores and head outputs are inputs): no
+GEMM floor. MSN's floor is the anchors' logits (2·V·B·K·D) and their two gradients (twice that).
 Scores are uniform in [−1, 1] (cosine similarities); "linear-domain" is SwAV's and lightly's
 Sinkhorn algorithm (``peers.linear_domain_sinkhorn``), the issue's baseline.
 """
@@ -97,15 +101,47 @@ def capi(batch: int, clusters: int, tokens: int = 196, predicted: int = 49) -> c
     )
 
 
+MSN_VIEWS = 11
+MSN_DIM = 256
+MSN_PROTOTYPES = 1024
+
+
+def msn(batch: int, loss: str = "msn", views: int = MSN_VIEWS, dim: int = MSN_DIM,
+        prototypes: int = MSN_PROTOTYPES) -> core.Case:
+    """The target encoder (an EMA copy) gives the targets without gradient; anchors and
+    prototypes are trained."""
+    module = {"msn": "MSNLoss", "pmsn": "PMSNLoss"}[loss]
+
+    def make(device, dtype) -> core.Inputs:
+        anchors = core.randn((views * batch, dim), device, dtype)
+        targets = core.randn((batch, dim), device, dtype, requires_grad=False)
+        weight = core.randn((prototypes, dim), device, dtype)
+        return (anchors, targets, weight), [anchors, weight]
+
+    logits_flops = 2 * views * batch * prototypes * dim
+    return core.Case(
+        family="clustering", loss=loss, name=f"{loss}-b{batch}-v{views}-d{dim}-k{prototypes}",
+        sizes={"batch": batch, "views": views, "dim": dim, "prototypes": prototypes},
+        make_inputs=make,
+        make_loss=lambda backend: getattr(fastssl, module)(backend=backend),
+        peers={"lightly": peers.lightly(module)},
+        gemm_flops={"fwd": logits_flops, "bwd": 2 * logits_flops},
+        series=((f"{module}, {views} views, D={dim}, K={prototypes}", "batch"),),
+    )
+
+
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
         return [swav(6, 10, high=2, low=1), sinkhorn(6, 10), dino(3, 10, global_crops=2, local_crops=1),
-                capi(2, 7, tokens=5, predicted=3)]
+                capi(2, 7, tokens=5, predicted=3),
+                msn(3, views=2, dim=5, prototypes=7), msn(3, "pmsn", views=2, dim=5, prototypes=7)]
     if size_set == "quick":
         return ([swav(b) for b in (32, 64)] + [sinkhorn(b) for b in (256, 1024)]
-                + [dino(b) for b in (4, 8)] + [capi(16, k) for k in (256, 4096)])
+                + [dino(b) for b in (4, 8)] + [capi(16, k) for k in (256, 4096)]
+                + [msn(b, loss) for loss in ("msn", "pmsn") for b in (32, 256)])
     return ([swav(b) for b in (64, 128, 256, 512, 1024)] + [sinkhorn(b) for b in (1024, 4096, 16384)]
-            + [dino(b) for b in (16, 32, 64, 128)] + [capi(32, k) for k in (4096, 16384)])
+            + [dino(b) for b in (16, 32, 64, 128)] + [capi(32, k) for k in (4096, 16384)]
+            + [msn(b, loss) for loss in ("msn", "pmsn") for b in (32, 256, 1024)])
 
 
 def test_clustering(benchmark, bench_job):

@@ -93,6 +93,8 @@ from .functional import vicregl
 from .losses import VICRegLLoss
 from .functional import capi, capi_sinkhorn_knopp, gram_anchoring_loss
 from .losses import CAPILoss, GramAnchoringLoss
+from .losses import MSNLoss, PMSNCustomLoss, PMSNLoss
+from .functional import msn, pmsn, pmsn_custom
 
 __version__ = "0.1.0"
 
@@ -114,6 +116,7 @@ __all__ = [
     "VICRegLLoss", "vicregl",
     "DSERegularizer", "dse", "Whitening2d", "WMSELoss", "whiten", "wmse", "norm_mse_loss",
     "CAPILoss", "capi", "capi_sinkhorn_knopp", "GramAnchoringLoss", "gram_anchoring_loss",
+    "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "msn", "pmsn", "pmsn_custom",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

@@ -34,6 +34,7 @@ from .distillation import capi, capi_sinkhorn_knopp
 from .spectral import gram_anchoring_loss
 from .sliced import (latent_distance, latent_prediction_loss, lejepa, lejepa_invariance_loss, lewm, sigreg,
                      visreg, visreg_center_loss, visreg_components, visreg_scale_loss, visreg_shape_loss)
+from .distillation import msn, msn_targets, msn_terms, pmsn, pmsn_custom
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
@@ -45,4 +46,5 @@ __all__ = [
     "vicregl",
     "dse", "whiten", "wmse", "norm_mse_loss",
     "capi", "capi_sinkhorn_knopp", "gram_anchoring_loss",
+    "msn", "msn_targets", "msn_terms", "pmsn", "pmsn_custom",
 ]

@@ -18,10 +18,11 @@ from .sliced import LeJEPALoss, LeWMLoss, SIGReg, VISRegLoss, VISRegLossComponen
 from .whitening import Whitening2d, WMSELoss
 from .distillation import CAPILoss
 from .spectral import GramAnchoringLoss
+from .distillation import MSNLoss, PMSNCustomLoss, PMSNLoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
            "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer",
            "PatchKernelAlignmentLoss",
            "DetConBLoss", "DetConSLoss", "VICRegLLoss", "DSERegularizer", "Whitening2d", "WMSELoss",
            "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents",
-           "CAPILoss", "GramAnchoringLoss"]
+           "CAPILoss", "GramAnchoringLoss", "MSNLoss", "PMSNLoss", "PMSNCustomLoss"]

@@ -24,6 +24,7 @@ from .sliced.reference import sigreg_sums, visreg_shape
 from .runtime.dtypes import compute_dtype, max_exp_span
 from .redundancy.reference import mutual_nearest_neighbors
 from .spectral.reference import gram_anchoring
+from .distillation.reference import msn_anchor_terms
 
 __all__ = [
     "compute_dtype", "max_exp_span", "l2_normalize", "info_nce", "info_nce_self", "info_nce_self_decoupled", "info_nce_masked", "batch_normalize",
@@ -34,4 +35,5 @@ __all__ = [
     "dse", "whitening", "wmse",
     "sigreg_sums", "visreg_shape",
     "gram_anchoring",
+    "msn_anchor_terms",
 ]

@@ -779,3 +779,61 @@ def dinov3_gram64(student, teacher, apply_norm=True, img_level=True, remove_neg=
         student_sim = torch.where((student_sim < 0) & (target_sim < 0), 0.0, student_sim)
         target_sim = torch.where(target_sim < 0, 0.0, target_sim)
     return torch.nn.functional.mse_loss(student_sim, target_sim)
+# MSN / PMSN (lightly's msn_loss.py and pmsn_loss.py, verbatim in the given dtype)
+# ============================================================================================
+def lightly_msn_sinkhorn(probabilities_of_ranks, iterations):
+    """lightly's MSN ``sinkhorn`` (linear domain) on each rank's (B_r, K) probabilities, its
+    all-reduces written out (one rank: one tensor in the list). Returns each rank's codes."""
+    q = [p.T for p in probabilities_of_ranks]
+    total = sum(x.sum() for x in q)
+    q = [x / total for x in q]
+    num_prototypes = q[0].shape[0]
+    for _ in range(iterations):
+        row_sum = sum(x.sum(dim=1, keepdim=True) for x in q)
+        q = [x / row_sum / num_prototypes for x in q]
+        q = [x / x.sum(dim=0, keepdim=True) / x.shape[1] for x in q]
+    return [(x * x.shape[1]).T for x in q]
+
+
+def lightly_msn_targets(targets_of_ranks, prototypes, temperature=0.1, target_sharpen_temperature=0.25,
+                        sinkhorn_iterations=3):
+    """MSNLoss.forward's no-grad target side on each rank's targets (B_r, D)."""
+    prototypes = F.normalize(prototypes, dim=1)
+    probs = [F.softmax(F.normalize(t, dim=1) @ prototypes.T / temperature, dim=1) for t in targets_of_ranks]
+    probs = [p ** (1.0 / target_sharpen_temperature) for p in probs]
+    probs = [p / p.sum(dim=1, keepdim=True) for p in probs]
+    return lightly_msn_sinkhorn(probs, sinkhorn_iterations) if sinkhorn_iterations > 0 else probs
+
+
+def lightly_power_law(size, exponent, dtype=torch.float64):
+    k = torch.arange(1, size + 1, dtype=dtype)
+    power_dist = k ** (-exponent)
+    return power_dist / power_dist.sum()
+
+
+def lightly_msn_loss(anchors, target_probs, prototypes, temperature=0.1, regularization_weight=1.0,
+                     regularization="msn"):
+    """MSNLoss.forward's anchor side given the target probabilities (B, K); ``regularization``:
+    "msn" (mean entropy), a float (PMSN's power-law exponent) or a callable (PMSNCustomLoss)."""
+    num_views = anchors.shape[0] // target_probs.shape[0]
+    anchor_probs = F.softmax(F.normalize(anchors, dim=1) @ F.normalize(prototypes, dim=1).T / temperature, dim=1)
+    loss = torch.mean(torch.sum(torch.log(anchor_probs ** (-target_probs.repeat((num_views, 1)))), dim=1))
+    if regularization_weight > 0:
+        mean = anchor_probs.mean(dim=0)
+        if regularization == "msn":
+            reg = -torch.sum(torch.log(mean ** (-mean))) + math.log(float(len(mean)))
+        else:
+            prior = (lightly_power_law(len(mean), regularization, mean.dtype) if isinstance(regularization, float)
+                     else regularization(mean))
+            reg = F.kl_div(input=mean.log(), target=prior, reduction="sum")
+        loss = loss + regularization_weight * reg
+    return loss
+
+
+def lightly_msn(anchors, targets, prototypes, target_sharpen_temperature=0.25, temperature=0.1,
+                sinkhorn_iterations=3, regularization_weight=1.0, regularization="msn"):
+    """lightly's MSNLoss / PMSNLoss / PMSNCustomLoss on one process."""
+    with torch.no_grad():
+        target_probs = lightly_msn_targets([targets], prototypes, temperature, target_sharpen_temperature,
+                                           sinkhorn_iterations)[0]
+    return lightly_msn_loss(anchors, target_probs, prototypes, temperature, regularization_weight, regularization)

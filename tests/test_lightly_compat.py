@@ -11,6 +11,10 @@ GATHERING = [
     pytest.param(lambda: fastssl.SwaVLoss(sinkhorn_gather_distributed=True), "sinkhorn_gather_distributed",
                  id="SwaVLoss"),
     pytest.param(lambda: fastssl.VICRegLLoss(gather_distributed=True), "gather_distributed", id="VICRegLLoss"),
+    pytest.param(lambda: fastssl.MSNLoss(gather_distributed=True), "gather_distributed", id="MSNLoss"),
+    pytest.param(lambda: fastssl.PMSNLoss(gather_distributed=True), "gather_distributed", id="PMSNLoss"),
+    pytest.param(lambda: fastssl.PMSNCustomLoss(lambda m: m, gather_distributed=True), "gather_distributed",
+                 id="PMSNCustomLoss"),
 ]
 
 

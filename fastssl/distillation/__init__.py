@@ -226,4 +226,10 @@ class Center(nn.Module):
     def update(self, x: Tensor) -> None:
         batch_center = reference.center_mean(x, self.dim)
         self.center = self.center * self.momentum + batch_center.to(self.center.dtype) * (1 - self.momentum)
-from .capi import CAPILoss, capi, capi_sinkhorn_knopp  # noqa: E402,F401
+# the losses in their own files, composed on the ops above (imported last: they use this module's helpers)
+from .capi import CAPILoss, capi, capi_sinkhorn_knopp  # noqa: E402
+from .msn import MSNLoss, PMSNCustomLoss, PMSNLoss, msn, msn_targets, msn_terms, pmsn, pmsn_custom  # noqa: E402
+
+__all__ = ["dino", "dino_center", "DINOLoss", "Center", "pair_losses", "off_diagonal_mean", "check_last_layer",
+           "CAPILoss", "capi", "capi_sinkhorn_knopp",
+           "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "msn", "msn_targets", "msn_terms", "pmsn", "pmsn_custom"]

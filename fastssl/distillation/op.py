@@ -62,3 +62,51 @@ def register_pair_loss_op(op, backward_op) -> Callable:
 
     pair_loss_core.op = op
     return pair_loss_core
+
+
+def define_anchor_terms_op(name: str, forward: Callable, backward: Callable) -> Callable:
+    """Register MSN's anchor terms (``fastssl::<name>`` and ``_backward``): the cross-entropy of
+    the anchors' prototype softmax to their targets and the anchors' mean prototype probabilities.
+
+    ``forward(targets (B, K), anchors (V·B, D), prototypes (K, D), scale)`` returns
+    (cross-entropy (), mean probabilities (K,), anchor LSE (V·B,)), the LSE saved for
+    ``backward(grad_cross_entropy, grad_mean_probs, targets, anchors, prototypes, lse, scale,
+    needs_grad)``, which returns one gradient per tensor (an empty tensor where not needed).
+    Returns the core ``(targets, anchors, prototypes, scale) -> (cross-entropy, mean
+    probabilities)`` (the op is its ``.op``).
+    """
+    op = library.define(name, "(Tensor targets, Tensor anchors, Tensor prototypes, float scale) "
+                              "-> (Tensor, Tensor, Tensor)", forward)
+    backward_op = library.define(
+        f"{name}_backward", "(Tensor grad_cross_entropy, Tensor grad_mean_probs, Tensor targets, Tensor anchors, "
+                            "Tensor prototypes, Tensor lse, float scale, bool[] needs_grad) -> Tensor[]", backward)
+
+    @torch.library.register_fake(op)
+    def _(targets, anchors, prototypes, scale):
+        dtype = compute_dtype(targets, anchors, prototypes)
+        return (anchors.new_empty((), dtype=dtype), anchors.new_empty(prototypes.shape[0], dtype=dtype),
+                anchors.new_empty(anchors.shape[0], dtype=dtype))
+
+    @torch.library.register_fake(backward_op)
+    def _(grad_cross_entropy, grad_mean_probs, targets, anchors, prototypes, lse, scale, needs_grad):
+        return [torch.empty_like(t) if need else library.empty_grad(t)
+                for t, need in zip((targets, anchors, prototypes), needs_grad)]
+
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[-1]
+        ctx.save_for_backward(*inputs[:-1], output[2])
+        ctx.mark_non_differentiable(output[2])
+
+    def autograd_backward(ctx, grad_cross_entropy, grad_mean_probs, _grad_lse):
+        needs_grad = list(ctx.needs_input_grad[:-1])
+        grads = backward_op(grad_cross_entropy, grad_mean_probs, *ctx.saved_tensors, ctx.scale, needs_grad)
+        return tuple(g if need else None for g, need in zip(grads, needs_grad)) + (None,)
+
+    library.register_autograd(op, autograd_backward, setup_context)
+
+    def anchor_terms_core(targets, anchors, prototypes, scale):
+        cross_entropy, mean_probs, _ = op(targets, anchors, prototypes, scale)
+        return cross_entropy, mean_probs
+
+    anchor_terms_core.op = op
+    return anchor_terms_core

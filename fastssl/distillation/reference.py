@@ -60,3 +60,21 @@ def center_update(teacher: torch.Tensor, center: torch.Tensor, momentum: float) 
     crops, rows and ranks; shaped and typed as ``center``."""
     batch_center = center_mean(teacher, (0, 1))
     return center * momentum + batch_center.reshape(center.shape).to(center.dtype) * (1 - momentum)
+
+
+def msn_anchor_terms(targets: torch.Tensor, anchors: torch.Tensor, prototypes: torch.Tensor,
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MSN's anchor terms: the cross-entropy of every anchor's prototype softmax to its target,
+    and the anchors' mean prototype probabilities.
+
+    p_i = softmax(scale · anchors_i · prototypesᵀ); anchor i = v·B + b is view v of sample b:
+    cross_entropy = −mean_i Σ_k targets[b, k] log p_ik; mean_probs = mean_i p_i.
+
+    Args: targets (B, K) probabilities; anchors (V·B, D); prototypes (K, D); scale = 1/temperature.
+    Returns: (cross_entropy (), mean_probs (K,)), float32 (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(targets, anchors, prototypes)
+    log_p = F.log_softmax(scale * (anchors.to(dtype) @ prototypes.to(dtype).T), dim=1)
+    views = anchors.shape[0] // targets.shape[0]
+    cross_entropy = -(targets.to(dtype).repeat(views, 1) * log_p).sum(dim=1).mean()
+    return cross_entropy, log_p.exp().mean(dim=0)

@@ -6,6 +6,9 @@
 * :func:`linear_soft_cross_entropy_pairs_forward` / ``_backward`` — the same with the last
   linear layer (SwAV prototypes, DINO head) fused in: the (S, B, K) logits are produced and
   consumed one block of K columns at a time and never exist whole.
+* :func:`msn_anchor_terms_forward` / ``_backward`` — MSN's anchor cross-entropy and mean
+  prototype probabilities from the anchors and prototypes, the (V·B, K) logits made one block
+  of samples at a time.
 
 Every function takes already validated tensors and computes in float32 (float64 for float64
 inputs), like ``reference``.
@@ -19,7 +22,7 @@ import torch
 
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
-from .op import define_pair_loss_op
+from .op import define_anchor_terms_op, define_pair_loss_op
 
 Tensor = torch.Tensor
 
@@ -215,3 +218,77 @@ soft_cross_entropy_pairs = define_pair_loss_op(
 linear_soft_cross_entropy_pairs = define_pair_loss_op(
     "linear_soft_cross_entropy_pairs", "Tensor targets, Tensor features, Tensor weight",
     linear_soft_cross_entropy_pairs_forward, linear_soft_cross_entropy_pairs_backward)
+
+
+# ============================================================================================
+# MSN's anchor terms: cross-entropy to the targets and mean probabilities, prototypes fused
+# ============================================================================================
+# Anchor i = (v, b), view v of sample b (M = V·B rows); x_i = anchors_i · prototypesᵀ (K,),
+# p_i = softmax(σ x_i), L_i = LSE(σ x_i), T_b = Σ_k t_bk:
+#   CE = (1/M) Σ_i (T_b L_i − σ Σ_k t_bk x_ik),   p̄ = (1/M) Σ_i p_i.
+# With g = ∂ℓ/∂CE and G = ∂ℓ/∂p̄ (K,) (the regulariser's gradient):
+#   ∂ℓ/∂x_ik = (σ/M) (p_ik (g T_b + G_k − p_i·G) − g t_bk),   ∂ℓ/∂t_bk = (g/M) Σ_v (L_vb − σ x_vbk)
+#   ∂ℓ/∂anchors_i = Σ_k ∂ℓ/∂x_ik prototypes_k,   ∂ℓ/∂prototypes_k = Σ_i ∂ℓ/∂x_ik anchors_i.
+# Blocks of samples b (all V views of each): a block's logits are made, used and dropped; saved
+# for the backward: the inputs and L (M,); the backward makes the logits again.
+def msn_anchor_terms_forward(targets: Tensor, anchors: Tensor, prototypes: Tensor,
+                             scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """targets (B, K), anchors (V·B, D), prototypes (K, D) → (cross-entropy (), mean
+    probabilities (K,), LSE (V·B,)), in the compute dtype."""
+    dtype = compute_dtype(targets, anchors, prototypes)
+    batch, num_prototypes = targets.shape
+    views = anchors.shape[0] // batch
+    samples = anchors.view(views, batch, -1)
+    weight = prototypes.to(dtype)
+    level = _flush_level(targets, dtype)
+    lse = torch.empty(views, batch, dtype=dtype, device=anchors.device)
+    probability_sum = torch.zeros(num_prototypes, dtype=dtype, device=anchors.device)
+    dots = torch.zeros((), dtype=dtype, device=anchors.device)  # Σ_i Σ_k t_bk x_ik
+    for rows in blocks(batch, views * num_prototypes):
+        x = samples[:, rows].to(dtype) @ weight.T  # (V, b, K)
+        lse[:, rows] = _student_lse(x, scale)
+        dots += _flushed_targets(targets[None, rows], level, dtype).view(-1) @ x.sum(dim=0).view(-1)
+        probability_sum += x.mul_(scale).sub_(lse[:, rows, None]).exp_().sum(dim=(0, 1))
+    count = anchors.shape[0]
+    cross_entropy = (targets.sum(dim=-1, dtype=dtype) @ lse.sum(dim=0) - scale * dots) / count
+    return cross_entropy, probability_sum / count, lse.view(-1)
+
+
+def msn_anchor_terms_backward(
+    grad_cross_entropy: Tensor, grad_mean_probs: Tensor, targets: Tensor, anchors: Tensor, prototypes: Tensor,
+    lse: Tensor, scale: float, needs_grad: Sequence[bool],
+) -> List[Tensor]:
+    """Gradients [∂/∂targets, ∂/∂anchors, ∂/∂prototypes] in the inputs' dtypes (empty where not needed)."""
+    dtype = lse.dtype
+    batch, num_prototypes = targets.shape
+    count = anchors.shape[0]
+    views = count // batch
+    samples = anchors.view(views, batch, -1)
+    weight = prototypes.to(dtype)
+    lse = lse.view(views, batch, 1)
+    grad_cross_entropy, grad_mean_probs = grad_cross_entropy.to(dtype), grad_mean_probs.to(dtype)
+    target_weight = grad_cross_entropy * targets.sum(dim=-1, dtype=dtype)[:, None]  # g T_b (B, 1)
+    level = _flush_level(targets, dtype)
+    grad_targets = torch.empty_like(targets) if needs_grad[0] else targets.new_empty(0)
+    grad_samples = torch.empty(samples.shape, dtype=dtype, device=anchors.device) if needs_grad[1] else None
+    grad_weight = torch.zeros_like(weight) if needs_grad[2] else None
+    for rows in blocks(batch, views * num_prototypes):
+        block = samples[:, rows].to(dtype)
+        x = block @ weight.T  # (V, b, K)
+        if needs_grad[0]:
+            grad_targets[rows] = (lse[:, rows] - scale * x).sum(dim=0).mul_(grad_cross_entropy / count)
+        if needs_grad[1] or needs_grad[2]:
+            p = x.mul_(scale).sub_(lse[:, rows]).exp_()
+            grad_x = p * (grad_mean_probs - (p @ grad_mean_probs)[..., None] + target_weight[rows])
+            q = _flushed_targets(targets[None, rows], level, dtype).view(-1, num_prototypes)
+            grad_x = grad_x.sub_(q * grad_cross_entropy).mul_(scale / count)
+            if needs_grad[1]:
+                grad_samples[:, rows] = grad_x @ weight
+            if needs_grad[2]:
+                grad_weight.addmm_(grad_x.reshape(-1, num_prototypes).T, block.reshape(-1, block.shape[-1]))
+    grad_anchors = grad_samples.view_as(anchors).to(anchors.dtype) if needs_grad[1] else anchors.new_empty(0)
+    grad_prototypes = grad_weight.to(prototypes.dtype) if needs_grad[2] else prototypes.new_empty(0)
+    return [grad_targets, grad_anchors, grad_prototypes]
+
+
+msn_anchor_terms = define_anchor_terms_op("msn_anchor_terms", msn_anchor_terms_forward, msn_anchor_terms_backward)

@@ -121,6 +121,10 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "reference": "fastssl.sliced.reference:visreg_shape",
         "torch": "fastssl.sliced.torch_backend:visreg_shape",
     },
+    "msn_anchor_terms": {
+        "reference": "fastssl.distillation.reference:msn_anchor_terms",
+        "torch": "fastssl.distillation.torch_backend:msn_anchor_terms",
+    },
 }
 
 

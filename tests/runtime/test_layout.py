@@ -153,6 +153,9 @@ calls = {
     "CAPILoss": lambda: fastssl.CAPILoss()(a.view(2, 8, 8), b.view(2, 8, 8)[:, :3], torch.tensor([[0, 5, 7]] * 2)),
     "KoLeoLoss (groups)": lambda: fastssl.KoLeoLoss(group_size=4)(a),
     "GramAnchoringLoss": lambda: fastssl.GramAnchoringLoss()(a.view(2, 8, 8), b.view(2, 8, 8)),
+    "MSNLoss": lambda: fastssl.MSNLoss()(a, b[:8], b[8:]),
+    "PMSNLoss": lambda: fastssl.PMSNLoss()(a, b[:8], b[8:]),
+    "PMSNCustomLoss": lambda: fastssl.PMSNCustomLoss(lambda m: torch.ones_like(m) / len(m))(a, b[:8], b[8:]),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}

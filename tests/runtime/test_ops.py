@@ -62,6 +62,8 @@ def _op_samples(dtype):
         # differs from its gradient: no gradcheck below; tests/sliced checks it against autograd of float64
         ("visreg_shape", (rand(2, 9, 5), torch.nn.functional.normalize(rand(5, 7, grad=False), dim=0), 0.5)),
         ("sinkhorn", (rand(7, 11, grad=False), 3, 0.05, None, None, 0.0, False)),
+        ("msn_anchor_terms", (torch.softmax(rand(4, 9), -1), torch.nn.functional.normalize(rand(12, 5), dim=1),
+                              torch.nn.functional.normalize(rand(9, 5), dim=1), 10.0)),
         ("sinkhorn", (rand(7, 11, grad=False), 50, 0.1, torch.rand(11, generator=g, dtype=dtype) + 0.5,
                       torch.rand(7, generator=g, dtype=dtype) + 0.5, 1e-3, False)),
     ]
@@ -121,6 +123,7 @@ def _losses():
     wmse_permutations = torch.stack([torch.randperm(39, generator=torch.Generator().manual_seed(s)) for s in range(2)])
     slices = torch.nn.functional.normalize(torch.randn(13, 6), dim=0)
     sigreg_grid = fastssl.sliced.sigreg_grid(5, 2.0)
+    prototypes = torch.randn(7, 13)
     return [
         ("nt_xent", lambda a, b, be: fn.nt_xent(a, b, backend=be)),
         ("nt_xent_labels", lambda a, b, be: fn.nt_xent(a, b, labels=torch.arange(a.shape[0]) % 3, backend=be)),
@@ -167,6 +170,8 @@ def _losses():
                                                                     backend=be)),
         ("visreg_shape", lambda a, b, be: backends.implementation("visreg_shape", be).fn(torch.stack([a, b]),
                                                                                           slices, 1e-4)),
+        ("msn", lambda a, b, be: fn.msn(torch.cat([a, b]), a + b, prototypes, backend=be)),
+        ("pmsn", lambda a, b, be: fn.pmsn(torch.cat([a, b]), a - b, prototypes, sinkhorn_iterations=0, backend=be)),
     ]
 
 
