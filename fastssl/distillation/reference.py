@@ -2,7 +2,7 @@
 float32 (float64 inputs stay float64, so ``gradcheck`` works). Every backend is tested against it."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,61 @@ def linear_soft_cross_entropy_pairs(targets: torch.Tensor, features: torch.Tenso
     """
     dtype = compute_dtype(targets, features, weight)
     return soft_cross_entropy_pairs(targets, features.to(dtype) @ weight.to(dtype).T, scale)
+
+
+def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_scale: float, iterations: int) -> torch.Tensor:
+    """DINOv2's ``sinkhorn_knopp_teacher``: Q = exp(teacher_scale · logits)ᵀ (K, N), normalised to
+    sum 1, then ``iterations`` times rows (prototypes) to 1/K and columns (samples) to 1/N; returns
+    N · Qᵀ (N, K), rows summing to 1. The logits' maximum is subtracted first (a constant factor of
+    Q, which the first normalisation removes) so that exp() cannot overflow."""
+    scaled = teacher_logits * teacher_scale
+    q = torch.exp(scaled - scaled.max()).T
+    q = q / q.sum()
+    classes, samples = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / classes
+        q = q / q.sum(dim=0, keepdim=True) / samples
+    return (q * samples).T
+
+
+def linear_distillation(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
+                        teacher_weight: torch.Tensor, center: Optional[torch.Tensor], student_scale: float,
+                        teacher_scale: float, iterations: int) -> torch.Tensor:
+    """Mean soft cross-entropy of teacher and student distributions over the last layer's outputs.
+
+    loss = −(1/N) Σ_n Σ_k p_nk · log softmax(student_scale · s_n Wᵀ)_k, with teacher logits
+    t = teacher · teacher_weightᵀ and p = softmax(teacher_scale · (t − center)) (``iterations`` = 0,
+    differentiable) or DINOv2's Sinkhorn-Knopp targets of t (``iterations`` > 0, no gradient,
+    as DINOv2 computes them under ``no_grad``).
+
+    Args: student, teacher (N, D); weight, teacher_weight (K, D); center (K,) or None.
+    Returns: 0-dim, float32 (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(student, teacher, weight, teacher_weight, center)
+    teacher_logits = teacher.to(dtype) @ teacher_weight.to(dtype).T
+    if iterations == 0:
+        shifted = teacher_logits if center is None else teacher_logits - center.to(dtype)
+        targets = F.softmax(teacher_scale * shifted, dim=-1)
+    else:
+        with torch.no_grad():
+            targets = sinkhorn_knopp_teacher(teacher_logits, teacher_scale, iterations)
+    log_p = F.log_softmax(student_scale * (student.to(dtype) @ weight.to(dtype).T), dim=-1)
+    return -(targets * log_p).sum(dim=-1).mean()
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, ignore_index: int, label_smoothing: float) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weightᵀ + bias, labels, ignore_index=..., label_smoothing=...)``,
+    the mean over the rows whose label is not ``ignore_index`` (NaN when there is none).
+
+    Args: hidden (N, D); weight (V, D); bias (V,) or None; labels (N,) int. Returns: 0-dim,
+    float32 (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(hidden, weight, bias)
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 def teacher_targets(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
