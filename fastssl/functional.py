@@ -32,6 +32,8 @@ from .regularizers import dse
 from .whitening import norm_mse_loss, whiten, wmse
 from .sliced import (latent_distance, latent_prediction_loss, lejepa, lejepa_invariance_loss, lewm, sigreg,
                      visreg, visreg_center_loss, visreg_components, visreg_scale_loss, visreg_shape_loss)
+from .distillation.linear_distillation import linear_distillation_loss
+from .masked import masked_lm_loss
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
@@ -42,4 +44,5 @@ __all__ = [
     "detcon",
     "vicregl",
     "dse", "whiten", "wmse", "norm_mse_loss",
+    "linear_distillation_loss", "masked_lm_loss",
 ]

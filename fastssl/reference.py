@@ -23,6 +23,7 @@ from .whitening.reference import whitening, wmse
 from .sliced.reference import sigreg_sums, visreg_shape
 from .runtime.dtypes import compute_dtype, max_exp_span
 from .redundancy.reference import mutual_nearest_neighbors
+from .distillation.reference import linear_cross_entropy, linear_distillation
 
 __all__ = [
     "compute_dtype", "max_exp_span", "l2_normalize", "info_nce", "info_nce_self", "info_nce_self_decoupled", "info_nce_masked", "batch_normalize",
@@ -32,4 +33,5 @@ __all__ = [
     "mutual_nearest_neighbors",
     "dse", "whitening", "wmse",
     "sigreg_sums", "visreg_shape",
+    "linear_distillation", "linear_cross_entropy",
 ]
