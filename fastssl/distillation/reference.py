@@ -36,18 +36,15 @@ def linear_soft_cross_entropy_pairs(targets: torch.Tensor, features: torch.Tenso
 
 
 def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_scale: float, iterations: int) -> torch.Tensor:
-    """DINOv2's ``sinkhorn_knopp_teacher``: Q = exp(teacher_scale · logits)ᵀ (K, N), normalised to
-    sum 1, then ``iterations`` times rows (prototypes) to 1/K and columns (samples) to 1/N; returns
-    N · Qᵀ (N, K), rows summing to 1. The logits' maximum is subtracted first (a constant factor of
-    Q, which the first normalisation removes) so that exp() cannot overflow."""
-    scaled = teacher_logits * teacher_scale
-    q = torch.exp(scaled - scaled.max()).T
-    q = q / q.sum()
-    classes, samples = q.shape
+    """DINOv2's ``sinkhorn_knopp_teacher`` on (N, K) logits, in the log domain: Q = exp(teacher_scale ·
+    logits), then ``iterations`` times every prototype's column normalised (DINOv2: to 1/K) and
+    every sample's row (to 1/N); returns the rows scaled to sum 1 (DINOv2's N · Qᵀ). The constant
+    factors drop out; DINOv2's exp() of raw logits / τ overflows float32 from |logits| > 88 τ."""
+    log_q = teacher_logits * teacher_scale
     for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / classes
-        q = q / q.sum(dim=0, keepdim=True) / samples
-    return (q * samples).T
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+    return log_q.exp()
 
 
 def linear_distillation(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
