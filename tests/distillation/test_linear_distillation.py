@@ -11,9 +11,8 @@ import fastssl.functional as fn
 from fastssl.distillation import torch_backend as distillation
 from fastssl.runtime import blocks
 
-from helpers import FLOAT_DTYPES, HALF_DTYPES, assert_within, gamma, half_error_within_twice_reference, \
-    soft_ce_pairs_bounds, unit_roundoff
-from test_soft_cross_entropy import _LargestTensor
+from helpers import (FLOAT_DTYPES, HALF_DTYPES, LargestTensor, assert_within, gamma, half_error_within_twice_reference,
+                     soft_ce_pairs_bounds, unit_roundoff)
 
 BACKENDS = ["reference", "torch"]
 
@@ -270,7 +269,7 @@ def test_torch_backend_never_holds_the_logits(monkeypatch, iterations):
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 25)
     student, teacher, weight, teacher_weight, center = (x.detach() for x in inputs(20, 6, 200, torch.float32))
     center = center if iterations == 0 else None
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         loss, stats, shift = distillation.linear_distillation_forward(student, teacher, weight, teacher_weight, center,
                                                                       10.0, 25.0, iterations)
         distillation.linear_distillation_backward(torch.ones(()), student, teacher, weight, teacher_weight, center,
