@@ -111,4 +111,5 @@ def define_fused_loss_op(name: str, tensors: str, params: str, saved: int, forwa
         return op(*args)[0]
 
     fused_loss_core.op = op
+    fused_loss_core.saved_fakes = saved_fakes
     return fused_loss_core

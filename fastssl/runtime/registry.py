@@ -93,6 +93,7 @@ MANIFEST: Dict[str, Dict[str, str]] = {
     "linear_distillation": {
         "reference": "fastssl.distillation.reference:linear_distillation",
         "torch": "fastssl.distillation.torch_backend:linear_distillation",
+        "triton": "fastssl.distillation.triton_backend:linear_distillation",
     },
     "linear_cross_entropy": {
         "reference": "fastssl.distillation.reference:linear_cross_entropy",
