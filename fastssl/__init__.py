@@ -95,6 +95,8 @@ from .functional import capi, capi_sinkhorn_knopp, gram_anchoring_loss
 from .losses import CAPILoss, GramAnchoringLoss
 from .losses import MSNLoss, PMSNCustomLoss, PMSNLoss
 from .functional import msn, pmsn, pmsn_custom
+from .functional import linear_distillation_loss, masked_lm_loss
+from .losses import MaskedLMLoss
 
 __version__ = "0.1.0"
 
@@ -117,6 +119,7 @@ __all__ = [
     "DSERegularizer", "dse", "Whitening2d", "WMSELoss", "whiten", "wmse", "norm_mse_loss",
     "CAPILoss", "capi", "capi_sinkhorn_knopp", "GramAnchoringLoss", "gram_anchoring_loss",
     "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "msn", "pmsn", "pmsn_custom",
+    "linear_distillation_loss", "masked_lm_loss", "MaskedLMLoss",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

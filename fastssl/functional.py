@@ -35,6 +35,8 @@ from .spectral import gram_anchoring_loss
 from .sliced import (latent_distance, latent_prediction_loss, lejepa, lejepa_invariance_loss, lewm, sigreg,
                      visreg, visreg_center_loss, visreg_components, visreg_scale_loss, visreg_shape_loss)
 from .distillation import msn, msn_targets, msn_terms, pmsn, pmsn_custom
+from .distillation.linear_distillation import linear_distillation_loss
+from .masked import masked_lm_loss
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
@@ -47,4 +49,5 @@ __all__ = [
     "dse", "whiten", "wmse", "norm_mse_loss",
     "capi", "capi_sinkhorn_knopp", "gram_anchoring_loss",
     "msn", "msn_targets", "msn_terms", "pmsn", "pmsn_custom",
+    "linear_distillation_loss", "masked_lm_loss",
 ]

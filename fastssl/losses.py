@@ -19,10 +19,11 @@ from .whitening import Whitening2d, WMSELoss
 from .distillation import CAPILoss
 from .spectral import GramAnchoringLoss
 from .distillation import MSNLoss, PMSNCustomLoss, PMSNLoss
+from .masked import MaskedLMLoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
            "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer",
            "PatchKernelAlignmentLoss",
            "DetConBLoss", "DetConSLoss", "VICRegLLoss", "DSERegularizer", "Whitening2d", "WMSELoss",
            "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents",
-           "CAPILoss", "GramAnchoringLoss", "MSNLoss", "PMSNLoss", "PMSNCustomLoss"]
+           "CAPILoss", "GramAnchoringLoss", "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "MaskedLMLoss"]

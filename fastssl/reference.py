@@ -25,6 +25,7 @@ from .runtime.dtypes import compute_dtype, max_exp_span
 from .redundancy.reference import mutual_nearest_neighbors
 from .spectral.reference import gram_anchoring
 from .distillation.reference import msn_anchor_terms
+from .distillation.reference import linear_cross_entropy, linear_distillation
 
 __all__ = [
     "compute_dtype", "max_exp_span", "l2_normalize", "info_nce", "info_nce_self", "info_nce_self_decoupled", "info_nce_masked", "batch_normalize",
@@ -36,4 +37,5 @@ __all__ = [
     "sigreg_sums", "visreg_shape",
     "gram_anchoring",
     "msn_anchor_terms",
+    "linear_distillation", "linear_cross_entropy",
 ]

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .clustering import block_size
+from .clustering import _online_lse, block_size
 
 Tensor = torch.Tensor
 
@@ -176,3 +176,206 @@ def soft_cross_entropy_pairs_backward(grad_loss: Tensor, targets: Tensor, logits
             grad_loss, targets, logits, lse.contiguous(), target_weight, grad_logits, params, *sizes,
             FP64=fp64, BLOCK_T=block_t, BLOCK_K=block_k)
     return [grad_targets, grad_logits]
+
+
+# ============================================================================================
+# Fused last layer + soft cross-entropy of one teacher and one student distribution per row
+# ============================================================================================
+# z = s Wᵀ, u = σ_t t Wₜᵀ − a (a: the column shift, σ_t·center or Sinkhorn's), both (N, K);
+# L_n = LSE_k(σ_s z_n), M_n = LSE_k(u_n), p = exp(u − M), m_n = Σ_k p_nk z_nk:
+#   loss = (1/N) Σ_n (L_n − σ_s m_n)
+#   ∂ℓ/∂z = g (softmax(σ_s z) − p),  σ_t ∂ℓ/∂u = g σ_t p (m − z),  g = G σ_s / N
+# Forward: one program per BLOCK_N rows (their s and t in registers, all of D), sweeping K in
+# BLOCK_K tiles: z and u with tl.dot, online LSEs and the running p-weighted sum of z. Saved:
+# L, M, m. Backward: the rows kernel (one program per BLOCK_N rows) remakes the tiles and
+# accumulates ∂s = Σ_k ∂z W, ∂t = Σ_k σ_t ∂u Wₜ; the columns kernel (one program per BLOCK_K
+# prototypes, sweeping N) accumulates ∂W = ∂zᵀ s, ∂Wₜ = σ_t ∂uᵀ t and ∂center = −σ_t Σ_n ∂u.
+@triton.jit
+def _linear_distillation_tiles(s, t, w_ptr, wt_ptr, shift_ptr, k, k_mask, d, d_mask, dt, dt_mask, D, DT,
+                               student_scale, teacher_scale, acc_dtype):
+    """(z, σ_s z, u) of one (BLOCK_N, BLOCK_K) tile, masked prototypes at −inf in σ_s z and u."""
+    w = tl.load(w_ptr + k[:, None] * D + d[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+    wt = tl.load(wt_ptr + k[:, None] * DT + dt[None, :], mask=k_mask[:, None] & dt_mask[None, :], other=0.0)
+    z = tl.dot(s, tl.trans(w.to(acc_dtype)))
+    u = tl.dot(t, tl.trans(wt.to(acc_dtype))) * teacher_scale - tl.load(shift_ptr + k, mask=k_mask, other=0.0)[None, :]
+    return z, tl.where(k_mask[None, :], z * student_scale, float("-inf")), tl.where(k_mask[None, :], u, float("-inf"))
+
+
+@triton.jit
+def _linear_distillation_forward_kernel(
+    # pointers
+    s_ptr, t_ptr, w_ptr, wt_ptr, shift_ptr, stats_ptr, params_ptr,  # stats: (3, N) L, M, m; params: [σ_s, σ_t]
+    # sizes
+    N, K, D, DT,
+    # meta-parameters
+    FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    student_scale, teacher_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_mask = n < N
+    d, dt = tl.arange(0, BLOCK_D).to(tl.int64), tl.arange(0, BLOCK_DT).to(tl.int64)
+    s = tl.load(s_ptr + n[:, None] * D + d[None, :], mask=n_mask[:, None] & (d < D)[None, :], other=0.0).to(acc_dtype)
+    t = tl.load(t_ptr + n[:, None] * DT + dt[None, :], mask=n_mask[:, None] & (dt < DT)[None, :],
+                other=0.0).to(acc_dtype)
+    student_max = tl.full([BLOCK_N], float("-inf"), acc_dtype)
+    student_sum = tl.zeros([BLOCK_N], acc_dtype)
+    teacher_max = tl.full([BLOCK_N], float("-inf"), acc_dtype)
+    teacher_sum = tl.zeros([BLOCK_N], acc_dtype)
+    weighted = tl.zeros([BLOCK_N], acc_dtype)  # Σ_k exp(u − teacher_max) z
+    for start in range(0, K, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = k < K
+        z, scaled, u = _linear_distillation_tiles(s, t, w_ptr, wt_ptr, shift_ptr, k, k_mask, d, d < D, dt, dt < DT,
+                                                  D, DT, student_scale, teacher_scale, acc_dtype)
+        student_max, student_sum = _online_lse(student_max, student_sum, scaled, 1)
+        new_max = tl.maximum(teacher_max, tl.max(u, axis=1))
+        rescale = tl.exp(teacher_max - new_max)
+        e = tl.exp(u - new_max[:, None])
+        teacher_sum = teacher_sum * rescale + tl.sum(e, axis=1)
+        weighted = weighted * rescale + tl.sum(e * tl.where(k_mask[None, :], z, 0.0), axis=1)
+        teacher_max = new_max
+    tl.store(stats_ptr + n, student_max + tl.log(student_sum), mask=n_mask)
+    tl.store(stats_ptr + N + n, teacher_max + tl.log(teacher_sum), mask=n_mask)
+    tl.store(stats_ptr + 2 * N + n, weighted / teacher_sum, mask=n_mask)
+
+
+@triton.jit
+def _linear_distillation_gradients(z, scaled, u, student_lse, teacher_lse, teacher_mean, gradient_scale, teacher_scale):
+    """(∂ℓ/∂z, σ_t ∂ℓ/∂u) of one tile (masked entries 0)."""
+    p = tl.exp(u - teacher_lse[:, None])
+    grad_z = gradient_scale * (tl.exp(scaled - student_lse[:, None]) - p)
+    return grad_z, gradient_scale * teacher_scale * p * (teacher_mean[:, None] - z)
+
+
+@triton.jit
+def _linear_distillation_rows_kernel(
+    # pointers
+    s_ptr, t_ptr, w_ptr, wt_ptr, shift_ptr, stats_ptr, params_ptr, grad_s_ptr, grad_t_ptr,  # params: [σ_s, σ_t, g]
+    # sizes
+    N, K, D, DT,
+    # meta-parameters
+    FP64: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    student_scale, teacher_scale, gradient_scale = tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2)
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_mask = n < N
+    d, dt = tl.arange(0, BLOCK_D).to(tl.int64), tl.arange(0, BLOCK_DT).to(tl.int64)
+    s_mask, t_mask = n_mask[:, None] & (d < D)[None, :], n_mask[:, None] & (dt < DT)[None, :]
+    s = tl.load(s_ptr + n[:, None] * D + d[None, :], mask=s_mask, other=0.0).to(acc_dtype)
+    t = tl.load(t_ptr + n[:, None] * DT + dt[None, :], mask=t_mask, other=0.0).to(acc_dtype)
+    student_lse = tl.load(stats_ptr + n, mask=n_mask, other=0.0)
+    teacher_lse = tl.load(stats_ptr + N + n, mask=n_mask, other=0.0)
+    teacher_mean = tl.load(stats_ptr + 2 * N + n, mask=n_mask, other=0.0)
+    grad_s = tl.zeros([BLOCK_N, BLOCK_D], acc_dtype)
+    grad_t = tl.zeros([BLOCK_N, BLOCK_DT], acc_dtype)
+    for start in range(0, K, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = k < K
+        z, scaled, u = _linear_distillation_tiles(s, t, w_ptr, wt_ptr, shift_ptr, k, k_mask, d, d < D, dt, dt < DT,
+                                                  D, DT, student_scale, teacher_scale, acc_dtype)
+        grad_z, grad_u = _linear_distillation_gradients(z, scaled, u, student_lse, teacher_lse, teacher_mean,
+                                                        gradient_scale, teacher_scale)
+        w = tl.load(w_ptr + k[:, None] * D + d[None, :], mask=k_mask[:, None] & (d < D)[None, :], other=0.0)
+        grad_s += tl.dot(grad_z, w.to(acc_dtype))
+        if TEACHER_GRAD:
+            wt = tl.load(wt_ptr + k[:, None] * DT + dt[None, :], mask=k_mask[:, None] & (dt < DT)[None, :], other=0.0)
+            grad_t += tl.dot(tl.where(k_mask[None, :], grad_u, 0.0), wt.to(acc_dtype))
+    tl.store(grad_s_ptr + n[:, None] * D + d[None, :], grad_s.to(grad_s_ptr.dtype.element_ty), mask=s_mask)
+    if TEACHER_GRAD:
+        tl.store(grad_t_ptr + n[:, None] * DT + dt[None, :], grad_t.to(grad_t_ptr.dtype.element_ty), mask=t_mask)
+
+
+@triton.jit
+def _linear_distillation_columns_kernel(
+    # pointers
+    s_ptr, t_ptr, w_ptr, wt_ptr, shift_ptr, stats_ptr, params_ptr, grad_w_ptr, grad_wt_ptr, grad_shift_ptr,
+    # sizes
+    N, K, D, DT,
+    # meta-parameters
+    FP64: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    student_scale, teacher_scale, gradient_scale = tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2)
+    k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    k_mask = k < K
+    d, dt = tl.arange(0, BLOCK_D).to(tl.int64), tl.arange(0, BLOCK_DT).to(tl.int64)
+    grad_w = tl.zeros([BLOCK_K, BLOCK_D], acc_dtype)
+    grad_wt = tl.zeros([BLOCK_K, BLOCK_DT], acc_dtype)
+    grad_shift = tl.zeros([BLOCK_K], acc_dtype)  # Σ_n σ_t ∂ℓ/∂u: ∂center = −this
+    for start in range(0, N, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        n_mask = n < N
+        s = tl.load(s_ptr + n[:, None] * D + d[None, :], mask=n_mask[:, None] & (d < D)[None, :],
+                    other=0.0).to(acc_dtype)
+        t = tl.load(t_ptr + n[:, None] * DT + dt[None, :], mask=n_mask[:, None] & (dt < DT)[None, :],
+                    other=0.0).to(acc_dtype)
+        z, scaled, u = _linear_distillation_tiles(s, t, w_ptr, wt_ptr, shift_ptr, k, k_mask, d, d < D, dt, dt < DT,
+                                                  D, DT, student_scale, teacher_scale, acc_dtype)
+        student_lse = tl.load(stats_ptr + n, mask=n_mask, other=float("inf"))  # padded rows: p = q = 0
+        teacher_lse = tl.load(stats_ptr + N + n, mask=n_mask, other=float("inf"))
+        teacher_mean = tl.load(stats_ptr + 2 * N + n, mask=n_mask, other=0.0)
+        grad_z, grad_u = _linear_distillation_gradients(z, scaled, u, student_lse, teacher_lse, teacher_mean,
+                                                        gradient_scale, teacher_scale)
+        grad_w += tl.dot(tl.trans(grad_z), s)
+        if TEACHER_GRAD:
+            grad_u = tl.where(k_mask[None, :], grad_u, 0.0)
+            grad_wt += tl.dot(tl.trans(grad_u), t)
+            grad_shift += tl.sum(grad_u, axis=0)
+    tl.store(grad_w_ptr + k[:, None] * D + d[None, :], grad_w.to(grad_w_ptr.dtype.element_ty),
+             mask=k_mask[:, None] & (d < D)[None, :])
+    if TEACHER_GRAD:
+        tl.store(grad_wt_ptr + k[:, None] * DT + dt[None, :], grad_wt.to(grad_wt_ptr.dtype.element_ty),
+                 mask=k_mask[:, None] & (dt < DT)[None, :])
+        tl.store(grad_shift_ptr + k, grad_shift, mask=k_mask)
+
+
+MAX_FEATURES = 1024  # the features of a row block are held whole in registers
+
+
+def _distillation_blocks(student: Tensor, teacher: Tensor, weight: Tensor) -> dict:
+    return dict(BLOCK_N=block_size(student.shape[0], 32), BLOCK_K=block_size(weight.shape[0], 64),
+                BLOCK_D=block_size(student.shape[1], MAX_FEATURES), BLOCK_DT=block_size(teacher.shape[1], MAX_FEATURES))
+
+
+def linear_distillation_stats(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor, shift: Tensor,
+                              student_scale: float, teacher_scale: float, dtype: torch.dtype) -> Tensor:
+    """[L; M; m] (3, N) in ``dtype`` (float32 or float64): the student's and the teacher's LSEs
+    and the teacher-weighted mean student logit of every row."""
+    student, teacher, weight, teacher_weight = (x.contiguous() for x in (student, teacher, weight, teacher_weight))
+    rows, prototypes = student.shape[0], weight.shape[0]
+    stats = torch.empty(3, rows, dtype=dtype, device=student.device)
+    blocks = _distillation_blocks(student, teacher, weight)
+    params = torch.tensor([student_scale, teacher_scale], dtype=dtype, device=student.device)
+    _linear_distillation_forward_kernel[(triton.cdiv(rows, blocks["BLOCK_N"]),)](
+        student, teacher, weight, teacher_weight, shift.to(dtype).contiguous(), stats, params, rows, prototypes,
+        student.shape[1], teacher.shape[1], FP64=dtype == torch.float64, **blocks)
+    return stats
+
+
+def linear_distillation_backward(grad_scale: Tensor, student: Tensor, teacher: Tensor, weight: Tensor,
+                                 teacher_weight: Tensor, shift: Tensor, stats: Tensor, student_scale: float,
+                                 teacher_scale: float, teacher_grad: bool) -> Tuple[Tensor, ...]:
+    """(∂s, ∂W, and when ``teacher_grad`` ∂t, ∂Wₜ, Σ_n σ_t ∂ℓ/∂u (= −∂center)), for ``grad_scale``
+    = G σ_s / N (a one-element tensor in the stats' dtype, no host sync)."""
+    dtype = stats.dtype
+    student, teacher, weight, teacher_weight = (x.contiguous() for x in (student, teacher, weight, teacher_weight))
+    rows, prototypes = student.shape[0], weight.shape[0]
+    blocks = _distillation_blocks(student, teacher, weight)
+    params = torch.cat([torch.tensor([student_scale, teacher_scale], dtype=dtype, device=student.device),
+                        grad_scale.reshape(1).to(dtype)])
+    shift = shift.to(dtype).contiguous()
+    grad_s, grad_w = torch.empty_like(student), torch.empty_like(weight)
+    grad_t = torch.empty_like(teacher) if teacher_grad else grad_s
+    grad_wt = torch.empty_like(teacher_weight) if teacher_grad else grad_w
+    grad_shift = torch.empty(prototypes, dtype=dtype, device=student.device)
+    sizes = (rows, prototypes, student.shape[1], teacher.shape[1])
+    common = (student, teacher, weight, teacher_weight, shift, stats, params)
+    _linear_distillation_rows_kernel[(triton.cdiv(rows, blocks["BLOCK_N"]),)](
+        *common, grad_s, grad_t, *sizes, FP64=dtype == torch.float64, TEACHER_GRAD=teacher_grad, **blocks)
+    _linear_distillation_columns_kernel[(triton.cdiv(prototypes, blocks["BLOCK_K"]),)](
+        *common, grad_w, grad_wt, grad_shift, *sizes, FP64=dtype == torch.float64, TEACHER_GRAD=teacher_grad, **blocks)
+    return (grad_s, grad_w) + ((grad_t, grad_wt, grad_shift) if teacher_grad else ())

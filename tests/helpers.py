@@ -17,6 +17,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from oracles import barlow_formula, vicreg_formula
 
@@ -929,3 +930,16 @@ def triton_skip_reason(keywords, interpreted: bool) -> Optional[str]:
         return ("runs compiled Triton kernels on CUDA tensors: set TRITON_INTERPRET=0 on a CUDA machine"
                 if interpreted else None)
     return None if interpreted else "runs Triton kernels on CPU tensors through the interpreter (TRITON_INTERPRET=1)"
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op returns."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out

@@ -110,3 +110,53 @@ def define_anchor_terms_op(name: str, forward: Callable, backward: Callable) -> 
 
     anchor_terms_core.op = op
     return anchor_terms_core
+
+
+def define_fused_loss_op(name: str, tensors: str, params: str, saved: int, forward: Callable, backward: Callable,
+                         saved_fakes: Callable) -> Callable:
+    """Register a 0-dim loss with a hand-written backward (``fastssl::<name>`` and ``_backward``):
+    the fused last layer + cross-entropy cores, whose backward remakes the logits tile by tile.
+
+    ``tensors``: the schema of the tensor arguments (``Tensor?`` for optional ones), ``params``: of
+    the others. ``forward(*tensors, *params)`` returns (loss, *saved): ``saved`` tensors of
+    statistics per row or column (never one of the logits' size) for ``backward(grad_loss,
+    *tensors, *saved, *params, needs_grad)``, which returns one gradient per tensor argument (an
+    empty tensor where ``needs_grad`` is False). ``saved_fakes(*tensors, *params)``: empty tensors
+    shaped as the saved ones. Returns the core ``(*tensors, *params) -> loss`` (the op is its ``.op``).
+    """
+    count = len(tensors.split(","))
+    saved_schema = ", ".join(f"Tensor saved{i}" for i in range(saved))
+    op = library.define(name, f"({tensors}, {params}) -> ({', '.join(['Tensor'] * (1 + saved))})", forward)
+    backward_op = library.define(
+        f"{name}_backward", f"(Tensor grad_loss, {tensors}, {saved_schema}, {params}, bool[] needs_grad) -> Tensor[]",
+        backward)
+
+    @torch.library.register_fake(op)
+    def _(*args):
+        dtype = compute_dtype(*[t for t in args[:count] if isinstance(t, torch.Tensor) and t.is_floating_point()])
+        return (args[0].new_empty((), dtype=dtype), *saved_fakes(*args))
+
+    @torch.library.register_fake(backward_op)
+    def _(grad_loss, *args):
+        return [torch.empty_like(t) if need else library.empty_grad(grad_loss)
+                for t, need in zip(args[:count], args[-1])]
+
+    def setup_context(ctx, inputs, output):
+        ctx.params = inputs[count:]
+        ctx.save_for_backward(*inputs[:count], *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def autograd_backward(ctx, grad_loss, *_unused):
+        tensors = ctx.saved_tensors
+        needs_grad = list(ctx.needs_input_grad[:count])
+        grads = backward_op(grad_loss, *tensors, *ctx.params, needs_grad)
+        return tuple(g if need else None for g, need in zip(grads, needs_grad)) + (None,) * len(ctx.params)
+
+    library.register_autograd(op, autograd_backward, setup_context)
+
+    def fused_loss_core(*args):
+        return op(*args)[0]
+
+    fused_loss_core.op = op
+    fused_loss_core.saved_fakes = saved_fakes
+    return fused_loss_core

@@ -2,7 +2,7 @@
 float32 (float64 inputs stay float64, so ``gradcheck`` works). Every backend is tested against it."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,58 @@ def linear_soft_cross_entropy_pairs(targets: torch.Tensor, features: torch.Tenso
     """
     dtype = compute_dtype(targets, features, weight)
     return soft_cross_entropy_pairs(targets, features.to(dtype) @ weight.to(dtype).T, scale)
+
+
+def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_scale: float, iterations: int) -> torch.Tensor:
+    """DINOv2's ``sinkhorn_knopp_teacher`` on (N, K) logits, in the log domain: Q = exp(teacher_scale ·
+    logits), then ``iterations`` times every prototype's column normalised (DINOv2: to 1/K) and
+    every sample's row (to 1/N); returns the rows scaled to sum 1 (DINOv2's N · Qᵀ). The constant
+    factors drop out; DINOv2's exp() of raw logits / τ overflows float32 from |logits| > 88 τ."""
+    log_q = teacher_logits * teacher_scale
+    for _ in range(iterations):
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
+    return log_q.exp()
+
+
+def linear_distillation(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
+                        teacher_weight: torch.Tensor, center: Optional[torch.Tensor], student_scale: float,
+                        teacher_scale: float, iterations: int) -> torch.Tensor:
+    """Mean soft cross-entropy of teacher and student distributions over the last layer's outputs.
+
+    loss = −(1/N) Σ_n Σ_k p_nk · log softmax(student_scale · s_n Wᵀ)_k, with teacher logits
+    t = teacher · teacher_weightᵀ and p = softmax(teacher_scale · (t − center)) (``iterations`` = 0,
+    differentiable) or DINOv2's Sinkhorn-Knopp targets of t (``iterations`` > 0, no gradient,
+    as DINOv2 computes them under ``no_grad``).
+
+    Args: student, teacher (N, D); weight, teacher_weight (K, D); center (K,) or None.
+    Returns: 0-dim, float32 (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(student, teacher, weight, teacher_weight, center)
+    teacher_logits = teacher.to(dtype) @ teacher_weight.to(dtype).T
+    if iterations == 0:
+        shifted = teacher_logits if center is None else teacher_logits - center.to(dtype)
+        targets = F.softmax(teacher_scale * shifted, dim=-1)
+    else:
+        with torch.no_grad():
+            targets = sinkhorn_knopp_teacher(teacher_logits, teacher_scale, iterations)
+    log_p = F.log_softmax(student_scale * (student.to(dtype) @ weight.to(dtype).T), dim=-1)
+    return -(targets * log_p).sum(dim=-1).mean()
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         labels: torch.Tensor, ignore_index: int, label_smoothing: float) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weightᵀ + bias, labels, ignore_index=..., label_smoothing=...)``,
+    the mean over the rows whose label is not ``ignore_index`` (NaN when there is none).
+
+    Args: hidden (N, D); weight (V, D); bias (V,) or None; labels (N,) int. Returns: 0-dim,
+    float32 (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(hidden, weight, bias)
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 def teacher_targets(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:

@@ -22,7 +22,8 @@ import torch
 
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
-from .op import define_anchor_terms_op, define_pair_loss_op
+from ..runtime import library
+from .op import define_anchor_terms_op, define_fused_loss_op, define_pair_loss_op
 
 Tensor = torch.Tensor
 
@@ -74,17 +75,23 @@ def _student_lse(x: Tensor, scale: float) -> Tensor:
     return shifted.exp_().sum(dim=-1).log_().add_(peak.squeeze(-1), alpha=scale)
 
 
+def _softmax_from_lse_(x: Tensor, lse: Tensor) -> Tensor:
+    """exp(x − lse) in place over x: a softmax from its LSE (broadcast against x). Probabilities
+    below sqrt(tiny) become 0 (see _flush_level), without exp() of arguments that underflow (see
+    _student_lse)."""
+    flush = _flush_threshold(x.dtype)
+    p = x.sub_(lse).clamp_min_(math.log(flush)).exp_()
+    return torch.nn.functional.threshold_(p, flush, 0.0)
+
+
 def _logits_grad(x: Tensor, lse: Tensor, target_weight: Tensor, q: Tensor, grad_loss: Tensor, scale: float,
                  batch: int, out: Optional[Tensor] = None) -> Tensor:
     """∂ℓ/∂x = (σ/B) (p ⊙ Σ_t G_ts Q_tb − Σ_t G_ts q_t) for a block x (S, b, k) of logits.
 
     lse, target_weight: (S, b, 1); q: the block's flushed targets (T, b·k); ``out``: where to
-    write it (x's shape and dtype), or None. Probabilities below sqrt(tiny) become 0 (see
-    _flush_level), without taking exp() of arguments that underflow (see _student_lse).
+    write it (x's shape and dtype), or None.
     """
-    flush = _flush_threshold(x.dtype)
-    p = torch.mul(x, scale, out=out).sub_(lse).clamp_min_(math.log(flush)).exp_()
-    p = torch.nn.functional.threshold_(p, flush, 0.0).mul_(target_weight)
+    p = _softmax_from_lse_(torch.mul(x, scale, out=out), lse).mul_(target_weight)
     p.view(x.shape[0], -1).addmm_(grad_loss.T, q, beta=scale / batch, alpha=-scale / batch)
     return p
 
@@ -212,6 +219,213 @@ def linear_soft_cross_entropy_pairs_backward(
     return [grad_targets, grad_features, grad_weight]
 
 
+# ============================================================================================
+# Fused last layer + soft cross-entropy of one teacher and one student distribution per row
+# ============================================================================================
+# z = s Wᵀ (N, K) student logits; u = σ_t t W_tᵀ − a (N, K) teacher logits, with a (K,) the
+# column shift: σ_t · center (mean centring) or the log column scaling of DINOv2's Sinkhorn-Knopp
+# (_sinkhorn_shift). With L_n = LSE_k(σ_s z_n), M_n = LSE_k(u_n), p = exp(u − M) the teacher's
+# probabilities and m_n = Σ_k p_nk z_nk:
+#   loss = (1/N) Σ_n (L_n − σ_s m_n)
+#   ∂ℓ/∂z = (G σ_s/N) (softmax(σ_s z) − p),   ∂ℓ/∂u = (G σ_s/N) p ⊙ (m − z)
+# and ∂ℓ/∂t W_tᵀ = σ_t ∂ℓ/∂u, ∂ℓ/∂center = −σ_t Σ_n ∂ℓ/∂u_n. Tiles of k prototypes (every row):
+# each tile's z and u are made, used and dropped; L and M merge the tiles' LSEs, m the tiles'
+# means weighted by exp(M_tile − M). Saved: L, M, m (N each) and a (K); the backward remakes each
+# tile's z and u and turns ∂ℓ/∂z, ∂ℓ/∂u into the four matrix products of the gradients.
+def _prototype_tiles(prototypes: int, rows: int) -> List[slice]:
+    """Tiles of prototypes (or classes) for ``rows`` rows: ~4 · BLOCK_ELEMENTS logits each (16 MiB
+    of float32), as many as that takes: a tile's matrix product dwarfs its elementwise passes'
+    fork/join, and the few live tiles stay far below the N × K logits."""
+    return blocks(prototypes, rows, scale=4, max_blocks=None)
+
+
+def _tile_logits(rows: Tensor, weight: Tensor, cols: slice, dtype: torch.dtype) -> Tensor:
+    """rows (N, D) @ weight[cols]ᵀ: the (N, k) logits of one tile, in ``dtype``."""
+    return rows @ weight[cols].to(dtype).T
+
+
+def _teacher_tile(rows: Tensor, weight: Tensor, cols: slice, scale: float, shift: Optional[Tensor],
+                  dtype: torch.dtype) -> Tensor:
+    """u = σ_t · rows @ weight[cols]ᵀ − shift[cols], (N, k)."""
+    u = _tile_logits(rows, weight, cols, dtype).mul_(scale)
+    return u if shift is None else u.sub_(shift[cols])
+
+
+def _sinkhorn_shift(rows: Tensor, weight: Tensor, scale: float, iterations: int, tiles: Sequence[slice],
+                    dtype: torch.dtype) -> Tensor:
+    """a (K,): DINOv2's Sinkhorn-Knopp in the log domain, its targets being softmax_k(σ_t t_n − a).
+
+    Q_nk = exp(σ_t t_nk − a_k − b_n) (constant factors drop out of every normalisation); each
+    iteration sets a_k = LSE_n(σ_t t_nk − b_n) (the prototypes' normalisation) in one pass over the
+    tiles, which also accumulates b_n = LSE_k(σ_t t_nk − a_k) (the samples') for the next one;
+    b starts at 0. The final row normalisation is the softmax of the main pass.
+    """
+    row_shift = torch.zeros(rows.shape[0], dtype=dtype, device=rows.device)
+    shift = torch.empty(weight.shape[0], dtype=dtype, device=rows.device)
+    for _ in range(iterations):
+        next_row_shift = torch.full_like(row_shift, -math.inf)
+        for cols in tiles:
+            u = _teacher_tile(rows, weight, cols, scale, None, dtype)
+            shift[cols] = torch.logsumexp(u - row_shift[:, None], dim=0)
+            next_row_shift = torch.logaddexp(next_row_shift, _student_lse(u.sub_(shift[cols]), 1.0))
+        row_shift = next_row_shift
+    return shift
+
+
+def _teacher_shift(teacher: Tensor, teacher_weight: Tensor, center: Optional[Tensor], scale: float, iterations: int,
+                   tiles: Sequence[slice], dtype: torch.dtype) -> Tensor:
+    """a (K,): σ_t · center (zeros without one) for mean centring, Sinkhorn's for ``iterations`` > 0."""
+    if iterations > 0:
+        return _sinkhorn_shift(teacher, teacher_weight, scale, iterations, tiles, dtype)
+    if center is None:
+        return torch.zeros(teacher_weight.shape[0], dtype=dtype, device=teacher.device)
+    return center.to(dtype) * scale
+
+
+def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
+                                center: Optional[Tensor], student_scale: float, teacher_scale: float,
+                                iterations: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """student, teacher (N, D), weight, teacher_weight (K, D), center (K,) or None →
+    (loss (), [L; M; m] (3, N), a (K,)), compute dtype."""
+    dtype = compute_dtype(student, teacher, weight, teacher_weight, center)
+    student_rows, teacher_rows = student.to(dtype), teacher.to(dtype)
+    tiles = _prototype_tiles(weight.shape[0], student.shape[0])
+    shift = _teacher_shift(teacher_rows, teacher_weight, center, teacher_scale, iterations, tiles, dtype)
+    student_lse = torch.full((student.shape[0],), -math.inf, dtype=dtype, device=student.device)
+    teacher_lse = torch.full_like(student_lse, -math.inf)
+    teacher_mean = torch.zeros_like(student_lse)
+    for cols in tiles:
+        z = _tile_logits(student_rows, weight, cols, dtype)
+        u = _teacher_tile(teacher_rows, teacher_weight, cols, teacher_scale, shift, dtype)
+        student_lse = torch.logaddexp(student_lse, _student_lse(z, student_scale))
+        tile_lse = _student_lse(u, 1.0)
+        tile_mean = torch.linalg.vecdot(_softmax_from_lse_(u, tile_lse[:, None]), z)
+        merged = torch.logaddexp(teacher_lse, tile_lse)
+        teacher_mean = teacher_mean * torch.exp(teacher_lse - merged) + tile_mean * torch.exp(tile_lse - merged)
+        teacher_lse = merged
+    loss = (student_lse - student_scale * teacher_mean).mean()
+    return loss, torch.stack([student_lse, teacher_lse, teacher_mean]), shift
+
+
+def linear_distillation_backward(
+    grad_loss: Tensor, student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
+    center: Optional[Tensor], row_stats: Tensor, shift: Tensor, student_scale: float, teacher_scale: float,
+    iterations: int, needs_grad: Sequence[bool],
+) -> List[Tensor]:
+    """Gradients [∂/∂student, ∂/∂teacher, ∂/∂weight, ∂/∂teacher_weight, ∂/∂center] in the inputs'
+    dtypes (empty where not needed; zeros on the teacher's side with Sinkhorn targets)."""
+    dtype = row_stats.dtype
+    student_rows, teacher_rows = student.to(dtype), teacher.to(dtype)
+    student_lse, teacher_lse, teacher_mean = (stat[:, None] for stat in row_stats)
+    factor = grad_loss.to(dtype) * (student_scale / student.shape[0])
+    need_student, need_teacher, need_weight, need_teacher_weight, need_center = needs_grad
+    # Sinkhorn targets are constants (DINOv2 computes them under no_grad): zero teacher gradients
+    teacher_side = iterations == 0 and (need_teacher or need_teacher_weight or need_center)
+    grad_student = torch.zeros_like(student_rows) if need_student else None
+    grad_teacher = torch.zeros_like(teacher_rows) if need_teacher else None
+    grad_weight = torch.empty_like(weight) if need_weight else library.empty_grad(weight)
+    grad_teacher_weight = torch.zeros_like(teacher_weight) if need_teacher_weight else library.empty_grad(teacher_weight)
+    grad_center = torch.zeros_like(center) if need_center else library.empty_grad(student)
+    for cols in _prototype_tiles(weight.shape[0], student.shape[0]):
+        block_weight = weight[cols].to(dtype)
+        z = student_rows @ block_weight.T
+        p = _softmax_from_lse_(_teacher_tile(teacher_rows, teacher_weight, cols, teacher_scale, shift, dtype),
+                               teacher_lse)
+        if teacher_side:
+            grad_teacher_logits = (teacher_mean - z).mul_(p).mul_(factor * teacher_scale)
+            if need_teacher:
+                grad_teacher.addmm_(grad_teacher_logits, teacher_weight[cols].to(dtype))
+            if need_teacher_weight:
+                grad_teacher_weight[cols] = grad_teacher_logits.T @ teacher_rows
+            if need_center:
+                grad_center[cols] = -grad_teacher_logits.sum(dim=0)
+        if need_student or need_weight:
+            grad_z = _softmax_from_lse_(z.mul_(student_scale), student_lse).sub_(p).mul_(factor)
+            if need_student:
+                grad_student.addmm_(grad_z, block_weight)
+            if need_weight:
+                grad_weight[cols] = grad_z.T @ student_rows
+    return [grad_student.to(student.dtype) if need_student else library.empty_grad(student),
+            grad_teacher.to(teacher.dtype) if need_teacher else library.empty_grad(teacher),
+            grad_weight, grad_teacher_weight, grad_center]
+
+
+# ============================================================================================
+# Fused last layer + cross-entropy with hard labels (masked language modelling)
+# ============================================================================================
+# The same tiles with implicit targets y = (1 − ε) onehot(label) + ε/V, over the rows whose label
+# is not ignore_index only (M of them). With L_n = LSE_k(z_n):
+#   loss = (1/M) Σ_n (L_n − (1 − ε) z_{n,label} − (ε/V) Σ_k z_nk),   ∂ℓ/∂z = (G/M) (softmax(z) − y)
+# Saved: L (N, 0 at ignored rows); the backward remakes each tile's z.
+def _class_tile(rows: Tensor, weight: Tensor, bias: Optional[Tensor], cols: slice, dtype: torch.dtype) -> Tensor:
+    """rows @ weight[cols]ᵀ + bias[cols]: one tile's (M, k) logits, in ``dtype``."""
+    z = _tile_logits(rows, weight, cols, dtype)
+    return z if bias is None else z.add_(bias[cols].to(dtype))
+
+
+def _labels_in_tile(labels: Tensor, cols: slice) -> Tuple[Tensor, Tensor]:
+    """(whether each row's label is in the tile, its column in the tile (0 where it is not))."""
+    in_tile = (labels >= cols.start) & (labels < cols.stop)
+    return in_tile, torch.where(in_tile, labels - cols.start, 0)
+
+
+def _kept_rows(hidden: Tensor, labels: Tensor, ignore_index: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """(indices of the rows to compute, those rows of hidden in ``dtype``, their labels)."""
+    kept = torch.nonzero(labels != ignore_index).squeeze(1)
+    return kept, hidden.index_select(0, kept).to(dtype), labels.index_select(0, kept)
+
+
+def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                                 ignore_index: int, label_smoothing: float) -> Tuple[Tensor, Tensor]:
+    """hidden (N, D), weight (V, D), bias (V,) or None, labels (N,) → (loss (), L (N,)), compute
+    dtype; NaN when every label is ignored (as F.cross_entropy)."""
+    dtype = compute_dtype(hidden, weight, bias)
+    kept, rows, kept_labels = _kept_rows(hidden, labels, ignore_index, dtype)
+    lse = torch.full((rows.shape[0],), -math.inf, dtype=dtype, device=hidden.device)
+    label_logit = torch.zeros_like(lse)
+    logit_sum = torch.zeros_like(lse)
+    for cols in _prototype_tiles(weight.shape[0], rows.shape[0]):
+        z = _class_tile(rows, weight, bias, cols, dtype)
+        lse = torch.logaddexp(lse, _student_lse(z, 1.0))
+        in_tile, column = _labels_in_tile(kept_labels, cols)
+        label_logit += torch.where(in_tile, z.gather(1, column[:, None]).squeeze(1), 0.0)
+        if label_smoothing:
+            logit_sum += z.sum(dim=1)
+    row_loss = lse - (1 - label_smoothing) * label_logit - (label_smoothing / weight.shape[0]) * logit_sum
+    return row_loss.mean(), torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device).index_copy_(0, kept, lse)
+
+
+def linear_cross_entropy_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                  labels: Tensor, lse: Tensor, ignore_index: int, label_smoothing: float,
+                                  needs_grad: Sequence[bool]) -> List[Tensor]:
+    """Gradients [∂/∂hidden, ∂/∂weight, ∂/∂bias, (labels: empty)] in the inputs' dtypes."""
+    dtype = lse.dtype
+    kept, rows, kept_labels = _kept_rows(hidden, labels, ignore_index, dtype)
+    kept_lse = lse.index_select(0, kept)[:, None]
+    factor = grad_loss.to(dtype) / rows.shape[0]
+    grad_rows = torch.zeros_like(rows) if needs_grad[0] else None
+    grad_weight = torch.empty_like(weight) if needs_grad[1] else library.empty_grad(weight)
+    grad_bias = torch.empty_like(bias) if needs_grad[2] else library.empty_grad(hidden)
+    row_index = torch.arange(rows.shape[0], device=hidden.device)
+    for cols in _prototype_tiles(weight.shape[0], rows.shape[0]):
+        grad_z = _softmax_from_lse_(_class_tile(rows, weight, bias, cols, dtype), kept_lse)
+        if label_smoothing:
+            grad_z.sub_(label_smoothing / weight.shape[0])
+        in_tile, column = _labels_in_tile(kept_labels, cols)
+        grad_z.index_put_((row_index[in_tile], column[in_tile]), grad_z.new_tensor(label_smoothing - 1.0),
+                          accumulate=True)
+        grad_z.mul_(factor)
+        if needs_grad[0]:
+            grad_rows.addmm_(grad_z, weight[cols].to(dtype))
+        if needs_grad[1]:
+            grad_weight[cols] = grad_z.T @ rows
+        if needs_grad[2]:
+            grad_bias[cols] = grad_z.sum(dim=0)
+    grad_hidden = (torch.zeros_like(hidden).index_copy_(0, kept, grad_rows.to(hidden.dtype)) if needs_grad[0]
+                   else library.empty_grad(hidden))
+    return [grad_hidden, grad_weight, grad_bias, library.empty_grad(hidden)]
+
+
 soft_cross_entropy_pairs = define_pair_loss_op(
     "soft_cross_entropy_pairs", "Tensor targets, Tensor logits", soft_cross_entropy_pairs_forward,
     soft_cross_entropy_pairs_backward)
@@ -292,3 +506,15 @@ def msn_anchor_terms_backward(
 
 
 msn_anchor_terms = define_anchor_terms_op("msn_anchor_terms", msn_anchor_terms_forward, msn_anchor_terms_backward)
+linear_distillation = define_fused_loss_op(
+    "linear_distillation",
+    "Tensor student, Tensor teacher, Tensor weight, Tensor teacher_weight, Tensor? center",
+    "float student_scale, float teacher_scale, int iterations", 2,
+    linear_distillation_forward, linear_distillation_backward,
+    lambda student, teacher, weight, *rest: (
+        student.new_empty(3, student.shape[0], dtype=compute_dtype(student, teacher, weight, *rest[:2])),
+        student.new_empty(weight.shape[0], dtype=compute_dtype(student, teacher, weight, *rest[:2]))))
+linear_cross_entropy = define_fused_loss_op(
+    "linear_cross_entropy", "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels",
+    "int ignore_index, float label_smoothing", 1, linear_cross_entropy_forward, linear_cross_entropy_backward,
+    lambda hidden, weight, bias, *_: (hidden.new_empty(hidden.shape[0], dtype=compute_dtype(hidden, weight, bias)),))

@@ -9,14 +9,15 @@ the README's shared machine).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 BLOCK_ELEMENTS = 1 << 20
 MAX_BLOCKS = 8
 
 
-def blocks(count: int, elements_each: int) -> List[slice]:
+def blocks(count: int, elements_each: int, *, scale: int = 1, max_blocks: Optional[int] = MAX_BLOCKS) -> List[slice]:
     """Slices of range(count) (rows or columns of ``elements_each`` elements each): blocks of
-    about BLOCK_ELEMENTS elements, at most MAX_BLOCKS of them, at least one row or column each."""
-    step = max(1, BLOCK_ELEMENTS // max(1, elements_each), -(-count // MAX_BLOCKS))
+    about ``scale`` × BLOCK_ELEMENTS elements, at most ``max_blocks`` of them (None: no cap, for
+    tiles whose matrix product dwarfs a fork/join), at least one row or column each."""
+    step = max(1, scale * BLOCK_ELEMENTS // max(1, elements_each), -(-count // max_blocks) if max_blocks else 1)
     return [slice(start, min(start + step, count)) for start in range(0, count, step)]

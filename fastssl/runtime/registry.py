@@ -90,6 +90,15 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "reference": "fastssl.distillation.reference:linear_soft_cross_entropy_pairs",
         "torch": "fastssl.distillation.torch_backend:linear_soft_cross_entropy_pairs",
     },
+    "linear_distillation": {
+        "reference": "fastssl.distillation.reference:linear_distillation",
+        "torch": "fastssl.distillation.torch_backend:linear_distillation",
+        "triton": "fastssl.distillation.triton_backend:linear_distillation",
+    },
+    "linear_cross_entropy": {
+        "reference": "fastssl.distillation.reference:linear_cross_entropy",
+        "torch": "fastssl.distillation.torch_backend:linear_cross_entropy",
+    },
     "tico": {"reference": "fastssl.spectral.reference:tico", "torch": "fastssl.spectral.torch_backend:tico"},
     "mmcr": {"reference": "fastssl.spectral.reference:mmcr", "torch": "fastssl.spectral.torch_backend:mmcr"},
     "frossl": {"reference": "fastssl.spectral.reference:frossl", "torch": "fastssl.spectral.torch_backend:frossl"},

@@ -4,15 +4,14 @@ layer, on the torch and triton backends, against float64.
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastssl.functional as fn
 from fastssl import backends
 from fastssl.distillation import torch_backend as distillation
 from fastssl.runtime import blocks
 
-from helpers import (FLOAT_DTYPES, FUSED, assert_within, gamma, half_error_within_twice_reference, soft_ce_pairs_bounds,
-                     unit_roundoff)
+from helpers import (FLOAT_DTYPES, FUSED, LargestTensor, assert_within, gamma, half_error_within_twice_reference,
+                     soft_ce_pairs_bounds, unit_roundoff)
 from oracles import lightly_dino64, lightly_swav64, pair_losses64, prototype_scores
 
 
@@ -111,19 +110,6 @@ def test_triton_pairs_opcheck():
         torch.library.opcheck(torch.ops.fastssl.soft_cross_entropy_pairs_triton.default, args)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op returns."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.largest = max(self.largest, x.numel())
-        return out
-
-
 def test_torch_pairs_never_hold_a_pairs_by_classes_tensor(monkeypatch):
     """Forward and backward make nothing larger than the inputs and gradients (S·B·K): no
     (T·S·B·K) product; with the last layer fused, nothing larger than the targets (T·B·K,
@@ -131,14 +117,14 @@ def test_torch_pairs_never_hold_a_pairs_by_classes_tensor(monkeypatch):
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 100)
     targets, logits = pair_inputs(3, 4, 6, 50, torch.float32)
     grad = torch.ones(3, 4)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         _, lse = distillation.soft_cross_entropy_pairs_forward(targets.detach(), logits.detach(), 5.0)
         distillation.soft_cross_entropy_pairs_backward(grad, targets.detach(), logits.detach(), lse, 5.0, [True, True])
     assert mode.largest == logits.numel()  # the gradient of the logits itself
 
     features = torch.randn(4, 6, 8)
     weight = torch.randn(50, 8)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         _, lse = distillation.linear_soft_cross_entropy_pairs_forward(targets.detach(), features, weight, 5.0)
         distillation.linear_soft_cross_entropy_pairs_backward(grad, targets.detach(), features, weight, lse, 5.0,
                                                             [False, True, True])

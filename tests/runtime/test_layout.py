@@ -138,6 +138,10 @@ calls = {
     "DirectCLRLoss": lambda: fastssl.DirectCLRLoss(loss_dim=4)(a, b),
     "CO2Regularizer (bank)": lambda: fastssl.CO2Regularizer(memory_bank_size=(32, 8))(a, b),
     "PatchKernelAlignmentLoss": lambda: fastssl.PatchKernelAlignmentLoss()(a.view(2, 8, 8), b.view(2, 8, 8)),
+    "linear_distillation_loss": lambda: fastssl.linear_distillation_loss(a, b, b[:5], student_temp=0.1, teacher_temp=0.04),
+    "linear_distillation_loss (sinkhorn)": lambda: fastssl.linear_distillation_loss(
+        a, b, b[:5], student_temp=0.1, teacher_temp=0.04, centering="sinkhorn"),
+    "MaskedLMLoss": lambda: fastssl.MaskedLMLoss(label_smoothing=0.1)(a, b[:5], torch.arange(16) % 5, b[5, :5]),
     "SIGReg": lambda: fastssl.SIGReg()(a),
     "LeJEPALoss": lambda: fastssl.LeJEPALoss()(local_proj=a.view(2, 8, 8), global_proj=b.view(2, 8, 8)),
     "LeWMLoss": lambda: fastssl.LeWMLoss()(predicted=a.view(4, 4, 8)[:, 1:], target=b.view(4, 4, 8)[:, 1:],

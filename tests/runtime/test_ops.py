@@ -32,6 +32,11 @@ def _op_samples(dtype):
         ("vicreg_variance_covariance", (rand(7, 3, 5), rand(7, 3, 5), 1e-4)),
         ("soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9, grad=False), -1), rand(4, 5, 9), 10.0)),
         ("linear_soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9), -1), rand(4, 5, 3), rand(9, 3), 10.0)),
+        ("linear_distillation", (rand(5, 3), rand(5, 4), rand(9, 3), rand(9, 4), rand(9), 2.0, 3.0, 0)),
+        # Sinkhorn targets are constants: the teacher's side takes no gradient
+        ("linear_distillation", (rand(5, 3), rand(5, 3, grad=False), rand(9, 3), rand(9, 3, grad=False), None, 2.0, 3.0,
+                                 3)),
+        ("linear_cross_entropy", (rand(7, 3), rand(9, 3), rand(9), torch.tensor([0, 8, -100, 3, 3, -100, 1]), -100, 0.1)),
         ("kmeans_assign", (rand(7, 5, grad=False), rand(4, 5, grad=False))),
         ("mutual_nearest_neighbors", (rand(3, 7, 5, grad=False), rand(3, 2, 4, 5, grad=False))),
         ("mutual_nearest_neighbors", (rand(3, 7, 2, grad=False), rand(3, 1, 9, 2, grad=False))),
@@ -115,6 +120,8 @@ def test_torch_backend_op_gradcheck(name, args):
 
 
 VICREGL_GRIDS = 100 * torch.rand(3, 9, 2, 2, 2, generator=torch.Generator().manual_seed(5))
+PROTOTYPES = torch.randn(11, 13, generator=torch.Generator().manual_seed(6))  # a last layer of 11 prototypes
+MLM_LABELS = torch.tensor([3, -100, 0, 10, -100, 7, 7, -100, 1])
 
 
 def _losses():
@@ -132,6 +139,13 @@ def _losses():
         ("vicreg", lambda a, b, be: fn.vicreg(a, b, backend=be)),
         ("swav", lambda a, b, be: fn.swav([a, b], [a * 0.5], backend=be)),
         ("dino", lambda a, b, be: fn.dino([a, b], [a, b, 0.5 * a], center, backend=be)),
+        ("linear_distillation", lambda a, b, be: fn.linear_distillation_loss(
+            a, b, PROTOTYPES, teacher_weight=PROTOTYPES.flip(0), center=center[:11], student_temp=0.1, teacher_temp=0.04,
+            backend=be)),
+        ("linear_distillation_sinkhorn", lambda a, b, be: fn.linear_distillation_loss(
+            a, b.detach(), PROTOTYPES, student_temp=0.1, teacher_temp=0.04, centering="sinkhorn", backend=be) + b.sum()),
+        ("masked_lm", lambda a, b, be: fn.masked_lm_loss(a, PROTOTYPES, MLM_LABELS, backend=be) + fn.masked_lm_loss(
+            b.view(3, 3, 13), PROTOTYPES, MLM_LABELS.view(3, 3), bias=center[:11], label_smoothing=0.1, backend=be)),
         ("negative_cosine", lambda a, b, be: fn.negative_cosine_similarity(a, b, backend=be)),
         ("koleo", lambda a, b, be: fn.koleo(a, backend=be) + fn.koleo(b, backend=be)),
         ("koleo_groups", lambda a, b, be: fn.koleo(a, group_size=3, backend=be) + fn.koleo(b, group_size=9, backend=be)),
