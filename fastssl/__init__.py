@@ -91,6 +91,8 @@ from .momentum import (
 )
 from .functional import vicregl
 from .losses import VICRegLLoss
+from .functional import codebook_diversity_loss, hubert_loss, mae_loss, sample_negatives, wav2vec2_contrastive_loss
+from .losses import HuBERTLoss, MAELoss, Wav2Vec2ContrastiveLoss
 
 __version__ = "0.1.0"
 
@@ -111,6 +113,8 @@ __all__ = [
     "DetConBLoss", "DetConSLoss", "detcon",
     "VICRegLLoss", "vicregl",
     "DSERegularizer", "dse", "Whitening2d", "WMSELoss", "whiten", "wmse", "norm_mse_loss",
+    "MAELoss", "Wav2Vec2ContrastiveLoss", "HuBERTLoss", "mae_loss", "sample_negatives", "wav2vec2_contrastive_loss",
+    "codebook_diversity_loss", "hubert_loss",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

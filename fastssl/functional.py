@@ -30,6 +30,7 @@ from .spectral import emp_ssl, frossl, hypersphere, mmcr, patch_kernel_alignment
 from .redundancy import vicregl
 from .regularizers import dse
 from .whitening import norm_mse_loss, whiten, wmse
+from .masked import codebook_diversity_loss, hubert_loss, mae_loss, sample_negatives, wav2vec2_contrastive_loss
 from .sliced import (latent_distance, latent_prediction_loss, lejepa, lejepa_invariance_loss, lewm, sigreg,
                      visreg, visreg_center_loss, visreg_components, visreg_scale_loss, visreg_shape_loss)
 
@@ -42,4 +43,5 @@ __all__ = [
     "detcon",
     "vicregl",
     "dse", "whiten", "wmse", "norm_mse_loss",
+    "mae_loss", "sample_negatives", "wav2vec2_contrastive_loss", "codebook_diversity_loss", "hubert_loss",
 ]

@@ -23,6 +23,7 @@ from .whitening.reference import whitening, wmse
 from .sliced.reference import sigreg_sums, visreg_shape
 from .runtime.dtypes import compute_dtype, max_exp_span
 from .redundancy.reference import mutual_nearest_neighbors
+from .masked.reference import hubert, mae, wav2vec2_contrastive
 
 __all__ = [
     "compute_dtype", "max_exp_span", "l2_normalize", "info_nce", "info_nce_self", "info_nce_self_decoupled", "info_nce_masked", "batch_normalize",
@@ -32,4 +33,5 @@ __all__ = [
     "mutual_nearest_neighbors",
     "dse", "whitening", "wmse",
     "sigreg_sums", "visreg_shape",
+    "mae", "wav2vec2_contrastive", "hubert",
 ]

@@ -117,6 +117,12 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "reference": "fastssl.sliced.reference:visreg_shape",
         "torch": "fastssl.sliced.torch_backend:visreg_shape",
     },
+    "mae": {"reference": "fastssl.masked.reference:mae", "torch": "fastssl.masked.torch_backend:mae"},
+    "wav2vec2_contrastive": {
+        "reference": "fastssl.masked.reference:wav2vec2_contrastive",
+        "torch": "fastssl.masked.torch_backend:wav2vec2_contrastive",
+    },
+    "hubert": {"reference": "fastssl.masked.reference:hubert", "torch": "fastssl.masked.torch_backend:hubert"},
 }
 
 
