@@ -150,6 +150,11 @@ calls = {
     "WMSELoss": lambda: fastssl.WMSELoss(embedding_dim=4, w_size=8)(torch.cat([a, b]).view(-1, 4)),
     "Whitening2d": lambda: fastssl.Whitening2d(8)(a).sum(),
     "DSERegularizer": lambda: fastssl.DSERegularizer()(a.view(2, 8, 8)),
+    "MAELoss": lambda: fastssl.MAELoss(patch_size=2)(a.view(2, 8, 8), b.view(2, 2, 4, 8), torch.ones(2, 8)),
+    "Wav2Vec2ContrastiveLoss": lambda: fastssl.Wav2Vec2ContrastiveLoss(num_negatives=5)(
+        a.view(2, 8, 8), b.view(2, 8, 8), codevector_logits=a.view(16, 2, 4)),
+    "HuBERTLoss": lambda: fastssl.HuBERTLoss()(a.view(2, 8, 8), torch.arange(16).view(2, 8) % 5, b[:5],
+                                               torch.arange(16).view(2, 8) % 2 == 0),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}
