@@ -9,7 +9,8 @@ import fastssl.functional as fn
 from fastssl import HuBERTLoss
 from fastssl.runtime.validation import InputError
 
-from helpers import FLOAT_DTYPES, HALF_DTYPES, assert_ce_within, assert_within, backend_params, logit_error, unit_roundoff
+from helpers import (FLOAT_DTYPES, HALF_DTYPES, assert_ce_within, assert_within, assert_within_twice_the_official_error,
+                     backend_params, logit_error, unit_roundoff)
 from oracles import hubert64, hubert_logits64
 
 # (frames shape, D, V): a (B, T) batch, flat frames with HuBERT's 504 codes, a single frame
@@ -113,10 +114,8 @@ def test_hubert_half_within_twice_fairseqs_own_error(backend, dtype):
     fh, ch = (t.detach().double().requires_grad_(True) for t in (features, codes))
     fairseq = hubert64(fh, targets, ch, mask, None, 0.1, 1.0, 0.5, dtype=dtype)  # cosines rounded to the half dtype
     fairseq_grads = torch.autograd.grad(fairseq, (fh, ch))
-    assert (loss.double() - exact).abs() <= 2 * (fairseq - exact).abs()
-    for got, want, theirs in zip(grads, exact_grads, fairseq_grads):
-        assert got.dtype == dtype
-        assert (got.double() - want).abs().max() <= 2 * (theirs - want).abs().max()
+    assert all(g.dtype == dtype for g in grads)
+    assert_within_twice_the_official_error((loss, *grads), (exact, *exact_grads), (fairseq, *fairseq_grads))
 
 
 def test_hubert_gradcheck_with_padding_and_both_weights():
