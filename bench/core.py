@@ -30,7 +30,8 @@ from . import machine
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FASTSSL_PROVIDERS = backends.BACKENDS
-FAMILIES = ("contrastive", "redundancy", "spectral", "clustering", "byol", "whitening", "regularizers", "sliced")
+FAMILIES = ("contrastive", "redundancy", "spectral", "clustering", "byol", "whitening", "regularizers", "sliced",
+            "masked")
 SIZE_SETS = ("smoke", "quick", "full")
 STATUSES = ("ok", "unavailable", "skipped", "oom", "failed")
 
