@@ -31,7 +31,7 @@ from . import machine
 MODES = ("fwd", "bwd", "fwd+bwd")
 FASTSSL_PROVIDERS = backends.BACKENDS
 FAMILIES = ("contrastive", "redundancy", "spectral", "clustering", "byol", "whitening", "regularizers", "sliced",
-            "distillation")
+            "distillation", "masked")
 SIZE_SETS = ("smoke", "quick", "full")
 STATUSES = ("ok", "unavailable", "skipped", "oom", "failed")
 

@@ -97,6 +97,8 @@ from .losses import MSNLoss, PMSNCustomLoss, PMSNLoss
 from .functional import msn, pmsn, pmsn_custom
 from .functional import linear_distillation_loss, masked_lm_loss
 from .losses import MaskedLMLoss
+from .functional import codebook_diversity_loss, hubert_loss, mae_loss, sample_negatives, wav2vec2_contrastive_loss
+from .losses import HuBERTLoss, MAELoss, Wav2Vec2ContrastiveLoss
 
 __version__ = "0.1.0"
 
@@ -120,6 +122,8 @@ __all__ = [
     "CAPILoss", "capi", "capi_sinkhorn_knopp", "GramAnchoringLoss", "gram_anchoring_loss",
     "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "msn", "pmsn", "pmsn_custom",
     "linear_distillation_loss", "masked_lm_loss", "MaskedLMLoss",
+    "MAELoss", "Wav2Vec2ContrastiveLoss", "HuBERTLoss", "mae_loss", "sample_negatives", "wav2vec2_contrastive_loss",
+    "codebook_diversity_loss", "hubert_loss",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

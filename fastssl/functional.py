@@ -32,6 +32,7 @@ from .regularizers import dse
 from .whitening import norm_mse_loss, whiten, wmse
 from .distillation import capi, capi_sinkhorn_knopp
 from .spectral import gram_anchoring_loss
+from .masked import codebook_diversity_loss, hubert_loss, mae_loss, sample_negatives, wav2vec2_contrastive_loss
 from .sliced import (latent_distance, latent_prediction_loss, lejepa, lejepa_invariance_loss, lewm, sigreg,
                      visreg, visreg_center_loss, visreg_components, visreg_scale_loss, visreg_shape_loss)
 from .distillation import msn, msn_targets, msn_terms, pmsn, pmsn_custom
@@ -50,4 +51,5 @@ __all__ = [
     "capi", "capi_sinkhorn_knopp", "gram_anchoring_loss",
     "msn", "msn_targets", "msn_terms", "pmsn", "pmsn_custom",
     "linear_distillation_loss", "masked_lm_loss",
+    "mae_loss", "sample_negatives", "wav2vec2_contrastive_loss", "codebook_diversity_loss", "hubert_loss",
 ]

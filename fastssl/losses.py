@@ -20,10 +20,12 @@ from .distillation import CAPILoss
 from .spectral import GramAnchoringLoss
 from .distillation import MSNLoss, PMSNCustomLoss, PMSNLoss
 from .masked import MaskedLMLoss
+from .masked import HuBERTLoss, MAELoss, Wav2Vec2ContrastiveLoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
            "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer",
            "PatchKernelAlignmentLoss",
            "DetConBLoss", "DetConSLoss", "VICRegLLoss", "DSERegularizer", "Whitening2d", "WMSELoss",
            "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents",
-           "CAPILoss", "GramAnchoringLoss", "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "MaskedLMLoss"]
+           "CAPILoss", "GramAnchoringLoss", "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "MaskedLMLoss",
+           "MAELoss", "Wav2Vec2ContrastiveLoss", "HuBERTLoss"]

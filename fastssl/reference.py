@@ -26,6 +26,7 @@ from .redundancy.reference import mutual_nearest_neighbors
 from .spectral.reference import gram_anchoring
 from .distillation.reference import msn_anchor_terms
 from .distillation.reference import linear_cross_entropy, linear_distillation
+from .masked.reference import hubert, mae, wav2vec2_contrastive
 
 __all__ = [
     "compute_dtype", "max_exp_span", "l2_normalize", "info_nce", "info_nce_self", "info_nce_self_decoupled", "info_nce_masked", "batch_normalize",
@@ -38,4 +39,5 @@ __all__ = [
     "gram_anchoring",
     "msn_anchor_terms",
     "linear_distillation", "linear_cross_entropy",
+    "mae", "wav2vec2_contrastive", "hubert",
 ]

@@ -943,3 +943,12 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(x, torch.Tensor):
                 self.largest = max(self.largest, x.numel())
         return out
+
+
+def assert_within_twice_the_official_error(results, exact, official):
+    """Half-dtype inputs: each of ``results`` (a loss and its gradients from a backend) is no
+    farther (max-norm) from its float64 ``exact`` than twice the official code's own result in
+    that dtype, ``official`` (flash-attention's rule)."""
+    for index, (got, want, theirs) in enumerate(zip(results, exact, official)):
+        error, allowed = (got.double() - want).abs().max(), 2 * (theirs.double() - want).abs().max()
+        assert error <= allowed, f"result {index}: error {error.item():.3g} > twice the official {allowed.item() / 2:.3g}"

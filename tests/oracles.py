@@ -837,3 +837,100 @@ def lightly_msn(anchors, targets, prototypes, target_sharpen_temperature=0.25, t
         target_probs = lightly_msn_targets([targets], prototypes, temperature, target_sharpen_temperature,
                                            sinkhorn_iterations)[0]
     return lightly_msn_loss(anchors, target_probs, prototypes, temperature, regularization_weight, regularization)
+# Masked prediction: MAE (facebookresearch/mae), wav2vec 2.0 and HuBERT (fairseq)
+# ============================================================================================
+def mae_patchify(images, patch_size):
+    """MAE's ``patchify``: (N, C, H, W) → (N, HW/p², p²C) through ``einsum('nchpwq->nhwpqc')``."""
+    n, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(n, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def mae64(pred, target, mask, patch_size=None, norm_pix_loss=True, dtype=torch.float64):
+    """MAE's ``forward_loss`` verbatim, in ``dtype`` (float64: the oracle; a half dtype: the
+    official code's own rounding). ``target``: images (with ``patch_size``) or patches."""
+    t = target.to(dtype)
+    if patch_size is not None:
+        t = mae_patchify(t, patch_size)
+    if norm_pix_loss:
+        mean = t.mean(dim=-1, keepdim=True)
+        var = t.var(dim=-1, keepdim=True)
+        t = (t - mean) / (var + 1.e-6) ** .5
+    loss = (pred.to(dtype) - t) ** 2
+    loss = loss.mean(dim=-1)
+    m = mask.to(dtype)
+    return (loss * m).sum() / m.sum()
+
+
+def fairseq_sample_negatives(batch, frames, num_negatives):
+    """fairseq ``Wav2Vec2Model.sample_negatives``'s draw (``cross_sample_negatives=0``, no padding),
+    its lines in order, returned as (B, T, K) indices within each utterance."""
+    tszs = torch.arange(frames).unsqueeze(-1).expand(-1, num_negatives).flatten()
+    neg_idxs = torch.randint(low=0, high=frames - 1, size=(batch, num_negatives * frames))
+    neg_idxs[neg_idxs >= tszs] += 1
+    return neg_idxs.view(batch, frames, num_negatives)
+
+
+def _cosine64(a, b):
+    """cos(a, b) over the last dim as ``torch.cosine_similarity`` (each side over max(‖v‖, 1e-8))."""
+    return ((a / a.norm(dim=-1, keepdim=True).clamp_min(1e-8)) * (b / b.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+            ).sum(-1)
+
+
+def wav2vec2_logits64(x, y, negatives, logit_temp=0.1, dtype=torch.float64):
+    """(B, T, K + 1) logits of fairseq's ``compute_preds``: positive first, a distractor equal to
+    the positive −inf; in a half ``dtype`` the cosines are rounded to it (``.type_as(x)``) and
+    divided by the temperature in it, as fairseq does."""
+    x64, y64 = x.double(), y.double()
+    batch = torch.arange(x.shape[0])[:, None, None]
+    distractors = y64[batch, negatives]  # (B, T, K, C)
+    candidates = torch.cat([y64[:, :, None], distractors], dim=2)
+    cosines = _cosine64(x64[:, :, None], candidates).to(dtype)
+    logits = (cosines / logit_temp).double()
+    equal = (y[:, :, None] == y[batch, negatives]).all(-1)
+    return torch.cat([logits[..., :1], logits[..., 1:].masked_fill(equal, float("-inf"))], dim=-1)
+
+
+def wav2vec2_contrastive64(x, y, negatives, logit_temp=0.1, dtype=torch.float64):
+    """Mean over the B·T frames of −log softmax(logits)₀ (fairseq's summed cross-entropy over its
+    sample size)."""
+    logits = wav2vec2_logits64(x, y, negatives, logit_temp, dtype)
+    return (torch.logsumexp(logits, dim=-1) - logits[..., 0]).mean()
+
+
+def diversity64(codevector_logits):
+    """fairseq ``GumbelVectorQuantizer``: p̄ = mean softmax over frames per group, perplexity
+    Σ_g exp(−Σ_v p̄ log(p̄ + 1e-7)); loss (GV − perplexity)/GV."""
+    groups, entries = codevector_logits.shape[-2:]
+    probs = torch.softmax(codevector_logits.double().reshape(-1, groups, entries), dim=-1).mean(dim=0)
+    perplexity = torch.exp(-(probs * torch.log(probs + 1e-7)).sum(dim=-1)).sum()
+    return (groups * entries - perplexity) / (groups * entries)
+
+
+def hubert_logits64(features, targets, codes, logit_temp=0.1, dtype=torch.float64):
+    """(N, V) logits of fairseq's ``compute_nce`` over the codes, the target's column the positive
+    and every other code equal to the target's embedding −inf (in a half ``dtype`` the cosines
+    rounded to it and divided in it)."""
+    cosines = _cosine64(features.double()[:, None, :], codes.double()[None, :, :]).to(dtype)
+    logits = (cosines / logit_temp).double()
+    equal = (codes[targets][:, None, :] == codes[None, :, :]).all(-1)
+    equal[torch.arange(len(targets)), targets] = False
+    return logits.masked_fill(equal, float("-inf"))
+
+
+def hubert64(features, targets, codes, mask, padding_mask=None, logit_temp=0.1, pred_masked_weight=1.0,
+             pred_nomask_weight=0.0, dtype=torch.float64):
+    """fairseq's ``hubert`` criterion for one label set: (w_m Σ_masked ℓ + w_u Σ_unmasked ℓ) over
+    the sample size (the frame counts of the terms with a weight > 0), padding left out."""
+    d = features.shape[-1]
+    f, t, m = features.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
+    valid = torch.ones_like(m) if padding_mask is None else ~padding_mask.reshape(-1)
+    logits = hubert_logits64(f, t, codes, logit_temp, dtype)
+    per_frame = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None])[:, 0]
+    loss, sample_size = 0.0, 0
+    for weight, chosen in ((pred_masked_weight, m & valid), (pred_nomask_weight, ~m & valid)):
+        if weight > 0:
+            loss = loss + weight * per_frame[chosen].sum()
+            sample_size += int(chosen.sum())
+    return loss / sample_size

@@ -134,6 +134,12 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "reference": "fastssl.distillation.reference:msn_anchor_terms",
         "torch": "fastssl.distillation.torch_backend:msn_anchor_terms",
     },
+    "mae": {"reference": "fastssl.masked.reference:mae", "torch": "fastssl.masked.torch_backend:mae"},
+    "wav2vec2_contrastive": {
+        "reference": "fastssl.masked.reference:wav2vec2_contrastive",
+        "torch": "fastssl.masked.torch_backend:wav2vec2_contrastive",
+    },
+    "hubert": {"reference": "fastssl.masked.reference:hubert", "torch": "fastssl.masked.torch_backend:hubert"},
 }
 
 

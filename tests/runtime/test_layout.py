@@ -160,6 +160,11 @@ calls = {
     "MSNLoss": lambda: fastssl.MSNLoss()(a, b[:8], b[8:]),
     "PMSNLoss": lambda: fastssl.PMSNLoss()(a, b[:8], b[8:]),
     "PMSNCustomLoss": lambda: fastssl.PMSNCustomLoss(lambda m: torch.ones_like(m) / len(m))(a, b[:8], b[8:]),
+    "MAELoss": lambda: fastssl.MAELoss(patch_size=2)(a.view(2, 8, 8), b.view(2, 2, 4, 8), torch.ones(2, 8)),
+    "Wav2Vec2ContrastiveLoss": lambda: fastssl.Wav2Vec2ContrastiveLoss(num_negatives=5)(
+        a.view(2, 8, 8), b.view(2, 8, 8), codevector_logits=a.view(16, 2, 4)),
+    "HuBERTLoss": lambda: fastssl.HuBERTLoss()(a.view(2, 8, 8), torch.arange(16).view(2, 8) % 5, b[:5],
+                                               torch.arange(16).view(2, 8) % 2 == 0),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}

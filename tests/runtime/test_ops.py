@@ -71,6 +71,15 @@ def _op_samples(dtype):
                               torch.nn.functional.normalize(rand(9, 5), dim=1), 10.0)),
         ("sinkhorn", (rand(7, 11, grad=False), 50, 0.1, torch.rand(11, generator=g, dtype=dtype) + 0.5,
                       torch.rand(7, generator=g, dtype=dtype) + 0.5, 1e-3, False)),
+        ("mae", (rand(2, 5, 6), rand(2, 5, 6, grad=False), torch.tensor([[1.0, 0, 1, 1, 0], [0, 1, 0, 0, 1]]), 1,
+                 True)),
+        # MAE on images (2, 3, 4, 6) read as their (N, h, w, p, p, C) patch view: a strided target
+        ("mae", (rand(2, 2, 3, 2, 2, 3), rand(2, 3, 4, 6, grad=False).view(2, 3, 2, 2, 3, 2).permute(0, 2, 4, 3, 5, 1),
+                 torch.tensor([[[1.0, 0, 1], [1, 1, 0]], [[0, 1, 0], [0, 0, 1]]]), 3, True)),
+        ("wav2vec2_contrastive", (rand(2, 5, 4), rand(2, 5, 4), torch.tensor([[[1, 3], [2, 0], [4, 4], [0, 1], [2, 3]]] * 2),
+                                  0.5)),
+        ("hubert", (rand(7, 5), rand(6, 5), torch.tensor([0, 1, 5, 2, 2, 3, 0]),
+                    torch.tensor([0.5, 0.0, 0.25, 0.25, 1.0, 0.0, 0.5], dtype=dtype), 0.5)),
     ]
 
 
@@ -186,6 +195,18 @@ def _losses():
                                                                                           slices, 1e-4)),
         ("msn", lambda a, b, be: fn.msn(torch.cat([a, b]), a + b, prototypes, backend=be)),
         ("pmsn", lambda a, b, be: fn.pmsn(torch.cat([a, b]), a - b, prototypes, sinkhorn_iterations=0, backend=be)),
+        # the MAE target gets no gradient: each view the prediction once; images (1, 3, 6, 6) of 2×2 patches
+        ("mae", lambda a, b, be: fn.mae_loss(a.view(1, 9, 13), b.view(1, 9, 13), torch.arange(9).view(1, 9) % 2,
+                                             backend=be) + fn.mae_loss(b[:, :12].reshape(1, 9, 12),
+                                                                       a[:, :12].reshape(1, 3, 6, 6), torch.ones(1, 9),
+                                                                       patch_size=2, backend=be)),
+        # fixed distractors: a draw inside the compiled function would differ from the eager call's
+        ("wav2vec2", lambda a, b, be: fn.wav2vec2_contrastive_loss(
+            a.view(3, 3, 13), b.view(3, 3, 13), negative_indices=torch.tensor([[[1, 2], [0, 2], [1, 1]]] * 3),
+            codevector_logits=a[:, :12].reshape(9, 2, 6), backend=be)),
+        ("hubert", lambda a, b, be: fn.hubert_loss(a.view(3, 3, 13), torch.tensor([[0, 4, 8], [2, 2, 5], [7, 1, 3]]), b,
+                                                   torch.tensor([[True, False, True]] * 3), pred_nomask_weight=0.5,
+                                                   backend=be)),
     ]
 
 
