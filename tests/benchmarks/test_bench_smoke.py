@@ -28,11 +28,12 @@ SMOKE = dataclasses.replace(core.SETTINGS["smoke"], allow_interpreter=True)
 LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "swav", "sinkhorn_knopp", "dino",
           "negative_cosine_similarity", "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "dclw", "detcon",
           "macl", "directclr", "co2", "patch_kernel_alignment", "vicregl", "wmse", "dse", "sigreg", "lejepa", "lewm",
-          "visreg"} | {"capi", "koleo", "gram_anchoring", "msn", "pmsn", "linear_distillation", "masked_lm"}
+          "visreg"} | {"capi", "koleo", "gram_anchoring", "msn", "pmsn", "linear_distillation", "masked_lm",
+                        "mae", "wav2vec2", "hubert"}
 GEMM_LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "tico", "mmcr", "frossl",
                "emp_ssl", "hypersphere", "dcl", "dclw", "detcon", "macl", "directclr", "co2",
                "patch_kernel_alignment", "vicregl", "wmse", "sigreg", "lejepa", "lewm", "visreg"} | {
-    "koleo", "gram_anchoring", "msn", "pmsn", "linear_distillation", "masked_lm"}
+    "koleo", "gram_anchoring", "msn", "pmsn", "linear_distillation", "masked_lm", "wav2vec2", "hubert"}
 
 
 @pytest.fixture(scope="module")
