@@ -91,6 +91,8 @@ from .momentum import (
 )
 from .functional import vicregl
 from .losses import VICRegLLoss
+from .functional import ibot_patch, ibot_plus_plus_patch
+from .losses import IBOTPatchLoss, IBOTPlusPlusPatchLoss
 
 __version__ = "0.1.0"
 
@@ -111,6 +113,7 @@ __all__ = [
     "DetConBLoss", "DetConSLoss", "detcon",
     "VICRegLLoss", "vicregl",
     "DSERegularizer", "dse", "Whitening2d", "WMSELoss", "whiten", "wmse", "norm_mse_loss",
+    "IBOTPatchLoss", "IBOTPlusPlusPatchLoss", "ibot_patch", "ibot_plus_plus_patch",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

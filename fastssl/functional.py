@@ -32,6 +32,7 @@ from .regularizers import dse
 from .whitening import norm_mse_loss, whiten, wmse
 from .sliced import (latent_distance, latent_prediction_loss, lejepa, lejepa_invariance_loss, lewm, sigreg,
                      visreg, visreg_center_loss, visreg_components, visreg_scale_loss, visreg_shape_loss)
+from .distillation import ibot_patch, ibot_plus_plus_patch
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
@@ -42,4 +43,5 @@ __all__ = [
     "detcon",
     "vicregl",
     "dse", "whiten", "wmse", "norm_mse_loss",
+    "ibot_patch", "ibot_plus_plus_patch",
 ]

@@ -16,9 +16,11 @@ from .redundancy import VICRegLLoss
 from .regularizers import DSERegularizer
 from .sliced import LeJEPALoss, LeWMLoss, SIGReg, VISRegLoss, VISRegLossComponents
 from .whitening import Whitening2d, WMSELoss
+from .distillation import IBOTPatchLoss, IBOTPlusPlusPatchLoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
            "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer",
            "PatchKernelAlignmentLoss",
            "DetConBLoss", "DetConSLoss", "VICRegLLoss", "DSERegularizer", "Whitening2d", "WMSELoss",
-           "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents"]
+           "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents",
+           "IBOTPatchLoss", "IBOTPlusPlusPatchLoss"]
