@@ -61,18 +61,9 @@ def _check_common(center: Optional[Tensor], teacher: Tensor, teacher_temp: float
     check_positive("student_temp", student_temp)
 
 
-def ibot_patch(
-    teacher_out: Tensor,
-    student_out: Tensor,
-    center: Optional[Tensor],
-    mask: Tensor,
-    teacher_temp: float = 0.04,
-    student_temp: float = 0.1,
-    *,
-    center_mode: str = "mean",
-    last_layer_weight: Optional[Tensor] = None,
-    backend: str = "auto",
-) -> Tensor:
+def ibot_patch(teacher_out: Tensor, student_out: Tensor, center: Optional[Tensor], mask: Tensor,
+               teacher_temp: float = 0.04, student_temp: float = 0.1, *, center_mode: str = "mean",
+               last_layer_weight: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     r"""iBOT's patch loss (lightly's ``IBOTPatchLoss`` before its center update).
 
     .. math:: L = \frac{1}{B} \sum_b \frac{1}{\max(n_b, 1)} \sum_{m \in b}
@@ -117,19 +108,10 @@ def ibot_patch(
                                center_mode, last_layer_weight, backend)
 
 
-def ibot_plus_plus_patch(
-    teacher_out: Tensor,
-    student_out: Tensor,
-    center: Optional[Tensor],
-    mask: Optional[Tensor] = None,
-    teacher_temp: float = 0.04,
-    student_temp: float = 0.1,
-    visible_loss_weight: float = 1.0,
-    *,
-    center_mode: str = "mean",
-    last_layer_weight: Optional[Tensor] = None,
-    backend: str = "auto",
-) -> Tensor:
+def ibot_plus_plus_patch(teacher_out: Tensor, student_out: Tensor, center: Optional[Tensor],
+                         mask: Optional[Tensor] = None, teacher_temp: float = 0.04, student_temp: float = 0.1,
+                         visible_loss_weight: float = 1.0, *, center_mode: str = "mean",
+                         last_layer_weight: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     r"""TIPSv2's iBOT++ patch loss (lightly's ``IBOTPlusPlusPatchLoss`` before its center update).
 
     With a mask: L = mean_b(masked_b + visible_loss_weight · visible_b), each term the mean
