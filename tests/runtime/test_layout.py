@@ -150,6 +150,10 @@ calls = {
     "WMSELoss": lambda: fastssl.WMSELoss(embedding_dim=4, w_size=8)(torch.cat([a, b]).view(-1, 4)),
     "Whitening2d": lambda: fastssl.Whitening2d(8)(a).sum(),
     "DSERegularizer": lambda: fastssl.DSERegularizer()(a.view(2, 8, 8)),
+    "IBOTPatchLoss": lambda: fastssl.IBOTPatchLoss(output_dim=8)(a, b, torch.ones(2, 2, 4, dtype=torch.bool)),
+    "IBOTPlusPlusPatchLoss": lambda: fastssl.IBOTPlusPlusPatchLoss(output_dim=8)(
+        a.view(2, 8, 8), b.view(2, 8, 8), torch.arange(16).view(2, 8) % 3 == 0),
+    "DINOLoss (Sinkhorn-Knopp)": lambda: fastssl.DINOLoss(output_dim=8, center_mode="sinkhorn_knopp")([a, b], [a, b]),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}

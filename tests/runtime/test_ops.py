@@ -110,6 +110,7 @@ def test_torch_backend_op_gradcheck(name, args):
 
 
 VICREGL_GRIDS = 100 * torch.rand(3, 9, 2, 2, 2, generator=torch.Generator().manual_seed(5))
+IBOT_MASK = torch.arange(18).reshape(3, 2, 3) % 2 == 0  # 9 masked tokens, as many as rows in a view
 
 
 def _losses():
@@ -155,6 +156,12 @@ def _losses():
                                                                     backend=be)),
         ("visreg_shape", lambda a, b, be: backends.implementation("visreg_shape", be).fn(torch.stack([a, b]),
                                                                                           slices, 1e-4)),
+        ("ibot", lambda a, b, be: fn.ibot_patch(a, b, center, IBOT_MASK, backend=be)),
+        ("ibot_plus_plus", lambda a, b, be: fn.ibot_plus_plus_patch(a.view(3, 3, 13), b.view(3, 3, 13), center,
+                                                                    IBOT_MASK[:, 0], visible_loss_weight=0.5,
+                                                                    backend=be)),
+        ("dino_sinkhorn_knopp", lambda a, b, be: fn.dino([a, b], [a, b, 0.5 * a], None, center_mode="sinkhorn_knopp",
+                                                         backend=be)),
     ]
 
 
