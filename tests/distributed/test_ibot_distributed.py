@@ -32,22 +32,25 @@ def rank_inputs(rank):
     return teacher, student, mask, crops, students
 
 
-def worker(rank):
-    teacher, student, mask, crops, students = rank_inputs(rank)
-    results = {}
-    for backend in BACKENDS:
-        criterion = fastssl.IBOTPatchLoss(output_dim=K, center_momentum=0.7, backend=backend).double()
-        mean_loss = criterion(teacher, student, mask)
-        sinkhorn_loss = fn.ibot_patch(teacher, student, None, mask, 0.07, 0.1, center_mode="sinkhorn_knopp",
-                                      backend=backend)
-        dino_loss = fn.dino(crops, students, None, 0.07, center_mode="sinkhorn_knopp", backend=backend)
-        results[backend] = (mean_loss.detach(), criterion.center.value.clone(), sinkhorn_loss, dino_loss)
-    return results
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
+    """Each rank's results: backend → (mean-mode loss, its updated center, Sinkhorn-mode iBOT
+    loss, Sinkhorn-mode DINO loss)."""
     return results_of_ranks(worker, tmp_path_factory, "ddp_ibot")
+
+
+def rank_losses(rank, backend):
+    teacher, student, mask, crops, students = rank_inputs(rank)
+    criterion = fastssl.IBOTPatchLoss(output_dim=K, center_momentum=0.7, backend=backend).double()
+    mean_loss = criterion(teacher, student, mask).detach()
+    sinkhorn_loss = fn.ibot_patch(teacher, student, None, mask, 0.07, 0.1, center_mode="sinkhorn_knopp",
+                                  backend=backend)
+    dino_loss = fn.dino(crops, students, None, 0.07, center_mode="sinkhorn_knopp", backend=backend)
+    return mean_loss, criterion.center.value.clone(), sinkhorn_loss, dino_loss
+
+
+def worker(rank):
+    return {backend: rank_losses(rank, backend) for backend in BACKENDS}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
