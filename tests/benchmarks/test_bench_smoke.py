@@ -28,7 +28,7 @@ SMOKE = dataclasses.replace(core.SETTINGS["smoke"], allow_interpreter=True)
 LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "swav", "sinkhorn_knopp", "dino",
           "negative_cosine_similarity", "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "dclw", "detcon",
           "macl", "directclr", "co2", "patch_kernel_alignment", "vicregl", "wmse", "dse", "sigreg", "lejepa", "lewm",
-          "visreg"}
+          "visreg", "ibot"}
 GEMM_LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "tico", "mmcr", "frossl",
                "emp_ssl", "hypersphere", "dcl", "dclw", "detcon", "macl", "directclr", "co2",
                "patch_kernel_alignment", "vicregl", "wmse", "sigreg", "lejepa", "lewm", "visreg"}
