@@ -1,9 +1,11 @@
-"""Clustering and distillation: SwAV (with Sinkhorn-Knopp codes), Sinkhorn alone, DINO, MSN / PMSN,
+"""Clustering and distillation: SwAV (with Sinkhorn-Knopp codes), Sinkhorn alone, DINO, iBOT, MSN / PMSN,
 CAPI (16-32 images × 196 tokens, 49 predicted, 256-16,384 clusters).
 
 Sizes (full set): SwAV with K=3000 prototypes and 2+6 crops (2 high-resolution, 6 low) of
 64-1024 rows; Sinkhorn-Knopp on B×3000 scores, B up to 16,384 (4096 is SwAV's gathered batch);
-DINO with 2 teacher and 2+10 student crops of 16-128 rows at 65,536 output dims.
+DINO with 2 teacher and 2+10 student crops of 16-128 rows at 65,536 output dims. iBOT's patch
+loss on M masked tokens of 14×14-token images (DINOv2: 65,536 prototypes), M = 256 (quick, at
+8192 prototypes) up to M = 5000 (the issue's 5000 × 65,536: 1.3 GB per fp32 M×K tensor).
 
 MSN / PMSN: 1 + 10 anchor views of B targets (MSN's 1 random-masked + 10 focal views), D = 256,
 K = 1024 prototypes (MSN's ViT-S/16 setting), B ∈ {32, 256} (quick) and up to 1024 (full).
@@ -130,17 +132,41 @@ def msn(batch: int, loss: str = "msn", views: int = MSN_VIEWS, dim: int = MSN_DI
     )
 
 
+IBOT_TOKENS = 14 * 14  # a 224-pixel image in 16-pixel patches
+
+
+def ibot(masked: int, dim: int = DINO_DIM) -> core.Case:
+    """The teacher sees the masked tokens without gradient; the student's outputs take it."""
+    images = -(-masked // (IBOT_TOKENS // 2))  # at most half of each image masked
+
+    def make(device, dtype) -> core.Inputs:
+        mask = torch.zeros(images * IBOT_TOKENS, dtype=torch.bool, device=device)
+        mask[torch.randperm(images * IBOT_TOKENS, device=device)[:masked]] = True
+        teacher = core.randn((masked, dim), device, dtype, requires_grad=False)
+        student = core.randn((masked, dim), device, dtype)
+        return (teacher, student, mask.view(images, 14, 14)), [student]
+
+    return core.Case(
+        family="clustering", loss="ibot", name=f"ibot-m{masked}-k{dim}", sizes={"masked": masked, "dim": dim},
+        make_inputs=make,
+        make_loss=lambda backend: fastssl.IBOTPatchLoss(output_dim=dim, backend=backend),
+        peers={"lightly": peers.lightly("IBOTPatchLoss", output_dim=dim)},
+        series=((f"iBOT patch loss, K={dim}", "masked"),),
+    )
+
+
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
         return [swav(6, 10, high=2, low=1), sinkhorn(6, 10), dino(3, 10, global_crops=2, local_crops=1),
-                capi(2, 7, tokens=5, predicted=3),
+                capi(2, 7, tokens=5, predicted=3), ibot(7, 10),
                 msn(3, views=2, dim=5, prototypes=7), msn(3, "pmsn", views=2, dim=5, prototypes=7)]
     if size_set == "quick":
         return ([swav(b) for b in (32, 64)] + [sinkhorn(b) for b in (256, 1024)]
-                + [dino(b) for b in (4, 8)] + [capi(16, k) for k in (256, 4096)]
+                + [dino(b) for b in (4, 8)] + [capi(16, k) for k in (256, 4096)] + [ibot(256, 8192), ibot(5000)]
                 + [msn(b, loss) for loss in ("msn", "pmsn") for b in (32, 256)])
     return ([swav(b) for b in (64, 128, 256, 512, 1024)] + [sinkhorn(b) for b in (1024, 4096, 16384)]
             + [dino(b) for b in (16, 32, 64, 128)] + [capi(32, k) for k in (4096, 16384)]
+            + [ibot(m) for m in (256, 1000, 5000)]
             + [msn(b, loss) for loss in ("msn", "pmsn") for b in (32, 256, 1024)])
 
 

@@ -99,6 +99,8 @@ from .functional import linear_distillation_loss, masked_lm_loss
 from .losses import MaskedLMLoss
 from .functional import codebook_diversity_loss, hubert_loss, mae_loss, sample_negatives, wav2vec2_contrastive_loss
 from .losses import HuBERTLoss, MAELoss, Wav2Vec2ContrastiveLoss
+from .functional import ibot_patch, ibot_plus_plus_patch
+from .losses import IBOTPatchLoss, IBOTPlusPlusPatchLoss
 
 __version__ = "0.1.0"
 
@@ -124,6 +126,7 @@ __all__ = [
     "linear_distillation_loss", "masked_lm_loss", "MaskedLMLoss",
     "MAELoss", "Wav2Vec2ContrastiveLoss", "HuBERTLoss", "mae_loss", "sample_negatives", "wav2vec2_contrastive_loss",
     "codebook_diversity_loss", "hubert_loss",
+    "IBOTPatchLoss", "IBOTPlusPlusPatchLoss", "ibot_patch", "ibot_plus_plus_patch",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

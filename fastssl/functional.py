@@ -38,6 +38,7 @@ from .sliced import (latent_distance, latent_prediction_loss, lejepa, lejepa_inv
 from .distillation import msn, msn_targets, msn_terms, pmsn, pmsn_custom
 from .distillation.linear_distillation import linear_distillation_loss
 from .masked import masked_lm_loss
+from .distillation import ibot_patch, ibot_plus_plus_patch
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
@@ -52,4 +53,5 @@ __all__ = [
     "msn", "msn_targets", "msn_terms", "pmsn", "pmsn_custom",
     "linear_distillation_loss", "masked_lm_loss",
     "mae_loss", "sample_negatives", "wav2vec2_contrastive_loss", "codebook_diversity_loss", "hubert_loss",
+    "ibot_patch", "ibot_plus_plus_patch",
 ]

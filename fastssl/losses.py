@@ -21,6 +21,7 @@ from .spectral import GramAnchoringLoss
 from .distillation import MSNLoss, PMSNCustomLoss, PMSNLoss
 from .masked import MaskedLMLoss
 from .masked import HuBERTLoss, MAELoss, Wav2Vec2ContrastiveLoss
+from .distillation import IBOTPatchLoss, IBOTPlusPlusPatchLoss
 
 __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss", "NegativeCosineSimilarity",
            "DINOLoss", "KoLeoLoss", "TiCoLoss", "MMCRLoss", "FroSSLLoss", "EMPSSLLoss", "HypersphereLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "MACLLoss", "CO2Regularizer",
@@ -28,4 +29,5 @@ __all__ = ["MemoryBankModule", "NTXentLoss", "BarlowTwinsLoss", "VICRegLoss", "S
            "DetConBLoss", "DetConSLoss", "VICRegLLoss", "DSERegularizer", "Whitening2d", "WMSELoss",
            "SIGReg", "LeJEPALoss", "LeWMLoss", "VISRegLoss", "VISRegLossComponents",
            "CAPILoss", "GramAnchoringLoss", "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "MaskedLMLoss",
-           "MAELoss", "Wav2Vec2ContrastiveLoss", "HuBERTLoss"]
+           "MAELoss", "Wav2Vec2ContrastiveLoss", "HuBERTLoss",
+           "IBOTPatchLoss", "IBOTPlusPlusPatchLoss"]

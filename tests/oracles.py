@@ -934,3 +934,63 @@ def hubert64(features, targets, codes, mask, padding_mask=None, logit_temp=0.1, 
             loss = loss + weight * per_frame[chosen].sum()
             sample_size += int(chosen.sum())
     return loss / sample_size
+# --------------------------------------------------------------------------------------------
+# iBOT (lightly's IBOTPatchLoss / IBOTPlusPlusPatchLoss) and DINOv2's Sinkhorn-Knopp teacher
+# --------------------------------------------------------------------------------------------
+def dinov2_sinkhorn_teacher64(teacher, teacher_temp, ranks=1, rows_of_ranks=None):
+    """DINOv2's ``sinkhorn_knopp_teacher`` (3 iterations, linear domain) on the (N, K) teacher
+    rows, float64. ``rows_of_ranks``: a list of every rank's rows (the all-reduced sums are sums
+    over all of them); then the codes of ``teacher`` (one of them) are returned."""
+    everyone = torch.cat([r.double() for r in rows_of_ranks]) if rows_of_ranks is not None else teacher.double()
+    q = torch.exp(everyone / teacher_temp).t()
+    total_rows = q.shape[1]
+    num_prototypes = q.shape[0]
+    q = q / q.sum()
+    for _ in range(3):
+        q = q / q.sum(dim=1, keepdim=True)
+        q = q / num_prototypes
+        q = q / q.sum(dim=0, keepdim=True)
+        q = q / total_rows
+    q = (q * total_rows).t()
+    if rows_of_ranks is None:
+        return q
+    start = 0
+    for r in rows_of_ranks:
+        if r is teacher:
+            return q[start:start + r.shape[0]]
+        start += r.shape[0]
+    raise ValueError("teacher must be one of rows_of_ranks")
+
+
+def ibot_from_targets64(targets, student, mask, student_temp):
+    """lightly's ``IBOTPatchLoss`` weighting on given (M, K) targets: Σ_m CE_m / max(n_b, 1) / B."""
+    loss = -(targets.double() * F.log_softmax(student.double() / student_temp, dim=-1)).sum(dim=-1)
+    num_masked = mask.sum(dim=(1, 2), keepdim=True).double().clamp(min=1.0)
+    weight = (1.0 / num_masked).expand_as(mask)[mask]
+    return (loss * weight).sum() / mask.shape[0]
+
+
+def lightly_ibot64(teacher, student, mask, center, teacher_temp, student_temp, dtype=torch.float64):
+    """lightly's ``IBOTPatchLoss.forward`` (before the center update), computed in ``dtype``."""
+    t_out = F.softmax((teacher.to(dtype) - center.to(dtype).reshape(1, -1)) / teacher_temp, dim=-1)
+    loss = -(t_out * F.log_softmax(student.to(dtype) / student_temp, dim=-1)).sum(dim=-1)
+    # in exact arithmetic (lightly's clamp of the integer counts to 1.0 makes float32 weights)
+    weight = (1.0 / mask.sum(dim=(1, 2), keepdim=True).to(dtype).clamp(min=1.0)).expand_as(mask)[mask]
+    return (loss * weight).sum() / mask.shape[0]
+
+
+def lightly_ibot_plus_plus64(teacher, student, mask, center, teacher_temp, student_temp, visible_loss_weight=1.0,
+                             targets=None):
+    """lightly's ``IBOTPlusPlusPatchLoss.forward`` in float64 on (B, N, K) outputs and a (B, N)
+    mask or None (``targets``: given (B·N, K) teacher targets instead of the centred softmax)."""
+    batch, tokens = teacher.shape[:2]
+    t_flat, s_flat = teacher.double().flatten(0, 1), student.double().flatten(0, 1)
+    if targets is None:
+        targets = F.softmax((t_flat - center.double().reshape(1, -1)) / teacher_temp, dim=-1)
+    ce = -(targets.double() * F.log_softmax(s_flat / student_temp, dim=-1)).sum(dim=-1).view(batch, tokens)
+    if mask is None:
+        return ce.mean()
+    m = mask.reshape(batch, tokens).double()
+    masked = (ce * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    visible = (ce * (1 - m)).sum(dim=1) / (1 - m).sum(dim=1).clamp(min=1.0)
+    return (masked + visible_loss_weight * visible).mean()

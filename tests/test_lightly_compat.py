@@ -44,7 +44,8 @@ def test_center_module_is_lightlys():
 def test_dino_center_mode_and_update_center_take_lightlys_inputs():
     loss = fastssl.DINOLoss(output_dim=4, center_momentum=0.5)
     assert loss.center_mode == "mean" and list(loss.state_dict()) == ["center"]
-    with pytest.raises(ValueError, match=r"Unknown mode 'max'. Valid modes are \['mean'\]."):
+    # lightly's message, listing the modes fastssl accepts (beyond lightly: DINOv2's Sinkhorn-Knopp)
+    with pytest.raises(ValueError, match=r"Unknown mode 'max'. Valid modes are \['mean', 'sinkhorn_knopp'\]."):
         fastssl.DINOLoss(center_mode="max")
     stacked = torch.randn(2, 3, 4)
     loss.update_center(stacked)

@@ -12,8 +12,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..runtime import registry
-from ..runtime.dtypes import zero_with_graph
+from ..runtime import distributed, registry
+from ..runtime.dtypes import compute_dtype, zero_with_graph
 from ..runtime.validation import (
     check_float_tensor,
     check_int_at_least,
@@ -66,13 +66,49 @@ def _as_crops(name: str, value) -> Tensor:
     return torch.stack(crops)
 
 
+def check_center(center: Tensor, crops: Tensor) -> None:
+    """A center holding one value per output dim of the (..., K) teacher crops, on their device."""
+    check_float_tensor("center", center)
+    check_same_device(("teacher_out", "center"), (crops, center))
+    if center.shape[-1] != crops.shape[-1] or center[..., 0].numel() != 1:
+        raise ValueError(f"center must hold one value per output dim ({crops.shape[-1]}), "
+                         f"got shape {tuple(center.shape)}")
+
+
+# DINOv2's names (``train.centering``): lightly's EMA center, or Sinkhorn-Knopp on the teacher's batch
+TEACHER_CENTERINGS = ("mean", "sinkhorn_knopp")
+SINKHORN_TEACHER_ITERATIONS = 3  # DINOv2's sinkhorn_knopp_teacher(n_iterations=3)
+
+
+def teacher_probabilities(teacher: Tensor, center: Optional[Tensor], teacher_temp: float, center_mode: str,
+                          backend: str) -> Tensor:
+    """The teacher's targets for (..., K) outputs, in the compute dtype.
+
+    ``"mean"``: softmax((t − center) / τ_t), lightly's (differentiable). ``"sinkhorn_knopp"``:
+    DINOv2's ``sinkhorn_knopp_teacher`` — 3 Sinkhorn-Knopp iterations on exp(t / τ_t) over all
+    rows (every crop, every rank: the prototype and total sums are all-reduced), each row of the
+    result summing to 1; run on the clustering family's log-domain ``sinkhorn`` op, so it stays
+    finite where exp(t / τ_t) overflows; no gradient (DINOv2 computes it under no_grad).
+    """
+    if center_mode == "mean":
+        return reference.teacher_targets(teacher, center, teacher_temp)
+    scores = teacher.detach().reshape(-1, teacher.shape[-1]).to(compute_dtype(teacher))
+    # DINOv2 divides by the number of rows of all ranks, which may differ per rank (iBOT's masked
+    # patches): unit column marginals are normalised by their all-reduced total
+    col_marginals = scores.new_ones(scores.shape[0]) if distributed.world_size() > 1 else None
+    _, sinkhorn = registry.select("sinkhorn", backend, (scores,))
+    codes = sinkhorn(scores, SINKHORN_TEACHER_ITERATIONS, teacher_temp, None, col_marginals, 0.0, True)
+    return codes.view(teacher.shape)
+
+
 def dino(
     teacher_out: Union[Sequence[Tensor], Tensor],
     student_out: Union[Sequence[Tensor], Tensor],
-    center: Tensor,
+    center: Optional[Tensor],
     teacher_temp: float = 0.04,
     student_temp: float = 0.1,
     *,
+    center_mode: str = "mean",
     last_layer_weight: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -86,7 +122,10 @@ def dino(
 
     Args:
         teacher_out: T crops (B, D) (list or a (T, B, D) tensor). student_out: S crops (B, D).
-        center: broadcastable to (B, D), e.g. (1, 1, D) or (D,).
+        center: broadcastable to (B, D), e.g. (1, 1, D) or (D,); unused (may be None) with
+            ``center_mode="sinkhorn_knopp"``.
+        center_mode: ``"mean"`` (lightly's) or ``"sinkhorn_knopp"`` (DINOv2's Sinkhorn-Knopp
+            teacher, see :func:`teacher_probabilities`; no gradient to the teacher then).
         last_layer_weight: (D, E) weight of the student head's last linear layer, or None.
             When given, ``student_out`` crops are its (B, E) inputs and the student outputs
             ``student_out @ last_layer_weight.T`` are fused with the cross-entropy: the
@@ -108,18 +147,16 @@ def dino(
     if teacher.shape[1] != student.shape[1] or (last_layer_weight is None and teacher.shape[2] != student.shape[2]):
         raise ValueError(f"teacher_out and student_out crops must share (B, D), got teacher_out "
                          f"{tuple(teacher.shape)} and student_out {tuple(student.shape)}")
-    check_float_tensor("center", center)
-    check_same_device(("teacher_out", "student_out", "center"), (teacher, student, center))
-    if center.shape[-1] != teacher.shape[-1] or center[..., 0].numel() != 1:
-        raise ValueError(f"center must hold one value per output dim ({teacher.shape[-1]}), "
-                         f"got shape {tuple(center.shape)}")
+    check_same_device(("teacher_out", "student_out"), (teacher, student))
+    if check_center_mode(center_mode, TEACHER_CENTERINGS) == "mean":
+        check_center(center, teacher)
     teacher_temp = check_positive("teacher_temp", teacher_temp)
     student_temp = check_positive("student_temp", student_temp)
     if teacher.shape[0] * student.shape[0] - min(teacher.shape[0], student.shape[0]) == 0:
         raise ValueError("DINOLoss requires at least two views in total (the diagonal matching the same view index "
                          f"is excluded), but got {teacher.shape[0]} teacher view(s) and {student.shape[0]} student "
                          "view(s), which leaves no cross-view terms to compute the loss from.")
-    targets = reference.teacher_targets(teacher, center, teacher_temp)
+    targets = teacher_probabilities(teacher, center, teacher_temp, center_mode, backend)
     return off_diagonal_mean(pair_losses(targets, student, last_layer_weight, 1.0 / student_temp, backend))
 
 @torch.no_grad()
@@ -140,7 +177,9 @@ class DINOLoss(nn.Module):
     the first ``warmup_teacher_temp_epochs`` epochs (``forward(..., epoch=e)``) unless
     ``teacher_temp`` is given to ``forward``. After the loss, the center (1, 1, output_dim) is
     updated with the (all-reduced) mean of the teacher outputs; see
-    :func:`fastssl.dino` and :func:`fastssl.dino_center`.
+    :func:`fastssl.dino` and :func:`fastssl.dino_center`. ``center_mode="sinkhorn_knopp"``
+    (beyond lightly): DINOv2's Sinkhorn-Knopp teacher instead, the center buffer kept (same
+    state_dict) but neither used nor updated, as in DINOv2.
 
     Example::
 
@@ -152,8 +191,7 @@ class DINOLoss(nn.Module):
                  warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
                  center_mode: str = "mean", *, backend: str = "auto"):
         super().__init__()
-        check_center_mode(center_mode)
-        self.center_mode = center_mode
+        self.center_mode = check_center_mode(center_mode, TEACHER_CENTERINGS)
         check_int_at_least("output_dim", output_dim, 1)
         self.warmup_teacher_temp = check_positive("warmup_teacher_temp", warmup_teacher_temp)
         self.teacher_temp = check_positive("teacher_temp", teacher_temp)
@@ -175,8 +213,9 @@ class DINOLoss(nn.Module):
                 teacher_temp: Optional[float] = None, epoch: Optional[int] = None) -> Tensor:
         temperature = teacher_temp if teacher_temp is not None else self.teacher_temperature(epoch)
         loss = dino(teacher_out, student_out, self.center, temperature, self.student_temp,
-                               backend=self.backend)
-        self.update_center(teacher_out)
+                    center_mode=self.center_mode, backend=self.backend)
+        if self.center_mode == "mean":
+            self.update_center(teacher_out)
         return loss
 
     @torch.no_grad()
@@ -193,9 +232,9 @@ class DINOLoss(nn.Module):
         self.center.copy_(dino_center(teacher_out, self.center, self.center_momentum))
 
 
-def check_center_mode(mode: str) -> str:
-    if mode not in reference.CENTER_MODES:
-        raise ValueError(f"Unknown mode '{mode}'. Valid modes are {sorted(reference.CENTER_MODES)}.")
+def check_center_mode(mode: str, modes: Sequence[str] = reference.CENTER_MODES) -> str:
+    if mode not in modes:
+        raise ValueError(f"Unknown mode '{mode}'. Valid modes are {sorted(modes)}.")
     return mode
 
 
@@ -229,7 +268,9 @@ class Center(nn.Module):
 # the losses in their own files, composed on the ops above (imported last: they use this module's helpers)
 from .capi import CAPILoss, capi, capi_sinkhorn_knopp  # noqa: E402
 from .msn import MSNLoss, PMSNCustomLoss, PMSNLoss, msn, msn_targets, msn_terms, pmsn, pmsn_custom  # noqa: E402
+from .ibot import IBOTPatchLoss, IBOTPlusPlusPatchLoss, ibot_patch, ibot_plus_plus_patch  # noqa: E402
 
 __all__ = ["dino", "dino_center", "DINOLoss", "Center", "pair_losses", "off_diagonal_mean", "check_last_layer",
            "CAPILoss", "capi", "capi_sinkhorn_knopp",
-           "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "msn", "msn_targets", "msn_terms", "pmsn", "pmsn_custom"]
+           "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "msn", "msn_targets", "msn_terms", "pmsn", "pmsn_custom",
+           "IBOTPatchLoss", "IBOTPlusPlusPatchLoss", "ibot_patch", "ibot_plus_plus_patch"]

@@ -29,7 +29,7 @@ LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg
           "negative_cosine_similarity", "tico", "mmcr", "frossl", "emp_ssl", "hypersphere", "dcl", "dclw", "detcon",
           "macl", "directclr", "co2", "patch_kernel_alignment", "vicregl", "wmse", "dse", "sigreg", "lejepa", "lewm",
           "visreg"} | {"capi", "koleo", "gram_anchoring", "msn", "pmsn", "linear_distillation", "masked_lm",
-                        "mae", "wav2vec2", "hubert"}
+                        "mae", "wav2vec2", "hubert", "ibot"}
 GEMM_LOSSES = {"nt_xent", "nt_xent_memory_bank", "clip_loss", "barlow_twins", "vicreg", "tico", "mmcr", "frossl",
                "emp_ssl", "hypersphere", "dcl", "dclw", "detcon", "macl", "directclr", "co2",
                "patch_kernel_alignment", "vicregl", "wmse", "sigreg", "lejepa", "lewm", "visreg"} | {

@@ -165,6 +165,10 @@ calls = {
         a.view(2, 8, 8), b.view(2, 8, 8), codevector_logits=a.view(16, 2, 4)),
     "HuBERTLoss": lambda: fastssl.HuBERTLoss()(a.view(2, 8, 8), torch.arange(16).view(2, 8) % 5, b[:5],
                                                torch.arange(16).view(2, 8) % 2 == 0),
+    "IBOTPatchLoss": lambda: fastssl.IBOTPatchLoss(output_dim=8)(a, b, torch.ones(2, 2, 4, dtype=torch.bool)),
+    "IBOTPlusPlusPatchLoss": lambda: fastssl.IBOTPlusPlusPatchLoss(output_dim=8)(
+        a.view(2, 8, 8), b.view(2, 8, 8), torch.arange(16).view(2, 8) % 3 == 0),
+    "DINOLoss (Sinkhorn-Knopp)": lambda: fastssl.DINOLoss(output_dim=8, center_mode="sinkhorn_knopp")([a, b], [a, b]),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}

@@ -131,6 +131,7 @@ def test_torch_backend_op_gradcheck(name, args):
 VICREGL_GRIDS = 100 * torch.rand(3, 9, 2, 2, 2, generator=torch.Generator().manual_seed(5))
 PROTOTYPES = torch.randn(11, 13, generator=torch.Generator().manual_seed(6))  # a last layer of 11 prototypes
 MLM_LABELS = torch.tensor([3, -100, 0, 10, -100, 7, 7, -100, 1])
+IBOT_MASK = torch.arange(18).reshape(3, 2, 3) % 2 == 0  # 9 masked tokens, as many as rows in a view
 
 
 def _losses():
@@ -207,6 +208,12 @@ def _losses():
         ("hubert", lambda a, b, be: fn.hubert_loss(a.view(3, 3, 13), torch.tensor([[0, 4, 8], [2, 2, 5], [7, 1, 3]]), b,
                                                    torch.tensor([[True, False, True]] * 3), pred_nomask_weight=0.5,
                                                    backend=be)),
+        ("ibot", lambda a, b, be: fn.ibot_patch(a, b, center, IBOT_MASK, backend=be)),
+        ("ibot_plus_plus", lambda a, b, be: fn.ibot_plus_plus_patch(a.view(3, 3, 13), b.view(3, 3, 13), center,
+                                                                    IBOT_MASK[:, 0], visible_loss_weight=0.5,
+                                                                    backend=be)),
+        ("dino_sinkhorn_knopp", lambda a, b, be: fn.dino([a, b], [a, b, 0.5 * a], None, center_mode="sinkhorn_knopp",
+                                                         backend=be)),
     ]
 
 
