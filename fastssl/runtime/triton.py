@@ -45,13 +45,20 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_INSTALLED_VERSIONS: dict = {}
+
+
 def _installed_version(package: str) -> Tuple[int, ...]:
-    """(major, minor) of an installed distribution, read from its metadata (no import); () if absent."""
-    try:
-        text = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return ()
-    return tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+    """(major, minor) of an installed distribution, read from its metadata (no import) once per
+    process: ``device_reasons`` asks on every interpreted call; () if absent."""
+    if package not in _INSTALLED_VERSIONS:
+        try:
+            text = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            _INSTALLED_VERSIONS[package] = ()
+        else:
+            _INSTALLED_VERSIONS[package] = tuple(int(p) for p in re.findall(r"\d+", text)[:2])
+    return _INSTALLED_VERSIONS[package]
 
 
 def interpreter_reasons(triton_version: Tuple[int, ...], numpy_version: Tuple[int, ...]) -> List[str]:
