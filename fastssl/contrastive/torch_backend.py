@@ -158,15 +158,14 @@ def _positive_logit_sums(logits: Tensor, positives: Positives, start: int, stop:
     """Σ of each block row's positive logits (stop − start,), with ``with_columns`` each key
     column's (M,) too (else None), and where the positives are: (rows, cols) pairs of the block
     (sparse) or its (stop − start, M) mask."""
-    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
     if positives.pair_rows is not None:
         rows, cols = positives.block_pairs(start, stop)
         values = logits[rows, cols]
-        row_sums = zero.expand(stop - start).clone().index_add_(0, rows, values)
-        col_sums = zero.expand(logits.shape[1]).clone().index_add_(0, cols, values) if with_columns else None
+        row_sums = logits.new_zeros(stop - start).index_add_(0, rows, values)
+        col_sums = logits.new_zeros(logits.shape[1]).index_add_(0, cols, values) if with_columns else None
         return row_sums, col_sums, (rows, cols)
     mask = positives.block_mask(start, stop)
-    kept = torch.where(mask, logits, zero)
+    kept = torch.where(mask, logits, logits.new_zeros(()))
     return kept.sum(dim=1), (kept.sum(dim=0) if with_columns else None), mask
 
 
