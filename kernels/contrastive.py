@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_input_device
 
 Tensor = torch.Tensor
 
@@ -218,6 +219,7 @@ def _choose_blocks(kind: str, n: int, m: int, d: int, dtype: torch.dtype, trial)
     return _TUNED_BLOCKS[key]
 
 
+@on_input_device
 def info_nce_row_statistics(query: Tensor, keys: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
                     self_index: Optional[Tensor], extra: Optional[Tensor], scale: float):
     """Launch the forward kernel: (loss, max, sum), each (N,) float32."""
@@ -246,6 +248,7 @@ def info_nce_row_statistics(query: Tensor, keys: Tensor, query_labels: Optional[
     return outputs[0], outputs[1], outputs[2]
 
 
+@on_input_device
 def info_nce_grads(query: Tensor, keys: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
                    self_index: Optional[Tensor], row_stats, row_coefficients, col_stats, col_coefficients,
                    scale: float, symmetric: bool, keys_grad: bool):

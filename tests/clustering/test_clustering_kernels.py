@@ -109,6 +109,45 @@ def test_triton_sinkhorn_opcheck():
                                False))
 
 
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every aten op run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+class _NoLaunch:
+    """A kernel stand-in: takes the launch and does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_triton_sinkhorn_launch_path_copies_nothing_to_the_device(dtype, monkeypatch):
+    """Each pass allocates its output and launches: no host-to-device copy (torch.tensor / .to),
+    no fill and no host read (.item), which would synchronise or break CUDA-graph capture. 1/ε
+    travels as kernel arguments (float32 parts, summed in float64 by the kernel for float64)."""
+    from fastssl.kernels import clustering as kernels
+
+    for name in ("_sinkhorn_prototype_lse_kernel", "_sinkhorn_sample_kernel"):
+        monkeypatch.setattr(kernels, name, _NoLaunch())
+    scores = prototype_scores(9, 20, dtype=dtype)
+    potential, log_c = torch.zeros(20, dtype=dtype), torch.zeros(9, dtype=dtype)
+    with _AtenOps() as recorded:
+        passes = kernels.TritonSinkhornPasses(scores, 0.05)
+        passes.first_prototype_lse()
+        passes.column_step_prototype_lse(potential, log_c)
+        passes.codes(potential)
+    assert set(recorded.names) == {"empty", "sub"}, recorded.names  # outputs, and log c − L on the device
+
+
 @pytest.mark.triton
 def test_triton_refuses_bf16_under_the_interpreter():
     with pytest.raises(BackendUnavailableError, match="bfloat16"):
