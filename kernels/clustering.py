@@ -34,10 +34,11 @@ def _online_lse(running_max, running_sum, x, AXIS: tl.constexpr):
 @triton.jit
 def _inverse_epsilon(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64: tl.constexpr):
     """1/ε from its float32 parts (``launch.float64_parts``): their float64 sum, or the first."""
+    inv_epsilon = tl.cast(inv_epsilon_high, tl.float32)
     if FP64:
-        return ((tl.cast(inv_epsilon_high, tl.float64) + tl.cast(inv_epsilon_middle, tl.float64))
-                + tl.cast(inv_epsilon_low, tl.float64))
-    return tl.cast(inv_epsilon_high, tl.float32)
+        inv_epsilon = ((tl.cast(inv_epsilon_high, tl.float64) + tl.cast(inv_epsilon_middle, tl.float64))
+                       + tl.cast(inv_epsilon_low, tl.float64))
+    return inv_epsilon
 
 
 # ============================================================================================
