@@ -154,6 +154,14 @@ def markdown(rows: Sequence[dict], header: str, plot_paths: Sequence[Path]) -> s
             + "\n".join(table_lines(rows)) + f"\n\n{plots_text}\n")
 
 
+def write_result(out: Path, stem: str, text: str, payload: dict) -> None:
+    """``<out>/<stem>.md`` (``text``, also printed) and ``<out>/<stem>.json`` (``payload``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    print("\n" + text)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", nargs="+", choices=tuple(FAMILIES), default=tuple(FAMILIES))
@@ -190,10 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         plot_paths, notes = plot_ratios(rows, out, info["device_name"], LIGHTLY)
         for note in notes:
             print(note)
-    (out / "sweep.json").write_text(json.dumps({"machine": info, "command": command, "rows": rows}, indent=1))
-    text = markdown(rows, header, plot_paths)
-    (out / "sweep.md").write_text(text)
-    print("\n" + text)
+    write_result(out, "sweep", markdown(rows, header, plot_paths), {"machine": info, "command": command, "rows": rows})
 
 
 if __name__ == "__main__":
