@@ -105,12 +105,13 @@ def plot_ratios(rows: Sequence[dict], out_dir: Path, device_name: str, peer: str
             notes.append(f"no ratio plot for {family!r}: fewer than two measured sizes")
             continue
         figure, axis = plt.subplots(figsize=(7, 4.5))
+        colours = {loss: f"C{i % 10}" for i, loss in enumerate(dict.fromkeys(r["loss"] for r in measured))}
         for (loss, threads) in dict.fromkeys((r["loss"], r["threads"]) for r in measured):
             points = sorted((r["rows"], r[f"ratio_{peer}"]) for r in measured
                             if (r["loss"], r["threads"]) == (loss, threads))
             axis.errorbar([x for x, _ in points], [p["median"] for _, p in points],
                           yerr=[[p["median"] - p["min"] for _, p in points], [p["max"] - p["median"] for _, p in points]],
-                          marker="o", capsize=2, linestyle="-" if threads == 1 else "--",
+                          marker="o", capsize=2, linestyle="-" if threads == 1 else "--", color=colours[loss],
                           label=f"{loss}, {threads} thread{'s' if threads > 1 else ''}")
         for level, style in ((1.0, "-"), (1.5, ":")):  # the targets: never slower, 1.5× from 512 rows
             axis.axhline(level, color="k", linestyle=style, linewidth=0.8)
