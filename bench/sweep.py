@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import bench_byol, bench_contrastive, bench_redundancy, core, machine, report, versus
+from . import bench_byol, bench_contrastive, bench_redundancy, bench_spectral, core, machine, report, versus
 
 SIZES = tuple(2 ** k for k in range(7, 15))  # 128 … 16,384 rows (per view)
 FASTSSL, PLAIN, LIGHTLY = "fastssl", "torch", "lightly"
@@ -41,6 +41,7 @@ FAMILIES: Dict[str, tuple] = {
                                        bench_contrastive.dcl(n, d, weighted=True)]
                     + bench_contrastive.parity_cases(n, d)),
     "redundancy": (8192, lambda n, d: [bench_redundancy.barlow_twins(n, d), bench_redundancy.vicreg(n, d)]),
+    "spectral": (8192, bench_spectral.at_size),
     "byol": (256, lambda n, d: [bench_byol.negative_cosine(n, d, "BYOL")]),
 }
 
