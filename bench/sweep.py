@@ -144,6 +144,21 @@ def slower_than_lightly(rows: Sequence[dict], bound: float = 1.0) -> List[dict]:
     return [row for row in rows if f"ratio_{LIGHTLY}" in row and row[f"ratio_{LIGHTLY}"]["median"] < bound]
 
 
+def ratio_grid(rows: Sequence[dict], threads: int) -> List[str]:
+    """lightly's time / fastssl's as a (loss, D) × rows table at ``threads``; below 1 in bold."""
+    rows = [r for r in rows if r["threads"] == threads]
+    sizes = sorted({r["rows"] for r in rows})
+    lines = [f"| loss (D), {threads} thread{'s' if threads > 1 else ''} | " + " | ".join(map(str, sizes)) + " |",
+             "|---|" + "---:|" * len(sizes)]
+    for loss, dim in dict.fromkeys((r["loss"], r["dim"]) for r in rows):
+        ratios = {r["rows"]: r[f"ratio_{LIGHTLY}"]["median"] for r in rows
+                  if (r["loss"], r["dim"]) == (loss, dim) and f"ratio_{LIGHTLY}" in r}
+        cells = [("–" if size not in ratios else f"**{ratios[size]:.2f}**" if ratios[size] < 1 else f"{ratios[size]:.3g}")
+                 for size in sizes]
+        lines.append(f"| {loss} ({dim}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(rows: Sequence[dict], header: str, plot_paths: Sequence[Path]) -> str:
     slow = slower_than_lightly(rows)
     worst = ("every measured size is at least as fast as lightly" if not slow else
@@ -152,6 +167,7 @@ def markdown(rows: Sequence[dict], header: str, plot_paths: Sequence[Path]) -> s
     plots_text = "\n".join(f"![{path.stem}]({path.name})" for path in plot_paths)
     return (f"{header}\n\nProviders: " + "; ".join(f"{k} = {v}" for k, v in PROVIDER_NOTES.items())
             + f". Ratios: provider ms / fastssl ms (above 1: fastssl is faster).\n\n{worst}\n\n"
+            + "".join("\n".join(ratio_grid(rows, threads)) + "\n\n" for threads in sorted({r["threads"] for r in rows}))
             + "\n".join(table_lines(rows)) + f"\n\n{plots_text}\n")
 
 
@@ -179,7 +195,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out", type=Path, help="folder for sweep.md / sweep.json / PNGs "
                         "(default bench/results/<machine-key>/sweep)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--summary", type=Path, nargs="+", help="print the ratio tables of saved sweep.json files")
     args = parser.parse_args(argv)
+    if args.summary:
+        rows = [row for path in args.summary for row in json.loads(path.read_text())["rows"]]
+        for threads in sorted({r["threads"] for r in rows}):
+            print("\n".join(ratio_grid(rows, threads)) + "\n")
+        return
     cpu = torch.device("cpu")
     info = machine.machine_info(cpu)  # before any set_num_threads: the key names all threads
     info["matmul_gflops"] = core.matmul_flops_per_s(cpu, torch.float32, core.SETTINGS["quick"]) / 1e9
