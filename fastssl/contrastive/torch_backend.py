@@ -456,9 +456,9 @@ def _add_positive_logits(positive_sum: Tensor, positives: Positives, pairs: dict
             positive_sum.index_add_(0, cols + j0, values)
     else:
         kept = torch.where(_tile_mask(positives, i0, i1, j0, j1), tile, torch.zeros((), dtype=tile.dtype))
-        positive_sum[i0:i1] += kept.sum(1)
+        positive_sum[i0:i1].add_(kept.sum(1))  # in place on the view: `+=` would copy back
         if i0 != j0:
-            positive_sum[j0:j1] += kept.sum(0)
+            positive_sum[j0:j1].add_(kept.sum(0))
 
 
 def _self_positives(embeddings: Tensor, labels: Tensor, exclude_self: bool) -> Tuple[Tensor, Positives, dict]:
@@ -506,9 +506,9 @@ def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool
             tile.exp_()
             if i0 == j0 and exclude_self:
                 tile.fill_diagonal_(0.0)
-            row_sum[i0:i1] += tile.sum(dim=1)
+            row_sum[i0:i1].add_(tile.sum(dim=1))  # in place on the view: `+=` would copy back
             if i0 != j0:
-                row_sum[j0:j1] += tile.sum(dim=0)
+                row_sum[j0:j1].add_(tile.sum(dim=0))
         else:
             if i0 == j0 and exclude_self:
                 tile.fill_diagonal_(float("-inf"))
