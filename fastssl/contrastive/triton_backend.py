@@ -55,15 +55,14 @@ def info_nce_backward(grad_row, grad_col, query, keys, positive_keys, query_labe
     in their dtypes."""
     query_labels, key_labels, self_index = _labels(query_labels), _labels(key_labels), _labels(self_index)
     row_coef, row_weight = _coefficients(grad_row, query_labels, key_labels, self_index, scale)
+    row_max, row_sum = row_stats
+    owner_stats = torch.stack([row_max, row_sum, row_coef, row_weight])
+    col_owner_stats = None
     if symmetric:
         col_coef, col_weight = _coefficients(grad_col, key_labels, query_labels, None, scale)
-        col_max, col_sum = col_stats
-    else:
-        col_coef = col_weight = col_max = col_sum = row_coef  # placeholders, never read
-    grad_q, grad_k = kernels.info_nce_grads(query, keys, query_labels, key_labels, self_index, row_stats,
-                                            (row_coef, row_weight), (col_max, col_sum), (col_coef, col_weight),
-                                            scale, symmetric, keys_grad)
-    row_max, row_sum = row_stats
+        col_owner_stats = torch.stack([col_stats[0], col_stats[1], col_coef, col_weight])
+    grad_q, grad_k = kernels.info_nce_grads(query, keys, query_labels, key_labels, self_index, owner_stats,
+                                            col_owner_stats, scale, keys_grad)
     grad_positive_keys = None
     if positive_keys is not None:
         extra = _positive_extra(query, positive_keys, scale)
