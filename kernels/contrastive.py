@@ -233,7 +233,7 @@ def _info_nce_grad_kernel(
                     mask=col_ok[:, None] & out_ok[None, :], other=0.0)
         if RESCALE:
             largest = tl.max(tl.abs(grad), 1)
-            exponent = tl.where(largest > 0, tl.ceil(tl.log2(largest)), 0.0)
+            exponent = tl.ceil(tl.log2(tl.where(largest > 0, largest, 1.0)))  # an all-zero row keeps 2^0
             scaled = (grad * tl.exp2(-exponent)[:, None]).to(b.dtype)
             acc += tl.dot(scaled, b) * tl.exp2(exponent)[:, None]
         else:
@@ -326,11 +326,27 @@ def multiprocessors(device: torch.device) -> int:
 
 def splits(owner_programs: int, streamed: int, block: int, device: torch.device):
     """(splits, streamed rows per split) of a pass with ``owner_programs`` programs per split:
-    enough splits for PROGRAMS_PER_SM programs per SM, at most one per streamed tile."""
+    enough splits for PROGRAMS_PER_SM programs per SM (whole tiles per split, so the count is
+    rounded up), at most one per streamed tile."""
     tiles = max(1, triton.cdiv(streamed, block))
     wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(device), owner_programs)
-    per_split = triton.cdiv(tiles, max(1, min(wanted, tiles))) * block
+    per_split = max(1, tiles // wanted) * block
     return max(1, triton.cdiv(streamed, per_split)), per_split
+
+
+def forward_grid(n: int, m: int, blocks, device: torch.device):
+    """(grid, keys per split) of ``_info_nce_fwd_kernel`` for N queries against M keys."""
+    row_blocks = triton.cdiv(n, blocks[0])
+    count, per_split = splits(row_blocks, m, blocks[1], device)
+    return (row_blocks, count), per_split
+
+
+def backward_grid(na: int, nb: int, d: int, dtype: torch.dtype, blocks, device: torch.device):
+    """(grid, streamed rows per split) of ``_info_nce_grad_kernel`` owning Na rows against Nb."""
+    row_blocks = triton.cdiv(na, blocks[0])
+    d_chunks = triton.cdiv(d, owned_block(d, dtype))
+    count, per_split = splits(row_blocks * d_chunks, nb, blocks[1], device)
+    return (row_blocks, count, d_chunks), per_split
 
 
 MERGE_BLOCK = 256
@@ -349,10 +365,10 @@ def info_nce_row_statistics(query: Tensor, keys: Tensor, query_labels: Optional[
 
     def launch(blocks, out):
         block_m, block_n, block_d = blocks
-        row_blocks = triton.cdiv(n, block_m)
-        count, per_split = splits(row_blocks, m, block_n, query.device)
+        grid, per_split = forward_grid(n, m, blocks, query.device)
+        count = grid[1]
         partial = torch.empty(4, count, n, dtype=torch.float32, device=query.device) if count > 1 else out
-        _info_nce_fwd_kernel[(row_blocks, count)](
+        _info_nce_fwd_kernel[grid](
             query, keys, *_pointers((query_labels, key_labels, self_index, extra), out), partial,
             n, m, d, scale, per_split,
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
@@ -381,15 +397,13 @@ def owner_gradient(owner: Tensor, streamed: Tensor, owner_labels: Optional[Tenso
     """
     na, d = owner.shape
     nb = streamed.shape[0]
-    block_do = owned_block(d, owner.dtype)
-    d_chunks = triton.cdiv(d, block_do)
 
     def launch(blocks):
         block_m, block_n, block_d = blocks
-        row_blocks = triton.cdiv(na, block_m)
-        count, per_split = splits(row_blocks * d_chunks, nb, block_n, owner.device)
+        grid, per_split = backward_grid(na, nb, d, owner.dtype, blocks, owner.device)
+        count = grid[1]
         out = torch.empty(count, na, d, dtype=torch.float32, device=owner.device)
-        _info_nce_grad_kernel[(row_blocks, count, d_chunks)](
+        _info_nce_grad_kernel[grid](
             owner, streamed, *_pointers((owner_labels, streamed_labels, self_index, owner_stats, streamed_stats), out),
             out,
             na, nb, d, scale, per_split,
@@ -397,7 +411,8 @@ def owner_gradient(owner: Tensor, streamed: Tensor, owner_labels: Optional[Tenso
             HAS_LABELS=owner_labels is not None, HAS_SELF=self_index is not None, SELF_ON_OWNER=self_on_owner,
             OWNER_LOSS=owner_stats is not None, STREAMED_LOSS=streamed_stats is not None,
             RESCALE=owner.dtype == torch.float16, INPUT_PRECISION=input_precision(owner.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DO=block_do, **launch_options(blocks),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DO=owned_block(d, owner.dtype),
+            **launch_options(blocks),
         )
         return out[0] if count == 1 else out.sum(0)  # a fixed-order reduction: deterministic
 

@@ -83,6 +83,18 @@ def not_supported_reasons(tensors) -> list:
     return reasons
 
 
+def auto_skip_reasons(tensors) -> list:
+    """``auto`` passes float32 without TF32 to the torch backend: the kernels' IEEE dots run on the
+    FMA units (no tensor cores), where cuBLAS's SGEMMs are faster than Triton's FMA code and the
+    fused kernels do 5 N×M×D products to the torch backend's 4 (issue 17; judged from the sm_90
+    compile, not yet timed on a card). ``backend="triton"`` still runs it; with
+    ``torch.backends.cuda.matmul.allow_tf32`` set the kernels take TF32 tensor cores and ``auto``."""
+    if any(t.dtype == torch.float32 for t in tensors) and kernels.input_precision(torch.float32) == "ieee":
+        return ["float32 without TF32 (torch.backends.cuda.matmul.allow_tf32) runs the triton InfoNCE kernels on "
+                "FMA units: the torch backend is faster"]
+    return []
+
+
 info_nce = define_info_nce_op("info_nce_triton", info_nce_forward, info_nce_backward)
 
 

@@ -14,8 +14,9 @@ strings — the only place a backend is registered; nothing is imported until it
 A backend that cannot serve a call says why (xformers' ``not_supported_reasons`` style): first
 the generic gate (Triton: devices, then importable; native: built and loaded), then the backend
 module's own ``not_supported_reasons(tensors)`` if it has one. ``backend="auto"`` takes the first
-backend of :data:`AUTO_ORDER` that the manifest lists for the op and that can serve the call
-(Triton never for CPU tensors); an explicit backend that cannot raises
+backend of :data:`AUTO_ORDER` that the manifest lists for the op, that can serve the call (Triton
+never for CPU tensors) and whose module's ``auto_skip_reasons(tensors)``, if it has one, is empty
+(a backend that runs the call but knowingly slower than the next); an explicit backend that cannot raises
 :class:`BackendUnavailableError` with every reason. ``FASTSSL_BACKEND`` replaces ``"auto"``.
 
 Resolution imports by name, which ``torch.compile`` cannot trace: ``import fastssl`` resolves the
@@ -147,6 +148,10 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot serve this call; the message lists every reason."""
 
 
+def _always(_tensors: Sequence[torch.Tensor]) -> List[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class Implementation:
     """One backend's implementation of one op: ``fn``, and ``supports(tensors) -> reasons it
@@ -154,14 +159,11 @@ class Implementation:
 
     fn: Callable
     supports: Callable[[Sequence[torch.Tensor]], List[str]]
+    auto_skips: Callable[[Sequence[torch.Tensor]], List[str]] = _always
 
 
 # (op, backend) -> Implementation, filled as the manifest's entries are first used.
 _RESOLVED: Dict[Tuple[str, str], Implementation] = {}
-
-
-def _always(_tensors: Sequence[torch.Tensor]) -> List[str]:
-    return []
 
 
 def ops() -> List[str]:
@@ -175,7 +177,8 @@ def implementation(op: str, backend: str) -> Implementation:
         module_name, function_name = MANIFEST[op][backend].split(":")
         module = importlib.import_module(module_name)
         _RESOLVED[key] = Implementation(getattr(module, function_name),
-                                        getattr(module, "not_supported_reasons", _always))
+                                        getattr(module, "not_supported_reasons", _always),
+                                        getattr(module, "auto_skip_reasons", _always))
     return _RESOLVED[key]
 
 
@@ -251,7 +254,7 @@ def select(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]]) -> 
     for candidate in AUTO_ORDER:
         if candidate not in MANIFEST[op] or (candidate == "triton" and on_cpu):
             continue  # the interpreter is for tests, never a default
-        if not unavailable_reasons(op, candidate, tensors):
+        if not unavailable_reasons(op, candidate, tensors) and not implementation(op, candidate).auto_skips(tensors):
             return candidate, implementation(op, candidate).fn
     raise BackendUnavailableError(f"no backend can run fastssl op {op!r} on {describe(tensors)}")
 
