@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import occupancy
+
 
 Tensor = torch.Tensor
 
@@ -310,34 +312,10 @@ def _choose_blocks(kind: str, n: int, m: int, d: int, dtype: torch.dtype, trial)
     return _TUNED_BLOCKS[key]
 
 
-PROGRAMS_PER_SM = 2  # split the streamed side until a launch has this many programs per SM
-_SM_COUNTS: dict = {}
-
-
-def multiprocessors(device: torch.device) -> int:
-    """SMs of a CUDA device (cached); 1 for the CPU tensors of the interpreter."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
-
-
-def splits(owner_programs: int, streamed: int, block: int, device: torch.device):
-    """(splits, streamed rows per split) of a pass with ``owner_programs`` programs per split:
-    enough splits for PROGRAMS_PER_SM programs per SM (whole tiles per split, so the count is
-    rounded up), at most one per streamed tile."""
-    tiles = max(1, triton.cdiv(streamed, block))
-    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(device), owner_programs)
-    per_split = max(1, tiles // wanted) * block
-    return max(1, triton.cdiv(streamed, per_split)), per_split
-
-
 def forward_grid(n: int, m: int, blocks, device: torch.device):
     """(grid, keys per split) of ``_info_nce_fwd_kernel`` for N queries against M keys."""
     row_blocks = triton.cdiv(n, blocks[0])
-    count, per_split = splits(row_blocks, m, blocks[1], device)
+    count, per_split = occupancy.splits(row_blocks, m, blocks[1], device)
     return (row_blocks, count), per_split
 
 
@@ -345,7 +323,7 @@ def backward_grid(na: int, nb: int, d: int, dtype: torch.dtype, blocks, device: 
     """(grid, streamed rows per split) of ``_info_nce_grad_kernel`` owning Na rows against Nb."""
     row_blocks = triton.cdiv(na, blocks[0])
     d_chunks = triton.cdiv(d, owned_block(d, dtype))
-    count, per_split = splits(row_blocks * d_chunks, nb, blocks[1], device)
+    count, per_split = occupancy.splits(row_blocks * d_chunks, nb, blocks[1], device)
     return (row_blocks, count, d_chunks), per_split
 
 

@@ -1,5 +1,7 @@
 """The fused InfoNCE backends (blocked/tiled ``torch``, ``triton`` under the interpreter) against
 the reference and float64 math, on ragged shapes that cross block and tile boundaries."""
+import importlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -337,15 +339,14 @@ def key_splits(request, monkeypatch):
     """The kernels as launched on one SM (no split here) or on very many: every pass then splits
     the side it streams into one split per tile (the last one ragged), merged in split order."""
     if request.param == "split":
-        monkeypatch.setattr(_kernels(), "PROGRAMS_PER_SM", 1000)
+        monkeypatch.setattr(_kernel_module("occupancy"), "PROGRAMS_PER_SM", 1000)
     return request.param
 
 
-def _kernels():
+def _kernel_module(name):
+    """``fastssl.kernels.<name>``, imported once the triton backend is loaded."""
     backends.preload("triton")
-    from fastssl.kernels import contrastive as kernels
-
-    return kernels
+    return importlib.import_module(f"fastssl.kernels.{name}")
 
 
 class _RecordedKernel:
@@ -373,7 +374,7 @@ def tf32(request):
 @pytest.fixture
 def launches(monkeypatch):
     """Every launch of the contrastive kernels during the test, in order."""
-    kernels, calls = _kernels(), []
+    kernels, calls = _kernel_module("contrastive"), []
     for name in ("_info_nce_fwd_kernel", "_info_nce_merge_kernel", "_info_nce_grad_kernel"):
         monkeypatch.setattr(kernels, name, _RecordedKernel(name, getattr(kernels, name), calls))
     return calls
@@ -421,7 +422,7 @@ def test_triton_fp16_error_at_most_twice_reference():
 def test_triton_splits_are_launched_and_merged(monkeypatch, launches):
     """With many SMs every pass splits its streamed side (one split per tile, the last ragged):
     the forward of each loss side is merged by the merge kernel, each gradient is one owner pass."""
-    monkeypatch.setattr(_kernels(), "PROGRAMS_PER_SM", 1000)
+    monkeypatch.setattr(_kernel_module("occupancy"), "PROGRAMS_PER_SM", 1000)
     q, k = _inputs(37, 45, 19)
     loss = fn.info_nce(q, k, 0.2, symmetric=True, backend="triton")
     torch.autograd.grad(loss, (q, k))
@@ -443,8 +444,8 @@ BENCHMARK_SHAPES = ([(2 * b, 2 * b, d) for d in (128, 768) for b in (256, 1024, 
 def test_triton_grids_fill_an_h100_at_the_benchmark_shapes(monkeypatch, dtype, tf32):
     """On 132 SMs every pass launches ≥ 2 × 132 programs, or one per tile where the shape has fewer
     tiles (SimCLR B = 256: 8 × 8 forward tiles of 64)."""
-    kernels = _kernels()
-    monkeypatch.setattr(kernels, "multiprocessors", lambda device: 132)
+    kernels = _kernel_module("contrastive")
+    monkeypatch.setattr(_kernel_module("occupancy"), "multiprocessors", lambda device: 132)
     device = torch.device("cuda")
     for n, m, d in BENCHMARK_SHAPES:
         for owner, streamed in ((n, m), (m, n)):
@@ -468,7 +469,7 @@ def triton_cdiv(a, b):
 @pytest.mark.parametrize("variant", ["symmetric_labels", "labels_self", "positive_keys"])
 def test_triton_two_runs_are_bitwise_equal(monkeypatch, variant):
     """Split forward and backward: no atomics, the splits merged in a fixed order."""
-    monkeypatch.setattr(_kernels(), "PROGRAMS_PER_SM", 1000)
+    monkeypatch.setattr(_kernel_module("occupancy"), "PROGRAMS_PER_SM", 1000)
     kwargs = dict(_variants(37, 45, 19))[variant]
     runs = []
     for _ in range(2):
