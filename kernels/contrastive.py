@@ -256,44 +256,47 @@ def input_precision(dtype: torch.dtype) -> str:
 
 # Largest D chunk a backward program accumulates in registers: D up to this is one chunk (each
 # logit tile computed once per pass); a wider D is cut into chunks that each recompute the logits.
+# Half operands: 256 on sm_90 (no spill at 64 × 64 × 32 tiles); 128 before it (256 spilled 80 B
+# per thread on sm_80).
 MAX_OWNED_D = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 128}
+MAX_OWNED_D_BEFORE_SM90 = 128
 
 
-def _blocks(kind: str, n: int, m: int, d: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_D) of a pass (``kind`` "forward" or "backward"), each cut to the
-    sizes (down to 16, tl.dot's minimum). Compiled for sm_90 at 8 warps: half tiles of 64 spill
-    nothing (64 × 64 × 32 in the backward, whose fp32 accumulator takes registers too; 128-wide
-    tiles spill ~1 KB per thread); float32 through IEEE FMA takes 32 × 32 × 32 (64-wide tiles
-    spilled 23-65 KB per thread in the backward), through TF32 64 × 64 × 32 (wgmma)."""
-    if dtype == torch.float32:
-        largest = (32, 32, 32) if input_precision(dtype) == "ieee" else (64, 64, 32)
-    else:
-        largest = (64, 64, 64 if kind == "forward" else 32)
+def _blocks(n: int, m: int, d: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_D) of either pass, each cut to the sizes (down to 16, tl.dot's minimum). Compiled for sm_90 and sm_80 with
+    ``launch_options``: half tiles of 64 × 64 × 32 spill nothing (64 × 64 × 64 spilled 96 B per
+    thread on sm_80, 128-wide tiles ~1 KB); float32 through IEEE FMA takes 32 × 32 × 32 (64-wide
+    tiles spilled 23-65 KB per thread in the backward), through TF32 64 × 64 × 32 (wgmma)."""
+    largest = (32, 32, 32) if dtype == torch.float32 and input_precision(dtype) == "ieee" else (64, 64, 32)
     return tuple(max(16, min(block, triton.next_power_of_2(size))) for block, size in zip(largest, (n, m, d)))
 
 
-def launch_options(blocks) -> dict:
-    """num_warps / num_stages of either pass at ``blocks``: 8 warps from 64-row tiles (4 warps
-    spill 1-4 KB per thread there on sm_90), 4 below."""
-    return {"num_warps": 8 if blocks[0] >= 64 else 4, "num_stages": 2}
+def launch_options(kind: str, blocks) -> dict:
+    """num_warps / num_stages of a pass at ``blocks``: the backward, which also holds a
+    (BLOCK_M, BLOCK_DO) fp32 accumulator, 8 warps (4 spilled 52 B per thread on sm_90 at 32-wide
+    fp32 tiles); the forward 8 from 64-row tiles (4 spill 1-3 KB there), 4 below."""
+    return {"num_warps": 8 if kind == "backward" or blocks[0] >= 64 else 4, "num_stages": 2}
 
 
-def owned_block(d: int, dtype: torch.dtype) -> int:
+def owned_block(d: int, dtype: torch.dtype, device: torch.device) -> int:
     """BLOCK_DO: the D chunk one backward program accumulates (all of D up to MAX_OWNED_D)."""
-    return max(16, min(MAX_OWNED_D[dtype], triton.next_power_of_2(d)))
+    largest = MAX_OWNED_D[dtype]
+    if occupancy.capability_major(device) < 9:
+        largest = min(largest, MAX_OWNED_D_BEFORE_SM90)
+    return max(16, min(largest, triton.next_power_of_2(d)))
 
 
-AUTOTUNE_CANDIDATES = ((64, 64, 64), (64, 64, 32), (32, 32, 64), (32, 32, 32))
+AUTOTUNE_CANDIDATES = ((64, 64, 32), (64, 32, 32), (32, 32, 32))  # none spills on sm_80 / sm_90
 _TUNED_BLOCKS: dict = {}
 
 
-def autotune_candidates(kind: str, n: int, m: int, d: int, dtype: torch.dtype) -> list:
+def autotune_candidates(n: int, m: int, d: int, dtype: torch.dtype) -> list:
     """The blocks ``FASTSSL_TRITON_AUTOTUNE=1`` times: the heuristic's and the candidates that fit
     D (BLOCK_D ≤ 2D) and, for float32 through IEEE FMA, 32 × 32 tiles (larger ones spill)."""
     ieee = dtype == torch.float32 and input_precision(dtype) == "ieee"
     fitting = {blocks for blocks in AUTOTUNE_CANDIDATES
                if blocks[2] <= max(16, d * 2) and not (ieee and blocks[0] * blocks[1] > 32 * 32)}
-    return sorted({_blocks(kind, n, m, d, dtype)} | fitting)
+    return sorted({_blocks(n, m, d, dtype)} | fitting)
 
 
 def _choose_blocks(kind: str, n: int, m: int, d: int, dtype: torch.dtype, trial) -> tuple:
@@ -303,11 +306,11 @@ def _choose_blocks(kind: str, n: int, m: int, d: int, dtype: torch.dtype, trial)
     with ``triton.testing.do_bench`` (median, warm-up excluded).
     """
     if os.environ.get("FASTSSL_TRITON_AUTOTUNE", "0") in ("", "0"):
-        return _blocks(kind, n, m, d, dtype)
+        return _blocks(n, m, d, dtype)
     key = (kind, n, m, d, dtype, input_precision(dtype))
     if key not in _TUNED_BLOCKS:
         timings = {blocks: triton.testing.do_bench(lambda blocks=blocks: trial(blocks))
-                   for blocks in autotune_candidates(kind, n, m, d, dtype)}
+                   for blocks in autotune_candidates(n, m, d, dtype)}
         _TUNED_BLOCKS[key] = min(timings, key=timings.get)
     return _TUNED_BLOCKS[key]
 
@@ -322,7 +325,7 @@ def forward_grid(n: int, m: int, blocks, device: torch.device):
 def backward_grid(na: int, nb: int, d: int, dtype: torch.dtype, blocks, device: torch.device):
     """(grid, streamed rows per split) of ``_info_nce_grad_kernel`` owning Na rows against Nb."""
     row_blocks = triton.cdiv(na, blocks[0])
-    d_chunks = triton.cdiv(d, owned_block(d, dtype))
+    d_chunks = triton.cdiv(d, owned_block(d, dtype, device))
     count, per_split = occupancy.splits(row_blocks * d_chunks, nb, blocks[1], device)
     return (row_blocks, count, d_chunks), per_split
 
@@ -352,7 +355,7 @@ def info_nce_row_statistics(query: Tensor, keys: Tensor, query_labels: Optional[
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
             HAS_LABELS=query_labels is not None, HAS_SELF=self_index is not None, HAS_EXTRA=extra is not None,
             SPLIT=count > 1, INPUT_PRECISION=input_precision(query.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_D=block_d, **launch_options(blocks),
+            BLOCK_D=block_d, **launch_options("forward", blocks),
         )
         if count > 1:
             _info_nce_merge_kernel[(triton.cdiv(n, MERGE_BLOCK),)](
@@ -389,8 +392,8 @@ def owner_gradient(owner: Tensor, streamed: Tensor, owner_labels: Optional[Tenso
             HAS_LABELS=owner_labels is not None, HAS_SELF=self_index is not None, SELF_ON_OWNER=self_on_owner,
             OWNER_LOSS=owner_stats is not None, STREAMED_LOSS=streamed_stats is not None,
             RESCALE=owner.dtype == torch.float16, INPUT_PRECISION=input_precision(owner.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DO=owned_block(d, owner.dtype),
-            **launch_options(blocks),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DO=owned_block(d, owner.dtype, owner.device),
+            **launch_options("backward", blocks),
         )
         return out[0] if count == 1 else out.sum(0)  # a fixed-order reduction: deterministic
 

@@ -6,17 +6,25 @@ import torch
 import triton
 
 PROGRAMS_PER_SM = 2  # split a reduction until its launch has this many programs per SM
-_SM_COUNTS: dict = {}
+_PROPERTIES: dict = {}
+
+
+def _properties(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PROPERTIES:
+        _PROPERTIES[index] = torch.cuda.get_device_properties(index)
+    return _PROPERTIES[index]
 
 
 def multiprocessors(device: torch.device) -> int:
     """SMs of a CUDA device (cached); 1 for the CPU tensors of the interpreter."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
+    return _properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def capability_major(device: torch.device) -> int:
+    """The compute capability's major version of a CUDA device (9: Hopper); 9 for the
+    interpreter's CPU tensors, so tests take the choices of the newest card."""
+    return _properties(device).major if device.type == "cuda" else 9
 
 
 def splits(programs: int, length: int, block: int, device: torch.device):

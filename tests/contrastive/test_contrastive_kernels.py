@@ -446,15 +446,15 @@ def test_triton_grids_fill_an_h100_at_the_benchmark_shapes(monkeypatch, dtype, t
     tiles (SimCLR B = 256: 8 × 8 forward tiles of 64)."""
     kernels = _kernel_module("contrastive")
     monkeypatch.setattr(_kernel_module("occupancy"), "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(_kernel_module("occupancy"), "capability_major", lambda device: 9)
     device = torch.device("cuda")
     for n, m, d in BENCHMARK_SHAPES:
         for owner, streamed in ((n, m), (m, n)):
-            blocks = kernels._blocks("forward", owner, streamed, d, dtype)
+            blocks = kernels._blocks(owner, streamed, d, dtype)
             grid, per_split = kernels.forward_grid(owner, streamed, blocks, device)
             tiles = grid[0] * triton_cdiv(streamed, blocks[1])
             assert grid[0] * grid[1] >= min(264, tiles), (n, m, d, grid)
             assert (grid[1] - 1) * per_split < streamed <= grid[1] * per_split  # no empty split
-            blocks = kernels._blocks("backward", owner, streamed, d, dtype)
             grid, per_split = kernels.backward_grid(owner, streamed, d, dtype, blocks, device)
             tiles = grid[0] * grid[2] * triton_cdiv(streamed, blocks[1])
             assert grid[0] * grid[1] * grid[2] >= min(264, tiles), (n, m, d, grid)
