@@ -155,11 +155,42 @@ def _load_normalized(z_ptr, stats_ptr, mean_row, batch_index, feature_index, gro
 # Grid (tiles, tiles, G); each program accumulates its BLOCK×BLOCK tile(s) over BLOCK_REDUCED
 # steps with tl.dot and writes one partial sum. A SYMMETRIC product skips the tiles below the
 # diagonal and counts those above it twice. Nothing is saved: the forward keeps O(D) statistics.
-# Half inputs are normalised in float32 and handed to tl.dot in their own dtype (tensor cores,
-# float32 accumulation), as a half-precision peer multiplies them. When the tiles are too few to
-# fill the card (Barlow N = 256, D = 8192: 10 tiles), the reduction is split:
-# ``_product_partial_kernel`` writes each split's raw tiles and ``_frobenius_merge_kernel`` sums
-# them in split order before squaring (deterministic).
+@triton.jit
+def _product_frobenius_kernel(
+    # pointers
+    u_ptr, v_ptr, stats_ptr, partial_ptr,
+    # sizes
+    batch, dim, columns,
+    # meta-parameters
+    U_ROW: tl.constexpr, V_ROW: tl.constexpr, GRAM: tl.constexpr, TWO_PRODUCTS: tl.constexpr,
+    SYMMETRIC: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_REDUCED: tl.constexpr,
+):
+    acc_dtype = stats_ptr.dtype.element_ty
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    group = tl.program_id(2).to(tl.int64)
+    rows_i = pid_i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rows_j = pid_j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    reduced = dim if GRAM else batch
+    weight = 1.0
+    if SYMMETRIC:
+        weight = tl.where(pid_j > pid_i, 2.0, tl.where(pid_j == pid_i, 1.0, 0.0))
+        reduced = tl.where(pid_j >= pid_i, reduced, 0)
+    first, second = _product_tiles(u_ptr, v_ptr, stats_ptr, rows_i, rows_j, group, 0, reduced, batch, dim, columns,
+                                   U_ROW, V_ROW, GRAM, TWO_PRODUCTS, SCALED, acc_dtype, BLOCK, BLOCK_REDUCED)
+    if TWO_PRODUCTS:
+        tile = first * second
+    else:
+        tile = second * second
+    tiles = tl.num_programs(0)
+    tl.store(partial_ptr + (group * tiles + pid_i) * tiles + pid_j, weight * tl.sum(tl.sum(tile, axis=1), axis=0))
+
+
+# What the product kernels share, and the split path. Half inputs are normalised in float32 and
+# handed to tl.dot in their own dtype (tensor cores, float32 accumulation), as a half-precision
+# peer multiplies them. When the tiles are too few to fill the card (Barlow N = 256, D = 8192:
+# 10 tiles), the reduction is split: ``_product_partial_kernel`` writes each split's raw tiles
+# and ``_frobenius_merge_kernel`` sums them in split order before squaring (deterministic).
 
 
 @triton.jit
@@ -176,12 +207,11 @@ def _operand_dot(left, right, z_ptr):
 @triton.jit
 def _product_tiles(u_ptr, v_ptr, stats_ptr, rows_i, rows_j, group, start, end, batch, dim, columns,
                    U_ROW: tl.constexpr, V_ROW: tl.constexpr, GRAM: tl.constexpr, TWO_PRODUCTS: tl.constexpr,
-                   SCALED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_REDUCED: tl.constexpr):
+                   SCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_REDUCED: tl.constexpr):
     """(first, second): tile (rows_i, rows_j) of u ⋆ u and v ⋆ v (TWO_PRODUCTS; else first is
-    zero and second is u ⋆ v), reduced over [start, end) in the statistics' dtype."""
-    acc_dtype = stats_ptr.dtype.element_ty
-    first = tl.zeros((BLOCK, BLOCK), acc_dtype)
-    second = tl.zeros((BLOCK, BLOCK), acc_dtype)
+    zero and second is u ⋆ v), reduced over [start, end) in ACC_DTYPE (the statistics' dtype)."""
+    first = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
+    second = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
     for step in range(start, end, BLOCK_REDUCED):
         steps = step + tl.arange(0, BLOCK_REDUCED).to(tl.int64)
         if GRAM:  # tile[i, j] = Σ_d u[i, d] v[j, d]: left (BLOCK, R) over rows, right (R, BLOCK)
@@ -216,40 +246,6 @@ def _tile_rows(BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _store_tile_norm(partial_ptr, group, first, second, weight, TWO_PRODUCTS: tl.constexpr):
-    """weight · Σ_tile (first ⊙ second, or second²) into partial (G, tiles, tiles)."""
-    if TWO_PRODUCTS:
-        tile = first * second
-    else:
-        tile = second * second
-    tiles = tl.num_programs(0)
-    tl.store(partial_ptr + (group * tiles + tl.program_id(0)) * tiles + tl.program_id(1),
-             weight * tl.sum(tl.sum(tile, axis=1), axis=0))
-
-
-@triton.jit
-def _product_frobenius_kernel(
-    # pointers
-    u_ptr, v_ptr, stats_ptr, partial_ptr,
-    # sizes
-    batch, dim, columns,
-    # meta-parameters
-    U_ROW: tl.constexpr, V_ROW: tl.constexpr, GRAM: tl.constexpr, TWO_PRODUCTS: tl.constexpr,
-    SYMMETRIC: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_REDUCED: tl.constexpr,
-):
-    rows_i, rows_j, symmetric_weight = _tile_rows(BLOCK)
-    group = tl.program_id(2).to(tl.int64)
-    reduced = dim if GRAM else batch
-    weight = 1.0
-    if SYMMETRIC:
-        weight = symmetric_weight
-        reduced = tl.where(weight > 0, reduced, 0)
-    first, second = _product_tiles(u_ptr, v_ptr, stats_ptr, rows_i, rows_j, group, 0, reduced, batch, dim, columns,
-                                   U_ROW, V_ROW, GRAM, TWO_PRODUCTS, SCALED, BLOCK, BLOCK_REDUCED)
-    _store_tile_norm(partial_ptr, group, first, second, weight, TWO_PRODUCTS)
-
-
-@triton.jit
 def _scratch_tile(scratch_ptr, group, split, product, splits, products, BLOCK: tl.constexpr):
     """Offsets of tile (program_id(0), program_id(1)) of ``product`` in scratch
     (G, splits, products, tiles, tiles, BLOCK, BLOCK)."""
@@ -278,7 +274,8 @@ def _product_partial_kernel(
     if SYMMETRIC:
         end = tl.where(symmetric_weight > 0, end, start)  # below the diagonal: nothing (the merge skips it)
     first, second = _product_tiles(u_ptr, v_ptr, stats_ptr, rows_i, rows_j, group, start, end, batch, dim, columns,
-                                   U_ROW, V_ROW, GRAM, TWO_PRODUCTS, SCALED, BLOCK, BLOCK_REDUCED)
+                                   U_ROW, V_ROW, GRAM, TWO_PRODUCTS, SCALED, stats_ptr.dtype.element_ty, BLOCK,
+                                   BLOCK_REDUCED)
     products = 2 if TWO_PRODUCTS else 1
     tl.store(_scratch_tile(scratch_ptr, group, split, products - 1, splits, products, BLOCK), second)
     if TWO_PRODUCTS:
@@ -307,7 +304,9 @@ def _frobenius_merge_kernel(
         second += tl.load(_scratch_tile(scratch_ptr, group, split, products - 1, splits, products, BLOCK))
         if TWO_PRODUCTS:
             first += tl.load(_scratch_tile(scratch_ptr, group, split, 0, splits, products, BLOCK))
-    _store_tile_norm(partial_ptr, group, first, second, weight, TWO_PRODUCTS)
+    square = (first if TWO_PRODUCTS else second) * second
+    tiles = tl.num_programs(0)
+    tl.store(partial_ptr + (group * tiles + tl.program_id(0)) * tiles + tl.program_id(1), weight * tl.sum(square))
 
 
 # (z − mean) [· scale] of one view (B, C) into ``out`` in the stats' dtype (for the GEMMs of
