@@ -148,10 +148,6 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot serve this call; the message lists every reason."""
 
 
-def _always(_tensors: Sequence[torch.Tensor]) -> List[str]:
-    return []
-
-
 @dataclass(frozen=True)
 class Implementation:
     """One backend's implementation of one op: ``fn``, and ``supports(tensors) -> reasons it
@@ -159,11 +155,15 @@ class Implementation:
 
     fn: Callable
     supports: Callable[[Sequence[torch.Tensor]], List[str]]
-    auto_skips: Callable[[Sequence[torch.Tensor]], List[str]] = _always
+    auto_skips: Optional[Callable[[Sequence[torch.Tensor]], List[str]]] = None  # reasons auto passes it over
 
 
 # (op, backend) -> Implementation, filled as the manifest's entries are first used.
 _RESOLVED: Dict[Tuple[str, str], Implementation] = {}
+
+
+def _always(_tensors: Sequence[torch.Tensor]) -> List[str]:
+    return []
 
 
 def ops() -> List[str]:
@@ -178,7 +178,7 @@ def implementation(op: str, backend: str) -> Implementation:
         module = importlib.import_module(module_name)
         _RESOLVED[key] = Implementation(getattr(module, function_name),
                                         getattr(module, "not_supported_reasons", _always),
-                                        getattr(module, "auto_skip_reasons", _always))
+                                        getattr(module, "auto_skip_reasons", None))
     return _RESOLVED[key]
 
 
@@ -254,9 +254,15 @@ def select(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]]) -> 
     for candidate in AUTO_ORDER:
         if candidate not in MANIFEST[op] or (candidate == "triton" and on_cpu):
             continue  # the interpreter is for tests, never a default
-        if not unavailable_reasons(op, candidate, tensors) and not implementation(op, candidate).auto_skips(tensors):
+        if not unavailable_reasons(op, candidate, tensors) and not _auto_skips(op, candidate, tensors):
             return candidate, implementation(op, candidate).fn
     raise BackendUnavailableError(f"no backend can run fastssl op {op!r} on {describe(tensors)}")
+
+
+def _auto_skips(op: str, backend: str, tensors: Sequence[torch.Tensor]) -> List[str]:
+    """Why ``auto`` passes over a backend that can run the call (its module's ``auto_skip_reasons``)."""
+    skips = implementation(op, backend).auto_skips
+    return skips(tensors) if skips is not None else []
 
 
 def describe(tensors: Sequence[torch.Tensor]) -> str:
