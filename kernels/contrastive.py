@@ -375,6 +375,9 @@ def owner_gradient(owner: Tensor, streamed: Tensor, owner_labels: Optional[Tenso
 
     ``owner_stats`` / ``streamed_stats``: (4, rows) float32 (max, sum, c, w) of that side's loss,
     None where the side has none; ``self_index`` indexes the queries (the owner iff ``self_on_owner``).
+    Split, the pass writes (splits, Na, D) float32 partial gradients: splits > 1 only while the
+    programs of one split are fewer than P = PROGRAMS_PER_SM·SMs, and splits < 2⌈P / programs⌉, so
+    the partials hold fewer than 4P·BLOCK_M rows (68k on an H100: 35 MB at D = 128).
     """
     na, d = owner.shape
     nb = streamed.shape[0]
