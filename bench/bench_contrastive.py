@@ -109,9 +109,9 @@ def lightly_parity(loss: str, module: str, batch: int, dim: int = 128, lightly_m
     )
 
 
-def parity_cases(batch: int) -> List[core.Case]:
-    return [lightly_parity("macl", "MACLLoss", batch), lightly_parity("directclr", "DirectCLRLoss", batch),
-            lightly_parity("co2", "CO2Regularizer", batch, lightly_module="lightly.loss.regularizer")]
+def parity_cases(batch: int, dim: int = 128) -> List[core.Case]:
+    return [lightly_parity("macl", "MACLLoss", batch, dim), lightly_parity("directclr", "DirectCLRLoss", batch, dim),
+            lightly_parity("co2", "CO2Regularizer", batch, dim, lightly_module="lightly.loss.regularizer")]
 
 
 def detcon(batch: int, regions: int = 16, dim: int = 128, masks: int = 16) -> core.Case:

@@ -113,6 +113,23 @@ def _patch_tokens(n: int, dim: int):
     return inputs
 
 
+def at_size(n: int, d: int) -> List[core.Case]:
+    """The N×D losses (every one with a lightly counterpart) at one size."""
+    gram = _smaller_gram_flops(n, d)
+    mmcr_gram = _smaller_gram_flops(n, d) + n * _smaller_gram_flops(2 * MMCR_VIEWS, d)
+    return [
+        _case("tico", "TiCoLoss", "TiCo", n, d, {"fwd": 4 * n * d * d, "bwd": 0}),
+        _case("mmcr", "MMCRLoss", "MMCR", n, d, {"fwd": mmcr_gram, "bwd": mmcr_gram}, make_inputs=_mmcr_views(n, d)),
+        _case("frossl", "FroSSLLoss", "FroSSL", n, d, {"fwd": 2 * gram, "bwd": 2 * gram}, wrap=_two_view_list),
+        _case("emp_ssl", "EMPSSLLoss", "EMP-SSL", n, d, {"fwd": 2 * gram, "bwd": 2 * gram}, wrap=_two_view_list),
+        _case("hypersphere", "HypersphereLoss", "Hypersphere", n, d,
+              {"fwd": 4 * n * n * d, "bwd": 8 * n * n * d}, lightly_module="lightly.loss.hypersphere_loss"),
+        _case("patch_kernel_alignment", "PatchKernelAlignmentLoss", "Patch kernel alignment", n, d,
+              {"fwd": 4 * n * (n // PATCH_IMAGES) * d, "bwd": 2 * n * (n // PATCH_IMAGES) * d},
+              make_inputs=_patch_tokens(n, d)),
+    ]
+
+
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
         sizes = ((6, 10),)
@@ -120,21 +137,7 @@ def cases(size_set: str) -> List[core.Case]:
         sizes = SMALL_AND_LARGE
     else:
         sizes = SMALL_AND_LARGE + MORE
-    result = []
-    for n, d in sizes:
-        gram = _smaller_gram_flops(n, d)
-        mmcr_gram = _smaller_gram_flops(n, d) + n * _smaller_gram_flops(2 * MMCR_VIEWS, d)
-        result += [
-            _case("tico", "TiCoLoss", "TiCo", n, d, {"fwd": 4 * n * d * d, "bwd": 0}),
-            _case("mmcr", "MMCRLoss", "MMCR", n, d, {"fwd": mmcr_gram, "bwd": mmcr_gram}, make_inputs=_mmcr_views(n, d)),
-            _case("frossl", "FroSSLLoss", "FroSSL", n, d, {"fwd": 2 * gram, "bwd": 2 * gram}, wrap=_two_view_list),
-            _case("emp_ssl", "EMPSSLLoss", "EMP-SSL", n, d, {"fwd": 2 * gram, "bwd": 2 * gram}, wrap=_two_view_list),
-            _case("hypersphere", "HypersphereLoss", "Hypersphere", n, d,
-                  {"fwd": 4 * n * n * d, "bwd": 8 * n * n * d}, lightly_module="lightly.loss.hypersphere_loss"),
-            _case("patch_kernel_alignment", "PatchKernelAlignmentLoss", "Patch kernel alignment", n, d,
-                  {"fwd": 4 * n * (n // PATCH_IMAGES) * d, "bwd": 2 * n * (n // PATCH_IMAGES) * d},
-                  make_inputs=_patch_tokens(n, d)),
-        ]
+    result = [case for n, d in sizes for case in at_size(n, d)]
     if size_set == "smoke":
         return result + [gram_anchoring(2, 5, 6)]
     return result + [gram_anchoring(*size) for size in (GRAM_SIZES if size_set == "quick" else GRAM_SIZES + GRAM_MORE)]

@@ -5,6 +5,7 @@ from .runtime.registry import (
     AUTO_ORDER,
     BACKENDS,
     MANIFEST,
+    BackendFailedError,
     BackendUnavailableError,
     implementation,
     ops,
@@ -17,6 +18,6 @@ from .runtime.triton import device_reasons as triton_device_reasons
 from .runtime.triton import import_reasons as triton_import_reasons
 from .runtime.triton import interpreted as triton_interpreted
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "MANIFEST", "BackendUnavailableError", "implementation", "ops", "preload",
+__all__ = ["AUTO_ORDER", "BACKENDS", "MANIFEST", "BackendFailedError", "BackendUnavailableError", "implementation", "ops", "preload",
            "requested_backend", "select", "unavailable_reasons", "native_status", "triton_device_reasons",
            "triton_import_reasons", "triton_interpreted"]

@@ -1,5 +1,6 @@
 """``python -m fastssl.info``: versions, devices, whether the native extension is built, and which
-backend can run each op (and why not). It never builds anything.
+backend can run each op (and why not), and which compiled code failed on a call in this process
+(``auto`` then skips it). It never builds anything.
 
 Each op is probed with small float32 tensors on every device present (CPU, and CUDA when
 available); a backend that cannot run prints its reasons.
@@ -59,6 +60,10 @@ def report() -> str:
         lines.append(f"native {part:<11} " + ("built and loaded" if not reasons else "unavailable: " + "; ".join(reasons)))
     lines.append(f"native build       `{native.BUILD_COMMAND}` (cache {native.cache_root()}); "
                  "`auto` uses the native backend only once it is built")
+    failures = registry.call_failures()
+    lines.append(f"{'call failures':<18} " + (f"{len(failures)}, each skipped by auto from then on:" if failures else
+                                             "none (auto skips a backend whose compiled code fails on a call)"))
+    lines += [f"  {failure}" for failure in failures]
     for device in _devices():
         probe = [torch.zeros(4, 4, device=device)]
         lines.append("")

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import float64_parts, on_device
+
 Tensor = torch.Tensor
 
 
@@ -29,6 +31,16 @@ def _online_lse(running_max, running_sum, x, AXIS: tl.constexpr):
     return new_max, running_sum * tl.exp(running_max - shift) + tile_sum
 
 
+@triton.jit
+def _inverse_epsilon(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64: tl.constexpr):
+    """1/ε from its float32 parts (``launch.float64_parts``): their float64 sum, or the first."""
+    inv_epsilon = tl.cast(inv_epsilon_high, tl.float32)
+    if FP64:
+        inv_epsilon = ((tl.cast(inv_epsilon_high, tl.float64) + tl.cast(inv_epsilon_middle, tl.float64))
+                       + tl.cast(inv_epsilon_low, tl.float64))
+    return inv_epsilon
+
+
 # ============================================================================================
 # Sinkhorn-Knopp passes over the (B, K) scores s, in the log domain
 # ============================================================================================
@@ -41,8 +53,10 @@ def _online_lse(running_max, running_sum, x, AXIS: tl.constexpr):
 # never written; nothing is saved (Sinkhorn has no gradient).
 @triton.jit
 def _sinkhorn_prototype_lse_kernel(
-    # pointers (inv_epsilon_ptr: 1/ε in the compute dtype; a float argument would be float32)
-    scores_ptr, potential_ptr, lse_ptr, inv_epsilon_ptr,
+    # pointers
+    scores_ptr, potential_ptr, lse_ptr,
+    # 1/ε in float32 parts (a float argument is float32; see _inverse_epsilon)
+    inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low,
     # sizes
     B, K,
     # strides
@@ -51,7 +65,7 @@ def _sinkhorn_prototype_lse_kernel(
     HAS_POTENTIAL: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    inv_epsilon = tl.load(inv_epsilon_ptr)
+    inv_epsilon = _inverse_epsilon(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64)
     k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = k < K
     running_max = tl.full([BLOCK_K], float("-inf"), acc_dtype)
@@ -83,7 +97,9 @@ def _sample_tile(scores_ptr, potential_ptr, b, b_mask, start, K, stride_b, strid
 @triton.jit
 def _sinkhorn_sample_kernel(
     # pointers
-    scores_ptr, potential_ptr, out_ptr, inv_epsilon_ptr,
+    scores_ptr, potential_ptr, out_ptr,
+    # 1/ε in float32 parts
+    inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low,
     # sizes
     B, K,
     # strides
@@ -92,7 +108,7 @@ def _sinkhorn_sample_kernel(
     WRITE_CODES: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    inv_epsilon = tl.load(inv_epsilon_ptr)
+    inv_epsilon = _inverse_epsilon(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64)
     b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = b < B
     running_max = tl.full([BLOCK_B], float("-inf"), acc_dtype)
@@ -115,29 +131,32 @@ def _sinkhorn_sample_kernel(
 class TritonSinkhornPasses:
     """The Sinkhorn driver's passes over the (B, K) scores (``fastssl.clustering.torch_backend.
     SinkhornPasses``) as Triton kernels re-reading the scores; float32 arithmetic (float64 for
-    float64 scores)."""
+    float64 scores). A pass allocates its output and launches, on the scores' device: no host
+    to device copy, no synchronisation (CUDA-graph capturable)."""
 
     def __init__(self, scores: Tensor, epsilon: float):
         self.scores, self.dtype = scores, torch.float64 if scores.dtype == torch.float64 else torch.float32
-        self.inv_epsilon = torch.full((1,), 1.0 / epsilon, dtype=self.dtype, device=scores.device)
         batch, num_prototypes = scores.shape
         self.block_b, self.block_k = block_size(batch, 32), block_size(num_prototypes, 128)
+        self.inv_epsilon = float64_parts(1.0 / epsilon)
         self.meta = dict(FP64=self.dtype == torch.float64, BLOCK_B=self.block_b, BLOCK_K=self.block_k)
 
     def _launch_over_samples(self, potential: Tensor, out: Tensor, write_codes: bool) -> Tensor:
         batch, num_prototypes = self.scores.shape
-        _sinkhorn_sample_kernel[(triton.cdiv(batch, self.block_b),)](
-            self.scores, potential.contiguous(), out, self.inv_epsilon, batch, num_prototypes,
-            *self.scores.stride(), WRITE_CODES=write_codes, **self.meta)
+        with on_device(self.scores):
+            _sinkhorn_sample_kernel[(triton.cdiv(batch, self.block_b),)](
+                self.scores, potential.contiguous(), out, *self.inv_epsilon, batch, num_prototypes,
+                *self.scores.stride(), WRITE_CODES=write_codes, **self.meta)
         return out
 
     def _prototype_lse(self, sample_potential) -> Tensor:
         batch, num_prototypes = self.scores.shape
         lse = torch.empty(num_prototypes, dtype=self.dtype, device=self.scores.device)
         potential = self.scores if sample_potential is None else sample_potential.contiguous()
-        _sinkhorn_prototype_lse_kernel[(triton.cdiv(num_prototypes, self.block_k),)](
-            self.scores, potential, lse, self.inv_epsilon, batch, num_prototypes, *self.scores.stride(),
-            HAS_POTENTIAL=sample_potential is not None, **self.meta)
+        with on_device(self.scores):
+            _sinkhorn_prototype_lse_kernel[(triton.cdiv(num_prototypes, self.block_k),)](
+                self.scores, potential, lse, *self.inv_epsilon, batch, num_prototypes, *self.scores.stride(),
+                HAS_POTENTIAL=sample_potential is not None, **self.meta)
         return lse
 
     def first_prototype_lse(self):

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import occupancy
-
+from .launch import on_input_device
 
 Tensor = torch.Tensor
 
@@ -263,8 +263,8 @@ MAX_OWNED_D_BEFORE_SM90 = 128
 
 
 def _blocks(n: int, m: int, d: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_D) of either pass, each cut to the sizes (down to 16, tl.dot's minimum). Compiled for sm_90 and sm_80 with
-    ``launch_options``: half tiles of 64 × 64 × 32 spill nothing (64 × 64 × 64 spilled 96 B per
+    """(BLOCK_M, BLOCK_N, BLOCK_D) of either pass, each cut to the sizes (down to 16, tl.dot's
+    minimum). Compiled for sm_90 and sm_80 with ``launch_options``: half tiles of 64 × 64 × 32 spill nothing (64 × 64 × 64 spilled 96 B per
     thread on sm_80, 128-wide tiles ~1 KB); float32 through IEEE FMA takes 32 × 32 × 32 (64-wide
     tiles spilled 23-65 KB per thread in the backward), through TF32 64 × 64 × 32 (wgmma)."""
     largest = (32, 32, 32) if dtype == torch.float32 and input_precision(dtype) == "ieee" else (64, 64, 32)
@@ -338,6 +338,7 @@ def _pointers(tensors, placeholder: Tensor) -> list:
     return [tensor if tensor is not None else placeholder for tensor in tensors]
 
 
+@on_input_device
 def info_nce_row_statistics(query: Tensor, keys: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
                             self_index: Optional[Tensor], extra: Optional[Tensor], scale: float):
     """Launch the forward kernel (and the merge of its splits): (loss, max, sum), each (N,) float32."""
@@ -404,6 +405,7 @@ def owner_gradient(owner: Tensor, streamed: Tensor, owner_labels: Optional[Tenso
     return launch(blocks)
 
 
+@on_input_device
 def info_nce_grads(query: Tensor, keys: Tensor, query_labels: Optional[Tensor], key_labels: Optional[Tensor],
                    self_index: Optional[Tensor], row_stats: Tensor, col_stats: Optional[Tensor], scale: float,
                    keys_grad: bool):

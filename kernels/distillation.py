@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .clustering import _online_lse, block_size
+from .launch import on_input_device
 
 Tensor = torch.Tensor
 
@@ -134,6 +135,7 @@ def _params(scale: float, batch: int, dtype: torch.dtype, device) -> Tensor:
     return torch.tensor([scale, 1.0 / batch], dtype=dtype, device=device)
 
 
+@on_input_device
 def soft_cross_entropy_pairs_forward(targets: Tensor, logits: Tensor, scale: float, dtype: torch.dtype
                                      ) -> Tuple[Tensor, Tensor]:
     """targets (T, B, K), logits (S, B, K) → (loss (T, S), student LSE (S, B)), in ``dtype`` (the
@@ -150,6 +152,7 @@ def soft_cross_entropy_pairs_forward(targets: Tensor, logits: Tensor, scale: flo
     return contrib.sum(dim=-1) / batch, lse
 
 
+@on_input_device
 def soft_cross_entropy_pairs_backward(grad_loss: Tensor, targets: Tensor, logits: Tensor, lse: Tensor, scale: float,
                                       needs_grad: Sequence[bool]) -> List[Tensor]:
     """Gradients [∂/∂targets, ∂/∂logits] in the inputs' dtypes (an empty tensor where not needed)."""
@@ -341,6 +344,7 @@ def _distillation_blocks(student: Tensor, teacher: Tensor, weight: Tensor) -> di
                 BLOCK_D=block_size(student.shape[1], MAX_FEATURES), BLOCK_DT=block_size(teacher.shape[1], MAX_FEATURES))
 
 
+@on_input_device
 def linear_distillation_stats(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor, shift: Tensor,
                               student_scale: float, teacher_scale: float, dtype: torch.dtype) -> Tensor:
     """[L; M; m] (3, N) in ``dtype`` (float32 or float64): the student's and the teacher's LSEs
@@ -356,6 +360,7 @@ def linear_distillation_stats(student: Tensor, teacher: Tensor, weight: Tensor, 
     return stats
 
 
+@on_input_device
 def linear_distillation_backward(grad_scale: Tensor, student: Tensor, teacher: Tensor, weight: Tensor,
                                  teacher_weight: Tensor, shift: Tensor, stats: Tensor, student_scale: float,
                                  teacher_scale: float, teacher_grad: bool) -> Tuple[Tensor, ...]:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import occupancy
-
+from .launch import flat_grid, on_input_device
 
 Tensor = torch.Tensor
 
@@ -152,8 +152,8 @@ def _load_normalized(z_ptr, stats_ptr, mean_row, batch_index, feature_index, gro
 #   TWO_PRODUCTS:  partial = Σ_tile (u ⋆ u) ⊙ (v ⋆ v)      (Barlow Gram: ⟨a aᵀ, b bᵀ⟩)
 #   otherwise:     partial = Σ_tile (u ⋆ v)²                (Barlow direct ‖aᵀb‖², VICReg ‖x xᵀ‖²)
 #
-# Grid (tiles, tiles, G); each program accumulates its BLOCK×BLOCK tile(s) over BLOCK_REDUCED
-# steps with tl.dot and writes one partial sum. A SYMMETRIC product skips the tiles below the
+# One-axis grid over (G, tiles, tiles) (``product_grid``); each program accumulates its
+# BLOCK×BLOCK tile(s) over BLOCK_REDUCED steps with tl.dot and writes one partial sum. A SYMMETRIC product skips the tiles below the
 # diagonal and counts those above it twice. Nothing is saved: the forward keeps O(D) statistics.
 @triton.jit
 def _product_frobenius_kernel(
@@ -166,9 +166,11 @@ def _product_frobenius_kernel(
     SYMMETRIC: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_REDUCED: tl.constexpr,
 ):
     acc_dtype = stats_ptr.dtype.element_ty
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    group = tl.program_id(2).to(tl.int64)
+    tiles = tl.cdiv(batch if GRAM else dim, BLOCK)
+    program = tl.program_id(0).to(tl.int64)  # flat over (group, i, j): see product_grid
+    group = program // (tiles * tiles)
+    pid_i = (program // tiles) % tiles
+    pid_j = program % tiles
     rows_i = pid_i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     rows_j = pid_j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     reduced = dim if GRAM else batch
@@ -182,7 +184,6 @@ def _product_frobenius_kernel(
         tile = first * second
     else:
         tile = second * second
-    tiles = tl.num_programs(0)
     tl.store(partial_ptr + (group * tiles + pid_i) * tiles + pid_j, weight * tl.sum(tl.sum(tile, axis=1), axis=0))
 
 
@@ -214,10 +215,10 @@ def _product_tiles(u_ptr, v_ptr, stats_ptr, rows_i, rows_j, group, start, end, b
     second = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
     for step in range(start, end, BLOCK_REDUCED):
         steps = step + tl.arange(0, BLOCK_REDUCED).to(tl.int64)
-        if GRAM:  # tile[i, j] = Σ_d u[i, d] v[j, d]: left (BLOCK, R) over rows, right (R, BLOCK)
+        if GRAM:  # tile[i, j] = Σ_d u[i, d] v[j, d]: left (BLOCK, R) over rows, right (BLOCK, R)ᵀ
             left_batch, left_feature = rows_i[:, None], steps[None, :]
-            right_batch, right_feature = rows_j[None, :], steps[:, None]
-        else:  # tile[i, j] = Σ_n u[n, i] v[n, j]: left (BLOCK, R) over features
+            right_batch, right_feature = rows_j[:, None], steps[None, :]  # loaded along D, transposed
+        else:  # tile[i, j] = Σ_n u[n, i] v[n, j]: left (BLOCK, R) over features, right (R, BLOCK)
             left_batch, left_feature = steps[None, :], rows_i[:, None]
             right_batch, right_feature = steps[:, None], rows_j[None, :]
         left = _load_normalized(u_ptr, stats_ptr, U_ROW, left_batch, left_feature, group,
@@ -225,12 +226,12 @@ def _product_tiles(u_ptr, v_ptr, stats_ptr, rows_i, rows_j, group, start, end, b
         if TWO_PRODUCTS:
             right = _load_normalized(u_ptr, stats_ptr, U_ROW, right_batch, right_feature, group,
                                      batch, dim, columns, SCALED)
-            first += _operand_dot(left, right, u_ptr)
+            first += _operand_dot(left, tl.trans(right) if GRAM else right, u_ptr)
             left = _load_normalized(v_ptr, stats_ptr, V_ROW, left_batch, left_feature, group,
                                     batch, dim, columns, SCALED)
         right = _load_normalized(v_ptr, stats_ptr, V_ROW, right_batch, right_feature, group,
                                  batch, dim, columns, SCALED)
-        second += _operand_dot(left, right, u_ptr)
+        second += _operand_dot(left, tl.trans(right) if GRAM else right, u_ptr)
     return first, second
 
 
@@ -265,7 +266,8 @@ def _product_partial_kernel(
     U_ROW: tl.constexpr, V_ROW: tl.constexpr, GRAM: tl.constexpr, TWO_PRODUCTS: tl.constexpr,
     SYMMETRIC: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_REDUCED: tl.constexpr,
 ):
-    """Grid (tiles, tiles, G·splits): the raw tile(s) of one split of the reduction into scratch."""
+    """Grid (tiles, tiles, G·splits): the raw tile(s) of one split of the reduction into scratch
+    (split only while G · working tiles < PROGRAMS_PER_SM·SMs, so no axis nears CUDA's 65,535)."""
     rows_i, rows_j, symmetric_weight = _tile_rows(BLOCK)
     group = (tl.program_id(2) // splits).to(tl.int64)
     split = tl.program_id(2) % splits
@@ -310,7 +312,7 @@ def _frobenius_merge_kernel(
 
 
 # (z − mean) [· scale] of one view (B, C) into ``out`` in the stats' dtype (for the GEMMs of
-# the backward). Grid (row blocks, column blocks).
+# the backward). One-axis grid over (row blocks, column blocks) (``normalize_grid``).
 @triton.jit
 def _normalize_kernel(
     # pointers
@@ -320,8 +322,10 @@ def _normalize_kernel(
     # meta-parameters
     MEAN_ROW: tl.constexpr, SCALED: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
 ):
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
-    rows, offsets, mask = _row_block(tl.program_id(0).to(tl.int64) * BLOCK_ROWS, cols, batch, columns, BLOCK_ROWS)
+    program = tl.program_id(0).to(tl.int64)  # flat over (row blocks, column blocks): see normalize_grid
+    column_blocks = tl.cdiv(columns, BLOCK_COLUMNS)
+    cols = (program % column_blocks) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    rows, offsets, mask = _row_block((program // column_blocks) * BLOCK_ROWS, cols, batch, columns, BLOCK_ROWS)
     x = _load_normalized(z_ptr, stats_ptr, MEAN_ROW, rows[:, None], cols[None, :], 0, batch, columns, columns,
                          SCALED)
     tl.store(out_ptr + offsets, x, mask=mask)
@@ -424,6 +428,19 @@ def _vicreg_input_gradient_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+def product_grid(size: int, block: int, groups: int) -> Tuple[int]:
+    """The grid of ``_product_frobenius_kernel``: one axis over (groups, tiles, tiles), since CUDA
+    limits axes 1 and 2 to 65,535 programs (VICReg's groups, or the tiles of a large product)."""
+    tiles = triton.cdiv(size, block)
+    return flat_grid(groups, tiles, tiles)
+
+
+def normalize_grid(batch: int, columns: int) -> Tuple[int]:
+    """The grid of ``_normalize_kernel``: one axis over (row blocks, column blocks)."""
+    return flat_grid(triton.cdiv(batch, BLOCK_ROWS), triton.cdiv(columns, BLOCK_COLUMNS))
+
+
+@on_input_device
 def column_stats(z_a: Tensor, z_b: Tensor, barlow: bool, param: float, bn_eps: float, dtype: torch.dtype) -> Tensor:
     """(6, C) statistics of two (B, C) views in ``dtype`` (layout: see ``_column_stats_kernel``)."""
     batch, columns = z_a.shape
@@ -446,6 +463,7 @@ def _reduction_split(size: int, block: int, groups: int, symmetric: bool, reduce
     return (tiles, *occupancy.splits(working_tiles * groups, reduced, BLOCK_REDUCED, device))
 
 
+@on_input_device
 def squared_norms(u: Tensor, v: Tensor, stats: Tensor, rows: Tuple[int, int], groups: int, gram: bool,
                   two_products: bool, symmetric: bool, scaled: bool) -> Tensor:
     """(G,) Σ over tiles of ``_product_frobenius_kernel`` for views u, v (B, G·D); the reduction
@@ -463,7 +481,8 @@ def squared_norms(u: Tensor, v: Tensor, stats: Tensor, rows: Tuple[int, int], gr
     meta = dict(U_ROW=rows[0], V_ROW=rows[1], GRAM=gram, TWO_PRODUCTS=two_products, SYMMETRIC=symmetric,
                 SCALED=scaled, BLOCK=block, BLOCK_REDUCED=BLOCK_REDUCED, **product_launch_options(block))
     if splits == 1:
-        _product_frobenius_kernel[(tiles, tiles, groups)](u, v, stats, partial, batch, dim, columns, **meta)
+        _product_frobenius_kernel[product_grid(size, block, groups)](u, v, stats, partial, batch, dim, columns,
+                                                                     **meta)
     else:
         products = 2 if two_products else 1
         scratch = torch.empty(groups, splits, products, tiles, tiles, block, block, dtype=stats.dtype, device=u.device)
@@ -474,15 +493,16 @@ def squared_norms(u: Tensor, v: Tensor, stats: Tensor, rows: Tuple[int, int], gr
     return partial.flatten(1).sum(dim=1)
 
 
+@on_input_device
 def normalize(z: Tensor, stats: Tensor, mean_row: int, scaled: bool) -> Tensor:
     batch, columns = z.shape
     out = torch.empty(batch, columns, dtype=stats.dtype, device=z.device)
-    grid = (triton.cdiv(batch, BLOCK_ROWS), triton.cdiv(columns, BLOCK_COLUMNS))
-    _normalize_kernel[grid](z, stats, out, batch, columns, MEAN_ROW=mean_row, SCALED=scaled,
-                            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
+    _normalize_kernel[normalize_grid(batch, columns)](z, stats, out, batch, columns, MEAN_ROW=mean_row,
+                                                      SCALED=scaled, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLUMNS=BLOCK_COLUMNS)
     return out
 
 
+@on_input_device
 def barlow_input_gradient(product: Tensor, own: Tensor, partner: Tensor, stats: Tensor, grad: Tensor, z: Tensor,
                           lambda_param: float, alpha: float, rstd_row: int) -> Tensor:
     """One view's Barlow Twins gradient (B, D) in the dtype of ``z`` (see the kernel)."""
@@ -494,6 +514,7 @@ def barlow_input_gradient(product: Tensor, own: Tensor, partner: Tensor, stats: 
     return out
 
 
+@on_input_device
 def vicreg_input_gradient(product: Tensor, x: Tensor, stats: Tensor, grad: Tensor, shape, dtype: torch.dtype,
                           eps: float, var_row: int) -> Tensor:
     """One view's VICReg variance + covariance gradient, (B, G, D) ``shape`` in ``dtype``."""

@@ -48,11 +48,26 @@ BUILT_STAMP = "built.ok"  # written once a build has finished, so a half-written
 CXX_FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-ffp-contract=off",
              "-fopenmp")
 LD_FLAGS = ("-fopenmp",)
-CUDA_FLAGS = ("-O3", "-std=c++17")
+# No -std: torch's cpp_extension passes the C++ standard its headers need (C++20 on torch 2.13,
+# where a hard-coded -std=c++17 warns, and is an error to come); see torch_cxx_standard.
+CUDA_FLAGS = ("-O3",)
 # How many lines of a failed build's output a reason quotes.
 ERROR_TAIL_LINES = 12
 
 Tensor = torch.Tensor
+
+
+def torch_cxx_standard() -> str:
+    """The ``-std=`` torch's ``cpp_extension`` compiles extensions with ("c++20" on torch 2.13):
+    the newest standard its build code names, read from its source since torch exposes it
+    nowhere else (to compile the CUDA sources as the build does)."""
+    import inspect
+    import re
+
+    from torch.utils import cpp_extension
+
+    standards = re.findall(r"-std=c\+\+(\d+)", inspect.getsource(cpp_extension))
+    return f"c++{max(map(int, standards))}" if standards else "c++17"
 
 
 def cache_root() -> Path:

@@ -19,6 +19,13 @@ never for CPU tensors) and whose module's ``auto_skip_reasons(tensors)``, if it 
 (a backend that runs the call but knowingly slower than the next); an explicit backend that cannot raises
 :class:`BackendUnavailableError` with every reason. ``FASTSSL_BACKEND`` replaces ``"auto"``.
 
+Compiled code can still fail when it is called (a Triton kernel out of shared memory or
+registers for the card, a compilation error, a failed launch: :func:`is_backend_failure`). Under
+``auto`` such a failure is recorded as a reason for that op, backend and signature (dtypes and
+devices), warned once, and the call is served by the next backend that can; an explicit backend
+raises :class:`BackendFailedError` naming the op, the inputs and the error. A failure in the
+backward (autograd calling the backend's backward op) cannot be re-served and is raised.
+
 Resolution imports by name, which ``torch.compile`` cannot trace: ``import fastssl`` resolves the
 reference and torch backends, and a compiled call sees an implementation only once an eager call
 (or :func:`preload`) has resolved it.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -148,6 +156,17 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot serve this call; the message lists every reason."""
 
 
+class BackendFailedError(BackendUnavailableError):
+    """An explicitly requested backend was chosen, but its compiled code failed on the call."""
+
+
+# Backends of compiled code, whose compile or launch can fail on a call where torch works.
+COMPILED_BACKENDS = ("triton", "native")
+# Whether ``auto`` may take Triton for CPU tensors under ``TRITON_INTERPRET=1``: never by default
+# (the interpreter is for tests); tests of ``auto`` itself turn it on.
+AUTO_USES_INTERPRETER = False
+
+
 @dataclass(frozen=True)
 class Implementation:
     """One backend's implementation of one op: ``fn``, and ``supports(tensors) -> reasons it
@@ -232,31 +251,114 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
+# (op, backend, signature) -> how the backend's compiled code failed on a call of that signature;
+# ``auto`` skips it from then on (a compile failure would repeat on every call).
+_CALL_FAILURES: Dict[Tuple[str, str, tuple], str] = {}
+
+
+def _signature(tensors: Sequence[torch.Tensor]) -> tuple:
+    return tuple((t.dtype, t.device.type) for t in tensors)
+
+
 def unavailable_reasons(op: str, backend: str, tensors: Sequence[torch.Tensor]) -> List[str]:
     """Every reason ``backend`` cannot run ``op`` on ``tensors`` (empty list: it can)."""
     gate = _gate_reasons(backend, tensors)
     if backend not in MANIFEST[op]:
         return [f"fastssl has no {backend} implementation of {op} yet"] + gate
-    return gate or _import_reasons(op, backend) or implementation(op, backend).supports(tensors)
+    failure = _CALL_FAILURES.get((op, backend, _signature(tensors)))
+    return gate or _import_reasons(op, backend) or ([failure] if failure else []) or \
+        implementation(op, backend).supports(tensors)
+
+
+def call_failures() -> List[str]:
+    """Every failure of compiled code recorded in this process, as "op: backend: reason"."""
+    return [f"{op}: {backend}: {reason}" for (op, backend, _), reason in _CALL_FAILURES.items()]
+
+
+def is_backend_failure(error: BaseException) -> bool:
+    """Whether ``error`` is compiled code failing rather than the call being wrong: any error of
+    Triton (``OutOfResources``, ``CompilationError``, the interpreter's), or a ``RuntimeError``
+    (a launch or driver error); not running out of memory, which the next backend would too."""
+    if type(error).__module__.split(".")[0] == "triton":
+        return True
+    return isinstance(error, RuntimeError) and not isinstance(error, (torch.OutOfMemoryError, BackendUnavailableError))
+
+
+def _failure_text(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def _handling_failures(fn: Callable, handle: Callable) -> Callable:
+    """``fn``, whose compiled-code failures (:func:`is_backend_failure`) go to
+    ``handle(error, args, kwargs)``; other errors propagate."""
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            if not is_backend_failure(error):
+                raise
+            return handle(error, args, kwargs)
+
+    return call
+
+
+def _falling_back(op: str, backend: str, fn: Callable, tensors: Sequence[torch.Tensor]) -> Callable:
+    """``fn`` that, when its compiled code fails, records why and lets ``auto`` serve the call."""
+    def fall_back(error, args, kwargs):
+        key = (op, backend, _signature(tensors))
+        _CALL_FAILURES[key] = f"its compiled code failed on {describe(tensors)} ({_failure_text(error)})"
+        try:
+            chosen, fallback = _select_auto(op, tensors)
+            result = fallback(*args, **kwargs)
+        except Exception:
+            del _CALL_FAILURES[key]  # every backend fails: the call is wrong, not the backend
+            raise
+        warnings.warn(f"fastssl op {op!r}: the {backend} backend failed ({_failure_text(error)}); backend='auto' "
+                      f"uses {chosen} for {describe(tensors)} from now on (python -m fastssl.info lists it)",
+                      RuntimeWarning, stacklevel=3)
+        return result
+
+    return _handling_failures(fn, fall_back)
+
+
+def _explaining_failures(op: str, backend: str, fn: Callable, tensors: Sequence[torch.Tensor]) -> Callable:
+    """``fn`` whose compiled-code failures say which backend, op and inputs failed."""
+    def explain(error, args, kwargs):
+        raise BackendFailedError(f"backend {backend!r} failed to run fastssl op {op!r} on {describe(tensors)} "
+                                 f"(backend='auto' would fall back to the next backend): "
+                                 f"{type(error).__name__}: {error}") from error
+
+    return _handling_failures(fn, explain)
+
+
+def _select_auto(op: str, tensors: Sequence[torch.Tensor]) -> Tuple[str, Callable]:
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    for candidate in AUTO_ORDER:
+        if candidate not in MANIFEST[op] or (candidate == "triton" and on_cpu and not AUTO_USES_INTERPRETER):
+            continue
+        if not unavailable_reasons(op, candidate, tensors) and not _auto_skips(op, candidate, tensors):
+            fn = implementation(op, candidate).fn
+            if candidate in COMPILED_BACKENDS and not torch.compiler.is_compiling():
+                fn = _falling_back(op, candidate, fn, tensors)
+            return candidate, fn
+    raise BackendUnavailableError(f"no backend can run fastssl op {op!r} on {describe(tensors)}")
 
 
 def select(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]]) -> Tuple[str, Callable]:
     """Pick the implementation of ``op`` for ``tensors``: returns (backend name, function)."""
     tensors = [t for t in tensors if t is not None]
     backend = requested_backend(backend)
-    if backend != "auto":
-        reasons = unavailable_reasons(op, backend, tensors)
-        if reasons:
-            raise BackendUnavailableError(
-                f"backend {backend!r} cannot run fastssl op {op!r} on {describe(tensors)}: " + "; ".join(reasons))
-        return backend, implementation(op, backend).fn
-    on_cpu = all(t.device.type == "cpu" for t in tensors)
-    for candidate in AUTO_ORDER:
-        if candidate not in MANIFEST[op] or (candidate == "triton" and on_cpu):
-            continue  # the interpreter is for tests, never a default
-        if not unavailable_reasons(op, candidate, tensors) and not _auto_skips(op, candidate, tensors):
-            return candidate, implementation(op, candidate).fn
-    raise BackendUnavailableError(f"no backend can run fastssl op {op!r} on {describe(tensors)}")
+    if backend == "auto":
+        return _select_auto(op, tensors)
+    reasons = unavailable_reasons(op, backend, tensors)
+    if reasons:
+        raise BackendUnavailableError(
+            f"backend {backend!r} cannot run fastssl op {op!r} on {describe(tensors)}: " + "; ".join(reasons))
+    fn = implementation(op, backend).fn
+    if backend in COMPILED_BACKENDS and not torch.compiler.is_compiling():
+        fn = _explaining_failures(op, backend, fn, tensors)
+    return backend, fn
 
 
 def _auto_skips(op: str, backend: str, tensors: Sequence[torch.Tensor]) -> List[str]:

@@ -158,3 +158,31 @@ def test_versus_times_both_sides_in_every_mode_and_clock(smoke_cases, clock, for
     assert row["status"] == "ok", row
     assert row["fastssl_ms"] > 0 and row["peer_ms"] > 0
     assert row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
+
+
+def test_sweep_rows_ratios_and_writers(tmp_path):
+    """bench.sweep on tiny sizes: a row per (loss, size, threads), fastssl and the plain torch code
+    timed with per-round ratios (lightly too where installed, else the reason), the markdown table
+    and the ratio plot; a provider slower than --max-step-s stays out of the larger sizes."""
+    from bench import sweep
+
+    rows = sweep.run(["contrastive"], [6, 12], [1], rounds=2, runs=1, clock="process", losses=["nt_xent"], dim=10)
+    assert [(r["loss"], r["rows"], r["threads"], r["dim"]) for r in rows] == [("nt_xent", 6, 1, 10), ("nt_xent", 12, 1, 10)]
+    for row in rows:
+        assert row["ms"][sweep.FASTSSL] > 0 and row["ms"][sweep.PLAIN] > 0
+        spread = row[f"ratio_{sweep.PLAIN}"]
+        assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+        assert (sweep.LIGHTLY in row["ms"]) != (sweep.LIGHTLY in row["skipped"]), row
+    text = sweep.markdown(rows, "header", [])
+    assert all(line in text for line in sweep.table_lines(rows))
+    from bench.plots import plot_ratios
+
+    paths, notes = plot_ratios(rows, tmp_path, "cpu", sweep.PLAIN)
+    if notes and "matplotlib is not installed" in notes[0]:
+        assert paths == []
+    else:
+        assert paths == [tmp_path / "sweep-contrastive.png"] and paths[0].exists()
+    slow = sweep.run(["contrastive"], [6, 12], [1], rounds=1, runs=1, clock="process", losses=["nt_xent"], dim=10,
+                     max_step_s=0.0)
+    assert slow[0]["skipped"][sweep.PLAIN].startswith("first step")
+    assert slow[1]["skipped"][sweep.PLAIN].startswith("skipped: slower than --max-step-s at 6 rows")

@@ -109,6 +109,76 @@ def test_triton_sinkhorn_opcheck():
                                False))
 
 
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every aten op run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+class _NoLaunch:
+    """A kernel stand-in: takes the launch and does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_triton_sinkhorn_launch_path_copies_nothing_to_the_device(dtype, monkeypatch):
+    """Each pass allocates its output and launches: no host-to-device copy (torch.tensor / .to),
+    no fill and no host read (.item), which would synchronise or break CUDA-graph capture. 1/ε
+    travels as kernel arguments (float32 parts, summed in float64 by the kernel for float64)."""
+    from fastssl.kernels import clustering as kernels
+
+    for name in ("_sinkhorn_prototype_lse_kernel", "_sinkhorn_sample_kernel"):
+        monkeypatch.setattr(kernels, name, _NoLaunch())
+    scores = prototype_scores(9, 20, dtype=dtype)
+    potential, log_c = torch.zeros(20, dtype=dtype), torch.zeros(9, dtype=dtype)
+    with _AtenOps() as recorded:
+        passes = kernels.TritonSinkhornPasses(scores, 0.05)
+        passes.first_prototype_lse()
+        passes.column_step_prototype_lse(potential, log_c)
+        passes.codes(potential)
+    assert set(recorded.names) == {"empty", "sub"}, recorded.names  # outputs, and log c − L on the device
+
+
+def _sinkhorn_kernel_specs(capability):
+    """Both Sinkhorn kernels as TritonSinkhornPasses launches them, in both compute dtypes, at
+    the largest blocks it picks."""
+    specs = []
+    for fp64 in (False, True):
+        pointer = "*fp64" if fp64 else "*fp32"
+        for kernel, output, flag in (("_sinkhorn_prototype_lse_kernel", "lse_ptr", "HAS_POTENTIAL"),
+                                     ("_sinkhorn_sample_kernel", "out_ptr", "WRITE_CODES")):
+            constexprs = {flag: True, "FP64": fp64, "BLOCK_B": 32, "BLOCK_K": 128}
+            signature = {"scores_ptr": pointer, "potential_ptr": pointer, output: pointer,
+                         **{f"inv_epsilon_{part}": "fp32" for part in ("high", "middle", "low")},
+                         **{name: "i32" for name in ("B", "K", "stride_b", "stride_k")},
+                         **{name: "constexpr" for name in constexprs}}
+            specs.append({"module": "kernels.clustering", "kernel": kernel, "signature": signature,
+                          "constexprs": constexprs, "capability": capability})
+    return specs
+
+
+@pytest.mark.triton
+def test_triton_sinkhorn_kernels_compile_for_sm90_and_sm80():
+    """1/ε as float32 kernel arguments compiles (the interpreter accepts more than the compiler:
+    a jit function returning float32 or float64 by a constexpr did not)."""
+    from gpu_static import SHARED_MEMORY_LIMIT, compile_in_subprocess, ptxas_unavailable_reason
+
+    if ptxas_unavailable_reason():
+        pytest.skip(ptxas_unavailable_reason())
+    specs = _sinkhorn_kernel_specs(90) + _sinkhorn_kernel_specs(80)
+    for spec, compiled in zip(specs, compile_in_subprocess(specs)):
+        assert compiled.shared_bytes <= SHARED_MEMORY_LIMIT[spec["capability"]], spec
+
+
 @pytest.mark.triton
 def test_triton_refuses_bf16_under_the_interpreter():
     with pytest.raises(BackendUnavailableError, match="bfloat16"):

@@ -21,6 +21,7 @@ def small_blocks(monkeypatch):
     """Blocks of 16 rows and tiles of 16×16, so small inputs cross many boundaries with tails."""
     monkeypatch.setattr(contrastive, "BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(contrastive, "TILE_ELEMENTS", 16 * 16)
+    monkeypatch.setattr(contrastive, "PLAIN_MAX_LOGITS", 0)  # the blocked op, not the plain code of small calls
 
 
 @pytest.fixture(params=["sparse", "dense"])
@@ -147,7 +148,7 @@ def test_self_similarity_op_is_chosen_for_simclr(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("variant", ["diagonal", "positive_keys", "symmetric"])
-def test_keys_without_gradient_skip_their_gradient(backend, variant):
+def test_keys_without_gradient_skip_their_gradient(small_blocks, backend, variant):
     """MoCo's queue takes no gradient: the backward is told so and makes none, and the other
     gradients equal the reference's."""
     if backend == "triton":
@@ -630,3 +631,28 @@ def test_triton_on_cuda_equals_reference(dtype):
     torch.testing.assert_close(loss, expected, rtol=tolerance, atol=tolerance)
     for got, want in zip(torch.autograd.grad(loss, (q, k)), torch.autograd.grad(expected, (q, k))):
         torch.testing.assert_close(got.float(), want.float(), rtol=10 * tolerance, atol=10 * tolerance)
+
+
+@pytest.mark.parametrize("batch", [4, 200])
+def test_small_calls_run_the_plain_code_large_ones_the_op(batch):
+    """Up to PLAIN_MAX_LOGITS logits the torch backend runs the plain reference code (its op's fixed
+    costs exceed the arithmetic there), above it the blocked op; both equal the reference."""
+    ops = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "fastssl":
+                ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    zs = [torch.randn(batch, 5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    with Spy():
+        loss = fn.nt_xent(*zs, backend="torch")
+        grads = torch.autograd.grad(loss, zs)
+    fused = (2 * batch) ** 2 > contrastive.PLAIN_MAX_LOGITS
+    assert fused == (batch == 200)
+    assert ops == (["fastssl::info_nce_self", "fastssl::info_nce_self_backward"] if fused else [])
+    expected = fn.nt_xent(*zs, backend="reference")
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(expected, zs)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

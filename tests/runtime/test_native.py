@@ -4,6 +4,7 @@ the CUDA sources compiling with nvcc.
 The extension is built (or loaded from its cache) once per session by the ``native`` fixture;
 tests that need it are skipped, with the reason, where it cannot be built.
 """
+import io
 import os
 import shutil
 import subprocess
@@ -94,7 +95,8 @@ def test_a_second_process_waits_for_the_build_lock(built):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
 def test_cuda_sources_compile_for_sm80_and_sm90_without_warnings(source, tmp_path):
-    command = ["nvcc", "-c", str(source), "-o", str(tmp_path / "out.o"), "-std=c++17",
+    """With the C++ standard torch's extension build uses (~6 s a source here)."""
+    command = ["nvcc", "-c", str(source), "-o", str(tmp_path / "out.o"), f"-std={native.torch_cxx_standard()}",
                "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
                "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -109,3 +111,38 @@ def test_cuda_sources_include_no_torch_header():
             assert header not in text, f"{path.name} includes {header}"
 
 
+
+
+def test_the_cuda_build_uses_the_cxx_standard_torch_wants():
+    """No -std of our own (torch's cpp_extension adds its own unless one is given, and nvcc takes
+    one only); the standard the nvcc test compiles with is the one torch's build names."""
+    from torch.utils import cpp_extension
+    import inspect
+
+    assert not any(flag.startswith("-std") for flag in native.CUDA_FLAGS + native.CXX_FLAGS)
+    assert f"'-std={native.torch_cxx_standard()}'" in inspect.getsource(cpp_extension)
+    if torch.__version__ >= "2.13":
+        assert native.torch_cxx_standard() == "c++20"
+
+
+def test_a_failed_cuda_build_leaves_the_cpu_part_working(built, monkeypatch):
+    """The parts build and load separately: CUDA failing to compile is the cuda part's reason only."""
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(native, "_cuda_home", lambda: "/usr/local/cuda")
+    monkeypatch.setitem(native._STATUS, "cuda", ("not built",))
+    cpu_status = native.status("cpu")
+
+    def failing_compile(part):
+        assert part == "cuda"
+        raise RuntimeError("Error building extension 'fastssl_native_cuda'\nsinkhorn.cu(1): error: nvcc failed")
+
+    monkeypatch.setattr(native, "_compile", failing_compile)
+    monkeypatch.setattr(native, "_built_library", lambda part: None)  # only the cuda part is built here
+    log = io.StringIO()
+    reasons = native.build(("cuda",), log=log)["cuda"]
+    assert len(reasons) == 1 and "building the native extension failed (RuntimeError)" in reasons[0]
+    assert "nvcc failed" in reasons[0] and "fastssl native cuda: failed" in log.getvalue()
+    assert native.status("cuda") == reasons and native.status("cpu") == cpu_status == ()
+    scores = torch.randn(6, 5)
+    codes = __import__("fastssl").sinkhorn_knopp(scores, backend="native")
+    assert codes.shape == (6, 5)
