@@ -13,7 +13,8 @@ kernels add:
   normalised views (a kernel), the products (torch GEMMs, cuBLAS being the better GEMM), and
   the input gradients (one fused kernel per loss).
 
-Inputs of any float dtype are read as they are and computed in float32 (float64 for float64).
+Inputs of any float dtype are read as they are and computed in float32 (float64 for float64);
+the product kernels hand normalised half inputs to the tensor cores in their own dtype.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import occupancy
 from .launch import flat_grid, on_input_device
 
 Tensor = torch.Tensor
@@ -176,14 +178,47 @@ def _product_frobenius_kernel(
     if SYMMETRIC:
         weight = tl.where(pid_j > pid_i, 2.0, tl.where(pid_j == pid_i, 1.0, 0.0))
         reduced = tl.where(pid_j >= pid_i, reduced, 0)
-    first = tl.zeros((BLOCK, BLOCK), acc_dtype)
-    second = tl.zeros((BLOCK, BLOCK), acc_dtype)
-    for start in range(0, reduced, BLOCK_REDUCED):
-        steps = start + tl.arange(0, BLOCK_REDUCED).to(tl.int64)
-        if GRAM:  # tile[i, j] = Σ_d u[i, d] v[j, d]: left (BLOCK, R) over rows, right (R, BLOCK)
+    first, second = _product_tiles(u_ptr, v_ptr, stats_ptr, rows_i, rows_j, group, 0, reduced, batch, dim, columns,
+                                   U_ROW, V_ROW, GRAM, TWO_PRODUCTS, SCALED, acc_dtype, BLOCK, BLOCK_REDUCED)
+    if TWO_PRODUCTS:
+        tile = first * second
+    else:
+        tile = second * second
+    tl.store(partial_ptr + (group * tiles + pid_i) * tiles + pid_j, weight * tl.sum(tl.sum(tile, axis=1), axis=0))
+
+
+# What the product kernels share, and the split path. Half inputs are normalised in float32 and
+# handed to tl.dot in their own dtype (tensor cores, float32 accumulation), as a half-precision
+# peer multiplies them. When the tiles are too few to fill the card (Barlow N = 256, D = 8192:
+# 10 tiles), the reduction is split: ``_product_partial_kernel`` writes each split's raw tiles
+# and ``_frobenius_merge_kernel`` sums them in split order before squaring (deterministic).
+
+
+@triton.jit
+def _operand_dot(left, right, z_ptr):
+    """left @ right (float32 or float64 accumulate): in the input's dtype when that is a half dtype
+    (Triton's default precision: tensor cores), else IEEE in the statistics' dtype."""
+    if z_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        product = tl.dot(left.to(z_ptr.dtype.element_ty), right.to(z_ptr.dtype.element_ty))
+    else:
+        product = tl.dot(left, right, input_precision="ieee")
+    return product
+
+
+@triton.jit
+def _product_tiles(u_ptr, v_ptr, stats_ptr, rows_i, rows_j, group, start, end, batch, dim, columns,
+                   U_ROW: tl.constexpr, V_ROW: tl.constexpr, GRAM: tl.constexpr, TWO_PRODUCTS: tl.constexpr,
+                   SCALED: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_REDUCED: tl.constexpr):
+    """(first, second): tile (rows_i, rows_j) of u ⋆ u and v ⋆ v (TWO_PRODUCTS; else first is
+    zero and second is u ⋆ v), reduced over [start, end) in ACC_DTYPE (the statistics' dtype)."""
+    first = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
+    second = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
+    for step in range(start, end, BLOCK_REDUCED):
+        steps = step + tl.arange(0, BLOCK_REDUCED).to(tl.int64)
+        if GRAM:  # tile[i, j] = Σ_d u[i, d] v[j, d]: left (BLOCK, R) over rows, right (BLOCK, R)ᵀ
             left_batch, left_feature = rows_i[:, None], steps[None, :]
-            right_batch, right_feature = rows_j[None, :], steps[:, None]
-        else:  # tile[i, j] = Σ_n u[n, i] v[n, j]: left (BLOCK, R) over features
+            right_batch, right_feature = rows_j[:, None], steps[None, :]  # loaded along D, transposed
+        else:  # tile[i, j] = Σ_n u[n, i] v[n, j]: left (BLOCK, R) over features, right (R, BLOCK)
             left_batch, left_feature = steps[None, :], rows_i[:, None]
             right_batch, right_feature = steps[:, None], rows_j[None, :]
         left = _load_normalized(u_ptr, stats_ptr, U_ROW, left_batch, left_feature, group,
@@ -191,17 +226,89 @@ def _product_frobenius_kernel(
         if TWO_PRODUCTS:
             right = _load_normalized(u_ptr, stats_ptr, U_ROW, right_batch, right_feature, group,
                                      batch, dim, columns, SCALED)
-            first += tl.dot(left, right, input_precision="ieee")
+            first += _operand_dot(left, tl.trans(right) if GRAM else right, u_ptr)
             left = _load_normalized(v_ptr, stats_ptr, V_ROW, left_batch, left_feature, group,
                                     batch, dim, columns, SCALED)
         right = _load_normalized(v_ptr, stats_ptr, V_ROW, right_batch, right_feature, group,
                                  batch, dim, columns, SCALED)
-        second += tl.dot(left, right, input_precision="ieee")
+        second += _operand_dot(left, tl.trans(right) if GRAM else right, u_ptr)
+    return first, second
+
+
+@triton.jit
+def _tile_rows(BLOCK: tl.constexpr):
+    """Rows of tile (program_id(0), program_id(1)) and its weight in a SYMMETRIC sum (0 below the
+    diagonal, 1 on it, 2 above; 1 for every tile otherwise)."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    rows_i = pid_i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rows_j = pid_j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return rows_i, rows_j, tl.where(pid_j > pid_i, 2.0, tl.where(pid_j == pid_i, 1.0, 0.0))
+
+
+@triton.jit
+def _scratch_tile(scratch_ptr, group, split, product, splits, products, BLOCK: tl.constexpr):
+    """Offsets of tile (program_id(0), program_id(1)) of ``product`` in scratch
+    (G, splits, products, tiles, tiles, BLOCK, BLOCK)."""
+    tiles = tl.num_programs(0)
+    index = (((group * splits + split) * products + product) * tiles + tl.program_id(0)) * tiles + tl.program_id(1)
+    cells = tl.arange(0, BLOCK)
+    return scratch_ptr + index * BLOCK * BLOCK + cells[:, None] * BLOCK + cells[None, :]
+
+
+@triton.jit
+def _product_partial_kernel(
+    # pointers
+    u_ptr, v_ptr, stats_ptr, scratch_ptr,
+    # sizes
+    batch, dim, columns, splits, reduced_per_split,
+    # meta-parameters
+    U_ROW: tl.constexpr, V_ROW: tl.constexpr, GRAM: tl.constexpr, TWO_PRODUCTS: tl.constexpr,
+    SYMMETRIC: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_REDUCED: tl.constexpr,
+):
+    """Grid (tiles, tiles, G·splits): the raw tile(s) of one split of the reduction into scratch
+    (split only while G · working tiles < PROGRAMS_PER_SM·SMs, so no axis nears CUDA's 65,535)."""
+    rows_i, rows_j, symmetric_weight = _tile_rows(BLOCK)
+    group = (tl.program_id(2) // splits).to(tl.int64)
+    split = tl.program_id(2) % splits
+    start = split * reduced_per_split
+    end = tl.minimum(start + reduced_per_split, dim if GRAM else batch)
+    if SYMMETRIC:
+        end = tl.where(symmetric_weight > 0, end, start)  # below the diagonal: nothing (the merge skips it)
+    first, second = _product_tiles(u_ptr, v_ptr, stats_ptr, rows_i, rows_j, group, start, end, batch, dim, columns,
+                                   U_ROW, V_ROW, GRAM, TWO_PRODUCTS, SCALED, stats_ptr.dtype.element_ty, BLOCK,
+                                   BLOCK_REDUCED)
+    products = 2 if TWO_PRODUCTS else 1
+    tl.store(_scratch_tile(scratch_ptr, group, split, products - 1, splits, products, BLOCK), second)
     if TWO_PRODUCTS:
-        tile = first * second
-    else:
-        tile = second * second
-    tl.store(partial_ptr + (group * tiles + pid_i) * tiles + pid_j, weight * tl.sum(tl.sum(tile, axis=1), axis=0))
+        tl.store(_scratch_tile(scratch_ptr, group, split, 0, splits, products, BLOCK), first)
+
+
+@triton.jit
+def _frobenius_merge_kernel(
+    scratch_ptr, partial_ptr, splits,
+    TWO_PRODUCTS: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid (tiles, tiles, G): the splits' tiles summed in split order, then reduced as
+    ``_product_frobenius_kernel`` reduces its tiles, into partial (G, tiles, tiles)."""
+    _, _, symmetric_weight = _tile_rows(BLOCK)
+    group = tl.program_id(2).to(tl.int64)
+    acc_dtype = scratch_ptr.dtype.element_ty
+    first = tl.zeros((BLOCK, BLOCK), acc_dtype)
+    second = tl.zeros((BLOCK, BLOCK), acc_dtype)
+    weight = 1.0
+    count = splits
+    if SYMMETRIC:
+        weight = symmetric_weight
+        count = tl.where(weight > 0, splits, 0)  # those tiles were never written
+    products = 2 if TWO_PRODUCTS else 1
+    for split in range(0, count):
+        second += tl.load(_scratch_tile(scratch_ptr, group, split, products - 1, splits, products, BLOCK))
+        if TWO_PRODUCTS:
+            first += tl.load(_scratch_tile(scratch_ptr, group, split, 0, splits, products, BLOCK))
+    square = (first if TWO_PRODUCTS else second) * second
+    tiles = tl.num_programs(0)
+    tl.store(partial_ptr + (group * tiles + tl.program_id(0)) * tiles + tl.program_id(1), weight * tl.sum(square))
 
 
 # (z − mean) [· scale] of one view (B, C) into ``out`` in the stats' dtype (for the GEMMs of
@@ -344,20 +451,45 @@ def column_stats(z_a: Tensor, z_b: Tensor, barlow: bool, param: float, bn_eps: f
     return stats
 
 
+SPLIT_TILE = 32  # largest tile of the split path: ``_product_partial_kernel`` holds two raw tiles
+# until it stores them, and 64-wide ones spill (up to 300 B per thread on sm_90); 32-wide, none.
+
+
+def _reduction_split(size: int, block: int, groups: int, symmetric: bool, reduced: int, device: torch.device):
+    """(tiles per side, splits, reduced length per split) of a product of side ``size`` in tiles of
+    ``block``: the reduction split until the working tiles give PROGRAMS_PER_SM programs per SM."""
+    tiles = triton.cdiv(size, block)
+    working_tiles = tiles * (tiles + 1) // 2 if symmetric else tiles * tiles
+    return (tiles, *occupancy.splits(working_tiles * groups, reduced, BLOCK_REDUCED, device))
+
+
 @on_input_device
 def squared_norms(u: Tensor, v: Tensor, stats: Tensor, rows: Tuple[int, int], groups: int, gram: bool,
-                   two_products: bool, symmetric: bool, scaled: bool) -> Tensor:
-    """(G,) Σ over tiles of ``_product_frobenius_kernel`` for views u, v (B, G·D)."""
+                  two_products: bool, symmetric: bool, scaled: bool) -> Tensor:
+    """(G,) Σ over tiles of ``_product_frobenius_kernel`` for views u, v (B, G·D); the reduction
+    split (``_product_partial_kernel`` + ``_frobenius_merge_kernel``, tiles of at most SPLIT_TILE)
+    where the tiles alone would not give every SM PROGRAMS_PER_SM programs."""
     batch, columns = u.shape
     dim = columns // groups
-    size = batch if gram else dim
+    size, reduced = (batch, dim) if gram else (dim, batch)
     block = _tile(size, stats.dtype)
-    tiles = triton.cdiv(size, block)
+    tiles, splits, per_split = _reduction_split(size, block, groups, symmetric, reduced, u.device)
+    if splits > 1 and block > SPLIT_TILE:
+        block = SPLIT_TILE
+        tiles, splits, per_split = _reduction_split(size, block, groups, symmetric, reduced, u.device)
     partial = torch.empty(groups, tiles, tiles, dtype=stats.dtype, device=u.device)
-    _product_frobenius_kernel[product_grid(size, block, groups)](
-        u, v, stats, partial, batch, dim, columns,
-        U_ROW=rows[0], V_ROW=rows[1], GRAM=gram, TWO_PRODUCTS=two_products, SYMMETRIC=symmetric, SCALED=scaled,
-        BLOCK=block, BLOCK_REDUCED=BLOCK_REDUCED, **product_launch_options(block))
+    meta = dict(U_ROW=rows[0], V_ROW=rows[1], GRAM=gram, TWO_PRODUCTS=two_products, SYMMETRIC=symmetric,
+                SCALED=scaled, BLOCK=block, BLOCK_REDUCED=BLOCK_REDUCED, **product_launch_options(block))
+    if splits == 1:
+        _product_frobenius_kernel[product_grid(size, block, groups)](u, v, stats, partial, batch, dim, columns,
+                                                                     **meta)
+    else:
+        products = 2 if two_products else 1
+        scratch = torch.empty(groups, splits, products, tiles, tiles, block, block, dtype=stats.dtype, device=u.device)
+        _product_partial_kernel[(tiles, tiles, groups * splits)](u, v, stats, scratch, batch, dim, columns, splits,
+                                                                 per_split, **meta)
+        _frobenius_merge_kernel[(tiles, tiles, groups)](scratch, partial, splits, TWO_PRODUCTS=two_products,
+                                                        SYMMETRIC=symmetric, BLOCK=block)
     return partial.flatten(1).sum(dim=1)
 
 

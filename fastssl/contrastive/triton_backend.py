@@ -55,15 +55,14 @@ def info_nce_backward(grad_row, grad_col, query, keys, positive_keys, query_labe
     in their dtypes."""
     query_labels, key_labels, self_index = _labels(query_labels), _labels(key_labels), _labels(self_index)
     row_coef, row_weight = _coefficients(grad_row, query_labels, key_labels, self_index, scale)
+    row_max, row_sum = row_stats
+    owner_stats = torch.stack([row_max, row_sum, row_coef, row_weight])
+    col_owner_stats = None
     if symmetric:
         col_coef, col_weight = _coefficients(grad_col, key_labels, query_labels, None, scale)
-        col_max, col_sum = col_stats
-    else:
-        col_coef = col_weight = col_max = col_sum = row_coef  # placeholders, never read
-    grad_q, grad_k = kernels.info_nce_grads(query, keys, query_labels, key_labels, self_index, row_stats,
-                                            (row_coef, row_weight), (col_max, col_sum), (col_coef, col_weight),
-                                            scale, symmetric, keys_grad)
-    row_max, row_sum = row_stats
+        col_owner_stats = torch.stack([col_stats[0], col_stats[1], col_coef, col_weight])
+    grad_q, grad_k = kernels.info_nce_grads(query, keys, query_labels, key_labels, self_index, owner_stats,
+                                            col_owner_stats, scale, keys_grad)
     grad_positive_keys = None
     if positive_keys is not None:
         extra = _positive_extra(query, positive_keys, scale)
@@ -82,6 +81,18 @@ def not_supported_reasons(tensors) -> list:
     if len(dtypes) > 1:
         reasons.append(f"the triton InfoNCE kernels need one dtype for all inputs, got {sorted(map(str, dtypes))}")
     return reasons
+
+
+def auto_skip_reasons(tensors) -> list:
+    """``auto`` passes float32 without TF32 to the torch backend: the kernels' IEEE dots run on the
+    FMA units (no tensor cores), where cuBLAS's SGEMMs are faster than Triton's FMA code and the
+    fused kernels do 5 N×M×D products to the torch backend's 4 (issue 17; judged from the sm_90
+    compile, not yet timed on a card). ``backend="triton"`` still runs it; with
+    ``torch.backends.cuda.matmul.allow_tf32`` set the kernels take TF32 tensor cores and ``auto``."""
+    if any(t.dtype == torch.float32 for t in tensors) and kernels.input_precision(torch.float32) == "ieee":
+        return ["float32 without TF32 (torch.backends.cuda.matmul.allow_tf32) runs the triton InfoNCE kernels on "
+                "FMA units: the torch backend is faster"]
+    return []
 
 
 info_nce = define_info_nce_op("info_nce_triton", info_nce_forward, info_nce_backward)

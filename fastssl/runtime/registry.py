@@ -14,8 +14,9 @@ strings — the only place a backend is registered; nothing is imported until it
 A backend that cannot serve a call says why (xformers' ``not_supported_reasons`` style): first
 the generic gate (Triton: devices, then importable; native: built and loaded), then the backend
 module's own ``not_supported_reasons(tensors)`` if it has one. ``backend="auto"`` takes the first
-backend of :data:`AUTO_ORDER` that the manifest lists for the op and that can serve the call
-(Triton never for CPU tensors); an explicit backend that cannot raises
+backend of :data:`AUTO_ORDER` that the manifest lists for the op, that can serve the call (Triton
+never for CPU tensors) and whose module's ``auto_skip_reasons(tensors)``, if it has one, is empty
+(a backend that runs the call but knowingly slower than the next); an explicit backend that cannot raises
 :class:`BackendUnavailableError` with every reason. ``FASTSSL_BACKEND`` replaces ``"auto"``.
 
 Compiled code can still fail when it is called (a Triton kernel out of shared memory or
@@ -173,6 +174,7 @@ class Implementation:
 
     fn: Callable
     supports: Callable[[Sequence[torch.Tensor]], List[str]]
+    auto_skips: Optional[Callable[[Sequence[torch.Tensor]], List[str]]] = None  # reasons auto passes it over
 
 
 # (op, backend) -> Implementation, filled as the manifest's entries are first used.
@@ -194,7 +196,8 @@ def implementation(op: str, backend: str) -> Implementation:
         module_name, function_name = MANIFEST[op][backend].split(":")
         module = importlib.import_module(module_name)
         _RESOLVED[key] = Implementation(getattr(module, function_name),
-                                        getattr(module, "not_supported_reasons", _always))
+                                        getattr(module, "not_supported_reasons", _always),
+                                        getattr(module, "auto_skip_reasons", None))
     return _RESOLVED[key]
 
 
@@ -334,7 +337,7 @@ def _select_auto(op: str, tensors: Sequence[torch.Tensor]) -> Tuple[str, Callabl
     for candidate in AUTO_ORDER:
         if candidate not in MANIFEST[op] or (candidate == "triton" and on_cpu and not AUTO_USES_INTERPRETER):
             continue
-        if not unavailable_reasons(op, candidate, tensors):
+        if not unavailable_reasons(op, candidate, tensors) and not _auto_skips(op, candidate, tensors):
             fn = implementation(op, candidate).fn
             if candidate in COMPILED_BACKENDS and not torch.compiler.is_compiling():
                 fn = _falling_back(op, candidate, fn, tensors)
@@ -356,6 +359,12 @@ def select(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]]) -> 
     if backend in COMPILED_BACKENDS and not torch.compiler.is_compiling():
         fn = _explaining_failures(op, backend, fn, tensors)
     return backend, fn
+
+
+def _auto_skips(op: str, backend: str, tensors: Sequence[torch.Tensor]) -> List[str]:
+    """Why ``auto`` passes over a backend that can run the call (its module's ``auto_skip_reasons``)."""
+    skips = implementation(op, backend).auto_skips
+    return skips(tensors) if skips is not None else []
 
 
 def describe(tensors: Sequence[torch.Tensor]) -> str:

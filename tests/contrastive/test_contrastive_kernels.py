@@ -1,5 +1,7 @@
 """The fused InfoNCE backends (blocked/tiled ``torch``, ``triton`` under the interpreter) against
 the reference and float64 math, on ragged shapes that cross block and tile boundaries."""
+import importlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -333,10 +335,57 @@ def test_131072_rows_run_in_blocks():
 # --------------------------------------------------------------------------------------------
 # triton backend (interpreter on CPU)
 # --------------------------------------------------------------------------------------------
+@pytest.fixture(params=["one_split", "split"])
+def key_splits(request, monkeypatch):
+    """The kernels as launched on one SM (no split here) or on very many: every pass then splits
+    the side it streams into one split per tile (the last one ragged), merged in split order."""
+    if request.param == "split":
+        monkeypatch.setattr(_kernel_module("occupancy"), "PROGRAMS_PER_SM", 1000)
+    return request.param
+
+
+def _kernel_module(name):
+    """``fastssl.kernels.<name>``, imported once the triton backend is loaded."""
+    backends.preload("triton")
+    return importlib.import_module(f"fastssl.kernels.{name}")
+
+
+class _RecordedKernel:
+    """A Triton kernel that records (name, grid, keyword arguments) of each launch, then launches."""
+
+    def __init__(self, name, kernel, calls):
+        self.name, self.kernel, self.calls = name, kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.name, tuple(grid), kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture(params=[False, True], ids=["ieee", "tf32"])
+def tf32(request):
+    """``torch.backends.cuda.matmul.allow_tf32`` off and on (a property: monkeypatch cannot restore it)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every launch of the contrastive kernels during the test, in order."""
+    kernels, calls = _kernel_module("contrastive"), []
+    for name in ("_info_nce_fwd_kernel", "_info_nce_merge_kernel", "_info_nce_grad_kernel"):
+        monkeypatch.setattr(kernels, name, _RecordedKernel(name, getattr(kernels, name), calls))
+    return calls
+
+
 @pytest.mark.triton
-@pytest.mark.parametrize("n,m,d", [(37, 45, 19), (21, 21, 70)], ids=lambda v: str(v))
+@pytest.mark.parametrize("n,m,d", [(37, 45, 19), (21, 21, 70), (21, 40, 150)], ids=lambda v: str(v))
 @pytest.mark.parametrize("variant", range(6), ids=[v[0] for v in _variants(1, 1, 1)])
-def test_triton_equals_reference(n, m, d, variant):
+def test_triton_equals_reference(key_splits, n, m, d, variant):
+    """Ragged shapes (D = 150: two backward D chunks of 128), with and without split keys."""
     name, kwargs = _variants(n, m, d)[variant]
     q, k = _inputs(n, m, d)
     _compare("triton", q, k, kwargs)
@@ -344,7 +393,7 @@ def test_triton_equals_reference(n, m, d, variant):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("views", [2, 3], ids=["2views", "3views"])
-def test_triton_nt_xent_equals_reference(views):
+def test_triton_nt_xent_equals_reference(key_splits, views):
     g = torch.Generator().manual_seed(views)
     zs = [torch.randn(17, 12, generator=g, requires_grad=True) for _ in range(views)]
     labels = torch.randint(0, 4, (17,), generator=g)
@@ -365,6 +414,148 @@ def test_triton_fp16_error_at_most_twice_reference():
     exact = fn.nt_xent(e0, e1, temperature=0.1, mode="symmetric", backend="reference")
     h0, h1 = (x.detach().clone().requires_grad_(True) for x in (x0, x1))
     naive = _naive_half_nt_xent(h0, h1, 0.1, "symmetric")
+    half_error_within_twice_reference(loss.detach(), naive.detach(), exact.detach())
+    for got, ref, want in zip(grads, torch.autograd.grad(naive, (h0, h1)), torch.autograd.grad(exact, (e0, e1))):
+        half_error_within_twice_reference(got, ref, want)
+
+
+@pytest.mark.triton
+def test_triton_splits_are_launched_and_merged(monkeypatch, launches):
+    """With many SMs every pass splits its streamed side (one split per tile, the last ragged):
+    the forward of each loss side is merged by the merge kernel, each gradient is one owner pass."""
+    monkeypatch.setattr(_kernel_module("occupancy"), "PROGRAMS_PER_SM", 1000)
+    q, k = _inputs(37, 45, 19)
+    loss = fn.info_nce(q, k, 0.2, symmetric=True, backend="triton")
+    torch.autograd.grad(loss, (q, k))
+    names = [name for name, _, _ in launches]
+    assert names == ["_info_nce_fwd_kernel", "_info_nce_merge_kernel"] * 2 + ["_info_nce_grad_kernel"] * 2
+    # fp32 tiles of 32: 45 keys in splits of 32 + 13, 37 queries in 32 + 5
+    assert [grid for _, grid, _ in launches] == [(2, 2), (1,), (2, 2), (1,), (2, 2, 1), (2, 2, 1)]
+    assert [kwargs["SPLIT"] for name, _, kwargs in launches if name == "_info_nce_fwd_kernel"] == [True, True]
+
+
+# Shapes of bench/bench_contrastive.py: (queries, keys, D): SimCLR's 2B rows against themselves,
+# MoCo's batch against its 65,536-row queue, CLIP's batch.
+BENCHMARK_SHAPES = ([(2 * b, 2 * b, d) for d in (128, 768) for b in (256, 1024, 8192)]
+                    + [(b, 65536, 128) for b in (256, 1024)] + [(b, b, 768) for b in (256, 4096, 16384)])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_triton_grids_fill_an_h100_at_the_benchmark_shapes(monkeypatch, dtype, tf32):
+    """On 132 SMs every pass launches ≥ 2 × 132 programs, or one per tile where the shape has fewer
+    tiles (SimCLR B = 256: 8 × 8 forward tiles of 64)."""
+    kernels = _kernel_module("contrastive")
+    monkeypatch.setattr(_kernel_module("occupancy"), "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(_kernel_module("occupancy"), "capability_major", lambda device: 9)
+    device = torch.device("cuda")
+    for n, m, d in BENCHMARK_SHAPES:
+        for owner, streamed in ((n, m), (m, n)):
+            blocks = kernels._blocks(owner, streamed, d, dtype)
+            grid, per_split = kernels.forward_grid(owner, streamed, blocks, device)
+            tiles = grid[0] * triton_cdiv(streamed, blocks[1])
+            assert grid[0] * grid[1] >= min(264, tiles), (n, m, d, grid)
+            assert (grid[1] - 1) * per_split < streamed <= grid[1] * per_split  # no empty split
+            grid, per_split = kernels.backward_grid(owner, streamed, d, dtype, blocks, device)
+            tiles = grid[0] * grid[2] * triton_cdiv(streamed, blocks[1])
+            assert grid[0] * grid[1] * grid[2] >= min(264, tiles), (n, m, d, grid)
+            assert (grid[1] - 1) * per_split < streamed <= grid[1] * per_split
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("variant", ["symmetric_labels", "labels_self", "positive_keys"])
+def test_triton_two_runs_are_bitwise_equal(monkeypatch, variant):
+    """Split forward and backward: no atomics, the splits merged in a fixed order."""
+    monkeypatch.setattr(_kernel_module("occupancy"), "PROGRAMS_PER_SM", 1000)
+    kwargs = dict(_variants(37, 45, 19))[variant]
+    runs = []
+    for _ in range(2):
+        q, k = _inputs(37, 45, 19)
+        loss, inputs = _call("triton", q, k, kwargs)
+        runs.append([loss.detach(), *torch.autograd.grad(loss, inputs)])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.triton
+def test_triton_fp16_backward_keeps_gradients_under_fp16_subnormals():
+    """Gradient tiles g·scale·(p − 1_P) of at most 1.5e-8 (under fp16's smallest subnormal, 6e-8,
+    they rounded to zero when cast for the tensor cores: every dK was 0) summed into dK of
+    9e-8 to 3e-4: no nonzero is lost, each entry within fp16's rounding of the tile and the result.
+
+    dK_j = Σ_i G_ij · q_i: casting G to fp16 (relative 2⁻¹¹, u) errs ≤ u Σ|G_ij||q_i|, the fp32
+    logits and exps ≤ u more (their errors, ~(D + 4)·2⁻²⁴ relative, are far under u), rounding dK to
+    fp16 ≤ u|dK_j| + 2⁻²⁵ (half its subnormal spacing).
+    """
+    n = d = 16
+    g = torch.Generator().manual_seed(0)
+    q = (4096 * torch.randn(n, d, generator=g, dtype=torch.float64)).half().requires_grad_(True)
+    k = (torch.randn(n, d, generator=g, dtype=torch.float64) / 4096).half().requires_grad_(True)
+    upstream = torch.tensor(2.0 ** -26 * n)  # G = upstream / N · (p − 1_P), |G| ≤ 2⁻²⁶
+    loss = fn.info_nce(q, k, 1.0, normalize=False, backend="triton")
+    grad_k = torch.autograd.grad(loss, k, grad_outputs=upstream)[0]
+    exact_q, exact_k = q.detach().double(), k.detach().double().requires_grad_(True)
+    exact = fn.info_nce(exact_q, exact_k, 1.0, normalize=False, backend="reference")
+    exact_grad_k = torch.autograd.grad(exact, exact_k, grad_outputs=upstream.double())[0]
+    tile = upstream.double() / n * (torch.softmax(exact_q @ exact_k.detach().T, 1) - torch.eye(n, dtype=torch.float64))
+    assert tile.abs().max() < 2.0 ** -25 and (exact_grad_k.abs() > 2.0 ** -24).all()  # the case the fix is for
+    u = 2.0 ** -11  # float16's unit roundoff
+    bound = 2 * u * (tile.abs().T @ exact_q.abs()) + u * exact_grad_k.abs() + 2.0 ** -25
+    assert (grad_k != 0).all()
+    assert ((grad_k.double() - exact_grad_k).abs() <= bound).all()
+
+
+@pytest.mark.triton
+def test_triton_float32_takes_tf32_only_behind_the_switch(monkeypatch, launches, tf32):
+    """fp32 dots are IEEE (32-wide tiles) unless torch.backends.cuda.matmul.allow_tf32; half dots
+    always take the tensor cores (Triton's default "tf32", which leaves half operands as they are).
+    The interpreter computes every dot in fp32, so both results are checked against float64 at
+    float32's bound (TF32's own rounding shows on a card: tests/gpu_static.py checks the mma)."""
+    for dtype in (torch.float32, torch.float16):
+        launches.clear()
+        q, k = _inputs(37, 45, 19, dtype)
+        loss, inputs = _call("triton", q, k, {"normalize": False})  # normalised half inputs are float32
+        torch.autograd.grad(loss, inputs)
+        precisions = {kwargs["INPUT_PRECISION"] for _, _, kwargs in launches if "INPUT_PRECISION" in kwargs}
+        assert precisions == {"ieee" if dtype == torch.float32 and not tf32 else "tf32"}
+        widths = {kwargs["BLOCK_M"] for _, _, kwargs in launches if "BLOCK_M" in kwargs}
+        assert widths == {32 if dtype == torch.float32 and not tf32 else 64}
+    q, k = _inputs(37, 45, 19)
+    _compare("triton", q, k, {})
+
+
+def test_auto_takes_torch_for_float32_on_cuda_without_tf32(monkeypatch, tf32):
+    """``auto`` on CUDA tensors (meta tensors standing in, the device gate opened): fp32 goes to the
+    torch backend unless TF32 is allowed; half inputs go to Triton; explicit triton still runs fp32."""
+    if backends.triton_import_reasons():
+        pytest.skip("triton unusable")
+    from fastssl.runtime import triton as triton_gate
+
+    monkeypatch.setattr(triton_gate, "device_reasons", lambda tensors: [])
+    fp32 = torch.empty(8, 4, device="meta")
+    assert registry.select("info_nce", "auto", (fp32, fp32))[0] == ("triton" if tf32 else "torch")
+    assert registry.select("info_nce", "auto", (fp32.half(), fp32.half()))[0] == "triton"
+    assert registry.select("info_nce", "triton", (fp32, fp32))[0] == "triton"
+
+
+@pytest.mark.triton
+def test_triton_fp16_kernels_error_at_most_twice_reference(key_splits):
+    """fp16 operands into the kernels (unnormalised: normalising computes in float32), symmetric
+    so both passes own rows, split or not: error vs float64 ≤ 2× that of the loss computed in fp16."""
+    q, k = (x / 19 ** 0.5 for x in _inputs(37, 37, 19, torch.float16))
+    q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    loss = fn.info_nce(q, k, 0.1, symmetric=True, normalize=False, backend="triton")
+    grads = torch.autograd.grad(loss, (q, k))
+    e0, e1 = (x.detach().double().requires_grad_(True) for x in (q, k))
+    exact = fn.info_nce(e0, e1, 0.1, symmetric=True, normalize=False, backend="reference")
+    h0, h1 = (x.detach().clone().requires_grad_(True) for x in (q, k))
+    logits, labels = h0 @ h1.T / 0.1, torch.arange(37)
+    cross_entropy = torch.nn.functional.cross_entropy
+    naive = 0.5 * (cross_entropy(logits, labels) + cross_entropy(logits.T, labels))
     half_error_within_twice_reference(loss.detach(), naive.detach(), exact.detach())
     for got, ref, want in zip(grads, torch.autograd.grad(naive, (h0, h1)), torch.autograd.grad(exact, (e0, e1))):
         half_error_within_twice_reference(got, ref, want)

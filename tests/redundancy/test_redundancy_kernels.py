@@ -82,6 +82,51 @@ def test_vicreg_every_path_equals_float64(shape, backend, algorithm):
     _check_against_float64(_vicreg(backend, algorithm), z_a, z_b)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("algorithm", PATHS)
+@pytest.mark.parametrize("loss,shape", [pytest.param(_barlow, (33, 70), id="barlow_twins-N33-D70"),
+                                        pytest.param(_barlow, (70, 40), id="barlow_twins-N70-D40"),
+                                        pytest.param(_vicreg, (40, 2, 36), id="vicreg-B40-G2-D36")])
+def test_triton_split_reductions_equal_float64_and_repeat_bitwise(monkeypatch, loss, shape, algorithm):
+    """The product kernel's reduction split at every step of BLOCK_REDUCED (as the tiles of a card
+    with many SMs would ask; the last split ragged), merged in split order: within the float64
+    bounds, and a second run bitwise equal."""
+    backends.preload("triton")
+    from fastssl.kernels import occupancy
+
+    monkeypatch.setattr(occupancy, "PROGRAMS_PER_SM", 1000)
+    counts = []
+    original = occupancy.splits
+    monkeypatch.setattr(occupancy, "splits", lambda *args: counts.append(original(*args)[0]) or original(*args))
+    views = _views(*shape, scale=0.6, shift=0.2, grad=True)
+    _check_against_float64(loss("triton", algorithm), *views)
+    assert max(counts) > 1
+    runs = []
+    for _ in range(2):
+        z_a, z_b = (z.detach().clone().requires_grad_() for z in views)
+        result = loss("triton", algorithm)(z_a, z_b)
+        runs.append([result.detach(), *_grads(result, z_a, z_b)])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("symmetric", [False, True], ids=["full", "symmetric"])
+def test_triton_product_split_fills_an_h100_at_the_benchmark_shape(monkeypatch, symmetric):
+    """Barlow Twins / VICReg at N = 256, D = 8192 (the Gram path: 256 × 256 reduced over 8192): the
+    launch arithmetic of ``squared_norms`` gives ≥ 2 × 132 working programs on 132 SMs (the 64-wide
+    tiles alone: 16, or 10 above the diagonal)."""
+    backends.preload("triton")
+    from fastssl.kernels import occupancy, redundancy as kernels
+
+    monkeypatch.setattr(occupancy, "multiprocessors", lambda device: 132)
+    device = torch.device("cuda")
+    assert kernels._reduction_split(256, kernels._tile(256, torch.float32), 1, symmetric, 8192, device)[1] > 1
+    tiles, splits, per_split = kernels._reduction_split(256, kernels.SPLIT_TILE, 1, symmetric, 8192, device)
+    working = tiles * (tiles + 1) // 2 if symmetric else tiles * tiles
+    assert working * splits >= 2 * 132 and (splits - 1) * per_split < 8192 <= splits * per_split
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss,shape", [pytest.param(_barlow, (9, 23), id="barlow_twins-N9-D23"),
                                         pytest.param(_barlow, (23, 9), id="barlow_twins-N23-D9"),
