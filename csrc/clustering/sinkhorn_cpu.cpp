@@ -7,17 +7,9 @@
 //   column step  v_b = log c_b − M_b,   M_b = LSE_k (x_bk + a_k)
 // and the codes are softmax_k (x_bk + a_k) with the last a. A column step and the next row
 // step share one sweep over the rows: row b gives M_b, then v_b, then its terms of every L_k.
-// The rows are cut into fixed chunks (RowChunks) that the threads claim as they come; each
-// chunk sums its rows into its own K accumulators, as Σ_b t_bk · exp(g_b − β) with terms
-// t_bk ≤ 1 and a shift β = max g_b that is raised (and the sums rescaled) when a row exceeds
-// it; the chunks' sums are combined in chunk order at the end.
-//
-// Why chunks claimed dynamically (issue 18): on a shared machine the OS deschedules a thread
-// for one or more time slices (measured here: 3-12 ms per region, once 130 ms in a 16 ms call).
-// With one static half per thread the other thread waited all that time at the barrier; with
-// chunks it takes the descheduled thread's remaining chunks, so a lost thread delays a sweep
-// by at most its chunk in flight. The per-chunk partials and their fixed combination order make
-// the codes bitwise the same at any thread count and under any schedule.
+// Each thread sums its rows into its own K accumulators, as Σ_b t_bk · exp(g_b − β) with
+// terms t_bk ≤ 1 and a shift β = max g_b that is raised (and the sums rescaled) when a row
+// exceeds it; the threads' sums are combined at the end.
 //
 // Kernel path (every sample's scores span at most S = −½ log(tiny) / 1 in x, as cosine
 // scores at ε = 0.05 do): the first sweep stores E_bk = exp(x_bk − m_b), m_b = max_k x_bk,
@@ -75,33 +67,14 @@ __attribute__((noinline)) void scaled_product(const acc_t* x, const acc_t* __res
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<out_t>(x[k] * y[k] * factor);
 }
 
-// The fixed split of B rows of K scores into chunks: at least kMinChunkElements scores per
-// chunk (a chunk's work, ~30-100 µs, dwarfs claiming it) and at most kMaxChunks chunks (their
-// K partial sums stay < 2% of a (B, K) sweep's memory traffic and 64·K floats of memory).
-// Independent of the thread count, so the result is too; a problem of one chunk runs without
-// a parallel region.
-struct RowChunks {
-  static constexpr int64_t kMinChunkElements = int64_t(1) << 16;
-  static constexpr int64_t kMaxChunks = 64;
-  int64_t rows, count;  // rows per chunk (the last may have fewer), number of chunks
-
-  RowChunks(int64_t batch, int64_t prototypes) {
-    const int64_t min_rows = (kMinChunkElements + prototypes - 1) / std::max<int64_t>(prototypes, 1);
-    rows = std::max<int64_t>(1, std::min(batch, std::max(min_rows, (batch + kMaxChunks - 1) / kMaxChunks)));
-    count = (batch + rows - 1) / rows;
-  }
-};
-
 template <typename scalar_t, typename acc_t>
 class SinkhornCpu {
  public:
   SinkhornCpu(const scalar_t* scores, int64_t batch, int64_t prototypes, acc_t inv_epsilon)
       : scores_(scores), batch_(batch), prototypes_(prototypes), inv_epsilon_(inv_epsilon),
-        chunks_(batch, prototypes),
-        threads_(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks_.count)))),
+        threads_(std::max(1, at::get_num_threads())),
         row_buffers_(static_cast<size_t>(threads_) * prototypes),
-        chunk_sums_(static_cast<size_t>(chunks_.count) * prototypes),
-        chunk_shifts_(chunks_.count),
+        thread_sums_(static_cast<size_t>(threads_) * prototypes),
         thread_values_(threads_),
         sample_potential_(batch) {}
 
@@ -144,7 +117,7 @@ class SinkhornCpu {
     const int64_t K = prototypes_;
     std::vector<acc_t> weights = potential_weights(a, *std::max_element(a, a + K));
     const acc_t* w = weights.data();
-    for_each_chunk([&](int64_t, int64_t begin, int64_t end, int) {
+    at::parallel_for(0, batch_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const acc_t* e = kernel + b * K;
         scaled_product(e, w, acc_t(1) / dot(e, w, K), K, codes + b * K);
@@ -174,33 +147,21 @@ class SinkhornCpu {
   // softmax_k (x_bk + a_k) of every row into `codes` (B, K).
   void write_codes(const acc_t* a, scalar_t* codes) {
     const int64_t K = prototypes_;
-    for_each_chunk([&](int64_t, int64_t begin, int64_t end, int thread) {
-      acc_t* e = row_buffers_.data() + static_cast<size_t>(thread) * K;
-      for (int64_t b = begin; b < end; ++b) {
+#pragma omp parallel num_threads(threads_)
+    {
+      acc_t* e = row_buffers_.data() + static_cast<size_t>(omp_get_thread_num()) * K;
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch_; ++b) {
         acc_t row_max;
         const acc_t inverse_sum = acc_t(1) / exp_row(b, a, e, row_max);
         scalar_t* out = codes + b * K;
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) out[k] = static_cast<scalar_t>(e[k] * inverse_sum);
       }
-    });
-  }
-
- private:
-  // body(chunk, first row, end row, thread) for every chunk, the chunks claimed one at a time by
-  // the team's threads (see RowChunks; one thread and no parallel region for a single chunk).
-  template <typename Body>
-  void for_each_chunk(Body body) {
-    const int64_t rows = chunks_.rows, count = chunks_.count;
-#pragma omp parallel num_threads(threads_) if (threads_ > 1)
-    {
-      const int thread = omp_get_thread_num();
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t chunk = 0; chunk < count; ++chunk)
-        body(chunk, chunk * rows, std::min(batch_, (chunk + 1) * rows), thread);
     }
   }
 
+ private:
   std::vector<acc_t> potential_weights(const acc_t* a, acc_t alpha) const {
     std::vector<acc_t> weights(prototypes_);
 #pragma omp simd
@@ -214,12 +175,16 @@ class SinkhornCpu {
   template <typename Row>
   acc_t weighted_column_sums(acc_t* sums_out, Row row) {
     const int64_t K = prototypes_;
-    for_each_chunk([&](int64_t chunk, int64_t begin, int64_t end, int thread) {
+    std::vector<acc_t> shifts(threads_, -kInfinity<acc_t>);
+#pragma omp parallel num_threads(threads_)
+    {
+      const int thread = omp_get_thread_num();
       acc_t* buffer = row_buffers_.data() + static_cast<size_t>(thread) * K;
-      acc_t* sums = chunk_sums_.data() + static_cast<size_t>(chunk) * K;
+      acc_t* sums = thread_sums_.data() + static_cast<size_t>(thread) * K;
       std::fill(sums, sums + K, acc_t(0));
       acc_t beta = -kInfinity<acc_t>;
-      for (int64_t b = begin; b < end; ++b) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch_; ++b) {
         const auto [terms, g] = row(b, buffer, thread);
         if (g > beta) {
           const acc_t rescale = fast_exp(beta - g);
@@ -231,14 +196,14 @@ class SinkhornCpu {
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) sums[k] += weight * terms[k];
       }
-      chunk_shifts_[chunk] = beta;
-    });
-    const acc_t beta = *std::max_element(chunk_shifts_.begin(), chunk_shifts_.end());
+      shifts[thread] = beta;
+    }
+    const acc_t beta = *std::max_element(shifts.begin(), shifts.end());
     std::fill(sums_out, sums_out + K, acc_t(0));
-    for (int64_t chunk = 0; chunk < chunks_.count; ++chunk) {
-      const acc_t weight = fast_exp(chunk_shifts_[chunk] - beta);
-      if (weight == acc_t(0)) continue;  // a chunk whose rows all weigh nothing (shift -inf)
-      const acc_t* sums = chunk_sums_.data() + static_cast<size_t>(chunk) * K;
+    for (int thread = 0; thread < threads_; ++thread) {
+      const acc_t weight = fast_exp(shifts[thread] - beta);
+      if (weight == acc_t(0)) continue;  // a thread without rows (shift -inf)
+      const acc_t* sums = thread_sums_.data() + static_cast<size_t>(thread) * K;
 #pragma omp simd
       for (int64_t k = 0; k < K; ++k) sums_out[k] += weight * sums[k];
     }
@@ -290,18 +255,20 @@ class SinkhornCpu {
     for (int64_t k = 0; k < K; ++k) lse[k] = std::log(lse[k]) + shift[k];
   }
 
-  // out (K) = combine over rows of accumulate(partial, b), each chunk into its own K partials.
+  // out (K) = combine over rows of accumulate(partial, b), each thread into its own K partials.
   template <typename Combine, typename Accumulate>
   void reduce_columns(acc_t* out, acc_t identity, Combine combine, Accumulate accumulate) {
     const int64_t K = prototypes_;
-    for_each_chunk([&](int64_t chunk, int64_t begin, int64_t end, int) {
-      acc_t* partial = chunk_sums_.data() + static_cast<size_t>(chunk) * K;
+#pragma omp parallel num_threads(threads_)
+    {
+      acc_t* partial = thread_sums_.data() + static_cast<size_t>(omp_get_thread_num()) * K;
       std::fill(partial, partial + K, identity);
-      for (int64_t b = begin; b < end; ++b) accumulate(partial, b);
-    });
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch_; ++b) accumulate(partial, b);
+    }
     std::fill(out, out + K, identity);
-    for (int64_t chunk = 0; chunk < chunks_.count; ++chunk) {
-      const acc_t* partial = chunk_sums_.data() + static_cast<size_t>(chunk) * K;
+    for (int thread = 0; thread < threads_; ++thread) {
+      const acc_t* partial = thread_sums_.data() + static_cast<size_t>(thread) * K;
       for (int64_t k = 0; k < K; ++k) out[k] = combine(out[k], partial[k]);
     }
   }
@@ -309,9 +276,8 @@ class SinkhornCpu {
   const scalar_t* scores_;
   int64_t batch_, prototypes_;
   acc_t inv_epsilon_;
-  RowChunks chunks_;
-  int threads_;  // at most one per chunk
-  std::vector<acc_t> row_buffers_, chunk_sums_, chunk_shifts_, thread_values_, sample_potential_;
+  int threads_;
+  std::vector<acc_t> row_buffers_, thread_sums_, thread_values_, sample_potential_;
 };
 
 // The iteration of fastssl.clustering.torch_backend.sinkhorn_with on `lse` (K), which holds the first row
