@@ -152,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     info = dict(machine.machine_info(torch.device("cpu")),
                 matmul_gflops=core.matmul_flops_per_s(torch.device("cpu"), torch.float32, core.SETTINGS["quick"]) / 1e9)
     header = (f"{report.machine_line(info)}; {args.rounds} alternating rounds "
-              f"of {args.runs} {'training steps (fwd+bwd)' if args.mode == 'step' else 'forwards (no gradient)'} each, "
+              f"of {args.runs} {'training steps (fwd+bwd; the forward alone without gradient)' if args.mode == 'step' else 'forwards (no gradient)'} each, "
               f"{args.clock} clock, float32"
               + (f"; {args.repeat} separate runs per case" if args.repeat > 1 else "")
               + (f"; {args.background_load} busy background processes" if args.background_load else "")
