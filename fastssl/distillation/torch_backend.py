@@ -303,6 +303,26 @@ def _exp_sums_(x: Tensor) -> Tensor:
     return x.sum(dim=-1, keepdim=True)
 
 
+def _softmax_terms_(z: Tensor, q: Tensor, shift: Optional[Tensor], teacher_grad: Optional[Tensor],
+                    student_side: bool) -> Tensor:
+    """Rows' student logits z and teacher logits q (b, K), in place: q becomes the teacher's
+    softmax(q − shift), then q − p (p = softmax(z)) where ``student_side``; ``teacher_grad``
+    (b, K) or None receives q ⊙ (m − z) (N ∂ℓ/∂u). Returns Σ_rows (L − Σ_k q z)."""
+    q.div_(_exp_sums_(_shift_to_peak_(q if shift is None else q.sub_(shift))))
+    _shift_to_peak_(z)
+    if teacher_grad is not None:
+        centred = torch.linalg.vecdot(q, z)[:, None]  # m − max z
+        torch.sub(centred, z, out=teacher_grad).mul_(q)
+        cross = centred.sum()
+    else:
+        cross = torch.dot(q.view(-1), z.view(-1))
+    sums = _exp_sums_(z)
+    terms = sums.log().sum() - cross
+    if student_side:
+        q.addcmul_(z, sums.reciprocal_(), value=-1.0)
+    return terms
+
+
 def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
                                 center: Optional[Tensor], student_scale: float, teacher_scale: float,
                                 iterations: int, needs_grad: Optional[Sequence[bool]] = None) -> Tuple[Tensor, ...]:
@@ -334,24 +354,18 @@ def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor
         z, q = logits[:count], targets[:count]
         torch.mm(student_rows[block], weight_c.T, out=z)
         torch.mm(teacher_rows[block], teacher_weight_c.T, out=q)
-        q.div_(_exp_sums_(_shift_to_peak_(q.sub_(shift) if has_shift else q)))
-        _shift_to_peak_(z)
+        gu = teacher_logits_grad[:count] if teacher_side else None  # N ∂ℓ/∂u
+        for part in blocks(count, prototypes, max_blocks=None):  # cache-sized rows for the elementwise passes
+            loss += _softmax_terms_(z[part], q[part], shift if has_shift else None, None if gu is None else gu[part],
+                                    student_side)
         if teacher_side:
-            centred = torch.linalg.vecdot(q, z)[:, None]
-            gu = torch.sub(centred, z, out=teacher_logits_grad[:count]).mul_(q)  # N ∂ℓ/∂u
-            loss -= centred.sum()
             if need[1]:
                 torch.mm(gu, teacher_weight_c, out=grads[1][block]).mul_(teacher_scale / rows)
             if need[3]:
                 grads[3].addmm_(gu.T, teacher_rows[block], alpha=1.0 / rows)
             if need[4]:
                 grads[4].sub_(gu.sum(dim=0), alpha=teacher_scale / rows)
-        else:
-            loss -= torch.dot(q.view(-1), z.view(-1))
-        sums = _exp_sums_(z)
-        loss += sums.log().sum()
-        if student_side:
-            q.addcmul_(z, sums.reciprocal_(), value=-1.0)  # q − p = −N ∂ℓ/∂z
+        if student_side:  # q holds q − p = −N ∂ℓ/∂z
             if need[0]:
                 torch.mm(q, weight_c, out=grads[0][block]).mul_(-student_scale / rows)
             if need[2]:
