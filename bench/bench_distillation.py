@@ -10,6 +10,9 @@ GEMM floor: distillation, the student's and the teacher's logits forward (2·2NK
 student's two gradient products backward (2·2NKD; the teacher takes no gradient); masked LM, the
 logits of the masked rows forward (2MVD) and two products backward (4MVD).
 
+Peers ``floor`` and ``floor-teacher`` time those GEMMs alone as a training step (the three
+student GEMMs; with the teacher's logits, four), for ``bench.versus --peer floor``.
+
 ``python -m bench.bench_distillation --goal N K D`` measures the issue's goal once (peak RSS growth
 of one fwd+bwd step in a fresh process, and its time against the three student GEMMs' floor).
 """
@@ -41,6 +44,35 @@ def unfused_distillation(student, teacher, weight, teacher_weight, center):
     return -(targets * F.log_softmax(student @ weight.T / STUDENT_TEMP, dim=-1)).sum(dim=-1).mean()
 
 
+class _StudentGemms(torch.autograd.Function):
+    """The GEMM floor as a training step: the student's logits forward, their two gradient
+    products backward (the logits standing in for their gradient); the loss value is 0."""
+
+    @staticmethod
+    def forward(ctx, student, weight):
+        logits = student @ weight.T
+        ctx.save_for_backward(student, weight, logits)
+        return logits.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad):
+        student, weight, logits = ctx.saved_tensors
+        return logits @ weight, logits.T @ student
+
+
+def student_gemms(student, teacher, weight, teacher_weight, center):
+    """Peer ``floor``: the three student GEMMs, nothing else."""
+    return _StudentGemms.apply(student, weight)
+
+
+def student_and_teacher_gemms(student, teacher, weight, teacher_weight, center):
+    """Peer ``floor-teacher``: the three student GEMMs and the teacher's logits (no gradient),
+    the four any exact step with the teacher's features does (the unfused code's too)."""
+    with torch.no_grad():
+        teacher @ teacher_weight.T
+    return _StudentGemms.apply(student, weight)
+
+
 def _distillation_inputs(rows: int, prototypes: int, dim: int):
     def make(device, dtype):
         student = core.randn((rows, dim), device, dtype)
@@ -68,7 +100,8 @@ def distillation(rows: int, prototypes: int, dim: int = 256) -> core.Case:
         family="distillation", loss="linear_distillation", name=f"linear-distillation-n{rows}-k{prototypes}-d{dim}",
         sizes={"batch": rows, "prototypes": prototypes, "dim": dim},
         make_inputs=_distillation_inputs(rows, prototypes, dim), make_loss=_fused_distillation,
-        peers={"unfused": lambda: unfused_distillation},
+        peers={"unfused": lambda: unfused_distillation, "floor": lambda: student_gemms,
+               "floor-teacher": lambda: student_and_teacher_gemms},
         gemm_flops={"fwd": 4 * rows * prototypes * dim, "bwd": 4 * rows * prototypes * dim},
         series=((f"Fused linear distillation, K={prototypes}, D={dim}", "batch"),),
     )

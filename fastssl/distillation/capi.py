@@ -19,7 +19,7 @@ from torch import nn
 from ..runtime import distributed
 from ..runtime.dtypes import compute_dtype
 from ..runtime.validation import check_float_tensor, check_int_at_least, check_positive, eager
-from . import pair_losses
+from . import check_last_layer, pair_losses
 
 Tensor = torch.Tensor
 
@@ -62,10 +62,17 @@ def _balance_(assignments: Tensor, iterations: int, gather_distributed: bool, ep
     return assignments
 
 
-def _check_capi_inputs(teacher_logits: Tensor, student_logits: Tensor, teacher_index: Optional[Tensor]) -> None:
+def _check_capi_inputs(teacher_logits: Tensor, student_logits: Tensor, teacher_index: Optional[Tensor],
+                       last_layer_weight: Optional[Tensor]) -> None:
     check_float_tensor("teacher_logits", teacher_logits, ndim=3)
     check_float_tensor("student_logits", student_logits, ndim=3)
     (batch, tokens, clusters), shape = teacher_logits.shape, tuple(student_logits.shape)
+    if last_layer_weight is not None:
+        check_last_layer("last_layer_weight", last_layer_weight, student_logits)
+        if last_layer_weight.shape[0] != clusters:
+            raise ValueError(f"last_layer_weight must have one row per cluster ({clusters}), got "
+                             f"{tuple(last_layer_weight.shape)}")
+        shape = shape[:2] + (clusters,)  # the student's logits that the features make
     if teacher_index is None:
         if shape != (batch, tokens, clusters):
             raise ValueError(f"student_logits must have the shape of teacher_logits {tuple(teacher_logits.shape)} "
@@ -90,7 +97,8 @@ def _check_capi_inputs(teacher_logits: Tensor, student_logits: Tensor, teacher_i
 
 def capi(teacher_logits: Tensor, student_logits: Tensor, teacher_index: Optional[Tensor] = None,
          teacher_temperature: float = 0.06, student_temperature: float = 0.12, sinkhorn_iterations: int = 3,
-         gather_distributed: bool = False, *, backend: str = "auto") -> Tensor:
+         gather_distributed: bool = False, *, last_layer_weight: Optional[Tensor] = None,
+         backend: str = "auto") -> Tensor:
     r"""CAPI's loss, as lightly's ``CAPILoss``:
 
     .. math:: L = -\frac{1}{BP} \sum_{b,p} \sum_k a_{b,i(b,p),k} \log\mathrm{softmax}(x_{bp}/\tau_s)_k
@@ -100,13 +108,15 @@ def capi(teacher_logits: Tensor, student_logits: Tensor, teacher_index: Optional
 
     Args: teacher_logits (B, T, K); student_logits (B, P, K) (P = T without ``teacher_index``);
     teacher_index: (B, P) int64 in [0, T), or None. Returns: 0-dim float32 loss (float64 for
-    float64 inputs).
+    float64 inputs). last_layer_weight: (K, D) the student head's last layer, or None; when given,
+    ``student_logits`` are its (B, P, D) input features and the (B·P, K) logits are fused with the
+    cross-entropy (made block by block, never held).
 
     Example::
 
         >>> loss = fastssl.functional.capi(teacher_logits, student_logits, teacher_index=masked)
     """
-    _check_capi_inputs(teacher_logits, student_logits, teacher_index)
+    _check_capi_inputs(teacher_logits, student_logits, teacher_index, last_layer_weight)
     teacher_temperature = check_positive("teacher_temperature", teacher_temperature)
     scale = 1.0 / check_positive("student_temperature", student_temperature)
     check_int_at_least("sinkhorn_iterations", sinkhorn_iterations, 0)
@@ -115,15 +125,15 @@ def capi(teacher_logits: Tensor, student_logits: Tensor, teacher_index: Optional
         targets = _balance_(scaled, sinkhorn_iterations, gather_distributed, 1e-8)  # lightly's epsilon
         if teacher_index is not None:
             targets = torch.gather(targets, 1, teacher_index[:, :, None].expand(-1, -1, targets.shape[-1]))
-    clusters = student_logits.shape[-1]
-    return pair_losses(targets.reshape(1, -1, clusters), student_logits.reshape(1, -1, clusters), None, scale,
-                       backend)[0, 0]
+    clusters = targets.shape[-1]
+    return pair_losses(targets.reshape(1, -1, clusters), student_logits.reshape(1, -1, student_logits.shape[-1]),
+                       last_layer_weight, scale, backend)[0, 0]
 
 
 class CAPILoss(nn.Module):
     """CAPI, as lightly's ``CAPILoss(teacher_temperature=0.06, student_temperature=0.12,
     sinkhorn_iterations=3, gather_distributed=False)``; ``forward(teacher_logits, student_logits,
-    teacher_index=None)``. See :func:`fastssl.functional.capi`.
+    teacher_index=None, *, last_layer_weight=None)``. See :func:`fastssl.functional.capi`.
 
     Example::
 
@@ -143,7 +153,8 @@ class CAPILoss(nn.Module):
         self.gather_distributed = gather_distributed
         self.backend = backend
 
-    def forward(self, teacher_logits: Tensor, student_logits: Tensor, teacher_index: Optional[Tensor] = None) -> Tensor:
+    def forward(self, teacher_logits: Tensor, student_logits: Tensor, teacher_index: Optional[Tensor] = None, *,
+                last_layer_weight: Optional[Tensor] = None) -> Tensor:
         return capi(teacher_logits, student_logits, teacher_index, self.teacher_temperature,
                     self.student_temperature, self.sinkhorn_iterations, self.gather_distributed,
-                    backend=self.backend)
+                    last_layer_weight=last_layer_weight, backend=self.backend)

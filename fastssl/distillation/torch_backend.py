@@ -23,7 +23,7 @@ import torch
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
 from ..runtime import library
-from .op import define_anchor_terms_op, define_fused_loss_op, define_pair_loss_op
+from .op import define_anchor_terms_op, define_fused_loss_op, define_pair_loss_op, define_precomputed_gradients_op
 
 Tensor = torch.Tensor
 
@@ -222,21 +222,30 @@ def linear_soft_cross_entropy_pairs_backward(
 # ============================================================================================
 # Fused last layer + soft cross-entropy of one teacher and one student distribution per row
 # ============================================================================================
-# z = s Wᵀ (N, K) student logits; u = σ_t t W_tᵀ − a (N, K) teacher logits, with a (K,) the
-# column shift: σ_t · center (mean centring) or the log column scaling of DINOv2's Sinkhorn-Knopp
-# (_sinkhorn_shift). With L_n = LSE_k(σ_s z_n), M_n = LSE_k(u_n), p = exp(u − M) the teacher's
-# probabilities and m_n = Σ_k p_nk z_nk:
-#   loss = (1/N) Σ_n (L_n − σ_s m_n)
-#   ∂ℓ/∂z = (G σ_s/N) (softmax(σ_s z) − p),   ∂ℓ/∂u = (G σ_s/N) p ⊙ (m − z)
-# and ∂ℓ/∂t W_tᵀ = σ_t ∂ℓ/∂u, ∂ℓ/∂center = −σ_t Σ_n ∂ℓ/∂u_n. Tiles of k prototypes (every row):
-# each tile's z and u are made, used and dropped; L and M merge the tiles' LSEs, m the tiles'
-# means weighted by exp(M_tile − M). Saved: L, M, m (N each) and a (K); the backward remakes each
-# tile's z and u and turns ∂ℓ/∂z, ∂ℓ/∂u into the four matrix products of the gradients.
+# With the temperatures folded into the features (s' = σ_s s, t' = σ_t t): z = s' Wᵀ (N, K)
+# student logits; u = t' W_tᵀ − a (N, K) teacher logits, a (K,) the column shift: σ_t · center
+# (mean centring) or the log column scaling of DINOv2's Sinkhorn-Knopp (_sinkhorn_shift).
+# q = softmax(u) the teacher's probabilities, p = softmax(z), L_n = LSE_k(z_n):
+#   loss = (1/N) Σ_n (L_n − Σ_k q_nk z_nk)
+#   ∂ℓ/∂z = (1/N) (p − q),   ∂ℓ/∂u = (1/N) q ⊙ (m − z),  m_n = Σ_k q_nk z_nk
+# and ∂ℓ/∂s = σ_s ∂ℓ/∂z W, ∂ℓ/∂W = ∂ℓ/∂zᵀ s', ∂ℓ/∂t = σ_t ∂ℓ/∂u W_t, ∂ℓ/∂W_t = ∂ℓ/∂uᵀ t',
+# ∂ℓ/∂center = −σ_t Σ_n ∂ℓ/∂u_n. Blocks of rows × every prototype: a block's z and u are made in
+# two reused buffers, its softmaxes are exact (no merge over tiles of K), and its gradients are
+# made at once: the forward does every GEMM (student's and teacher's logits, then the two
+# gradient products per side that needs one) and the backward only scales the saved gradients.
+# Sinkhorn's shift needs every row's teacher logits per iteration: passes over tiles of K first.
 def _prototype_tiles(prototypes: int, rows: int) -> List[slice]:
     """Tiles of prototypes (or classes) for ``rows`` rows: ~4 · BLOCK_ELEMENTS logits each (16 MiB
     of float32), as many as that takes: a tile's matrix product dwarfs its elementwise passes'
     fork/join, and the few live tiles stay far below the N × K logits."""
     return blocks(prototypes, rows, scale=4, max_blocks=None)
+
+
+def _row_blocks(rows: int, prototypes: int) -> List[slice]:
+    """Blocks of rows × all ``prototypes``: ~16 · BLOCK_ELEMENTS logits each (64 MiB of float32
+    per buffer, two buffers): enough rows that the weight-gradient GEMM's read-modify-write of
+    the (K, D) gradient per block stays small against its arithmetic (256 rows at K = 65,536)."""
+    return blocks(rows, prototypes, scale=16, max_blocks=None)
 
 
 def _tile_logits(rows: Tensor, weight: Tensor, cols: slice, dtype: torch.dtype) -> Tensor:
@@ -282,73 +291,97 @@ def _teacher_shift(teacher: Tensor, teacher_weight: Tensor, center: Optional[Ten
     return center.to(dtype) * scale
 
 
+def _shift_to_peak_(x: Tensor) -> Tensor:
+    """x − max_k x in place (rows of logits, the softmax and cross-entropy being shift-invariant)."""
+    return x.sub_(x.amax(dim=-1, keepdim=True))
+
+
+def _exp_sums_(x: Tensor) -> Tensor:
+    """exp(x) in place for rows x ≤ 0, exponents below log sqrt(tiny) raised to it (see
+    _student_lse); returns the rows' sums of the exponentials (rows, 1)."""
+    x.clamp_min_(math.log(_flush_threshold(x.dtype))).exp_()
+    return x.sum(dim=-1, keepdim=True)
+
+
+def _softmax_terms_(z: Tensor, q: Tensor, shift: Optional[Tensor], teacher_grad: Optional[Tensor],
+                    student_side: bool) -> Tensor:
+    """Rows' student logits z and teacher logits q (b, K), in place: q becomes the teacher's
+    softmax(q − shift), then q − p (p = softmax(z)) where ``student_side``; ``teacher_grad``
+    (b, K) or None receives q ⊙ (m − z) (N ∂ℓ/∂u). Returns Σ_rows (L − Σ_k q z)."""
+    q.div_(_exp_sums_(_shift_to_peak_(q if shift is None else q.sub_(shift))))
+    _shift_to_peak_(z)
+    if teacher_grad is not None:
+        centred = torch.linalg.vecdot(q, z)[:, None]  # m − max z
+        torch.sub(centred, z, out=teacher_grad).mul_(q)
+        cross = centred.sum()
+    else:
+        cross = torch.dot(q.view(-1), z.view(-1))
+    sums = _exp_sums_(z)
+    terms = sums.log().sum() - cross
+    if student_side:
+        q.addcmul_(z, sums.reciprocal_(), value=-1.0)
+    return terms
+
+
 def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
                                 center: Optional[Tensor], student_scale: float, teacher_scale: float,
-                                iterations: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """student, teacher (N, D), weight, teacher_weight (K, D), center (K,) or None →
-    (loss (), [L; M; m] (3, N), a (K,)), compute dtype."""
-    dtype = compute_dtype(student, teacher, weight, teacher_weight, center)
-    student_rows, teacher_rows = student.to(dtype), teacher.to(dtype)
-    tiles = _prototype_tiles(weight.shape[0], student.shape[0])
-    shift = _teacher_shift(teacher_rows, teacher_weight, center, teacher_scale, iterations, tiles, dtype)
-    student_lse = torch.full((student.shape[0],), -math.inf, dtype=dtype, device=student.device)
-    teacher_lse = torch.full_like(student_lse, -math.inf)
-    teacher_mean = torch.zeros_like(student_lse)
-    for cols in tiles:
-        z = _tile_logits(student_rows, weight, cols, dtype)
-        u = _teacher_tile(teacher_rows, teacher_weight, cols, teacher_scale, shift, dtype)
-        student_lse = torch.logaddexp(student_lse, _student_lse(z, student_scale))
-        tile_lse = _student_lse(u, 1.0)
-        tile_mean = torch.linalg.vecdot(_softmax_from_lse_(u, tile_lse[:, None]), z)
-        merged = torch.logaddexp(teacher_lse, tile_lse)
-        teacher_mean = teacher_mean * torch.exp(teacher_lse - merged) + tile_mean * torch.exp(tile_lse - merged)
-        teacher_lse = merged
-    loss = (student_lse - student_scale * teacher_mean).mean()
-    return loss, torch.stack([student_lse, teacher_lse, teacher_mean]), shift
-
-
-def linear_distillation_backward(
-    grad_loss: Tensor, student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
-    center: Optional[Tensor], row_stats: Tensor, shift: Tensor, student_scale: float, teacher_scale: float,
-    iterations: int, needs_grad: Sequence[bool],
-) -> List[Tensor]:
-    """Gradients [∂/∂student, ∂/∂teacher, ∂/∂weight, ∂/∂teacher_weight, ∂/∂center] in the inputs'
-    dtypes (empty where not needed; zeros on the teacher's side with Sinkhorn targets)."""
-    dtype = row_stats.dtype
-    student_rows, teacher_rows = student.to(dtype), teacher.to(dtype)
-    student_lse, teacher_lse, teacher_mean = (stat[:, None] for stat in row_stats)
-    factor = grad_loss.to(dtype) * (student_scale / student.shape[0])
-    need_student, need_teacher, need_weight, need_teacher_weight, need_center = needs_grad
-    # Sinkhorn targets are constants (DINOv2 computes them under no_grad): zero teacher gradients
-    teacher_side = iterations == 0 and (need_teacher or need_teacher_weight or need_center)
-    grad_student = torch.zeros_like(student_rows) if need_student else None
-    grad_teacher = torch.zeros_like(teacher_rows) if need_teacher else None
-    grad_weight = torch.empty_like(weight) if need_weight else library.empty_grad(weight)
-    grad_teacher_weight = torch.zeros_like(teacher_weight) if need_teacher_weight else library.empty_grad(teacher_weight)
-    grad_center = torch.zeros_like(center) if need_center else library.empty_grad(student)
-    for cols in _prototype_tiles(weight.shape[0], student.shape[0]):
-        block_weight = weight[cols].to(dtype)
-        z = student_rows @ block_weight.T
-        p = _softmax_from_lse_(_teacher_tile(teacher_rows, teacher_weight, cols, teacher_scale, shift, dtype),
-                               teacher_lse)
+                                iterations: int, needs_grad: Optional[Sequence[bool]] = None) -> Tuple[Tensor, ...]:
+    """student, teacher (N, D), weight, teacher_weight (K, D), center (K,) or None → (loss (),
+    ∂loss/∂student, ∂teacher, ∂weight, ∂teacher_weight, ∂center), compute dtype; a gradient is
+    made where ``needs_grad`` (one flag per tensor; None: every tensor given) asks for it, an
+    empty tensor elsewhere; the teacher's side is zeros with Sinkhorn targets (constants)."""
+    tensors = (student, teacher, weight, teacher_weight, center)
+    need = [t is not None for t in tensors] if needs_grad is None else list(needs_grad)
+    dtype = compute_dtype(*tensors)
+    rows, prototypes = student.shape[0], weight.shape[0]
+    weight_c, teacher_weight_c = weight.to(dtype), teacher_weight.to(dtype)
+    student_rows, teacher_rows = student.to(dtype) * student_scale, teacher.to(dtype) * teacher_scale
+    shift = _teacher_shift(teacher.to(dtype), teacher_weight, center, teacher_scale, iterations,
+                           _prototype_tiles(prototypes, rows), dtype)
+    has_shift = iterations > 0 or center is not None
+    student_side = need[0] or need[2]
+    teacher_side = iterations == 0 and (need[1] or need[3] or need[4])
+    grads = [torch.zeros(t.shape, dtype=dtype, device=student.device) if wanted else library.empty_grad(student)
+             for t, wanted in zip(tensors, need)]
+    row_blocks = _row_blocks(rows, prototypes)
+    size = row_blocks[0].stop
+    logits = student.new_empty((size, prototypes), dtype=dtype)  # z, then exp(z − max z)
+    targets = torch.empty_like(logits)  # u, then q, then q − p
+    teacher_logits_grad = torch.empty_like(logits) if teacher_side else None
+    loss = torch.zeros((), dtype=dtype, device=student.device)
+    for block in row_blocks:
+        count = block.stop - block.start
+        z, q = logits[:count], targets[:count]
+        torch.mm(student_rows[block], weight_c.T, out=z)
+        torch.mm(teacher_rows[block], teacher_weight_c.T, out=q)
+        gu = teacher_logits_grad[:count] if teacher_side else None  # N ∂ℓ/∂u
+        for part in blocks(count, prototypes, max_blocks=None):  # cache-sized rows for the elementwise passes
+            loss += _softmax_terms_(z[part], q[part], shift if has_shift else None, None if gu is None else gu[part],
+                                    student_side)
         if teacher_side:
-            grad_teacher_logits = (teacher_mean - z).mul_(p).mul_(factor * teacher_scale)
-            if need_teacher:
-                grad_teacher.addmm_(grad_teacher_logits, teacher_weight[cols].to(dtype))
-            if need_teacher_weight:
-                grad_teacher_weight[cols] = grad_teacher_logits.T @ teacher_rows
-            if need_center:
-                grad_center[cols] = -grad_teacher_logits.sum(dim=0)
-        if need_student or need_weight:
-            grad_z = _softmax_from_lse_(z.mul_(student_scale), student_lse).sub_(p).mul_(factor)
-            if need_student:
-                grad_student.addmm_(grad_z, block_weight)
-            if need_weight:
-                grad_weight[cols] = grad_z.T @ student_rows
-    return [grad_student.to(student.dtype) if need_student else library.empty_grad(student),
-            grad_teacher.to(teacher.dtype) if need_teacher else library.empty_grad(teacher),
-            grad_weight, grad_teacher_weight, grad_center]
+            if need[1]:
+                torch.mm(gu, teacher_weight_c, out=grads[1][block]).mul_(teacher_scale / rows)
+            if need[3]:
+                grads[3].addmm_(gu.T, teacher_rows[block], alpha=1.0 / rows)
+            if need[4]:
+                grads[4].sub_(gu.sum(dim=0), alpha=teacher_scale / rows)
+        if student_side:  # q holds q − p = −N ∂ℓ/∂z
+            if need[0]:
+                torch.mm(q, weight_c, out=grads[0][block]).mul_(-student_scale / rows)
+            if need[2]:
+                grads[2].addmm_(q.T, student_rows[block], alpha=-1.0 / rows)
+    return (loss / rows, *grads)
 
+
+def _linear_distillation_fakes(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
+                               center: Optional[Tensor], student_scale: float, teacher_scale: float, iterations: int,
+                               needs_grad: Optional[Sequence[bool]] = None) -> Tuple[Tensor, ...]:
+    """The outputs' shapes and dtypes of :func:`linear_distillation_forward`."""
+    tensors = (student, teacher, weight, teacher_weight, center)
+    need = [t is not None for t in tensors] if needs_grad is None else list(needs_grad)
+    dtype = compute_dtype(*tensors)
+    return (student.new_empty((), dtype=dtype), *(
+        t.new_empty(t.shape, dtype=dtype) if wanted else library.empty_grad(student) for t, wanted in zip(tensors, need)))
 
 # ============================================================================================
 # Fused last layer + cross-entropy with hard labels (masked language modelling)
@@ -506,14 +539,9 @@ def msn_anchor_terms_backward(
 
 
 msn_anchor_terms = define_anchor_terms_op("msn_anchor_terms", msn_anchor_terms_forward, msn_anchor_terms_backward)
-linear_distillation = define_fused_loss_op(
-    "linear_distillation",
-    "Tensor student, Tensor teacher, Tensor weight, Tensor teacher_weight, Tensor? center",
-    "float student_scale, float teacher_scale, int iterations", 2,
-    linear_distillation_forward, linear_distillation_backward,
-    lambda student, teacher, weight, *rest: (
-        student.new_empty(3, student.shape[0], dtype=compute_dtype(student, teacher, weight, *rest[:2])),
-        student.new_empty(weight.shape[0], dtype=compute_dtype(student, teacher, weight, *rest[:2]))))
+linear_distillation = define_precomputed_gradients_op(
+    "linear_distillation", "Tensor student, Tensor teacher, Tensor weight, Tensor teacher_weight, Tensor? center",
+    "float student_scale, float teacher_scale, int iterations", linear_distillation_forward, _linear_distillation_fakes)
 linear_cross_entropy = define_fused_loss_op(
     "linear_cross_entropy", "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels",
     "int ignore_index, float label_smoothing", 1, linear_cross_entropy_forward, linear_cross_entropy_backward,

@@ -37,8 +37,10 @@ def not_supported_reasons(tensors) -> list:
 def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
                                 center: Optional[Tensor], student_scale: float, teacher_scale: float,
                                 iterations: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """As ``torch_backend.linear_distillation_forward``; the column shift (σ_t·center, or
-    Sinkhorn's log-domain passes) from the torch backend, the tiles from the kernels."""
+    """student, teacher (N, D), weight, teacher_weight (K, D), center (K,) or None → (loss (),
+    [L; M; m] (3, N), a (K,)): the column shift (σ_t·center, or Sinkhorn's log-domain passes) from
+    the torch backend, the rows' statistics from the kernels (tiles of K with an online LSE; the
+    backward makes each tile's logits again, a GPU's GEMMs being cheap next to its memory)."""
     dtype = compute_dtype(student, teacher, weight, teacher_weight, center)
     tiles = torch_backend._prototype_tiles(weight.shape[0], student.shape[0])
     shift = torch_backend._teacher_shift(teacher.to(dtype), teacher_weight, center, teacher_scale, iterations, tiles,
@@ -68,8 +70,15 @@ def linear_distillation_backward(grad_loss: Tensor, student: Tensor, teacher: Te
             torch.zeros_like(center) if needs_grad[4] else library.empty_grad(student)]
 
 
+def _saved_fakes(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor, center: Optional[Tensor],
+                 *params) -> Tuple[Tensor, Tensor]:
+    """The saved statistics' shapes: [L; M; m] (3, N) and the column shift a (K,)."""
+    dtype = compute_dtype(student, teacher, weight, teacher_weight, center)
+    return student.new_empty(3, student.shape[0], dtype=dtype), student.new_empty(weight.shape[0], dtype=dtype)
+
+
 linear_distillation = define_fused_loss_op(
     "linear_distillation_triton",
     "Tensor student, Tensor teacher, Tensor weight, Tensor teacher_weight, Tensor? center",
     "float student_scale, float teacher_scale, int iterations", 2,
-    linear_distillation_forward, linear_distillation_backward, torch_backend.linear_distillation.saved_fakes)
+    linear_distillation_forward, linear_distillation_backward, _saved_fakes)

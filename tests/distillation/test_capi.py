@@ -148,3 +148,31 @@ def test_capi_bad_input_names_the_argument():
         fastssl.CAPILoss(sinkhorn_iterations=-1)
     with pytest.raises(ValueError, match=r"logits must have 3 dimensions, got shape \(5, 7\)"):
         fn.capi_sinkhorn_knopp(teacher[:, :, 0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+@pytest.mark.parametrize("indexed", [True, False], ids=["teacher_index", "aligned"])
+def test_capi_fused_last_layer_equals_f_linear_then_capi_in_float64(indexed, backend):
+    """last_layer_weight=W: the student's features through F.linear, then lightly's formula."""
+    teacher, _, index = capi_inputs(batch=3, tokens=4, predicted=2 if indexed else 4, clusters=13,
+                                    dtype=torch.float64)
+    index = index if indexed else None
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(3, 2 if indexed else 4, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    weight = torch.randn(13, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    loss = fastssl.CAPILoss(backend=backend)(teacher, features, index, last_layer_weight=weight)
+    exact = lightly_capi(teacher, torch.nn.functional.linear(features, weight), index)
+    torch.testing.assert_close(loss, exact, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(loss, (features, weight)), torch.autograd.grad(exact, (features, weight))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda f, w: fn.capi(teacher, f, index, last_layer_weight=w, backend=backend),
+                                    (features, weight))
+
+
+def test_capi_last_layer_bad_input_names_the_argument():
+    teacher, _, index = capi_inputs()
+    features = torch.randn(5, 3, 4)
+    with pytest.raises(ValueError, match=r"last_layer_weight must have one row per cluster \(11\), got \(10, 4\)"):
+        fn.capi(teacher, features, index, last_layer_weight=torch.randn(10, 4))
+    with pytest.raises(ValueError, match=r"last_layer_weight must be \(K, 4\)"):
+        fn.capi(teacher, features, index, last_layer_weight=torch.randn(11, 5))

@@ -47,7 +47,7 @@ def distillation64(student, teacher, weight, teacher_weight, center, student_tem
 # ============================================================================================
 # Error bounds
 # ============================================================================================
-def tile_count(prototypes, rows):
+def sinkhorn_tile_count(prototypes, rows):
     return len(distillation._prototype_tiles(prototypes, rows))
 
 
@@ -56,14 +56,16 @@ def distillation_bounds(student, teacher, weight, teacher_weight, center, studen
     """Bounds on |δloss| and on the gradients' errors of a float32 (float64) evaluation.
 
     The loss is soft_ce_pairs_bounds' with one crop pair, B = N rows, targets p the teacher's
-    probabilities and logits x = s·w, given: x's error dx = γ_D Σ_d|s||w| (the GEMM); the LSE's
-    merges over the tiles, each logaddexp off by (|L| + 3)u (half of it counted as a logit error,
-    which moves the LSE twice); p's relative error e_p = 2 max δu + (|u| + max|u| + |M| + K + 4)u +
-    tiles·(2|M| + 4)u, with δu = σ_t(γ_D Σ|t||wₜ| + u|t·wₜ − c| + u|c|) (the GEMM, the shift, the
-    scaling) and the same exp/LSE/merge terms as the student's; Sinkhorn adds 2δa, with each of
-    its ``iterations`` moving the log column / row scalings a, b by ≤ 2 max δu + (N + K + max|u| +
+    probabilities and logits x = s·w, given: x's error dx = γ_D Σ_d|s||w| (the GEMM, of features
+    scaled by σ_s first: one rounding more, within the next term); the LSE of each row, made
+    whole (blocks of rows × every prototype), off by (|L| + 3)u (half of it counted as a logit
+    error, which moves the LSE twice); p's relative error e_p = 2 max δu + (|u| + max|u| + |M| +
+    K + 4)u + (2|M| + 4)u, with δu = σ_t(γ_D Σ|t||wₜ| + u|t·wₜ − c| + u|c|) (the GEMM, the shift,
+    the scaling) and the same exp/LSE terms as the student's; Sinkhorn adds 2δa, with each of its
+    ``iterations`` moving the log column / row scalings a, b by ≤ 2 max δu + (N + K + max|u| +
     max|a| + max|b| + 6)u (an N- and a K-term log-sum-exp; also the exp-domain reference's two
-    normalisations, (N + 2)u and (K + 2)u relative per entry).
+    normalisations, (N + 2)u and (K + 2)u relative per entry) + tiles·(2 max|M| + 4)u (its passes
+    go over tiles of prototypes, b merging the tiles' LSEs).
     Student gradients: ∂ℓ/∂x bounded there, times w (a K-term sum, γ_K) or s (N terms, γ_N).
     Teacher gradients (mean centring): ∂ℓ/∂u = (σ_s/N) p (m − x), m = Σ_k p x, off by
     (σ_s/N) (p (e_p|m − x| + δm + dx + 5u|m − x|) + φ|m − x|), δm = Σ_k p|x| (e_p + γ_K) + max dx
@@ -75,7 +77,7 @@ def distillation_bounds(student, teacher, weight, teacher_weight, center, studen
     s, t, w, tw = (x.detach().double() for x in (student, teacher, weight, teacher_weight))
     c = None if center is None else center.detach().double()
     rows, classes = s.shape[0], w.shape[0]
-    tiles = tile_count(classes, rows)
+    tiles = sinkhorn_tile_count(classes, rows)
     x = s @ w.T
     dx = gamma(s.shape[1], u) * (s.abs() @ w.abs().T)
     teacher_logits = t @ tw.T
@@ -87,14 +89,15 @@ def distillation_bounds(student, teacher, weight, teacher_weight, center, studen
     lse_t = torch.logsumexp(scaled, dim=-1, keepdim=True)
     lse_s = torch.logsumexp(x / student_temp, dim=-1, keepdim=True)
     e_p = (2 * du.amax() + (scaled.abs() + scaled.abs().amax(-1, keepdim=True) + lse_t.abs() + classes + 4) * u
-           + tiles * (2 * lse_t.abs() + 4) * u)
+           + (2 * lse_t.abs() + 4) * u)
     if iterations:
         log_p = torch.log(p)
         col = torch.logsumexp(scaled - log_p, dim=0)  # a + b_n − … : magnitudes of the scalings
-        step = 2 * du.amax() + (rows + classes + scaled.abs().amax() + col.abs().amax() + lse_t.abs().amax() + 6) * u
+        step = (2 * du.amax() + (rows + classes + scaled.abs().amax() + col.abs().amax() + lse_t.abs().amax() + 6) * u
+                + tiles * (2 * lse_t.abs().amax() + 4) * u)
         e_p = e_p + 2 * iterations * step
     target_error = e_p.amax().item()
-    logit_error = (dx.amax(-1) / student_temp + tiles * (lse_s.squeeze(-1).abs() + 3) * u / 2)[None]
+    logit_error = (dx.amax(-1) / student_temp + (lse_s.squeeze(-1).abs() + 3) * u / 2)[None]
     loss_b, _, grad_x_b = soft_ce_pairs_bounds(p[None], x[None], 1 / student_temp, torch.ones(1, 1), target_error,
                                                logit_error, dtype)
     grad_x_b = grad_x_b[0]
@@ -199,14 +202,36 @@ def test_shared_weight_gets_both_sides_gradients(backend):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
 
 
-def test_only_the_needed_gradients():
-    student, teacher, weight, teacher_weight, center = inputs(5, 4, 23, torch.float64)
-    loss = fn.linear_distillation_loss(student, teacher.detach(), weight.detach(), teacher_weight=teacher_weight.detach(),
-                                       student_temp=0.1, teacher_temp=0.05, center=center.detach(), backend="torch")
-    (grad,) = torch.autograd.grad(loss, student)
-    expected = distillation64(student, teacher.detach(), weight.detach(), teacher_weight.detach(), center.detach(),
-                              0.1, 0.05)
-    torch.testing.assert_close(grad, torch.autograd.grad(expected, student)[0], rtol=1e-10, atol=1e-13)
+def gemm_count(step):
+    """How many matrix products (aten mm, addmm, addmm_) ``step()`` runs, inside ops too."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        result = step()
+    names = [event.name for event in profile.events()]
+    return sum(names.count(name) for name in ("aten::mm", "aten::addmm", "aten::addmm_")), result
+
+
+@pytest.mark.parametrize("wanted,gemms", [
+    pytest.param((), 2, id="no-gradient"), pytest.param((0,), 3, id="student"),
+    pytest.param((0, 2), 4, id="student-weight"), pytest.param((0, 1, 2, 3, 4), 6, id="every-input")])
+def test_only_the_needed_gradients_and_their_gemms(wanted, gemms, monkeypatch):
+    """Per block of rows: the two logits' GEMMs, then one per gradient asked for (the teacher's
+    side needing both of its own); the backward only scales the forward's gradients: no GEMM."""
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 4)  # blocks of 16·4 // 23 = 2 rows: 3 of them
+    leaves = [x.detach().requires_grad_(i in wanted) for i, x in enumerate(inputs(5, 4, 23, torch.float64))]
+    assert len(distillation._row_blocks(5, 23)) == 3
+    forward, loss = gemm_count(lambda: fn.linear_distillation_loss(
+        leaves[0], leaves[1], leaves[2], teacher_weight=leaves[3], center=leaves[4], student_temp=0.1,
+        teacher_temp=0.05, backend="torch"))
+    assert forward == 3 * gemms
+    if not wanted:
+        assert not loss.requires_grad
+        return
+    backward, grads = gemm_count(lambda: torch.autograd.grad(loss, [leaves[i] for i in wanted]))
+    assert backward == 0
+    leaves64 = [x.detach().requires_grad_(x.requires_grad) for x in leaves]
+    expected = distillation64(*leaves64, 0.1, 0.05)
+    for got, want in zip(grads, torch.autograd.grad(expected, [leaves64[i] for i in wanted])):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
 
 
 def test_sharp_teacher_and_large_logits_stay_finite():
@@ -243,9 +268,10 @@ def test_half_inputs_error_within_twice_the_reference_in_half(dtype, backend):
 # Op registration, tiling and memory
 # ============================================================================================
 def test_gradcheck_float64(monkeypatch):
-    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 3)  # several ragged tiles of prototypes
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1)  # ragged blocks of rows, Sinkhorn's tiles of one prototype
     leaves = inputs(3, 2, 7, torch.float64)
-    assert tile_count(7, 3) > 1 and 7 % distillation._prototype_tiles(7, 3)[0].stop
+    assert [b.stop - b.start for b in distillation._row_blocks(3, 7)] == [2, 1]
+    assert sinkhorn_tile_count(7, 3) == 7
     assert torch.autograd.gradcheck(lambda *x: fn.linear_distillation_loss(
         x[0], x[1], x[2], teacher_weight=x[3], center=x[4], student_temp=0.5, teacher_temp=0.3, backend="torch"), leaves)
     assert torch.autograd.gradcheck(lambda s, w: fn.linear_distillation_loss(
@@ -253,32 +279,40 @@ def test_gradcheck_float64(monkeypatch):
         backend="torch"), (leaves[0], leaves[2]))
 
 
-def test_ragged_tiles_equal_one_tile(monkeypatch):
-    """K = 37 in tiles of 4·3 // 5 = 2 prototypes (the last one of 1) gives the one-tile result."""
+@pytest.mark.parametrize("centering", ["mean", "sinkhorn"])
+def test_ragged_blocks_equal_one_block(monkeypatch, centering):
+    """N = 5 in blocks of 16·5 // 37 = 2 rows (the last one of 1), Sinkhorn's passes over tiles of
+    4·5 // 5 = 4 prototypes (the last one of 1): the one-block result."""
     leaves = inputs(5, 4, 37, torch.float64)
-    kwargs = dict(teacher_weight=leaves[3], center=leaves[4], student_temp=0.1, teacher_temp=0.04, backend="torch")
+    if centering == "sinkhorn":
+        leaves = [leaves[0], leaves[1].detach(), leaves[2], leaves[3].detach()]
+    kwargs = dict(teacher_weight=leaves[3], student_temp=0.1, teacher_temp=0.04, centering=centering,
+                  backend="torch", **(dict(center=leaves[4]) if centering == "mean" else {}))
+    differentiable = [x for x in leaves if x.requires_grad]
     whole = fn.linear_distillation_loss(*leaves[:3], **kwargs)
-    whole_grads = torch.autograd.grad(whole, leaves)
-    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 3)
-    assert 37 % distillation._prototype_tiles(37, 5)[0].stop != 0
-    tiled = fn.linear_distillation_loss(*leaves[:3], **kwargs)
-    torch.testing.assert_close(tiled, whole, rtol=1e-13, atol=0)
-    for got, want in zip(torch.autograd.grad(tiled, leaves), whole_grads):
+    whole_grads = torch.autograd.grad(whole, differentiable)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 5)
+    assert [b.stop - b.start for b in distillation._row_blocks(5, 37)] == [2, 2, 1]
+    assert 37 % distillation._prototype_tiles(37, 5)[0].stop == 1
+    blocked = fn.linear_distillation_loss(*leaves[:3], **kwargs)
+    torch.testing.assert_close(blocked, whole, rtol=1e-13, atol=0)
+    for got, want in zip(torch.autograd.grad(blocked, differentiable), whole_grads):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-15)
 
 
 @pytest.mark.parametrize("iterations", [0, 3])
 def test_torch_backend_never_holds_the_logits(monkeypatch, iterations):
-    """Forward and backward make nothing with as many elements as the (N, K) logits: tiles only."""
+    """The forward (which makes every gradient) makes nothing with as many elements as the (N, K)
+    logits: blocks of rows and Sinkhorn's tiles only."""
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 25)
     student, teacher, weight, teacher_weight, center = (x.detach() for x in inputs(20, 6, 200, torch.float32))
     center = center if iterations == 0 else None
     with LargestTensor() as mode:
-        loss, stats, shift = distillation.linear_distillation_forward(student, teacher, weight, teacher_weight, center,
-                                                                      10.0, 25.0, iterations)
-        distillation.linear_distillation_backward(torch.ones(()), student, teacher, weight, teacher_weight, center,
-                                                  stats, shift, 10.0, 25.0, iterations, [True] * 4 + [center is not None])
-    assert mode.largest <= max(weight.numel(), 4 * 25 * 20) < 20 * 200, mode.largest
+        outputs = distillation.linear_distillation_forward(student, teacher, weight, teacher_weight, center, 10.0, 25.0,
+                                                           iterations, [True] * 4 + [center is not None])
+    assert [g.shape for g in outputs[1:]] == [x.shape if x is not None else (0,)
+                                              for x in (student, teacher, weight, teacher_weight, center)]
+    assert mode.largest <= max(weight.numel(), 16 * 25) < 20 * 200, mode.largest
 
 
 @pytest.mark.parametrize("backend", BACKENDS[1:])
