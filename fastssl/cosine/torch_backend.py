@@ -8,16 +8,17 @@ cos = u·v / (m_u m_v), the loss is L = −mean_i cos_i and
 
 which is exactly what autograd differentiates through ``F.cosine_similarity`` (its clamp runs on
 the norm without gradient, so the norm's own derivative u/‖u‖ stays unclamped). The gradients are
-formed in the forward (``runtime.library.define_precomputed_gradient_op``): two norms, one row dot
+formed in the forward, only those asked for (``runtime.library.define_needed_gradients_op``): two norms, one row dot
 and two fused multiply-adds per input over the (N, D) rows, no autograd graph and no recompute —
 autograd through ``F.cosine_similarity`` makes about twice as many passes.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
+from ..runtime import library
 from ..runtime.dtypes import compute_dtype
 from .op import define_negative_cosine_op
 
@@ -36,9 +37,9 @@ def _self_scale(cos: Tensor, norm: Tensor, clamped: Tensor, mean_scale: float) -
 
 
 def negative_cosine_similarity_forward(x0: Tensor, x1: Tensor, eps: float,
-                                       with_gradient: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(−mean_i cos_i, ∂/∂x0, ∂/∂x1) of (N, D) rows, in the compute dtype (empty gradients when
-    not ``with_gradient``)."""
+                                       needs_grad: Optional[List[bool]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(−mean_i cos_i, ∂/∂x0, ∂/∂x1) of (N, D) rows, in the compute dtype (an empty gradient for
+    an input ``needs_grad`` does not flag; None: both)."""
     dtype = compute_dtype(x0, x1)
     u, v = x0.to(dtype), x1.to(dtype)
     norm_u = torch.linalg.vector_norm(u, dim=1, keepdim=True)
@@ -47,12 +48,16 @@ def negative_cosine_similarity_forward(x0: Tensor, x1: Tensor, eps: float,
     clamped_product = clamped_u * clamped_v
     cos = torch.linalg.vecdot(u, v, dim=1).unsqueeze(1) / clamped_product
     loss = -cos.mean()
-    if not with_gradient:
-        return loss, u.new_empty(0), v.new_empty(0)
+    need_u, need_v = needs_grad if needs_grad is not None else (True, True)
+    if not (need_u or need_v):
+        return loss, library.empty_grad(u), library.empty_grad(v)
     mean_scale = -1.0 / u.shape[0]
     pair_scale = mean_scale / clamped_product
-    return (loss, _scaled_cosine_gradient(u, v, pair_scale, _self_scale(cos, norm_u, clamped_u, mean_scale)),
-            _scaled_cosine_gradient(v, u, pair_scale, _self_scale(cos, norm_v, clamped_v, mean_scale)))
+    return (loss,
+            _scaled_cosine_gradient(u, v, pair_scale, _self_scale(cos, norm_u, clamped_u, mean_scale)) if need_u
+            else library.empty_grad(u),
+            _scaled_cosine_gradient(v, u, pair_scale, _self_scale(cos, norm_v, clamped_v, mean_scale)) if need_v
+            else library.empty_grad(v))
 
 
 negative_cosine_similarity = define_negative_cosine_op("negative_cosine_similarity", negative_cosine_similarity_forward)

@@ -23,7 +23,7 @@ import torch
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
 from ..runtime import library
-from .op import define_anchor_terms_op, define_fused_loss_op, define_pair_loss_op, define_precomputed_gradients_op
+from .op import define_anchor_terms_op, define_fused_loss_op, define_pair_loss_op
 
 Tensor = torch.Tensor
 
@@ -539,7 +539,7 @@ def msn_anchor_terms_backward(
 
 
 msn_anchor_terms = define_anchor_terms_op("msn_anchor_terms", msn_anchor_terms_forward, msn_anchor_terms_backward)
-linear_distillation = define_precomputed_gradients_op(
+linear_distillation = library.define_needed_gradients_op(
     "linear_distillation", "Tensor student, Tensor teacher, Tensor weight, Tensor teacher_weight, Tensor? center",
     "float student_scale, float teacher_scale, int iterations", linear_distillation_forward, _linear_distillation_fakes)
 linear_cross_entropy = define_fused_loss_op(

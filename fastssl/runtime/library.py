@@ -97,3 +97,48 @@ def define_precomputed_gradient_op(name: str, inputs: str, differentiable: int, 
 
     core.op = op
     return core
+
+
+def define_needed_gradients_op(name: str, tensors: str, params: str, forward: Callable,
+                                    fake: Callable) -> Callable:
+    """Register ``fastssl::<name>(<tensors>, <params>, bool[]? needs_grad=None) -> (loss, *gradients)``:
+    a 0-dim loss whose forward also makes ∂loss/∂tensor for each tensor argument ``needs_grad``
+    flags (None: every tensor given), in the compute dtype (empty tensors elsewhere); the
+    backward only scales them. For losses whose inputs often take no gradient (a distillation
+    teacher, BYOL's detached target) and whose gradients each cost passes or GEMMs the forward
+    shares (the fused last layer + cross-entropy reuses its logits).
+
+    Unlike ``define_precomputed_gradient_op`` (one flag for every gradient), a flag per tensor. ``forward`` and ``fake`` take ``(*tensors, *params, needs_grad=None)``. Returns the
+    core ``(*tensors, *params) -> loss``, which asks for exactly the gradients autograd will need
+    (the op is its ``.op``). Differentiable once: the gradients carry no graph.
+    """
+    count = len(tensors.split(","))
+    op = define(name, f"({tensors}, {params}, bool[]? needs_grad=None) -> ({', '.join(['Tensor'] * (1 + count))})",
+                        forward, fake)
+
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.input_dtypes = [t.dtype if isinstance(t, torch.Tensor) else None for t in inputs[:count]]
+        ctx.num_inputs = len(inputs)
+        ctx.save_for_backward(*output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def autograd_backward(ctx, grad_loss, *_unused):
+        if grad_loss is None or not any(ctx.needs_input_grad[:count]):
+            return (None,) * ctx.num_inputs
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(f"fastssl::{name} is differentiable once: its gradients are made in the forward "
+                               "without a graph, so backward(create_graph=True) through it is not supported")
+        grads = tuple((grad_loss * g).to(dtype) if need else None
+                      for g, dtype, need in zip(ctx.saved_tensors, ctx.input_dtypes, ctx.needs_input_grad))
+        return grads + (None,) * (ctx.num_inputs - count)
+
+    register_autograd(op, autograd_backward, setup_context)
+
+    def precomputed_gradients_core(*args):
+        grad_enabled = torch.is_grad_enabled()
+        needs_grad = [grad_enabled and isinstance(t, torch.Tensor) and t.requires_grad for t in args[:count]]
+        return op(*args, needs_grad)[0]
+
+    precomputed_gradients_core.op = op
+    return precomputed_gradients_core

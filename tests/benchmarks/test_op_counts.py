@@ -21,7 +21,7 @@ PINNED = {
     ("contrastive", 200, 16): {"nt_xent": 266, "dcl": 268, "dclw": 306, "macl": 269, "directclr": 270, "co2": 98},
     ("redundancy", 16, 64): {"barlow_twins": 101, "vicreg": 177},
     ("redundancy", 64, 16): {"barlow_twins": 78, "vicreg": 179},
-    ("byol", 16, 8): {"negative_cosine_similarity": 36},
+    ("byol", 16, 8): {"negative_cosine_similarity": 26},
 }
 
 
