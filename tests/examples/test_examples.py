@@ -36,9 +36,8 @@ def test_every_method_trains_a_few_steps_and_reports(method, capsys):
     for record in result["history"]:
         assert 0 < record["loss_time_share"] < 1 and record["images_per_second"] > 0
         assert 0 < record["effective_rank"] <= 128 and 0 <= record["feature_std"] <= 1
-    chance = 0.1 if METHODS[method].arch == "vit" else 0.5  # a random ViT's features are near-constant
     for accuracies in (result["trained"], result["random_init"]):
-        assert set(accuracies) == {"knn", "linear"} and all(chance < v <= 1 for v in accuracies.values())
+        assert set(accuracies) == {"knn", "linear"} and all(0.5 < v <= 1 for v in accuracies.values())
     assert re.search(r"kNN-5 [0-9.]+% trained vs [0-9.]+% at random init \([+-][0-9.]+ points\); "
                      r"linear probe [0-9.]+% trained vs [0-9.]+% at random init", out)
 
@@ -257,7 +256,7 @@ def test_torchrun_two_gloo_processes_stay_in_sync():
 @pytest.mark.slow
 @pytest.mark.parametrize("method, target", [
     ("simclr", 0.97),
-    pytest.param("dinov2", 0.97, marks=pytest.mark.xfail(strict=True, reason="unmet: kNN-5 64.4% on the ViT")),
+    pytest.param("dinov2", 0.97, marks=pytest.mark.xfail(strict=True, reason="unmet: kNN-5 94.1% on the ViT")),
     ("mae", 0.0),  # the issue asks MAE for the gain over random init only
 ])
 def test_default_run_reaches_the_issue_target(method, target):
