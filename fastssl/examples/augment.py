@@ -12,10 +12,17 @@ import dataclasses
 import math
 from typing import List, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+
+
+def stream_seed(*keys: int) -> int:
+    """A seed for an independent random stream per tuple of integer ``keys`` (such as seed,
+    epoch, rank), so a resumed run draws what the uninterrupted one drew."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
 def _uniform(like: Tensor, low: float, high: float, generator: torch.Generator) -> Tensor:

@@ -27,7 +27,8 @@ from torch import nn
 
 import fastssl
 
-from .models import CosineLinear, mlp
+from .augment import stream_seed
+from .models import CosineLinear, MAEDecoder, VisionTransformer, mlp
 
 Tensor = torch.Tensor
 
@@ -62,6 +63,7 @@ class Method(nn.Module):
 
     defaults: Dict[str, object] = {}
     global_crops, local_crops = 2, 0
+    arch = "cnn"  # the default backbone
 
     def __init__(self, backbone: nn.Module, feature_dim: int, config: SimpleNamespace):
         super().__init__()
@@ -288,8 +290,130 @@ class DINO(MomentumMethod):
         return self.criterion(list(teacher), list(student), epoch=self.epoch)
 
 
+def patch_backbone(backbone: nn.Module, method: str) -> VisionTransformer:
+    if not isinstance(backbone, VisionTransformer):
+        raise ValueError(f"{method} needs patch tokens: --arch vit, got a {type(backbone).__name__} backbone")
+    return backbone
+
+
+class MaskingMethod(Method):
+    """Draws its patch masks from its own generator, seeded per (seed, step, rank): a resumed run
+    masks what the uninterrupted one masked, and every process masks differently."""
+
+    generator = None
+
+    def start_step(self, step, total_steps, epoch):
+        super().start_step(step, total_steps, epoch)
+        self.step = step
+
+    def masking_generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
+        return generator.manual_seed(stream_seed(self.config.seed, self.step, fastssl.distributed.rank()))
+
+
+class DINOv2(MaskingMethod, MomentumMethod):
+    """DINOv2-style: DINO on the class tokens (teacher: global crops; student: every crop), plus
+    iBOT's masked-patch loss (the student sees the global crops with some patches replaced by the
+    mask token and predicts the teacher's head output at those patches; shared head, as iBOT),
+    plus KoLeo on the student's class tokens of each global crop. A share ``mask_probability`` of
+    each global crop's images is masked, with ratios spread over [mask_ratio_min, mask_ratio_max]
+    as in DINOv2."""
+
+    arch = "vit"
+    defaults = dict(lr=1e-3, projection_dim=64, output_dim=256, local_crops=2, momentum=0.9, teacher_temp=0.04,
+                    warmup_teacher_temp_epochs=10, ibot_weight=1.0, koleo_weight=0.1, mask_probability=0.5,
+                    mask_ratio_min=0.1, mask_ratio_max=0.5)
+
+    def __init__(self, backbone, feature_dim, config):
+        super().__init__(backbone, feature_dim, config)
+        vit = patch_backbone(backbone, "dinov2")
+        self.local_crops = config.local_crops
+        head = nn.Sequential(mlp(vit.dim, 2 * vit.dim, 2 * vit.dim, config.projection_dim),
+                             CosineLinear(config.projection_dim, config.output_dim))
+        self.student = nn.ModuleDict(dict(backbone=vit, head=head))
+        self.teacher = frozen_copy(self.student)
+        self.dino = fastssl.DINOLoss(config.output_dim, teacher_temp=config.teacher_temp,
+                                     warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs,
+                                     backend=config.backend)
+        self.ibot = fastssl.IBOTPatchLoss(config.output_dim, teacher_temp=config.teacher_temp, backend=config.backend)
+        self.koleo = fastssl.KoLeoLoss(backend=config.backend)
+
+    def draw_masks(self, images: Tensor) -> Tensor:
+        """(N, h, w) bool patch masks for the global crops ``images`` (N, C, H, W)."""
+        vit = self.student["backbone"]
+        n, grid = len(images), images.shape[-1] // vit.patch_size
+        masked_images = int(round(self.config.mask_probability * n))
+        ratios = torch.linspace(self.config.mask_ratio_min, self.config.mask_ratio_max, masked_images)
+        counts = torch.zeros(n, dtype=torch.long)
+        counts[:masked_images] = (ratios * grid * grid).long()
+        noise = torch.rand(n, grid * grid, generator=self.masking_generator(images.device), device=images.device)
+        rank_of_patch = noise.argsort(dim=1).argsort(dim=1)
+        return (rank_of_patch < counts.to(images.device).unsqueeze(1)).reshape(n, grid, grid)
+
+    def forward(self, views):
+        global_images = torch.cat(views[:self.global_crops])
+        mask = self.draw_masks(global_images)
+        flat_mask = mask.flatten(1)
+        with torch.no_grad():
+            tokens = self.teacher["backbone"].tokens(global_images)
+            teacher_classes = self.teacher["head"](tokens[:, 0]).chunk(self.global_crops)
+            teacher_patches = self.teacher["head"](tokens[:, 1:][flat_mask])
+        tokens = self.student["backbone"].tokens(global_images, mask=mask)
+        classes = [tokens[:, 0]]
+        local_views = views[self.global_crops:]
+        if local_views:
+            classes.append(self.student["backbone"].tokens(torch.cat(local_views))[:, 0])
+        student_classes = self.student["head"](torch.cat(classes)).chunk(len(views))
+        student_patches = self.student["head"](tokens[:, 1:][flat_mask])
+        return (*teacher_classes, *student_classes, teacher_patches, student_patches, mask,
+                *tokens[:, 0].chunk(self.global_crops))
+
+    def loss(self, *outputs):
+        crops = self.global_crops + self.local_crops
+        teacher, student = outputs[:self.global_crops], outputs[self.global_crops:self.global_crops + crops]
+        teacher_patches, student_patches, mask = outputs[self.global_crops + crops:self.global_crops + crops + 3]
+        class_features = outputs[self.global_crops + crops + 3:]
+        loss = self.dino(list(teacher), list(student), epoch=self.epoch)
+        if mask.any():
+            loss = loss + self.config.ibot_weight * self.ibot(teacher_patches, student_patches, mask)
+        return loss + self.config.koleo_weight * sum(self.koleo(features) for features in class_features)
+
+
+class MAE(MaskingMethod):
+    """MAE: the ViT encodes a random ``1 − mask_ratio`` of one view's patches, a light decoder
+    predicts every patch's pixels, the loss is the (per-patch normalised) pixel MSE on the masked
+    patches (:class:`fastssl.MAELoss`)."""
+
+    global_crops, arch = 1, "vit"
+    defaults = dict(lr=1e-3, mask_ratio=0.5, decoder_dim=64, decoder_depth=2, norm_pix_loss=0)
+
+    def __init__(self, backbone, feature_dim, config):
+        super().__init__(backbone, feature_dim, config)
+        self.encoder = patch_backbone(backbone, "mae")
+        vit = self.encoder
+        channels = vit.patch_embed.in_channels
+        self.decoder = MAEDecoder(vit.dim, vit.grid ** 2, channels * vit.patch_size ** 2, config.decoder_dim,
+                                  config.decoder_depth)
+        self.criterion = fastssl.MAELoss(vit.patch_size, norm_pix_loss=bool(config.norm_pix_loss),
+                                         backend=config.backend)
+
+    def forward(self, views):
+        (images,) = views
+        patches = self.encoder.grid ** 2
+        kept = patches - int(round(self.config.mask_ratio * patches))
+        noise = torch.rand(len(images), patches, generator=self.masking_generator(images.device), device=images.device)
+        keep = noise.argsort(dim=1)[:, :kept]
+        mask = torch.ones(len(images), patches, device=images.device).scatter_(1, keep, 0.0)
+        predicted = self.decoder(self.encoder.tokens(images, keep=keep), keep)
+        return predicted, self.encoder.standardize(images), mask
+
+    def loss(self, predicted, target, mask):
+        return self.criterion(predicted, target, mask)
+
+
 METHODS = {"simclr": SimCLR, "moco": MoCo, "swav": SwAV, "byol": BYOL, "simsiam": SimSiam,
-           "barlow_twins": BarlowTwins, "vicreg": VICReg, "dino": DINO}
+           "barlow_twins": BarlowTwins, "vicreg": VICReg, "dino": DINO, "dinov2": DINOv2,
+           "mae": MAE}
 
 
 def hyper_parameters(method: str) -> Dict[str, object]:

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=2 -m fastssl.examples.train --method byol
 
 Methods: simclr, moco (v2: momentum encoder + memory bank), swav (prototypes, multi-crop,
-queue), byol, simsiam, barlow_twins, vicreg, dino (multi-crop, teacher EMA). Default data:
+queue), byol, simsiam, barlow_twins, vicreg, dino (multi-crop, teacher EMA), dinov2 (DINO +
+iBOT masked patches + KoLeo, on a ViT), mae (masked autoencoder, ViT). Default data:
 scikit-learn's digits (1,797 real 8×8 images; pre-training sees only the 70% train split);
 ``--data DIR`` takes CIFAR-10's python batches or an ImageFolder tree. Prints one line per epoch
 (loss, lr, throughput, share of step time spent in the fastssl loss forward + backward, collapse
@@ -23,7 +24,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import fastssl
 
 from . import data as datasets
-from .augment import Augment
+from .augment import Augment, stream_seed
 from .evaluate import collapse_monitors, embed, evaluate
 from .methods import COMMON_DEFAULTS, METHODS, hyper_parameters
 from .models import ARCHITECTURES, build_backbone
@@ -61,7 +61,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data", metavar="DIR", help="CIFAR-10 python batches or DIR/<class>/<image> "
                         "(read with Pillow); default: scikit-learn's digits")
     parser.add_argument("--image-size", type=int, default=32, help="side images of an image folder are resized to")
-    parser.add_argument("--arch", choices=ARCHITECTURES, default="cnn", help="backbone (default: %(default)s)")
+    parser.add_argument("--arch", choices=ARCHITECTURES,
+                        help="backbone (default: cnn; dinov2, mae: vit, they need patch tokens)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: cuda when available)")
     parser.add_argument("--backend", default="auto",
                         help="fastssl loss backend (auto, reference, torch, triton, native)")
@@ -86,6 +87,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.add_argument("--" + key.replace("_", "-"), type=type(next(iter(defaults.values()))),
                             help=f"default: {values}")
     args = parser.parse_args(argv)
+    if args.arch is None:
+        args.arch = METHODS[args.method].arch
     for key, defaults in method_options().items():
         if getattr(args, key) is not None and args.method not in defaults:
             parser.error(f"--{key.replace('_', '-')} is not a hyper-parameter of {args.method} "
@@ -121,11 +124,6 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, base: float) -
     if step < warmup_steps:
         return base * (step + 1) / warmup_steps
     return fastssl.cosine_schedule(step - warmup_steps, total_steps - warmup_steps + 1, base, 0.0)
-
-
-def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
-    """Independent streams per (seed, epoch, rank): a resumed run replays the same views."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 def backward_through_loss(method: nn.Module, outputs: Sequence[torch.Tensor], device: torch.device):
@@ -202,7 +200,7 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
     pretrain_images = dataset.images[dataset.train_index]
     config = SimpleNamespace(**{key: getattr(args, key) if getattr(args, key) is not None else value
                                 for key, value in hyper_parameters(args.method).items()},
-                             gather=world > 1, backend=args.backend)
+                             gather=world > 1, backend=args.backend, seed=args.seed)
     if config.batch_size % world:
         raise ValueError(f"--batch-size ({config.batch_size}) must be a multiple of the number of processes ({world})")
     local_batch = config.batch_size // world
@@ -259,7 +257,7 @@ def train(args: argparse.Namespace) -> Dict[str, object]:
         method.train()
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), device=device)
-        generator.manual_seed(augmentation_seed(args.seed, epoch, rank))
+        generator.manual_seed(stream_seed(args.seed, epoch, rank))  # a resumed run replays the views
         epoch_start = time.perf_counter()
         batches = (datasets.as_float(pretrain_images[order[i * local_batch:(i + 1) * local_batch]])
                    for i in range(steps_per_epoch))
