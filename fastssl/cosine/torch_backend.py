@@ -20,6 +20,7 @@ import torch
 
 from ..runtime import library
 from ..runtime.dtypes import compute_dtype
+from . import reference
 from .op import define_negative_cosine_op
 
 Tensor = torch.Tensor
@@ -60,4 +61,22 @@ def negative_cosine_similarity_forward(x0: Tensor, x1: Tensor, eps: float,
             else library.empty_grad(v))
 
 
-negative_cosine_similarity = define_negative_cosine_op("negative_cosine_similarity", negative_cosine_similarity_forward)
+_fused_negative_cosine_similarity = define_negative_cosine_op("negative_cosine_similarity",
+                                                              negative_cosine_similarity_forward)
+
+# Up to this many entries per input a call runs the plain PyTorch code (``reference``: autograd
+# through ``F.cosine_similarity``, lightly's own code) instead of the op: there the op's fixed cost
+# (its autograd function, ~0.1 ms) exceeds the passes it saves. Measured with ``python -m
+# bench.sweep --family byol`` (Xeon AVX-512, D=256, target detached, lightly's time / the op's):
+# 0.71 at 128 rows, 0.97 at 256, 1.25 at 512, 1.58 at 1024 (1 thread); 0.70, 0.69, 1.03, 1.25 (2).
+PLAIN_MAX_ENTRIES = 256 * 256
+
+
+def negative_cosine_similarity(x0: Tensor, x1: Tensor, eps: float) -> Tensor:
+    """−mean cos of (N, D) rows (``reference``'s signature): the op, or the plain code when small."""
+    if x0.numel() <= PLAIN_MAX_ENTRIES:
+        return reference.negative_cosine_similarity(x0, x1, eps)
+    return _fused_negative_cosine_similarity(x0, x1, eps)
+
+
+negative_cosine_similarity.op = _fused_negative_cosine_similarity.op

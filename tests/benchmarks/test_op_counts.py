@@ -2,7 +2,7 @@
 overhead must not grow silently. Counted as ``python -m bench.op_counts`` counts (``bench.op_counts``:
 profiler ``aten::`` events without an ``aten::`` ancestor, after a warm-up step), for the torch
 backend at sizes that take the fused op (contrastive: 400 rows, above the plain-code crossover
-``PLAIN_MAX_LOGITS``; redundancy: N < D for the Gram path, N > D for the direct one). The counts
+``PLAIN_MAX_LOGITS``; BYOL: 300 × 256 entries, above ``PLAIN_MAX_ENTRIES``; redundancy: N < D for the Gram path, N > D for the direct one). The counts
 depend on shapes and code paths only: the same with ``ATEN_CPU_CAPABILITY=default`` and any
 thread count. A change that lowers a count lowers its pin here."""
 import sys
@@ -15,13 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is a fold
 
 from bench import core, op_counts, sweep  # noqa: E402
 from fastssl.contrastive import torch_backend as contrastive  # noqa: E402
+from fastssl.cosine import torch_backend as cosine  # noqa: E402
 
 # (family, rows per view, D) -> {loss: aten ops of one fwd+bwd}
 PINNED = {
     ("contrastive", 200, 16): {"nt_xent": 266, "dcl": 268, "dclw": 306, "macl": 269, "directclr": 270, "co2": 98},
     ("redundancy", 16, 64): {"barlow_twins": 101, "vicreg": 177},
     ("redundancy", 64, 16): {"barlow_twins": 78, "vicreg": 179},
-    ("byol", 16, 8): {"negative_cosine_similarity": 26},
+    ("byol", 300, 256): {"negative_cosine_similarity": 26},
 }
 
 
@@ -29,6 +30,8 @@ PINNED = {
 def test_fused_paths_dispatch_the_pinned_number_of_aten_ops(family, rows, dim):
     if family == "contrastive":
         assert (2 * rows) ** 2 > contrastive.PLAIN_MAX_LOGITS  # the fused op, not the plain code
+    if family == "byol":
+        assert rows * dim > cosine.PLAIN_MAX_ENTRIES
     counted = {}
     for case in sweep.sweep_cases(family, rows, dim, tuple(PINNED[family, rows, dim])):
         args, leaves = core.make_inputs(case, torch.device("cpu"), torch.float32)

@@ -13,6 +13,7 @@ from fastssl import NegativeCosineSimilarity, cosine_schedule, update_momentum
 
 from helpers import BACKENDS_ON_CPU, HALF_DTYPES, U32, assert_within, gamma, half_error_within_twice_reference
 from oracles import neg_cos_formula
+from fastssl.cosine import torch_backend as cosine_torch_backend
 
 
 def _pair(*shape, dtype=torch.float32, grad=False):
@@ -25,6 +26,15 @@ def _pair(*shape, dtype=torch.float32, grad=False):
 
 def _grads(loss, *inputs):
     return torch.autograd.grad(loss, inputs)
+
+
+@pytest.fixture(autouse=True, params=["plain-when-small", "op-at-every-size"])
+def cosine_path(request, monkeypatch):
+    """Every test runs twice: as shipped (the torch backend's small calls take the plain code) and
+    with the closed-form op at every size, so its values, gradients and errors are tested too."""
+    if request.param == "op-at-every-size":
+        monkeypatch.setattr(cosine_torch_backend, "PLAIN_MAX_ENTRIES", 0)
+    return request.param
 
 
 def _mean_cosine_error(x0, dim):
@@ -139,9 +149,10 @@ def test_negative_cosine_similarity_invariants(backend):
 @pytest.mark.parametrize("shape,dim", [pytest.param((9, 11), 1, id="B9-D11-dim1"),
                                        pytest.param((4, 6, 5), 2, id="4x6x5-dim2"),
                                        pytest.param((4, 6, 5), 0, id="4x6x5-dim0")])
-def test_negative_cosine_similarity_reference_equals_torch_backend(shape, dim):
+def test_negative_cosine_similarity_reference_equals_torch_backend(shape, dim, monkeypatch):
     """The torch backend's value (its own norms and row dots) and its closed-form gradient
     (torch_backend's docstring) against float64, and the value against the reference's."""
+    monkeypatch.setattr(cosine_torch_backend, "PLAIN_MAX_ENTRIES", 0)  # the op, not the plain code
     x0, x1 = _pair(*shape, grad=True)
     ref = fn.negative_cosine_similarity(x0, x1, dim, backend="reference")
     fast = fn.negative_cosine_similarity(x0, x1, dim, backend="torch")
@@ -492,3 +503,23 @@ def test_exports():
     assert fastssl.NegativeCosineSimilarity is NegativeCosineSimilarity
     assert fastssl.negative_cosine_similarity is fn.negative_cosine_similarity
     assert fastssl.update_momentum is update_momentum and fastssl.cosine_schedule is cosine_schedule
+
+
+@pytest.mark.parametrize("rows", [256, 257])
+def test_negative_cosine_similarity_takes_the_plain_code_up_to_its_crossover(rows, monkeypatch, cosine_path):
+    """Up to PLAIN_MAX_ENTRIES entries per input the torch backend runs the reference (bit for bit),
+    above it the closed-form op (whose gradient of a detached target is never made)."""
+    if cosine_path != "plain-when-small":
+        pytest.skip("the crossover as shipped")
+    calls = []
+    fused = cosine_torch_backend._fused_negative_cosine_similarity
+    monkeypatch.setattr(cosine_torch_backend, "_fused_negative_cosine_similarity",
+                        lambda *args: calls.append(args) or fused(*args))
+    x0, x1 = _pair(rows, 256, grad=True)
+    loss = fn.negative_cosine_similarity(x0, x1.detach(), backend="torch")
+    assert len(calls) == (rows * 256 > cosine_torch_backend.PLAIN_MAX_ENTRIES)
+    if not calls:
+        torch.testing.assert_close(loss, fn.negative_cosine_similarity(x0, x1.detach(), backend="reference"),
+                                   rtol=0, atol=0)
+    loss.backward()
+    assert x0.grad is not None and x1.grad is None
