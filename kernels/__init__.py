@@ -1,7 +1,10 @@
-"""Triton kernels of fastssl, installed as ``fastssl.kernels``: one module per op family.
+"""Triton kernels of fastssl, installed as ``fastssl.kernels`` (an uninstalled checkout maps its
+own ``kernels/`` there: ``fastssl.runtime.checkout``). A leaf: nothing here imports fastssl.
 
-Each module holds ``@triton.jit`` kernels and their launchers and registers its ops with
-``fastssl.backends`` under the ``triton`` backend when imported. Importing this package never
-imports Triton: ``fastssl.backends.load_triton_kernels`` imports every module here, once, the
-first time the triton backend is considered and only if Triton is usable.
+One module per op family (``contrastive``, ``redundancy``, ``clustering``, ``distillation``): its
+``@triton.jit`` kernels and their launchers. ``launch`` (device guard, one-axis grids, float64
+scalars without a device tensor, the autotuner's choice) and ``occupancy`` (SM count, split of a
+reduction to fill the card) are shared by all of them. Importing this package never imports
+Triton: a family's ``triton_backend`` imports its module when the registry first considers the
+triton backend for a call, and only if Triton is usable.
 """
