@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import occupancy
-from .launch import on_input_device
+from .launch import fastest, on_input_device, shape_bucket
 
 Tensor = torch.Tensor
 
@@ -287,9 +287,6 @@ def owned_block(d: int, dtype: torch.dtype, device: torch.device) -> int:
 
 
 AUTOTUNE_CANDIDATES = ((64, 64, 32), (64, 32, 32), (32, 32, 32))  # none spills on sm_80 / sm_90
-_TUNED_BLOCKS: dict = {}
-
-
 def autotune_candidates(n: int, m: int, d: int, dtype: torch.dtype) -> list:
     """The blocks ``FASTSSL_TRITON_AUTOTUNE=1`` times: the heuristic's and the candidates that fit
     D (BLOCK_D ≤ 2D) and, for float32 through IEEE FMA, 32 × 32 tiles (larger ones spill)."""
@@ -302,17 +299,16 @@ def autotune_candidates(n: int, m: int, d: int, dtype: torch.dtype) -> list:
 def _choose_blocks(kind: str, n: int, m: int, d: int, dtype: torch.dtype, trial) -> tuple:
     """The heuristic's blocks, or with ``FASTSSL_TRITON_AUTOTUNE=1`` the fastest candidate.
 
-    ``trial(blocks)`` runs the kernel once on scratch outputs; each shape is timed once per process
-    with ``triton.testing.do_bench`` (median, warm-up excluded).
+    ``trial(blocks)`` runs the kernel once on scratch outputs; timed with
+    ``triton.testing.do_bench`` (median, warm-up excluded) once per process and shape bucket (N
+    and M to their next power of two: ragged batches share a run), candidates that fail to compile
+    or launch dropped (``launch.fastest``).
     """
     if os.environ.get("FASTSSL_TRITON_AUTOTUNE", "0") in ("", "0"):
         return _blocks(n, m, d, dtype)
-    key = (kind, n, m, d, dtype, input_precision(dtype))
-    if key not in _TUNED_BLOCKS:
-        timings = {blocks: triton.testing.do_bench(lambda blocks=blocks: trial(blocks))
-                   for blocks in autotune_candidates(n, m, d, dtype)}
-        _TUNED_BLOCKS[key] = min(timings, key=timings.get)
-    return _TUNED_BLOCKS[key]
+    key = ("info_nce", kind, shape_bucket(n), shape_bucket(m), d, dtype, input_precision(dtype))
+    return fastest(key, autotune_candidates(n, m, d, dtype),
+                   lambda blocks: triton.testing.do_bench(lambda: trial(blocks)))
 
 
 def forward_grid(n: int, m: int, blocks, device: torch.device):

@@ -590,13 +590,15 @@ def test_triton_rejects_what_it_cannot_run(monkeypatch):
 
 @pytest.mark.triton
 def test_triton_autotune_opt_in_picks_the_fastest_candidate(monkeypatch):
-    """FASTSSL_TRITON_AUTOTUNE=1 times each candidate once per shape and keeps the fastest."""
+    """FASTSSL_TRITON_AUTOTUNE=1 times each candidate once per shape bucket and keeps the fastest:
+    a ragged batch in the same bucket is not timed again."""
     backends.preload("triton")
     from fastssl.kernels import contrastive as kernels
+    from fastssl.kernels import launch
 
     monkeypatch.setenv("FASTSSL_TRITON_AUTOTUNE", "1")
     monkeypatch.setattr(kernels, "AUTOTUNE_CANDIDATES", ((16, 16, 16), (32, 16, 16)))
-    monkeypatch.setattr(kernels, "_TUNED_BLOCKS", {})
+    monkeypatch.setattr(launch, "_TUNED", {})
     timed = []
 
     def fake_bench(fn):
@@ -610,7 +612,11 @@ def test_triton_autotune_opt_in_picks_the_fastest_candidate(monkeypatch):
     exact_inputs = [x.detach().double().requires_grad_(True) for x in (q, k)]
     # value and gradients (the backward runs, and is tuned, in here) against float64
     _assert_within_float64(loss, [q, k], fn.info_nce(*exact_inputs, 0.2, backend="reference"), exact_inputs, {}, 0.2)
-    assert {key[0] for key in kernels._TUNED_BLOCKS} == {"forward", "backward"}
+    assert {key[1] for key in launch._TUNED if key[0] == "info_nce"} == {"forward", "backward"}
+    timed_once = len(timed)
+    q, k = _inputs(19, 21, 7)  # the same buckets (32, 32)
+    fn.info_nce(q, k, 0.2, backend="triton").backward()
+    assert len(timed) == timed_once
 
 
 @pytest.mark.requires_cuda
