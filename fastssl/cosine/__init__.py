@@ -33,7 +33,7 @@ def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float 
         raise ValueError(f"dim must be an int in [{-x0.dim()}, {x0.dim()}) for shape {tuple(x0.shape)}, got {dim}")
     eps = check_positive("eps", eps)
     # (B, D) along dim 1 are the rows already: no view nodes for autograd to walk
-    rows = ([x0, x1] if x0.dim() == 2 and dim % 2 == 1 else
+    rows = ([x0, x1] if x0.dim() == 2 and dim in (1, -1) else
             [x.movedim(dim, -1).reshape(-1, x.shape[dim]) for x in (x0, x1)])
     _, core = registry.select("negative_cosine_similarity", backend, rows)
     return core(rows[0], rows[1], eps)
