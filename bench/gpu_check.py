@@ -67,10 +67,21 @@ def _outputs(result) -> list:
     return [t for t in (result if isinstance(result, (tuple, list)) else [result]) if _floating(t)]
 
 
+def _cotangents(outputs: Sequence) -> list:
+    """A fixed random weight (float64, the same for every call) per output: the gradients checked
+    are those of Σ w·o. Plain Σ o is degenerate for ops whose outputs sum to a constant — the rows
+    of a whitening are centred, so ∂Σy/∂x = 0 exactly and its float64 "truth" is rounding noise
+    (≈ 1e-17), against which any backend's relative error is 1e8."""
+    import torch
+
+    generator = torch.Generator().manual_seed(2)
+    return [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.device) for o in outputs]
+
+
 def _evaluate(fn: Callable, args: Sequence, differentiable: Optional[Sequence[bool]] = None):
-    """(float outputs and the gradients of their sum (float64) for every input requiring one,
-    which outputs were summed): those requiring a gradient, or the ``differentiable`` ones (the
-    reference's: an output it detaches, a backend's op may not)."""
+    """(float outputs and the gradients (float64) of their weighted sum (``_cotangents``) for
+    every input requiring one, which outputs were summed): those requiring a gradient, or the
+    ``differentiable`` ones (the reference's: an output it detaches, a backend's op may not)."""
     import torch
 
     outputs = _outputs(fn(*args))
@@ -79,7 +90,8 @@ def _evaluate(fn: Callable, args: Sequence, differentiable: Optional[Sequence[bo
     summed = [o for o, use in zip(outputs, differentiable) if use and o.requires_grad]
     grads = []
     if leaves and summed:
-        grads = torch.autograd.grad(sum(o.double().sum() for o in summed), leaves, allow_unused=True)
+        weighted = sum((o.double() * w).sum() for o, w in zip(summed, _cotangents(summed)))
+        grads = torch.autograd.grad(weighted, leaves, allow_unused=True)
     return [o.detach() for o in outputs] + [g for g in grads if g is not None], differentiable
 
 

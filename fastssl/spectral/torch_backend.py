@@ -91,11 +91,34 @@ def _smaller_gram(z: Tensor) -> Tuple[Tensor, bool]:
     return (z @ z.mT if rows else z.mT @ z), rows
 
 
+def _nuclear_norm_float64(z: Tensor, with_gradient: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Σσ and UVᵀ of float64 matrices (m, n) from a QR of the long side and an SVD of the m×m
+    factor R (same singular values): a float64 input has no wider type for its Gram, whose
+    rounding δλ ≈ n·u·σ₁² moves σ_i by δλ/2σ_i and UVᵀ by ≈ n·u·κ² (κ = σ₁/σ_min) — 3e-14 at
+    κ = 66, fifty times the SVD's own ≈ n·u·κ — while R keeps A's conditioning. Directions whose σ
+    is below the SVD's rounding max(m, n)·u·σ₁ (rank deficiency) get 0, as the pseudo-inverse
+    would. ~3× the Gram route's time, float64 inputs only."""
+    rows = z.shape[-2] <= z.shape[-1]
+    orthogonal, triangular = torch.linalg.qr(z.mT if rows else z)  # A = Rᵀ Qᵀ (rows) or Q R
+    small = triangular.mT if rows else triangular
+    left, sigma, right = torch.linalg.svd(small) if with_gradient else (None, torch.linalg.svdvals(small), None)
+    kept = sigma > max(z.shape[-2:]) * torch.finfo(torch.float64).eps * sigma[..., :1]
+    value = torch.where(kept, sigma, 0.0).sum(dim=-1)
+    if not with_gradient:
+        return value, None
+    polar = (left * kept[..., None, :]) @ right  # U·diag(kept)·Wᵀ of the small factor
+    return value, (polar @ orthogonal.mT if rows else orthogonal @ polar)
+
+
 def nuclear_norm_forward(x: Tensor, with_gradient: bool) -> Tuple[Tensor, Tensor]:
     """‖A‖_* of each trailing (m, n) matrix of ``x`` and, with the gradient, UVᵀ = (AAᵀ)^(−1/2) A
-    (or A (AᵀA)^(−1/2)) from the same eigendecomposition; directions whose eigenvalue is below
-    the Gram's rounding (rank deficiency) get 0, as the pseudo-inverse would, and add 0 to the value
-    (√ of a rounding-noise eigenvalue u64·σ₁² would add ≈ 1e-8·σ₁: the error of a float64 input)."""
+    (or A (AᵀA)^(−1/2)) from the same eigendecomposition of the float64 Gram (float64 inputs:
+    ``_nuclear_norm_float64``); directions whose eigenvalue is below the Gram's rounding (rank
+    deficiency) get 0, as the pseudo-inverse would, and add 0 to the value (√ of a rounding-noise
+    eigenvalue u64·σ₁² would add ≈ 1e-8·σ₁: the error of a float64 input)."""
+    if x.dtype == torch.float64:
+        value, direction = _nuclear_norm_float64(x, with_gradient)
+        return value, direction if with_gradient else library.empty_grad(x)
     z = x.to(torch.float64)
     gram, rows = _smaller_gram(z)
     eigenvalues, vectors = torch.linalg.eigh(gram) if with_gradient else (torch.linalg.eigvalsh(gram), None)

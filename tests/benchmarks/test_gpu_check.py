@@ -60,3 +60,23 @@ def test_the_dry_run_shapes_are_tiny_and_the_card_shapes_are_the_issues():
     assert gpu_check.SIZES["nt_xent_4m"][1] == (2 * 1024 * 1024, 768)  # 4M rows: over 2^31 elements
     assert 2 * 2 * 1024 * 1024 * 768 > 2**31
     assert all(torch.Size(dry).numel() < 4096 for dry, _ in gpu_check.SIZES.values())
+
+
+def test_no_op_row_fails_in_the_dry_run(dry_run):
+    _, result = dry_run
+    failed = [r for r in result["rows"] if r["section"] == "ops" and r["status"] == "failed"]
+    assert not failed, failed
+
+
+def test_gradients_are_of_a_weighted_sum_so_centred_outputs_are_not_rounding_noise():
+    """A whitening's rows are centred: ∂Σy/∂x = 0 exactly, its float64 value ≈ 1e-17, and every
+    relative error against it is meaningless. The check weights each output by a fixed random w
+    (∂Σw·y/∂x is O(1)) and draws the same w on every call."""
+    x = torch.randn(2, 7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    reference = backends.implementation("whitening", "reference").fn
+    plain = torch.autograd.grad(reference(x, None, None, 0.1)[0].sum(), x)[0]
+    assert plain.abs().max() < 1e-12  # the degenerate check this guards against
+    first, _ = gpu_check._evaluate(reference, [x, None, None, 0.1])
+    second, _ = gpu_check._evaluate(reference, [x, None, None, 0.1])
+    assert first[-1].shape == x.shape and first[-1].abs().max() > 0.1
+    assert torch.equal(first[-1], second[-1])

@@ -1,6 +1,8 @@
 """Spectral losses (TiCo, MMCR, FroSSL, EMP-SSL, hypersphere) on every backend against lightly 1.6's
 formulas in float64 (tests/oracles.py), within bounds derived from the computation (tests/helpers.py);
 lightly's module behaviour (defaults, state, errors)."""
+import math
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ import fastssl
 import fastssl.functional as fn
 from fastssl import EMPSSLLoss, FroSSLLoss, HypersphereLoss, MMCRLoss, TiCoLoss
 from fastssl.runtime.validation import InputError
-from fastssl.spectral.torch_backend import nuclear_norm
+from fastssl.spectral.torch_backend import nuclear_norm, nuclear_norm_forward
 
 from helpers import (FLOAT_DTYPES, HALF_DTYPES, assert_within, backend_params, emp_ssl_bounds, frossl_bounds,
                      gamma, hypersphere_bounds, mmcr_bounds, normalized_entry_error, seeded_views, tico_bounds,
@@ -137,6 +139,27 @@ def test_nuclear_norm_op_passes_opcheck():
     torch.library.opcheck(nuclear_norm.op, (x, True))
     torch.library.opcheck(nuclear_norm.op, (torch.randn(9, 5, requires_grad=True), True))
     assert torch.autograd.gradcheck(nuclear_norm, (x,))
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6)], ids=["wide", "tall"])
+def test_float64_nuclear_norm_keeps_the_condition_number(shape):
+    """A float64 input's ‖A‖_* and UVᵀ at κ = 1e4 within an SVD's own error: A = U diag(s) Vᵀ is
+    built off by ‖δA‖_F ≤ √(mn)·γ_m·σ₁, the SVD's backward error is (max(m, n) + 4)u·σ₁, so Σσ
+    moves by ≤ min(m, n) times their sum and UVᵀ by ≤ 2·that/σ_min (plus U's and V's own
+    orthogonality, γ of their size). A Gram's eigenvalues would put ≈ n·u·κ² ≈ 4e-7 on UVᵀ."""
+    g = torch.Generator().manual_seed(0)
+    m, n = min(shape), max(shape)
+    left = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64))[0]
+    sigma = torch.logspace(0, -4, m, dtype=torch.float64)
+    a, polar = (left * sigma) @ right.T, left @ right.T
+    if shape[0] > shape[1]:
+        a, polar = a.T, polar.T
+    u = unit_roundoff(torch.float64)
+    perturbation = math.sqrt(m * n) * gamma(m, u) + (n + 4) * u
+    value, direction = nuclear_norm_forward(a, True)
+    assert_within(value, sigma.sum(), m * perturbation, "nuclear norm")
+    assert_within(direction, polar, 2 * perturbation / sigma[-1].item() + 2 * gamma(n, u), "UVᵀ")
 
 
 # ============================================================================================
