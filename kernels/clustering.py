@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import occupancy
 from .launch import float64_parts, on_device
 
 Tensor = torch.Tensor
@@ -137,7 +138,7 @@ class TritonSinkhornPasses:
     def __init__(self, scores: Tensor, epsilon: float):
         self.scores, self.dtype = scores, torch.float64 if scores.dtype == torch.float64 else torch.float32
         batch, num_prototypes = scores.shape
-        self.block_b, self.block_k = block_size(batch, 32), block_size(num_prototypes, 128)
+        self.block_b, self.block_k = phase_blocks(self.dtype, batch, num_prototypes)
         self.inv_epsilon = float64_parts(1.0 / epsilon)
         self.meta = dict(FP64=self.dtype == torch.float64, BLOCK_B=self.block_b, BLOCK_K=self.block_k)
 
@@ -170,3 +171,149 @@ class TritonSinkhornPasses:
     def codes(self, prototype_potential):
         codes = torch.empty(self.scores.shape, dtype=self.scores.dtype, device=self.scores.device)
         return self._launch_over_samples(prototype_potential, codes, write_codes=True)
+
+
+# ============================================================================================
+# The whole iteration in one launch: phases over (BLOCK_B × BLOCK_K) tiles with grid barriers
+# ============================================================================================
+# Phase 0 (prototype):  partial_k[i, k] = LSE_{b ∈ rows i} (s_bk/ε + v_b)   (v = 0 at phase 0)
+# odd phases (sample):  partial_b[j, b] = LSE_{k ∈ prototypes j} (s_bk/ε + u_k)
+# even phases > 0 are prototype phases again, the last (2·iterations) writes the codes:
+#   Q_bk = exp(s_bk/ε + u_k − LSE_j partial_b[j, b]).
+# Each phase starts by combining the other side's partials of its own tile's rows / prototypes
+# in a fixed order (j = 0, 1, …, or i = 0, 1, …): u_k = log r_k − LSE_i partial_k[i, k],
+# v_b = log c_b − LSE_j partial_b[j, b] — no atomics on values, so the result is deterministic
+# and the same for one launch per call or one per phase. Tiles split both axes, so 4096 × 3000
+# gives 128 × 24 tiles where the passes above gave 24 (prototype) / 128 (sample) programs.
+@triton.jit
+def _combine_partials(max_ptr, sum_ptr, index, mask, count, stride, acc_dtype):
+    """LSE over the ``count`` partials (max, sum) of the entries ``index``, in order; 0 where masked."""
+    best = tl.full(index.shape, float("-inf"), acc_dtype)
+    total = tl.zeros(index.shape, acc_dtype)
+    for part in range(0, count):
+        part_max = tl.load(max_ptr + part * stride + index, mask=mask, other=float("-inf"))
+        part_sum = tl.load(sum_ptr + part * stride + index, mask=mask, other=0.0)
+        new_max = tl.maximum(best, part_max)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        total = total * tl.exp(best - shift) + part_sum * tl.exp(part_max - shift)
+        best = new_max
+    return tl.where(mask, best + tl.log(tl.where(mask, total, 1.0)), 0.0)
+
+
+@triton.jit
+def _grid_barrier(counter_ptr, target):
+    """Wait until ``target`` arrivals (programs × barriers so far) have reached the counter, this
+    program's own included: release its stores, acquire everyone's (a cooperative launch keeps all
+    programs resident, so the spin ends)."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    while arrived < target:
+        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _sinkhorn_phases_kernel(
+    # pointers: scores (B, K), log r (K,), log c (B,), codes (B, K) contiguous, partials of the
+    # prototype LSEs (tiles_b, K) and of the sample LSEs (tiles_k, B) as (max, sum), the barrier counter
+    scores_ptr, log_r_ptr, log_c_ptr, codes_ptr, proto_max_ptr, proto_sum_ptr, sample_max_ptr, sample_sum_ptr,
+    counter_ptr,
+    # 1/ε in float32 parts
+    inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low,
+    # sizes, strides, the phases this launch runs [first, last) of 2·iterations + 1
+    B, K, stride_b, stride_k, first_phase, last_phase, codes_phase,
+    # meta-parameters
+    GRID_SYNC: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    inv_epsilon = _inverse_epsilon(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64)
+    tiles_b = tl.cdiv(B, BLOCK_B)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    programs = tl.num_programs(0)
+    for phase in range(first_phase, last_phase):
+        for tile in range(tl.program_id(0), tiles_b * tiles_k, programs):
+            tile_b = tile // tiles_k
+            tile_k = tile % tiles_k
+            b = tile_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+            k = tile_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+            b_mask, k_mask = b < B, k < K
+            mask = b_mask[:, None] & k_mask[None, :]
+            x = tl.load(scores_ptr + b[:, None] * stride_b + k[None, :] * stride_k, mask=mask, other=0.0)
+            x = x.to(acc_dtype) * inv_epsilon
+            if phase % 2 == 0 and phase != codes_phase:  # prototype phase: rows' potentials, partial over rows
+                if phase > 0:
+                    v = tl.load(log_c_ptr + b, mask=b_mask, other=0.0).to(acc_dtype) - _combine_partials(
+                        sample_max_ptr, sample_sum_ptr, b, b_mask, tiles_k, B, acc_dtype)
+                    x += v[:, None]
+                x = tl.where(mask, x, float("-inf"))
+                part_max = tl.max(x, axis=0)
+                shift = tl.where(part_max == float("-inf"), 0.0, part_max)
+                part_sum = tl.sum(tl.exp(x - shift[None, :]), axis=0)
+                tl.store(proto_max_ptr + tile_b * K + k, part_max, mask=k_mask)
+                tl.store(proto_sum_ptr + tile_b * K + k, part_sum, mask=k_mask)
+            else:  # sample or codes phase: prototypes' potentials
+                u = tl.load(log_r_ptr + k, mask=k_mask, other=0.0).to(acc_dtype) - _combine_partials(
+                    proto_max_ptr, proto_sum_ptr, k, k_mask, tiles_b, K, acc_dtype)
+                x = tl.where(mask, x + u[None, :], float("-inf"))
+                if phase == codes_phase:
+                    lse = _combine_partials(sample_max_ptr, sample_sum_ptr, b, b_mask, tiles_k, B, acc_dtype)
+                    codes = tl.exp(x - lse[:, None])
+                    tl.store(codes_ptr + b[:, None] * K + k[None, :], codes.to(codes_ptr.dtype.element_ty), mask=mask)
+                else:
+                    part_max = tl.max(x, axis=1)
+                    shift = tl.where(part_max == float("-inf"), 0.0, part_max)
+                    part_sum = tl.sum(tl.exp(x - shift[:, None]), axis=1)
+                    tl.store(sample_max_ptr + tile_k * B + b, part_max, mask=b_mask)
+                    tl.store(sample_sum_ptr + tile_k * B + b, part_sum, mask=b_mask)
+        if GRID_SYNC:
+            if phase + 1 < last_phase:
+                _grid_barrier(counter_ptr, (phase - first_phase + 1) * programs)
+
+
+# Programs a cooperative launch keeps resident per SM: 4 warps each, registers ≤ 65,536 / (4 · 128)
+# = 128 per thread (tests/runtime/test_gpu_static.py checks the compiled kernel against it)
+RESIDENT_PROGRAMS_PER_SM = 4
+PHASE_WARPS = 4
+
+
+def phase_blocks(dtype: torch.dtype, batch: int, num_prototypes: int):
+    """(BLOCK_B, BLOCK_K) of ``_sinkhorn_phases_kernel``: 32 × 128 tiles (16 × 128 in float64, whose
+    32 × 128 tile of the sample pass spilled 4 KB per thread), smaller for a small problem."""
+    return block_size(batch, 16 if dtype == torch.float64 else 32), block_size(num_prototypes, 128)
+
+
+def persistent(scores: Tensor) -> bool:
+    """Whether the whole iteration runs in one cooperative launch: on a card (the interpreter runs
+    programs one after another, so a grid barrier could never be passed: one launch per phase)."""
+    return scores.device.type != "cpu"
+
+
+def sinkhorn_codes(scores: Tensor, iterations: int, epsilon: float, log_r: Tensor, log_c: Tensor) -> Tensor:
+    """Sinkhorn-Knopp codes (B, K) in the scores' dtype after ``iterations`` ≥ 1 row steps, with
+    log marginals log r (K,) and log c (B,) in the compute dtype, no tolerance: one launch of
+    2·iterations + 1 phases on a card, one launch per phase under the interpreter."""
+    batch, num_prototypes = scores.shape
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    block_b, block_k = phase_blocks(dtype, batch, num_prototypes)
+    tiles_b, tiles_k = triton.cdiv(batch, block_b), triton.cdiv(num_prototypes, block_k)
+    device = scores.device
+    proto = torch.empty(2, tiles_b, num_prototypes, dtype=dtype, device=device)
+    sample = torch.empty(2, tiles_k, batch, dtype=dtype, device=device)
+    codes = torch.empty(scores.shape, dtype=scores.dtype, device=device)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    phases = 2 * iterations + 1
+    cooperative = persistent(scores)
+    programs = min(tiles_b * tiles_k, RESIDENT_PROGRAMS_PER_SM * occupancy.multiprocessors(device)) if cooperative \
+        else tiles_b * tiles_k
+    arguments = (scores, log_r.contiguous(), log_c.contiguous(), codes, proto[0], proto[1], sample[0], sample[1],
+                 counter, *float64_parts(1.0 / epsilon), batch, num_prototypes, *scores.stride())
+    meta = dict(FP64=dtype == torch.float64, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=PHASE_WARPS)
+    with on_device(scores):
+        if cooperative:
+            _sinkhorn_phases_kernel[(programs,)](*arguments, 0, phases, phases - 1, GRID_SYNC=True,
+                                                 launch_cooperative_grid=True, **meta)
+        else:
+            for phase in range(phases):
+                _sinkhorn_phases_kernel[(programs,)](*arguments, phase, phase + 1, phases - 1, GRID_SYNC=False, **meta)
+    return codes

@@ -162,6 +162,7 @@ class _Recorder:
         self.module, self.name, self.kernel, self.launches = module, name, kernel, launches
 
     def __getitem__(self, grid):
+        self.grid = None if callable(grid) else tuple(grid)
         return self._launch
 
     def _launch(self, *args, **kwargs):
@@ -178,7 +179,7 @@ class _Recorder:
                                                    and value % 16 == 0):
                 divisible.append(name)
         self.launches.append({"module": self.module, "kernel": self.name, "signature": signature,
-                              "constexprs": constexprs, "divisible": divisible,
+                              "constexprs": constexprs, "divisible": divisible, "grid": self.grid,
                               "options": {k: v for k, v in kwargs.items() if k not in names}})
 
 
