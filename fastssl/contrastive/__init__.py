@@ -36,6 +36,18 @@ from . import reference
 
 Tensor = torch.Tensor
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _normalized(op: str, backend: str, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """``tensors`` (None kept) with L2-normalised rows, computed in float32 for half inputs; cast back
+    once to the half input dtype where the backend that ``op`` takes for them runs half operands
+    (the triton kernels: half dots on tensor cores), else left in float32, whose rounding the torch
+    path's accuracy relies on."""
+    first = next(t for t in tensors if t is not None)
+    keep = first.dtype in HALF_DTYPES and registry.select(op, backend, tensors)[0] == "triton"
+    return tuple(None if t is None else reference.l2_normalize(t, t.dtype if keep else None) for t in tensors)
+
 
 def info_nce(
     query: Tensor,
@@ -129,9 +141,7 @@ def info_nce(
             raise ValueError(f"self_index must lie in [-1, {m}) for keys of shape {tuple(keys.shape)}")
 
     if normalize:
-        query, keys = reference.l2_normalize(query), reference.l2_normalize(keys)
-        if positive_keys is not None:
-            positive_keys = reference.l2_normalize(positive_keys)
+        query, keys, positive_keys = _normalized("info_nce", backend, query, keys, positive_keys)
     _, core = registry.select("info_nce", backend, (query, keys, positive_keys))
     row_loss, col_loss = core(query, keys, positive_keys, query_labels, key_labels, self_index,
                               scale, symmetric)
@@ -204,7 +214,7 @@ def nt_xent(
     if mode != "simclr" and len(views) != 2:
         raise ValueError(f"mode={mode!r} takes exactly two views, got {len(views)}")
     if normalize:
-        views = tuple(reference.l2_normalize(v) for v in views)
+        views = _normalized("info_nce", backend, *views)
     common = dict(temperature=temperature, normalize=False, backend=backend)
 
     if negatives is not None:
@@ -287,8 +297,8 @@ def clip_loss(
             check_positive("logit_scale", logit_scale.detach())
     else:
         check_positive("logit_scale", logit_scale)
-    image = reference.l2_normalize(image_features) * logit_scale
-    text = reference.l2_normalize(text_features)
+    image, text = _normalized("info_nce", backend, image_features, text_features)
+    image = image * logit_scale
     return nt_xent(image, text, temperature=1.0, mode="symmetric", normalize=False,
                    gather_distributed=gather_distributed, backend=backend)
 
@@ -548,7 +558,7 @@ def _macl_plain_losses(x0: Tensor, x1: Tensor, inverse_t: Tensor) -> Tensor:
     masked_select copy of the negatives (the row's own entry is −inf instead) and with 1/t applied
     to the 2B × D rows before the GEMM, not to the logits; one GEMM and one cross-entropy."""
     batch = x0.shape[0]
-    rows = torch.cat([x0, x1]).to(compute_dtype(x0))
+    rows = torch.cat([x0, x1])
     logits = ((rows * inverse_t) @ rows.T).fill_diagonal_(float("-inf"))
     other_view = torch.arange(2 * batch, device=rows.device).roll(batch)
     return F.cross_entropy(logits, other_view, reduction="none")
@@ -572,9 +582,9 @@ def macl(z0: Tensor, z1: Tensor, temperature: float = 0.1, alpha: float = 0.5, A
     """
     check_views(("z0", "z1"), (z0, z1))
     check_macl_parameters(temperature, alpha, A_0)
-    x0, x1 = reference.l2_normalize(z0), reference.l2_normalize(z1)
+    x0, x1 = _normalized("info_nce", backend, z0, z1)
     batch = x0.shape[0]
-    mean_positive = (x0.detach() * x1.detach()).sum(dim=1).mean()
+    mean_positive = (x0.detach() * x1.detach()).sum(dim=1, dtype=compute_dtype(x0)).mean()  # half rows: triton's
     inverse_t = 1.0 / (temperature * (1 + alpha * (mean_positive - A_0)))
     chosen, core = registry.select("info_nce", backend, (x0, x1))
     if chosen == "torch" and 2 * batch <= MACL_PLAIN_MAX_ROWS:
