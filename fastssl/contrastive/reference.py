@@ -10,15 +10,17 @@ import torch.nn.functional as F
 from ..runtime.dtypes import compute_dtype
 
 
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` (N, D) scaled to unit L2 norm, in the compute dtype (``F.normalize``, eps 1e-12).
+def l2_normalize(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Rows of ``x`` (N, D) scaled to unit L2 norm (``F.normalize``, eps 1e-12), computed in the
+    compute dtype and returned in it, or cast once to ``dtype`` (half inputs for half kernels).
 
     Each row is first divided by its largest magnitude (no gradient: normalising removes any
     positive scale), so squares cannot overflow for huge inputs (fp32 rows of ~1e20).
     """
     x = x.to(compute_dtype(x))
     peak = x.detach().abs().amax(dim=1, keepdim=True)
-    return F.normalize(x / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
+    unit = F.normalize(x / torch.where(peak > 0, peak, torch.ones_like(peak)), dim=1)
+    return unit if dtype is None else unit.to(dtype)
 
 
 def info_nce(

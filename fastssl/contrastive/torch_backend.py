@@ -401,8 +401,8 @@ def _merge_statistics(row_max: Tensor, row_sum: Tensor, start: int, tile: Tensor
 
 
 def _pairs_by_tile(positives: Positives, n: int) -> dict:
-    """Positive pairs grouped by the tile of ``_tiles(n)`` that holds them, each relative to its
-    tile's corner: {(row start, column start): (rows, cols)}, only tiles that have pairs.
+    """Positive pairs grouped by the tile of ``_tiles(n)`` that holds them: {(row start, column
+    start): (rows, cols relative to the tile's corner, the same absolute)}, only tiles that have pairs.
 
     Pairs below the diagonal tiles are left out: labels make the pairs symmetric, so each is the
     mirror of one above. Grouped once per call, so a tile without pairs costs one dict lookup.
@@ -419,7 +419,7 @@ def _pairs_by_tile(positives: Positives, n: int) -> dict:
     for key, tile_rows, tile_cols in zip(keys.tolist(), rows[order].split(counts.tolist()),
                                          cols[order].split(counts.tolist())):
         i0, j0 = (step * t for t in divmod(key, tiles_per_side))
-        groups[i0, j0] = (tile_rows - i0, tile_cols - j0)
+        groups[i0, j0] = (tile_rows - i0, tile_cols - j0, tile_rows, tile_cols)
     return groups
 
 
@@ -432,15 +432,24 @@ def _tile_mask(positives: Positives, row_start: int, row_stop: int, col_start: i
 
 
 def _tiles(n: int):
+    """(row block, column block, i0, i1, j0, j1) of every tile on and above the diagonal."""
     step = tile_size(n)
-    for i in range(0, n, step):
-        for j in range(i, n, step):
-            yield i, min(i + step, n), j, min(j + step, n)
+    for bi, i in enumerate(range(0, n, step)):
+        for bj, j in enumerate(range(i, n, step), start=bi):
+            yield bi, bj, i, min(i + step, n), j, min(j + step, n)
 
 
-def _tile(scaled: Tensor, z: Tensor, i0: int, i1: int, j0: int, j1: int, buffer: Tensor) -> Tensor:
-    """scale · Z_I Z_Jᵀ written into ``buffer`` (reused across tiles: no allocation per tile)."""
-    return torch.mm(scaled[i0:i1], z[j0:j1].T, out=buffer[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
+def _shaped_views(buffer: Tensor):
+    """(rows, cols) → a (rows, cols) view of the start of ``buffer`` (reused across tiles: no
+    allocation per tile), each shape's view made once (a call has at most four shapes)."""
+    views = {}
+
+    def view(rows: int, cols: int) -> Tensor:
+        if (rows, cols) not in views:
+            views[rows, cols] = buffer[: rows * cols].view(rows, cols)
+        return views[rows, cols]
+
+    return view
 
 
 def _add_positive_logits(positive_sum: Tensor, positives: Positives, pairs: dict, tile: Tensor, i0: int, i1: int,
@@ -449,11 +458,11 @@ def _add_positive_logits(positive_sum: Tensor, positives: Positives, pairs: dict
     if positives.pair_rows is not None:
         if (i0, j0) not in pairs:
             return
-        rows, cols = pairs[i0, j0]
+        rows, cols, absolute_rows, absolute_cols = pairs[i0, j0]
         values = tile[rows, cols]
-        positive_sum.index_add_(0, rows + i0, values)
+        positive_sum.index_add_(0, absolute_rows, values)
         if i0 != j0:  # the mirrored pair (col, row) lies in the tile below the diagonal
-            positive_sum.index_add_(0, cols + j0, values)
+            positive_sum.index_add_(0, absolute_cols, values)
     else:
         kept = torch.where(_tile_mask(positives, i0, i1, j0, j1), tile, torch.zeros((), dtype=tile.dtype))
         positive_sum[i0:i1].add_(kept.sum(1))  # in place on the view: `+=` would copy back
@@ -474,7 +483,7 @@ def _drop_positives(tile: Tensor, positives: Positives, pairs: dict, i0: int, i1
     """Write ``value`` over the tile's positive entries (decoupled InfoNCE: not in the denominator)."""
     if positives.pair_rows is not None:
         if (i0, j0) in pairs:
-            rows, cols = pairs[i0, j0]
+            rows, cols, _, _ = pairs[i0, j0]
             tile[rows, cols] = value
     else:
         tile.masked_fill_(_tile_mask(positives, i0, i1, j0, j1), value)
@@ -496,9 +505,12 @@ def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool
     row_max = torch.full((n,), 0.0 if unshifted else float("-inf"), dtype=dtype, device=z.device)
     row_sum = torch.zeros(n, dtype=dtype, device=z.device)
     positive_sum = torch.zeros(n, dtype=dtype, device=z.device)
-    buffer = torch.empty(tile_size(n) ** 2, dtype=dtype, device=z.device)
-    for i0, i1, j0, j1 in _tiles(n):
-        tile = _tile(scaled, z, i0, i1, j0, j1, buffer)
+    # per-block views made once (one split each), not sliced again for every tile
+    step = tile_size(n)
+    scaled_blocks, transposed_blocks, row_sum_blocks = scaled.split(step), z.T.split(step, dim=1), row_sum.split(step)
+    tile_view = _shaped_views(torch.empty(step ** 2, dtype=dtype, device=z.device))
+    for bi, bj, i0, i1, j0, j1 in _tiles(n):
+        tile = torch.mm(scaled_blocks[bi], transposed_blocks[bj], out=tile_view(i1 - i0, j1 - j0))  # scale · Z_I Z_Jᵀ
         _add_positive_logits(positive_sum, positives, pairs, tile, i0, i1, j0, j1)
         if decoupled:
             _drop_positives(tile, positives, pairs, i0, i1, j0, j1, float("-inf"))
@@ -506,9 +518,9 @@ def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool
             tile.exp_()
             if i0 == j0 and exclude_self:
                 tile.fill_diagonal_(0.0)
-            row_sum[i0:i1].add_(tile.sum(dim=1))  # in place on the view: `+=` would copy back
+            row_sum_blocks[bi].add_(tile.sum(dim=1))  # in place on the view: `+=` would copy back
             if i0 != j0:
-                row_sum[j0:j1].add_(tile.sum(dim=0))
+                row_sum_blocks[bj].add_(tile.sum(dim=0))
         else:
             if i0 == j0 and exclude_self:
                 tile.fill_diagonal_(float("-inf"))
@@ -535,10 +547,17 @@ def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor,
     scaled = z * scale
     # the forward's shift was 0 for every row (exps_stay_normal): one exp() per tile serves both orientations
     unshifted = not bool(row_max.any())
-    buffer, weight_buffer = (torch.empty(tile_size(n) ** 2, dtype=dtype, device=z.device) for _ in range(2))
     grad = torch.zeros_like(z)
-    for i0, i1, j0, j1 in _tiles(n):
-        tile = _tile(scaled, z, i0, i1, j0, j1, buffer)
+    # per-block views made once (one split each), not sliced again for every tile
+    step = tile_size(n)
+    z_blocks, transposed_blocks, scaled_blocks, grad_blocks = (
+        z.split(step), z.T.split(step, dim=1), scaled.split(step), grad.split(step))
+    row_coefs = softmax_coef[:, None].split(step)
+    col_coefs = softmax_coef[None, :].split(step, dim=1) if n > step else ()  # for tiles off the diagonal
+    tile_view, weight_view = (_shaped_views(torch.empty(step ** 2, dtype=dtype, device=z.device)) for _ in range(2))
+    negative_weight = -positive_weight
+    for bi, bj, i0, i1, j0, j1 in _tiles(n):
+        tile = torch.mm(scaled_blocks[bi], transposed_blocks[bj], out=tile_view(i1 - i0, j1 - j0))
         if i0 == j0 and exclude_self:
             tile.fill_diagonal_(float("-inf"))
         if decoupled:  # positives have no softmax term, only their −1/|P| (added below)
@@ -546,29 +565,29 @@ def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor,
         # W = G_IJ (rows of block I) + G_JIᵀ (rows of block J, seen through the tile's columns)
         if unshifted:
             tile.exp_()
-            weights = torch.mul(tile, softmax_coef[i0:i1, None], out=weight_buffer[: tile.numel()].view(tile.shape))
+            weights = torch.mul(tile, row_coefs[bi], out=weight_view(i1 - i0, j1 - j0))
             if i0 != j0:
-                weights.addcmul_(tile, softmax_coef[None, j0:j1])
+                weights.addcmul_(tile, col_coefs[bj])
         else:
-            weights = torch.exp(tile - row_max[i0:i1, None]).mul_(softmax_coef[i0:i1, None])
+            weights = torch.exp(tile - row_max[i0:i1, None]).mul_(row_coefs[bi])
             if i0 != j0:
-                weights.addcmul_(tile.sub_(row_max[None, j0:j1]).exp_(), softmax_coef[None, j0:j1])
+                weights.addcmul_(tile.sub_(row_max[None, j0:j1]).exp_(), col_coefs[bj])
         if (i0, j0) in pairs:
-            rows, cols = pairs[i0, j0]
-            weight = positive_weight[rows + i0]
+            rows, cols, absolute_rows, absolute_cols = pairs[i0, j0]
+            weight = negative_weight[absolute_rows]
             if i0 != j0:
-                weight = weight + positive_weight[cols + j0]
-            weights.index_put_((rows, cols), -weight, accumulate=True)
+                weight.add_(negative_weight[absolute_cols])
+            weights.index_put_((rows, cols), weight, accumulate=True)
         elif positives.pair_rows is None:
             mask = _tile_mask(positives, i0, i1, j0, j1).to(dtype)
             weights.sub_(mask * positive_weight[i0:i1, None])
             if i0 != j0:
                 weights.sub_(mask * positive_weight[None, j0:j1])
         if i0 == j0:
-            grad[i0:i1].addmm_(weights + weights.T, z[i0:i1])
+            grad_blocks[bi].addmm_(weights + weights.T, z_blocks[bi])
         else:
-            grad[i0:i1].addmm_(weights, z[j0:j1])
-            grad[j0:j1].addmm_(weights.T, z[i0:i1])
+            grad_blocks[bi].addmm_(weights, z_blocks[bj])
+            grad_blocks[bj].addmm_(weights.T, z_blocks[bi])
     return grad.to(embeddings.dtype)
 
 

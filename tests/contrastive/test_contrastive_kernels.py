@@ -518,7 +518,7 @@ def test_triton_float32_takes_tf32_only_behind_the_switch(monkeypatch, launches,
     for dtype in (torch.float32, torch.float16):
         launches.clear()
         q, k = _inputs(37, 45, 19, dtype)
-        loss, inputs = _call("triton", q, k, {"normalize": False})  # normalised half inputs are float32
+        loss, inputs = _call("triton", q, k, {"normalize": False})
         torch.autograd.grad(loss, inputs)
         precisions = {kwargs["INPUT_PRECISION"] for _, _, kwargs in launches if "INPUT_PRECISION" in kwargs}
         assert precisions == {"ieee" if dtype == torch.float32 and not tf32 else "tf32"}
@@ -559,6 +559,53 @@ def test_triton_fp16_kernels_error_at_most_twice_reference(key_splits):
     half_error_within_twice_reference(loss.detach(), naive.detach(), exact.detach())
     for got, ref, want in zip(grads, torch.autograd.grad(naive, (h0, h1)), torch.autograd.grad(exact, (e0, e1))):
         half_error_within_twice_reference(got, ref, want)
+
+
+@pytest.fixture
+def kernel_dtypes(monkeypatch):
+    """The dtypes of the operands the triton InfoNCE kernels receive during the test (forward, backward)."""
+    kernels, seen = _kernel_module("contrastive"), []
+    for name in ("info_nce_row_statistics", "info_nce_grads"):
+        def record(query, keys, *rest, _kernel=getattr(kernels, name)):
+            seen.append((query.dtype, keys.dtype))
+            return _kernel(query, keys, *rest)
+        monkeypatch.setattr(kernels, name, record)
+    return seen
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("mode", ["simclr", "symmetric"])
+def test_triton_normalised_half_inputs_reach_the_half_kernels(kernel_dtypes, mode):
+    """normalize=True with fp16 inputs: the rows are normalised in float32 and cast back once, so the
+    kernels get fp16 operands (not float32 ones); loss and gradients within 2× of NT-Xent computed
+    in fp16 throughout, against float64."""
+    x0, x1 = _inputs(40, 40, 24, torch.float16)
+    loss = fn.nt_xent(x0, x1, temperature=0.1, mode=mode, backend="triton")
+    grads = torch.autograd.grad(loss, (x0, x1))
+    assert kernel_dtypes and set(kernel_dtypes) == {(torch.float16, torch.float16)}
+    assert all(g.dtype == torch.float16 for g in grads)
+    e0, e1 = (x.detach().double().requires_grad_(True) for x in (x0, x1))
+    exact = fn.nt_xent(e0, e1, temperature=0.1, mode=mode, backend="reference")
+    h0, h1 = (x.detach().clone().requires_grad_(True) for x in (x0, x1))
+    naive = _naive_half_nt_xent(h0, h1, 0.1, mode)
+    half_error_within_twice_reference(loss.detach(), naive.detach(), exact.detach())
+    for got, ref, want in zip(grads, torch.autograd.grad(naive, (h0, h1)), torch.autograd.grad(exact, (e0, e1))):
+        half_error_within_twice_reference(got, ref, want)
+
+
+@pytest.mark.parametrize("mode", ["simclr", "symmetric"])
+def test_normalised_half_inputs_reach_the_torch_core_in_float32(monkeypatch, mode):
+    """The torch path keeps its float32 normalised rows (its half accuracy bounds rely on them)."""
+    seen, select = [], registry.select
+
+    def recording_select(op, backend, tensors):
+        chosen, core = select(op, backend, tensors)
+        return chosen, lambda first, *rest: seen.append((chosen, first.dtype)) or core(first, *rest)
+
+    monkeypatch.setattr(registry, "select", recording_select)
+    x0, x1 = _inputs(40, 40, 24, torch.float16)
+    fn.nt_xent(x0, x1, temperature=0.1, mode=mode, backend="torch")
+    assert seen == [("torch", torch.float32)]
 
 
 @pytest.mark.triton

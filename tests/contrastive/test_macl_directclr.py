@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import fastssl
-from fastssl import DirectCLRLoss, MACLLoss
+from fastssl import DirectCLRLoss, MACLLoss, contrastive
+from fastssl.contrastive import torch_backend as contrastive_torch
 
 from helpers import (FLOAT_DTYPES, U32, assert_ce_within, assert_info_nce_grads_within, assert_within,
                      backend_params, gamma, logit_error, seeded_views, simclr_blocks, unit_roundoff)
@@ -43,12 +44,24 @@ def macl_bounds(z0, z1, temperature, alpha, a_0, u=U32):
     return value.item(), kappa.item()
 
 
+@pytest.fixture(params=["dense", "blocked"])
+def macl_path(request, monkeypatch):
+    """The torch backend's two MACL paths: the dense 2B × 2B logits of small batches, and the
+    blocked InfoNCE op (both crossovers set to 0)."""
+    if request.param == "blocked":
+        monkeypatch.setattr(contrastive, "MACL_PLAIN_MAX_ROWS", 0)
+        monkeypatch.setattr(contrastive_torch, "PLAIN_MAX_LOGITS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", backend_params("info_nce"))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(7, 12), (20, 5)])
 @pytest.mark.parametrize("temperature,alpha,a_0", [(0.1, 0.5, 0.0), (0.2, 1.0, 0.3), (0.5, 0.0, 1.0)],
                          ids=["defaults", "alpha1", "alpha0"])
-def test_macl_equals_float64(backend, dtype, shape, temperature, alpha, a_0):
+def test_macl_equals_float64(backend, dtype, shape, temperature, alpha, a_0, macl_path):
+    if backend != "torch" and macl_path == "blocked":
+        pytest.skip("the dense/blocked choice is the torch backend's")
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the triton InfoNCE kernels take float16, bfloat16 or float32")
     z0, z1 = views(*shape, dtype)
@@ -59,6 +72,16 @@ def test_macl_equals_float64(backend, dtype, shape, temperature, alpha, a_0):
     assert_within(loss, exact, value_bound, "loss")
     for got, want in zip(torch.autograd.grad(loss, (z0, z1)), torch.autograd.grad(exact, (x0, x1))):
         assert_within(got, want, kappa * want.abs().max().item(), "gradient")
+
+
+def test_macl_takes_the_dense_path_up_to_the_crossover_only(monkeypatch):
+    calls = []
+    dense = contrastive._macl_plain_losses
+    monkeypatch.setattr(contrastive, "_macl_plain_losses", lambda *args: calls.append(args[0].shape) or dense(*args))
+    for batch in (4, contrastive.MACL_PLAIN_MAX_ROWS // 2, contrastive.MACL_PLAIN_MAX_ROWS // 2 + 1):
+        fastssl.functional.macl(torch.randn(batch, 3), torch.randn(batch, 3), backend="torch")
+    fastssl.functional.macl(torch.randn(4, 3), torch.randn(4, 3), backend="reference")  # the spec: never
+    assert calls == [(4, 3), (contrastive.MACL_PLAIN_MAX_ROWS // 2, 3)]
 
 
 def test_macl_module_is_lightlys():
