@@ -155,6 +155,19 @@ def ibot(masked: int, dim: int = DINO_DIM) -> core.Case:
     )
 
 
+def at_size(rows: int, prototypes: int) -> List[core.Case]:
+    """The size sweep's clustering cases (``bench.sweep``): SwAV and its Sinkhorn at ``rows``
+    rows per crop and ``prototypes`` prototypes."""
+    return [swav(rows, prototypes), sinkhorn(rows, prototypes)]
+
+
+def distillation_at_size(rows: int, dim: int) -> List[core.Case]:
+    """The size sweep's distillation cases (lightly's losses): DINO at ``rows`` rows per crop and
+    iBOT at ``rows`` masked tokens, both at ``dim`` output dims; MSN / PMSN at ``rows`` targets in
+    their own setting (D = 256, K = 1024: ``dim`` is DINO's output size, not theirs)."""
+    return [dino(rows, dim), ibot(rows, dim), msn(rows), msn(rows, "pmsn")]
+
+
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
         return [swav(6, 10, high=2, low=1), sinkhorn(6, 10), dino(3, 10, global_crops=2, local_crops=1),

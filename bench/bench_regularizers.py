@@ -54,6 +54,12 @@ def _koleo_case(batch: int, dim: int) -> core.Case:
     )
 
 
+def at_size(rows: int, dim: int) -> List[core.Case]:
+    """The size sweep's cases (``bench.sweep``): KoLeo on ``rows`` rows, DSE on ``rows`` tokens
+    of 8 images (a ViT batch's layout)."""
+    return [_koleo_case(rows, dim)] + ([_dse_case(8, rows // 8, dim)] if rows >= 8 else [])
+
+
 def cases(size_set: str) -> List[core.Case]:
     if size_set == "smoke":
         return [_dse_case(2, 6, 5), _koleo_case(6, 5)]

@@ -12,6 +12,12 @@ left out of that size and every larger one (the row says so). Writes ``sweep.md`
 and one ratio-over-size PNG per family (``bench.plots.plot_ratios``) to
 ``bench/results/<machine-key>/sweep/`` (``--out``).
 
+Families: contrastive, redundancy, spectral, BYOL; clustering (SwAV with 2+6 crops and its
+Sinkhorn-Knopp at K = 3000 prototypes: the Sinkhorn has no gradient, its forward alone is timed);
+whitening (W-MSE, Whitening2d; D at most rows / 2, as W-MSE's w_size >= 2D asks); distillation
+(DINO with 2+10 crops and iBOT at 65,536 output dims, MSN / PMSN in their own D = 256, K = 1024);
+regularizers (KoLeo, DSE). A case whose inputs would exceed ``--max-input-gb`` is not built.
+
 Clocks: ``process`` (CPU time of this process, which other processes do not inflate) at one
 thread; with more threads CPU time also counts idle OpenMP threads spinning, so ``auto`` (the
 default) times those on the wall clock.
@@ -28,14 +34,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import bench_byol, bench_contrastive, bench_redundancy, bench_spectral, core, machine, report, versus
+from . import (bench_byol, bench_clustering, bench_contrastive, bench_redundancy, bench_regularizers, bench_spectral,
+               bench_whitening, core, machine, report, versus)
 
 SIZES = tuple(2 ** k for k in range(7, 15))  # 128 … 16,384 rows (per view)
 FASTSSL, PLAIN, LIGHTLY = "fastssl", "torch", "lightly"
 PROVIDER_NOTES = {FASTSSL: 'fastssl, backend="auto"', PLAIN: "the family's plain PyTorch code "
                   '(fastssl\'s backend="reference")', LIGHTLY: "lightly 1.6"}
 
-# family -> (usual D, (rows, D) -> its sweep cases: the losses that have a lightly counterpart)
+# family -> (usual D, (rows, D) -> its sweep cases: the losses that have a lightly counterpart).
+# D is the prototypes for clustering (K = 3000) and DINO's / iBOT's output dims for distillation.
 FAMILIES: Dict[str, tuple] = {
     "contrastive": (128, lambda n, d: [bench_contrastive.simclr(n, d), bench_contrastive.dcl(n, d),
                                        bench_contrastive.dcl(n, d, weighted=True)]
@@ -43,6 +51,10 @@ FAMILIES: Dict[str, tuple] = {
     "redundancy": (8192, lambda n, d: [bench_redundancy.barlow_twins(n, d), bench_redundancy.vicreg(n, d)]),
     "spectral": (8192, bench_spectral.at_size),
     "byol": (256, lambda n, d: [bench_byol.negative_cosine(n, d, "BYOL")]),
+    "clustering": (bench_clustering.PROTOTYPES, bench_clustering.at_size),
+    "whitening": (128, bench_whitening.at_size),
+    "distillation": (bench_clustering.DINO_DIM, bench_clustering.distillation_at_size),
+    "regularizers": (128, bench_regularizers.at_size),
 }
 
 
@@ -50,6 +62,23 @@ def sweep_cases(family: str, rows: int, dim: Optional[int] = None, losses: Seque
     """The family's sweep cases at ``rows`` rows and ``dim`` (default: the family's usual D)."""
     usual_dim, build = FAMILIES[family]
     return [case for case in build(rows, dim or usual_dim) if not losses or case.loss in losses]
+
+
+def case_dim(case: core.Case) -> int:
+    """The D of a sweep row: the case's dim, or its prototypes (SwAV, Sinkhorn)."""
+    return case.sizes["dim"] if "dim" in case.sizes else case.sizes["prototypes"]
+
+
+def input_bytes(case: core.Case) -> Optional[int]:
+    """The bytes of the case's inputs, built on the meta device (no memory); None where they
+    cannot be built there."""
+    try:
+        args, _ = case.make_inputs(torch.device("meta"), torch.float32)
+    except Exception:  # noqa: BLE001 - an input that needs real data: no estimate
+        return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
+        t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def providers(case: core.Case) -> Dict[str, Callable[[], Callable]]:
@@ -62,11 +91,12 @@ def alternate(case: core.Case, builders: Dict[str, Callable[[], Callable]], roun
     """Time every provider of ``builders`` in alternating rounds: {"ms": {provider: median},
     "ratios": {provider: [its ms / fastssl ms per round]}, "skipped": {provider: why}}."""
     args, leaves = core.make_inputs(case, torch.device("cpu"), torch.float32)
+    forward_only = not case.differentiable  # Sinkhorn: no gradient, the forward is timed
     losses, first_ms, skipped = {}, {}, {}
     for name, build in builders.items():
         try:
             losses[name] = build()
-            first_ms[name] = versus._steps_ms(losses[name], args, leaves, 1, clock)
+            first_ms[name] = versus._steps_ms(losses[name], args, leaves, 1, clock, forward_only)
         except Exception as error:  # noqa: BLE001 - the row says why
             failure = core.classify(error, name)
             skipped[name] = f"{failure.status}: {failure.reason}"
@@ -81,16 +111,18 @@ def alternate(case: core.Case, builders: Dict[str, Callable[[], Callable]], roun
         shift = round_index % max(len(order), 1)
         for name in order[shift:] + order[:shift]:
             times[name].append(versus._steps_ms(losses[name], args, leaves,
-                                                1 if first_ms[name] > 1e3 else runs, clock))
+                                                1 if first_ms[name] > 1e3 else runs, clock, forward_only))
     ratios = ({name: [t / f for t, f in zip(times[name], times[FASTSSL])] for name in times if name != FASTSSL}
               if FASTSSL in times else {})
     return {"ms": {name: statistics.median(t) for name, t in times.items()}, "ratios": ratios, "skipped": skipped}
 
 
 def run(families: Sequence[str], sizes: Sequence[int], thread_counts: Sequence[int], rounds: int, runs: int,
-        clock: str, losses: Sequence[str] = (), dim: Optional[int] = None, max_step_s: float = 10.0) -> List[dict]:
+        clock: str, losses: Sequence[str] = (), dim: Optional[int] = None, max_step_s: float = 10.0,
+        max_input_gb: float = 4.0) -> List[dict]:
     """One row per (family, loss, size, threads). A provider skipped at a size for its time stays
-    skipped at the larger sizes of that loss and thread count."""
+    skipped at the larger sizes of that loss and thread count; a case whose inputs exceed
+    ``max_input_gb`` (DINO's 12 crops × 65,536 dims grow fast) is not built, its row says so."""
     rows = []
     for threads in thread_counts:
         torch.set_num_threads(threads)
@@ -101,7 +133,12 @@ def run(families: Sequence[str], sizes: Sequence[int], thread_counts: Sequence[i
                 for case in sweep_cases(family, size, dim, losses):
                     builders = {name: build for name, build in providers(case).items()
                                 if (case.loss, name) not in too_slow}
-                    result = alternate(case, builders, rounds, runs, versus.CLOCKS[clock_name], max_step_s)
+                    size_bytes = input_bytes(case)
+                    if size_bytes is not None and size_bytes > max_input_gb * 2 ** 30:
+                        why = f"inputs {size_bytes / 2 ** 30:.1f} GiB > --max-input-gb {max_input_gb:g}"
+                        result = {"ms": {}, "ratios": {}, "skipped": {name: why for name in builders}}
+                    else:
+                        result = alternate(case, builders, rounds, runs, versus.CLOCKS[clock_name], max_step_s)
                     skipped = dict(result["skipped"])
                     for name, why in skipped.items():
                         if why.startswith("first step"):
@@ -109,7 +146,7 @@ def run(families: Sequence[str], sizes: Sequence[int], thread_counts: Sequence[i
                     skipped.update({name: too_slow[case.loss, name] for name in providers(case)
                                     if name not in builders})
                     row = {"family": family, "loss": case.loss, "case": case.name, "rows": size,
-                           "dim": case.sizes["dim"], "threads": threads, "clock": clock_name,
+                           "dim": case_dim(case), "threads": threads, "clock": clock_name,
                            "ms": result["ms"], "skipped": skipped,
                            **{f"ratio_{name}": _spread(ratios) for name, ratios in result["ratios"].items()}}
                     rows.append(row)
@@ -192,6 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="auto: process CPU time at one thread, wall time with more")
     parser.add_argument("--max-step-s", type=float, default=10.0,
                         help="leave out a provider whose first step takes longer (and its larger sizes)")
+    parser.add_argument("--max-input-gb", type=float, default=4.0,
+                        help="leave out a case whose inputs take more memory (GiB)")
     parser.add_argument("--out", type=Path, help="folder for sweep.md / sweep.json / PNGs "
                         "(default bench/results/<machine-key>/sweep)")
     parser.add_argument("--no-plot", action="store_true")
@@ -208,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = args.out or report.RESULTS_DIR / info["key"] / "sweep"
     started = time.perf_counter()
     rows = run(args.family, args.sizes, sorted(set(args.threads)), args.rounds, args.runs, args.clock,
-               args.loss, args.dim, args.max_step_s)
+               args.loss, args.dim, args.max_step_s, args.max_input_gb)
     command = " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"{report.machine_line(info)}; fwd+bwd float32, {args.rounds} alternating rounds of {args.runs} "
               f"steps per provider, clock {args.clock}; {time.perf_counter() - started:.0f} s\n\n"

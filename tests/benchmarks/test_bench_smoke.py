@@ -186,3 +186,27 @@ def test_sweep_rows_ratios_and_writers(tmp_path):
                      max_step_s=0.0)
     assert slow[0]["skipped"][sweep.PLAIN].startswith("first step")
     assert slow[1]["skipped"][sweep.PLAIN].startswith("skipped: slower than --max-step-s at 6 rows")
+
+
+@pytest.mark.parametrize("family,sizes,dim,losses", [
+    ("clustering", [6, 12], 10, ["swav", "sinkhorn_knopp"]),
+    ("whitening", [8, 16], 4, ["wmse", "whitening2d"]),
+    ("distillation", [6, 12], 10, ["dino", "ibot", "msn", "pmsn"]),
+    ("regularizers", [16, 32], 4, ["koleo", "dse"]),
+])
+def test_sweep_covers_the_other_families(family, sizes, dim, losses):
+    """The clustering (the Sinkhorn forward alone: it has no gradient), whitening, distillation and
+    regularizer families through bench.sweep on tiny sizes: a row per (loss, size), fastssl and
+    the plain torch code timed; a case over --max-input-gb is not built, its row says why."""
+    from bench import sweep
+
+    rows = sweep.run([family], sizes, [1], rounds=2, runs=1, clock="process", dim=dim)
+    assert sorted((r["loss"], r["rows"]) for r in rows) == sorted((loss, size) for loss in losses for size in sizes)
+    for row in rows:
+        assert row["ms"][sweep.FASTSSL] > 0 and row["ms"][sweep.PLAIN] > 0, row
+        assert 0 < row[f"ratio_{sweep.PLAIN}"]["min"] <= row[f"ratio_{sweep.PLAIN}"]["max"], row
+        assert (sweep.LIGHTLY in row["ms"]) != (sweep.LIGHTLY in row["skipped"]), row
+    too_big = sweep.run([family], sizes[:1], [1], rounds=1, runs=1, clock="process", dim=dim, max_input_gb=0.0)
+    for row in too_big:
+        assert row["ms"] == {} and set(row["skipped"]) == {sweep.FASTSSL, sweep.PLAIN, sweep.LIGHTLY}, row
+        assert all("--max-input-gb 0" in why for why in row["skipped"].values()), row

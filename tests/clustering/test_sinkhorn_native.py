@@ -46,6 +46,32 @@ def test_sinkhorn_matches_reference_and_float64(built, batch, prototypes, scores
                   (2 * prototypes + 4) * unit_roundoff(dtype), "row sums")
 
 
+@pytest.mark.parametrize("batch,prototypes", [(300, 1000), (4096, 40), (5, 3)], ids=lambda v: str(v))
+@pytest.mark.parametrize("scores_kind", ["cosine", "wide", "unreachable"])  # kernel / log-domain / exact sums
+def test_sinkhorn_is_bitwise_the_same_at_any_thread_count_and_run(built, batch, prototypes, scores_kind):
+    """The rows are summed in fixed chunks (>= 2^16 scores, <= 64 of them) combined in chunk order,
+    whichever thread ran which chunk: 300 x 1000 is 5 chunks, 4096 x 40 is 64 chunks of 64 rows
+    (the cap), 5 x 3 one chunk (no parallel region). Under a static split per thread the sums,
+    and so the codes' last bits, changed with the thread count; under dynamic claiming a sum
+    per thread would change from run to run."""
+    if scores_kind == "cosine":
+        scores = cosine_scores(batch, prototypes)
+    else:
+        scores = 4 * torch.randn(batch, prototypes)
+        if scores_kind == "unreachable":  # a prototype no sample reaches: the exact column sweeps
+            scores[:, 0] = -1e3
+    before = torch.get_num_threads()
+    try:
+        codes = []
+        for threads in (1, 2, 2, 2, 3):
+            torch.set_num_threads(threads)
+            codes.append(fn.sinkhorn_knopp(scores, 4, 0.05, tolerance=1e-9, backend="native"))
+    finally:
+        torch.set_num_threads(before)
+    for other in codes[1:]:
+        torch.testing.assert_close(other, codes[0], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("iterations", [0, 1, 2, 7])
 def test_sinkhorn_iterations_and_marginals(built, iterations):
     scores = cosine_scores(45, 23)
