@@ -6,10 +6,12 @@ Public API: :func:`negative_cosine_similarity`, :class:`NegativeCosineSimilarity
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import registry
-from ..runtime.validation import check_positive, check_views
+from ..runtime.validation import FLOAT_DTYPES, check_positive, check_views
+from . import torch_backend
 
 Tensor = torch.Tensor
 
@@ -28,15 +30,33 @@ def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float 
         >>> loss = 0.5 * (negative_cosine_similarity(p0, z1.detach())
         ...               + negative_cosine_similarity(p1, z0.detach()))
     """
-    check_views(("x0", "x1"), (x0, x1), ndim=None)
+    if not _valid_views(x0, x1):  # the common call in a few attribute reads; any other gets every check's message
+        check_views(("x0", "x1"), (x0, x1), ndim=None)
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x0.dim() <= dim < x0.dim():
         raise ValueError(f"dim must be an int in [{-x0.dim()}, {x0.dim()}) for shape {tuple(x0.shape)}, got {dim}")
     eps = check_positive("eps", eps)
     # (B, D) along dim 1 are the rows already: no view nodes for autograd to walk
     rows = ([x0, x1] if x0.dim() == 2 and dim in (1, -1) else
             [x.movedim(dim, -1).reshape(-1, x.shape[dim]) for x in (x0, x1)])
+    if (x0.numel() <= torch_backend.PLAIN_MAX_ENTRIES and x0.dtype in _OWN_COMPUTE_DTYPES
+            and registry.requested_backend(backend) in _BACKENDS_OF_THE_PLAIN_PATH):
+        # what the torch backend runs at this size (lightly's code: reference.negative_cosine_similarity
+        # in the inputs' own dtype), without the backend selection, a third of a small call's Python
+        return -F.cosine_similarity(rows[0], rows[1], dim=1, eps=eps).mean()
     _, core = registry.select("negative_cosine_similarity", backend, rows)
     return core(rows[0], rows[1], eps)
+
+
+# Small calls asking for these run the plain code directly: the manifest lists no backend that
+# ``auto`` would try before ``torch`` for this op (a test keeps it so).
+_BACKENDS_OF_THE_PLAIN_PATH = ("auto", "torch")
+_OWN_COMPUTE_DTYPES = (torch.float32, torch.float64)  # compute_dtype leaves these as they are
+
+
+def _valid_views(x0, x1) -> bool:
+    """Whether ``check_views(("x0", "x1"), (x0, x1), ndim=None)`` would pass, in fewer steps."""
+    return (isinstance(x0, Tensor) and isinstance(x1, Tensor) and x0.dtype in FLOAT_DTYPES and x1.dtype == x0.dtype
+            and x0.shape == x1.shape and x0.numel() > 0 and x0.device == x1.device)
 
 
 class NegativeCosineSimilarity(nn.Module):

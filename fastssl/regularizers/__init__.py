@@ -120,10 +120,8 @@ def co2(out0: Tensor, out1: Tensor, negatives: Optional[Tensor] = None, alpha: f
         if negatives.shape[1] != out0.shape[1]:
             raise ValueError(f"negatives must be (K, {out0.shape[1]}), got {tuple(negatives.shape)}")
     scale = 1.0 / check_temperature("t_consistency", t_consistency)
-    dtype = compute_dtype(out0, out1)  # half inputs are normalised in float32 too
-    x0, x1 = F.normalize(out0.to(dtype), dim=1), F.normalize(out1.to(dtype), dim=1)
-    _, core = registry.select("co2", backend, (x0, x1))
-    return core(x0, x1, negatives, alpha, scale)
+    _, core = registry.select("co2", backend, (out0, out1))
+    return core(out0, out1, negatives, alpha, scale)
 
 
 class CO2Regularizer(nn.Module):

@@ -66,11 +66,12 @@ def _consistency_log_labels(a: torch.Tensor, b: torch.Tensor, negatives, scale: 
 
 
 def co2(x0: torch.Tensor, x1: torch.Tensor, negatives, alpha: float, scale: float) -> torch.Tensor:
-    """CO2's consistency (Wei et al., 2021), lightly's ``CO2Regularizer`` on unit rows (N, D): the
-    symmetric KL divergence, batch mean, between the pseudo-label distributions of x0 against x1
-    and of x1 against x0, times α/2. ``negatives``: a bank (K, D) or None (the batch)."""
-    dtype = compute_dtype(x0, x1)
-    x0, x1 = x0.to(dtype), x1.to(dtype)
+    """CO2's consistency (Wei et al., 2021), lightly's ``CO2Regularizer`` on (N, D) embeddings, rows
+    normalised first (``F.normalize``): the symmetric KL divergence, batch mean, between the
+    pseudo-label distributions of x0 against x1 and of x1 against x0, times α/2. ``negatives``: a
+    bank (K, D) (used as it is: lightly's holds normalised rows) or None (the batch)."""
+    dtype = compute_dtype(x0, x1)  # half inputs are normalised in float32 too
+    x0, x1 = F.normalize(x0.to(dtype), dim=1), F.normalize(x1.to(dtype), dim=1)
     bank = None if negatives is None else negatives.to(dtype)
     p = _consistency_log_labels(x0, x1, bank, scale)
     q = _consistency_log_labels(x1, x0, bank, scale)

@@ -523,3 +523,24 @@ def test_negative_cosine_similarity_takes_the_plain_code_up_to_its_crossover(row
                                    rtol=0, atol=0)
     loss.backward()
     assert x0.grad is not None and x1.grad is None
+
+
+def test_negative_cosine_similarity_small_calls_skip_only_a_selection_that_picks_torch():
+    """Small auto / torch calls run the torch backend's plain code without ``registry.select``: right only
+    while ``auto`` has no backend to try before ``torch`` for this op."""
+    from fastssl.cosine import _BACKENDS_OF_THE_PLAIN_PATH
+    from fastssl.runtime import registry
+    assert set(registry.MANIFEST["negative_cosine_similarity"]) == {"reference", "torch"}
+    assert _BACKENDS_OF_THE_PLAIN_PATH == ("auto", "torch")
+    x0, x1 = _pair(8, 5, grad=True)
+    assert registry.select("negative_cosine_similarity", "auto", [x0, x1])[0] == "torch"
+
+
+@pytest.mark.parametrize("setting, message", [("bogus", r"backend must be 'auto' or one of"),
+                                              ("triton", r"backend 'triton' cannot run")])
+def test_negative_cosine_similarity_small_calls_keep_the_backend_override(setting, message, monkeypatch):
+    """FASTSSL_BACKEND replaces "auto" on the shortcut too: a bad or unavailable one still raises."""
+    monkeypatch.setenv("FASTSSL_BACKEND", setting)
+    x0, x1 = _pair(8, 5, grad=True)
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        fn.negative_cosine_similarity(x0, x1)

@@ -89,3 +89,21 @@ def test_co2_batch_of_one_is_exactly_zero_like_lightly(backend):
     loss = fn.co2(out0, out1, backend=backend)  # one candidate, the positive: log-softmax 0
     loss.backward()
     assert loss.item() == 0.0 and out0.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", backend_params("co2"))
+def test_co2_zero_and_tiny_rows_take_normalizes_clamped_gradient(backend, block_elements):
+    """A zero row and one of norm below F.normalize's eps (1e-12): x / eps there, gradient g / eps
+    (the torch backend's closed-form normalisation takes that branch too)."""
+    g = torch.Generator().manual_seed(1)
+    out0, out1 = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g,
+                                                                                  dtype=torch.float64)
+    out0[2], out1[4] = 0.0, 1e-14 * out1[4]
+    out0.requires_grad_(True), out1.requires_grad_(True)
+    loss = fn.co2(out0, out1, backend=backend)
+    x0, x1 = (v.detach().clone().requires_grad_(True) for v in (out0, out1))
+    exact, _, _ = lightly_co2_64(x0, x1)
+    value_bound, kappa = co2_bounds(x0, x1, None, 1.0, 0.05, unit_roundoff(torch.float64))
+    assert_within(loss, exact, value_bound, "loss")
+    for got, want in zip(torch.autograd.grad(loss, (out0, out1)), torch.autograd.grad(exact, (x0, x1))):
+        assert_within(got, want, kappa * want.abs().max().item(), "gradient")

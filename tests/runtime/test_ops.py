@@ -44,6 +44,7 @@ def _op_samples(dtype):
         ("koleo", (rand(7, 5), 2.0, 1e-8)),
         ("co2", (torch.nn.functional.normalize(rand(6, 5), dim=1), torch.nn.functional.normalize(rand(6, 5), dim=1),
                  None, 1.0, 5.0)),
+        ("co2", (rand(6, 5), rand(6, 5), torch.nn.functional.normalize(rand(9, 5, grad=False), dim=1), 1.0, 5.0)),
         # β = 1: TiCo stops the gradient through the batch's share of C' (lightly's detach), which a
         # numerical derivative of the value would see; a covariance is symmetric
         ("tico", (rand(7, 5), rand(7, 5), (lambda c: c @ c.T)(rand(5, 5, grad=False)), 1.0, 3.0)),
