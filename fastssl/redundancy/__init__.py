@@ -125,6 +125,13 @@ def vicreg(
         check_non_negative(name, value)
     eps = check_non_negative("eps", eps)
     check_choice("algorithm", algorithm, ALGORITHMS)
+    grouped = [z.reshape(z.shape[0], -1, z.shape[-1]) for z in (z_a, z_b)]
+    chosen = registry.select("vicreg_variance_covariance", backend, grouped)[0]
+    if chosen in ("reference", "torch") and not (gather_distributed and distributed.world_size() > 1):
+        # the whole loss in one op (its gradients in closed form, in the same pass), where it exists
+        core = registry.select("vicreg", chosen, grouped)[1]
+        options = () if chosen == "reference" else (algorithm,)
+        return core(*grouped, lambda_param, mu_param, nu_param, eps, *options)
     invariance = reference.invariance(z_a, z_b)
     variance, covariance = _variance_covariance(z_a, z_b, eps, gather_distributed, algorithm, backend)
     return lambda_param * invariance + mu_param * variance + nu_param * covariance

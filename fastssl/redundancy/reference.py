@@ -73,6 +73,37 @@ def invariance(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(z_a.to(dtype), z_b.to(dtype))
 
 
+def vicreg(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float, nu_param: float,
+           eps: float) -> torch.Tensor:
+    """VICReg of two (B, G, D) views: λ · MSE + μ · variance + ν · covariance (the terms of
+    :func:`vicreg_variance_covariance`), in lightly's order of operations, op for op: on float32
+    inputs the same bits as lightly's ``VICRegLoss``, gradients included.
+
+    Returns a 0-dim float32 loss (float64 for float64 inputs).
+    """
+    dtype = compute_dtype(z_a, z_b)
+    z_a, z_b = z_a.to(dtype), z_b.to(dtype)
+    invariance = F.mse_loss(z_a, z_b)
+    variance = 0.5 * (_lightly_variance(z_a, eps) + _lightly_variance(z_b, eps))
+    covariance = _lightly_covariance(z_a) + _lightly_covariance(z_b)
+    return lambda_param * invariance + mu_param * variance + nu_param * covariance
+
+
+def _lightly_variance(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """lightly's ``variance_loss``: mean relu(1 − sqrt(Var_unbiased(x) + eps))."""
+    std = torch.sqrt(x.var(dim=0) + eps)
+    return torch.mean(F.relu(1.0 - std))
+
+
+def _lightly_covariance(x: torch.Tensor) -> torch.Tensor:
+    """lightly's ``covariance_loss`` of (B, …, D): mean over groups of Σ_{c≠d} Cov_cd² / D."""
+    x = x - x.mean(dim=0)
+    batch, dim = x.size(0), x.size(-1)
+    off_diagonal = ~torch.eye(dim, device=x.device, dtype=torch.bool)
+    cov = torch.einsum("b...c,b...d->...cd", x, x) / (batch - 1)
+    return (cov[..., off_diagonal].pow(2).sum(-1) / dim).mean()
+
+
 def mutual_nearest_neighbors(a: torch.Tensor, b: torch.Tensor):
     """VICRegL's nearest-neighbour search, both ways, between the (B, Na, C) points of a and each
     of S sets of (B, ·, Nb, C) points b (image by image).

@@ -42,6 +42,7 @@ from typing import Tuple
 
 import torch
 
+from ..runtime import library
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
 from ..runtime.validation import check_choice
@@ -249,6 +250,120 @@ def vicreg_variance_covariance_forward_fake(z_a: Tensor, z_b: Tensor, eps: float
     size = batch if use_gram(batch, dim, algorithm) else dim
     return (z_a.new_empty(2, dtype=dtype), z_a.new_empty(2, 2, groups, dim, dtype=dtype),
             z_a.new_empty(2, groups, size, size, dtype=dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# VICReg, whole: invariance + variance + covariance and their gradients in one op
+# --------------------------------------------------------------------------------------------
+SQUARES_BLOCK = 32  # rows per step of ``_column_squares``: a (32, D) scratch stays in cache
+
+
+def _column_squares(x: Tensor) -> Tensor:
+    """Σ_b x² of (G, B, D) ``x`` → (G, D), in blocks of rows: one small scratch instead of an
+    N×D temporary (a fresh N×D buffer costs its page faults, more than the multiply itself)."""
+    scratch = x.new_empty(x.shape[0], min(SQUARES_BLOCK, x.shape[1]), x.shape[2])
+    total = x.new_zeros(x.shape[0], x.shape[2])
+    for start in range(0, x.shape[1], SQUARES_BLOCK):
+        block = x[:, start:start + SQUARES_BLOCK]
+        squares = torch.mul(block, block, out=scratch[:, :block.shape[1]])
+        total.add_(squares.sum(dim=1))
+    return total
+
+
+def _centre_into(buffer: Tensor, z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The first B rows per group of ``buffer`` (G, ≥ B, D) ← x = z − mean of the (B, G, D) view z,
+    in the buffer's dtype; returns (x, unbiased variance (G, D), residual mean r = mean_b x (G, D)).
+
+    The variance by ``_centre``'s corrected two-pass algorithm; r is what the rounded mean left
+    (the gradient's centring takes it out, see ``vicreg_forward``).
+    """
+    batch = z.shape[0]
+    z = z.to(buffer.dtype)
+    x = buffer[:, :batch]
+    torch.sub(z.transpose(0, 1), z.mean(dim=0).unsqueeze(1), out=x)
+    residual = x.sum(dim=1)
+    variance = (_column_squares(x) - residual.pow(2) / batch) / (batch - 1)
+    return x, variance, residual / batch
+
+
+def vicreg_forward(z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: float, nu_param: float, eps: float,
+                   algorithm: str, with_gradient: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """VICReg of two (B, G, D) views (``reference.vicreg``) and, ``with_gradient``, ∂loss/∂z_a,
+    ∂loss/∂z_b (B, G, D) in closed form, in float32 (float64 for float64 inputs).
+
+    Per view, x the centred view, v its unbiased variance, s = sqrt(v + eps), r = mean_b x (the
+    rounding of the mean) and P = I − 11ᵀ/B the centring's backward:
+
+        ∂/∂z_a = (2λ / (B G D)) (z_a − z_b) + column ⊙ (x − r) + α (P x xᵀ) x        (Gram)
+                                                 … + α (x − r) xᵀx                     (direct)
+        column = −μ [s < 1] / (2 G D (B − 1) s) − 4ν v / (G D (B − 1)),  α = 4ν / (G D (B − 1)²)
+
+    (P applied to the N×N Gram, not to the (B, D) product; the −column ⊙ r row rides in the same
+    GEMM as one more row of x against a column of ones.) Beyond the GEMMs: the difference, each
+    view's centring and statistics, and one addcmul per view starting its gradient; nothing is
+    recomputed in the backward, which only scales the gradients. Three N×D buffers are live at
+    most (the difference, which becomes z_b's gradient, one centred view at a time, z_a's
+    gradient): each fresh one costs page faults worth several elementwise passes.
+    """
+    batch, groups, dim = z_a.shape
+    dtype = compute_dtype(z_a, z_b)
+    on_gram = use_gram(batch, dim, algorithm)
+    size = batch if on_gram else dim
+    invariance_scale = 2 * lambda_param / z_a.numel()
+    difference = torch.empty(groups, batch, dim, dtype=dtype, device=z_a.device)
+    torch.sub(z_a.to(dtype).transpose(0, 1), z_b.to(dtype).transpose(0, 1), out=difference)
+    loss = lambda_param * torch.dot(difference.flatten(), difference.flatten()) / difference.numel()
+    buffer = torch.empty(groups, batch + (1 if on_gram else 0), dim, dtype=dtype, device=z_a.device)
+    product = torch.empty(groups, size, size, dtype=dtype, device=z_a.device)
+    gradients = []
+    for sign, z in ((1.0, z_a), (-1.0, z_b)):
+        x, var, residual = _centre_into(buffer, z)
+        gram(x if on_gram else x.transpose(1, 2), product)
+        squared_norm = torch.linalg.vecdot(product.flatten(1), product.flatten(1))
+        std = torch.sqrt(var + eps)
+        covariance = ((squared_norm / (batch - 1) ** 2 - var.pow(2).sum(dim=1)) / dim).mean()
+        loss = loss + mu_param * 0.5 * torch.relu(1 - std).mean() + nu_param * covariance
+        if not with_gradient:
+            gradients.append(library.empty_grad(z))
+            continue
+        normaliser = groups * dim * (batch - 1)
+        column = -mu_param * (std < 1).to(dtype) / (2 * normaliser * std) - nu_param * 4 * var / normaliser
+        alpha = nu_param * 4 / (normaliser * (batch - 1))
+        # started = invariance term + column ⊙ x, as scale · (±difference + x ⊙ column / scale) in
+        # one addcmul (z_b's in place: the difference's last use); the GEMM's beta restores the scale
+        scale = sign * invariance_scale
+        last = sign < 0
+        if scale != 0:
+            started = torch.addcmul(difference, x, (column / scale).unsqueeze(1),
+                                    out=difference if last else torch.empty_like(difference))
+        else:
+            started = torch.mul(x, column.unsqueeze(1), out=difference if last else torch.empty_like(difference))
+        beta = scale if scale != 0 else 1.0
+        if on_gram:  # [α P G | 1] [x; −(column ⊙ r)]: the Gram's rows less their mean, then the r row
+            weights = torch.empty(groups, batch, batch + 1, dtype=dtype, device=z.device)
+            torch.sub(product, product.mean(dim=1, keepdim=True), out=weights[:, :, :batch]).mul_(alpha)
+            weights[:, :, batch] = 1
+            torch.mul(column, residual, out=buffer[:, batch]).neg_()
+            gradient = started.baddbmm_(weights, buffer, beta=beta)
+        else:  # α (x − r) C = α x C − α r C, and −column ⊙ r: one row subtracted from every row
+            gradient = started.baddbmm_(x, product, beta=beta, alpha=alpha)
+            correction = torch.baddbmm((column * residual).unsqueeze(1), residual.unsqueeze(1), product, alpha=alpha)
+            gradient.sub_(correction)
+        gradients.append(gradient.transpose(0, 1))
+    return loss, gradients[0], gradients[1]
+
+
+def vicreg_forward_fake(z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: float, nu_param: float, eps: float,
+                        algorithm: str, with_gradient: bool):
+    dtype = compute_dtype(z_a, z_b)
+    return (z_a.new_empty((), dtype=dtype),
+            *(z.new_empty(z.shape[1], z.shape[0], z.shape[2], dtype=dtype).transpose(0, 1) if with_gradient
+              else library.empty_grad(z) for z in (z_a, z_b)))
+
+
+vicreg = library.define_precomputed_gradient_op(
+    "vicreg", "Tensor z_a, Tensor z_b, float lambda_param, float mu_param, float nu_param, float eps, str algorithm",
+    2, 0, vicreg_forward, vicreg_forward_fake)
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ MANIFEST: Dict[str, Dict[str, str]] = {
         "torch": "fastssl.redundancy.torch_backend:vicreg_variance_covariance",
         "triton": "fastssl.redundancy.triton_backend:vicreg_variance_covariance",
     },
+    "vicreg": {"reference": "fastssl.redundancy.reference:vicreg", "torch": "fastssl.redundancy.torch_backend:vicreg"},
     "mutual_nearest_neighbors": {
         "reference": "fastssl.redundancy.reference:mutual_nearest_neighbors",
         "torch": "fastssl.redundancy.torch_backend:mutual_nearest_neighbors",

@@ -30,6 +30,7 @@ def _op_samples(dtype):
                              True)),
         ("barlow_twins", (rand(7, 5), rand(7, 5), 5e-3)),
         ("vicreg_variance_covariance", (rand(7, 3, 5), rand(7, 3, 5), 1e-4)),
+        ("vicreg", (rand(7, 3, 5), rand(7, 3, 5), 2.0, 3.0, 0.5, 1e-3, "gram")),
         ("soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9, grad=False), -1), rand(4, 5, 9), 10.0)),
         ("linear_soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9), -1), rand(4, 5, 3), rand(9, 3), 10.0)),
         ("linear_distillation", (rand(5, 3), rand(5, 4), rand(9, 3), rand(9, 4), rand(9), 2.0, 3.0, 0)),
