@@ -235,16 +235,11 @@ def _teacher_grad(case):
 KNOWN_FAILURES = {
     ("_sinkhorn_sample_kernel", "fp64", "spill"): (_everywhere, (
         "a 32x128 float64 tile (twice, with its exp) in 128 threads: 3,952-4,320 B per thread spilled")),
-    ("_linear_distillation_rows_kernel", "fp64", "shared"): (_on_sm80, (
-        "float64 32x64 tiles of 64 + 64 features: 181,248 B of shared memory on sm_80 (it has 166,912)")),
     ("_linear_distillation_columns_kernel", "fp32", "spill"): (lambda case: _on_sm80(case) and _teacher_grad(case), (
         "TF32 32x64 tiles with the teacher's gradients, 4 warps: 84 B per thread spilled on sm_80")),
     ("_linear_distillation_columns_kernel", "fp16", "spill"): (lambda case: _on_sm80(case) and _teacher_grad(case), (
         "TF32 32x64 tiles (half inputs read into float32) with the teacher's gradients: 200 B per thread spilled "
         "on sm_80")),
-    ("_linear_distillation_columns_kernel", "fp64", "spill"): (lambda case: _teacher_grad(case) or "-sm90-" in case, (
-        "float64 32x64 tiles on 4 warps: 1,620 B (sm_90) / 1,708 B (sm_80) per thread spilled with the teacher's "
-        "gradients, 144 B on sm_90 without")),
 }
 
 
