@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .clustering import _online_lse, block_size
-from .launch import on_input_device
+from .clustering import _inverse_epsilon as _from_parts, _online_lse, block_size  # (a float from its float32 parts)
+from .launch import float64_parts, on_input_device
 
 Tensor = torch.Tensor
 
@@ -35,14 +35,16 @@ Tensor = torch.Tensor
 @triton.jit
 def _soft_ce_pairs_forward_kernel(
     # pointers
-    targets_ptr, logits_ptr, lse_ptr, contrib_ptr, params_ptr,  # params: [σ, 1/B]
+    targets_ptr, logits_ptr, lse_ptr, contrib_ptr,
+    # σ's float32 parts (launch.float64_parts)
+    scale_high, scale_middle, scale_low,
     # sizes
     T, S, B, K,
     # meta-parameters
     FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    scale = tl.load(params_ptr)
+    scale = _from_parts(scale_high, scale_middle, scale_low, FP64)
     pid = tl.program_id(0).to(tl.int64)
     b, s = pid // S, pid % S
     t = tl.arange(0, BLOCK_T).to(tl.int64)
@@ -71,14 +73,17 @@ def _soft_ce_pairs_forward_kernel(
 @triton.jit
 def _soft_ce_pairs_logits_grad_kernel(
     # pointers
-    grad_loss_ptr, targets_ptr, logits_ptr, lse_ptr, target_weight_ptr, grad_logits_ptr, params_ptr,
+    grad_loss_ptr, targets_ptr, logits_ptr, lse_ptr, target_weight_ptr, grad_logits_ptr,
+    # σ's and 1/B's float32 parts (launch.float64_parts)
+    scale_high, scale_middle, scale_low, inv_batch_high, inv_batch_middle, inv_batch_low,
     # sizes
     T, S, B, K,
     # meta-parameters
     FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    scale, inv_batch = tl.load(params_ptr), tl.load(params_ptr + 1)
+    scale = _from_parts(scale_high, scale_middle, scale_low, FP64)
+    inv_batch = _from_parts(inv_batch_high, inv_batch_middle, inv_batch_low, FP64)
     pid = tl.program_id(0).to(tl.int64)
     b, s = pid // S, pid % S
     t = tl.arange(0, BLOCK_T).to(tl.int64)
@@ -100,14 +105,17 @@ def _soft_ce_pairs_logits_grad_kernel(
 @triton.jit
 def _soft_ce_pairs_targets_grad_kernel(
     # pointers
-    grad_loss_ptr, logits_ptr, lse_weight_ptr, grad_targets_ptr, params_ptr,
+    grad_loss_ptr, logits_ptr, lse_weight_ptr, grad_targets_ptr,
+    # σ's and 1/B's float32 parts (launch.float64_parts)
+    scale_high, scale_middle, scale_low, inv_batch_high, inv_batch_middle, inv_batch_low,
     # sizes
     T, S, B, K,
     # meta-parameters
     FP64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    scale, inv_batch = tl.load(params_ptr), tl.load(params_ptr + 1)
+    scale = _from_parts(scale_high, scale_middle, scale_low, FP64)
+    inv_batch = _from_parts(inv_batch_high, inv_batch_middle, inv_batch_low, FP64)
     pid = tl.program_id(0).to(tl.int64)
     b, t = pid // T, pid % T
     s = tl.arange(0, BLOCK_S).to(tl.int64)
@@ -130,9 +138,9 @@ def _row_tile(rows: int, num_classes: int) -> Tuple[int, int]:
     return block_rows, block_size(num_classes, max(64, 4096 // block_rows))
 
 
-def _params(scale: float, batch: int, dtype: torch.dtype, device) -> Tensor:
-    """[σ, 1/B] in the compute dtype (a float kernel argument would be float32)."""
-    return torch.tensor([scale, 1.0 / batch], dtype=dtype, device=device)
+def _params(scale: float, batch: int) -> Tuple[float, ...]:
+    """σ's and 1/B's float32 parts (launch.float64_parts): float arguments, no host → device copy."""
+    return (*float64_parts(scale), *float64_parts(1.0 / batch))
 
 
 @on_input_device
@@ -147,7 +155,7 @@ def soft_cross_entropy_pairs_forward(targets: Tensor, logits: Tensor, scale: flo
     contrib = torch.empty(num_targets, num_students, batch, dtype=dtype, device=logits.device)
     block_t, block_k = _row_tile(num_targets, num_classes)
     _soft_ce_pairs_forward_kernel[(batch * num_students,)](
-        targets, logits, lse, contrib, _params(scale, batch, dtype, logits.device), num_targets, num_students,
+        targets, logits, lse, contrib, *float64_parts(scale), num_targets, num_students,
         batch, num_classes, FP64=dtype == torch.float64, BLOCK_T=block_t, BLOCK_K=block_k)
     return contrib.sum(dim=-1) / batch, lse
 
@@ -162,21 +170,21 @@ def soft_cross_entropy_pairs_backward(grad_loss: Tensor, targets: Tensor, logits
     num_targets, batch, num_classes = targets.shape
     num_students = logits.shape[0]
     sizes = (num_targets, num_students, batch, num_classes)
-    params = _params(scale, batch, dtype, logits.device)
+    params = _params(scale, batch)
     fp64 = dtype == torch.float64
     grad_targets, grad_logits = targets.new_empty(0), logits.new_empty(0)
     if needs_grad[0]:
         grad_targets = torch.empty_like(targets)
         block_s, block_k = _row_tile(num_students, num_classes)
         _soft_ce_pairs_targets_grad_kernel[(batch * num_targets,)](
-            grad_loss, logits, (grad_loss @ lse).contiguous(), grad_targets, params, *sizes,
+            grad_loss, logits, (grad_loss @ lse).contiguous(), grad_targets, *params, *sizes,
             FP64=fp64, BLOCK_S=block_s, BLOCK_K=block_k)
     if needs_grad[1]:
         grad_logits = torch.empty_like(logits)
         target_weight = (grad_loss.T @ targets.sum(dim=-1, dtype=dtype)).contiguous()
         block_t, block_k = _row_tile(num_targets, num_classes)
         _soft_ce_pairs_logits_grad_kernel[(batch * num_students,)](
-            grad_loss, targets, logits, lse.contiguous(), target_weight, grad_logits, params, *sizes,
+            grad_loss, targets, logits, lse.contiguous(), target_weight, grad_logits, *params, *sizes,
             FP64=fp64, BLOCK_T=block_t, BLOCK_K=block_k)
     return [grad_targets, grad_logits]
 
@@ -205,22 +213,49 @@ def _linear_distillation_tiles(s, t, w_ptr, wt_ptr, shift_ptr, k, k_mask, d, d_m
 
 
 @triton.jit
+def _scales(student_scale_high, student_scale_middle, student_scale_low, teacher_scale_high, teacher_scale_middle,
+            teacher_scale_low, FP64: tl.constexpr):
+    """(σ_s, σ_t) from their float32 parts (launch.float64_parts)."""
+    return (_from_parts(student_scale_high, student_scale_middle, student_scale_low, FP64),
+            _from_parts(teacher_scale_high, teacher_scale_middle, teacher_scale_low, FP64))
+
+
+@triton.jit
+def _row_features(s_ptr, t_ptr, n, n_mask, D, DT, acc_dtype, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """(s, t) of rows n: (BLOCK_N, BLOCK_D) and (BLOCK_N, BLOCK_DT) in ``acc_dtype``, 0 where masked."""
+    d, dt = tl.arange(0, BLOCK_D).to(tl.int64), tl.arange(0, BLOCK_DT).to(tl.int64)
+    s = tl.load(s_ptr + n[:, None] * D + d[None, :], mask=n_mask[:, None] & (d < D)[None, :], other=0.0)
+    t = tl.load(t_ptr + n[:, None] * DT + dt[None, :], mask=n_mask[:, None] & (dt < DT)[None, :], other=0.0)
+    return s.to(acc_dtype), t.to(acc_dtype)
+
+
+@triton.jit
+def _row_stats(stats_ptr, n, n_mask, N):
+    """(L, M, m) of rows n; padded rows at L = M = +inf (p = q = 0: no gradient)."""
+    return (tl.load(stats_ptr + n, mask=n_mask, other=float("inf")),
+            tl.load(stats_ptr + N + n, mask=n_mask, other=float("inf")),
+            tl.load(stats_ptr + 2 * N + n, mask=n_mask, other=0.0))
+
+
+@triton.jit
 def _linear_distillation_forward_kernel(
     # pointers
-    s_ptr, t_ptr, w_ptr, wt_ptr, shift_ptr, stats_ptr, params_ptr,  # stats: (3, N) L, M, m; params: [σ_s, σ_t]
+    s_ptr, t_ptr, w_ptr, wt_ptr, shift_ptr, stats_ptr,  # stats: (3, N) L, M, m
+    # σ_s's and σ_t's float32 parts (launch.float64_parts)
+    student_scale_high, student_scale_middle, student_scale_low,
+    teacher_scale_high, teacher_scale_middle, teacher_scale_low,
     # sizes
     N, K, D, DT,
     # meta-parameters
     FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    student_scale, teacher_scale = tl.load(params_ptr), tl.load(params_ptr + 1)
+    student_scale, teacher_scale = _scales(student_scale_high, student_scale_middle, student_scale_low,
+                                           teacher_scale_high, teacher_scale_middle, teacher_scale_low, FP64)
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_mask = n < N
     d, dt = tl.arange(0, BLOCK_D).to(tl.int64), tl.arange(0, BLOCK_DT).to(tl.int64)
-    s = tl.load(s_ptr + n[:, None] * D + d[None, :], mask=n_mask[:, None] & (d < D)[None, :], other=0.0).to(acc_dtype)
-    t = tl.load(t_ptr + n[:, None] * DT + dt[None, :], mask=n_mask[:, None] & (dt < DT)[None, :],
-                other=0.0).to(acc_dtype)
+    s, t = _row_features(s_ptr, t_ptr, n, n_mask, D, DT, acc_dtype, BLOCK_D, BLOCK_DT)
     student_max = tl.full([BLOCK_N], float("-inf"), acc_dtype)
     student_sum = tl.zeros([BLOCK_N], acc_dtype)
     teacher_max = tl.full([BLOCK_N], float("-inf"), acc_dtype)
@@ -244,17 +279,29 @@ def _linear_distillation_forward_kernel(
 
 
 @triton.jit
-def _linear_distillation_gradients(z, scaled, u, student_lse, teacher_lse, teacher_mean, gradient_scale, teacher_scale):
-    """(∂ℓ/∂z, σ_t ∂ℓ/∂u) of one tile (masked entries 0)."""
+def _linear_distillation_gradients(s, t, w_ptr, wt_ptr, shift_ptr, stats_ptr, grad_scale_ptr, n, n_mask, k, k_mask,
+                                   N, D, DT, student_scale, teacher_scale, acc_dtype,
+                                   BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """(∂ℓ/∂z, σ_t ∂ℓ/∂u) of the (BLOCK_N, BLOCK_K) tile of rows n and prototypes k (masked
+    entries 0), its logits made again: the two backward kernels' common part."""
+    d, dt = tl.arange(0, BLOCK_D).to(tl.int64), tl.arange(0, BLOCK_DT).to(tl.int64)
+    z, scaled, u = _linear_distillation_tiles(s, t, w_ptr, wt_ptr, shift_ptr, k, k_mask, d, d < D, dt, dt < DT,
+                                              D, DT, student_scale, teacher_scale, acc_dtype)
+    student_lse, teacher_lse, teacher_mean = _row_stats(stats_ptr, n, n_mask, N)
+    gradient_scale = tl.load(grad_scale_ptr).to(acc_dtype)
     p = tl.exp(u - teacher_lse[:, None])
     grad_z = gradient_scale * (tl.exp(scaled - student_lse[:, None]) - p)
-    return grad_z, gradient_scale * teacher_scale * p * (teacher_mean[:, None] - z)
+    grad_u = gradient_scale * teacher_scale * p * (teacher_mean[:, None] - z)
+    return grad_z, tl.where(k_mask[None, :], grad_u, 0.0)
 
 
 @triton.jit
 def _linear_distillation_rows_kernel(
     # pointers
-    s_ptr, t_ptr, w_ptr, wt_ptr, shift_ptr, stats_ptr, params_ptr, grad_s_ptr, grad_t_ptr,  # params: [σ_s, σ_t, g]
+    s_ptr, t_ptr, w_ptr, wt_ptr, shift_ptr, stats_ptr, grad_scale_ptr, grad_s_ptr, grad_t_ptr,  # grad_scale: g
+    # σ_s's and σ_t's float32 parts (launch.float64_parts)
+    student_scale_high, student_scale_middle, student_scale_low,
+    teacher_scale_high, teacher_scale_middle, teacher_scale_low,
     # sizes
     N, K, D, DT,
     # meta-parameters
@@ -262,39 +309,39 @@ def _linear_distillation_rows_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    student_scale, teacher_scale, gradient_scale = tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2)
+    student_scale, teacher_scale = _scales(student_scale_high, student_scale_middle, student_scale_low,
+                                           teacher_scale_high, teacher_scale_middle, teacher_scale_low, FP64)
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_mask = n < N
     d, dt = tl.arange(0, BLOCK_D).to(tl.int64), tl.arange(0, BLOCK_DT).to(tl.int64)
-    s_mask, t_mask = n_mask[:, None] & (d < D)[None, :], n_mask[:, None] & (dt < DT)[None, :]
-    s = tl.load(s_ptr + n[:, None] * D + d[None, :], mask=s_mask, other=0.0).to(acc_dtype)
-    t = tl.load(t_ptr + n[:, None] * DT + dt[None, :], mask=t_mask, other=0.0).to(acc_dtype)
-    student_lse = tl.load(stats_ptr + n, mask=n_mask, other=0.0)
-    teacher_lse = tl.load(stats_ptr + N + n, mask=n_mask, other=0.0)
-    teacher_mean = tl.load(stats_ptr + 2 * N + n, mask=n_mask, other=0.0)
+    s, t = _row_features(s_ptr, t_ptr, n, n_mask, D, DT, acc_dtype, BLOCK_D, BLOCK_DT)
     grad_s = tl.zeros([BLOCK_N, BLOCK_D], acc_dtype)
     grad_t = tl.zeros([BLOCK_N, BLOCK_DT], acc_dtype)
     for start in range(0, K, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = k < K
-        z, scaled, u = _linear_distillation_tiles(s, t, w_ptr, wt_ptr, shift_ptr, k, k_mask, d, d < D, dt, dt < DT,
-                                                  D, DT, student_scale, teacher_scale, acc_dtype)
-        grad_z, grad_u = _linear_distillation_gradients(z, scaled, u, student_lse, teacher_lse, teacher_mean,
-                                                        gradient_scale, teacher_scale)
+        grad_z, grad_u = _linear_distillation_gradients(s, t, w_ptr, wt_ptr, shift_ptr, stats_ptr, grad_scale_ptr, n,
+                                                        n_mask, k, k_mask, N, D, DT, student_scale, teacher_scale,
+                                                        acc_dtype, BLOCK_D, BLOCK_DT)
         w = tl.load(w_ptr + k[:, None] * D + d[None, :], mask=k_mask[:, None] & (d < D)[None, :], other=0.0)
         grad_s += tl.dot(grad_z, w.to(acc_dtype))
         if TEACHER_GRAD:
             wt = tl.load(wt_ptr + k[:, None] * DT + dt[None, :], mask=k_mask[:, None] & (dt < DT)[None, :], other=0.0)
-            grad_t += tl.dot(tl.where(k_mask[None, :], grad_u, 0.0), wt.to(acc_dtype))
-    tl.store(grad_s_ptr + n[:, None] * D + d[None, :], grad_s.to(grad_s_ptr.dtype.element_ty), mask=s_mask)
+            grad_t += tl.dot(grad_u, wt.to(acc_dtype))
+    tl.store(grad_s_ptr + n[:, None] * D + d[None, :], grad_s.to(grad_s_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & (d < D)[None, :])
     if TEACHER_GRAD:
-        tl.store(grad_t_ptr + n[:, None] * DT + dt[None, :], grad_t.to(grad_t_ptr.dtype.element_ty), mask=t_mask)
+        tl.store(grad_t_ptr + n[:, None] * DT + dt[None, :], grad_t.to(grad_t_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (dt < DT)[None, :])
 
 
 @triton.jit
 def _linear_distillation_columns_kernel(
     # pointers
-    s_ptr, t_ptr, w_ptr, wt_ptr, shift_ptr, stats_ptr, params_ptr, grad_w_ptr, grad_wt_ptr, grad_shift_ptr,
+    s_ptr, t_ptr, w_ptr, wt_ptr, shift_ptr, stats_ptr, grad_scale_ptr, grad_w_ptr, grad_wt_ptr, grad_shift_ptr,
+    # σ_s's and σ_t's float32 parts (launch.float64_parts)
+    student_scale_high, student_scale_middle, student_scale_low,
+    teacher_scale_high, teacher_scale_middle, teacher_scale_low,
     # sizes
     N, K, D, DT,
     # meta-parameters
@@ -302,7 +349,8 @@ def _linear_distillation_columns_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    student_scale, teacher_scale, gradient_scale = tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2)
+    student_scale, teacher_scale = _scales(student_scale_high, student_scale_middle, student_scale_low,
+                                           teacher_scale_high, teacher_scale_middle, teacher_scale_low, FP64)
     k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     k_mask = k < K
     d, dt = tl.arange(0, BLOCK_D).to(tl.int64), tl.arange(0, BLOCK_DT).to(tl.int64)
@@ -312,20 +360,12 @@ def _linear_distillation_columns_kernel(
     for start in range(0, N, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = n < N
-        s = tl.load(s_ptr + n[:, None] * D + d[None, :], mask=n_mask[:, None] & (d < D)[None, :],
-                    other=0.0).to(acc_dtype)
-        t = tl.load(t_ptr + n[:, None] * DT + dt[None, :], mask=n_mask[:, None] & (dt < DT)[None, :],
-                    other=0.0).to(acc_dtype)
-        z, scaled, u = _linear_distillation_tiles(s, t, w_ptr, wt_ptr, shift_ptr, k, k_mask, d, d < D, dt, dt < DT,
-                                                  D, DT, student_scale, teacher_scale, acc_dtype)
-        student_lse = tl.load(stats_ptr + n, mask=n_mask, other=float("inf"))  # padded rows: p = q = 0
-        teacher_lse = tl.load(stats_ptr + N + n, mask=n_mask, other=float("inf"))
-        teacher_mean = tl.load(stats_ptr + 2 * N + n, mask=n_mask, other=0.0)
-        grad_z, grad_u = _linear_distillation_gradients(z, scaled, u, student_lse, teacher_lse, teacher_mean,
-                                                        gradient_scale, teacher_scale)
+        s, t = _row_features(s_ptr, t_ptr, n, n_mask, D, DT, acc_dtype, BLOCK_D, BLOCK_DT)
+        grad_z, grad_u = _linear_distillation_gradients(s, t, w_ptr, wt_ptr, shift_ptr, stats_ptr, grad_scale_ptr, n,
+                                                        n_mask, k, k_mask, N, D, DT, student_scale, teacher_scale,
+                                                        acc_dtype, BLOCK_D, BLOCK_DT)
         grad_w += tl.dot(tl.trans(grad_z), s)
         if TEACHER_GRAD:
-            grad_u = tl.where(k_mask[None, :], grad_u, 0.0)
             grad_wt += tl.dot(tl.trans(grad_u), t)
             grad_shift += tl.sum(grad_u, axis=0)
     tl.store(grad_w_ptr + k[:, None] * D + d[None, :], grad_w.to(grad_w_ptr.dtype.element_ty),
@@ -339,8 +379,11 @@ def _linear_distillation_columns_kernel(
 MAX_FEATURES = 1024  # the features of a row block are held whole in registers
 
 
-def _distillation_blocks(student: Tensor, teacher: Tensor, weight: Tensor) -> dict:
-    return dict(BLOCK_N=block_size(student.shape[0], 32), BLOCK_K=block_size(weight.shape[0], 64),
+def _distillation_blocks(student: Tensor, teacher: Tensor, weight: Tensor, dtype: torch.dtype) -> dict:
+    """Tiles of 32 rows × 64 prototypes; float64 (twice the bytes, no tensor cores to feed) in 16 × 32,
+    so that its tiles fit sm_80's shared memory and the columns kernel's accumulators its registers."""
+    rows, prototypes = (16, 32) if dtype == torch.float64 else (32, 64)
+    return dict(BLOCK_N=block_size(student.shape[0], rows), BLOCK_K=block_size(weight.shape[0], prototypes),
                 BLOCK_D=block_size(student.shape[1], MAX_FEATURES), BLOCK_DT=block_size(teacher.shape[1], MAX_FEATURES))
 
 
@@ -352,10 +395,10 @@ def linear_distillation_stats(student: Tensor, teacher: Tensor, weight: Tensor, 
     student, teacher, weight, teacher_weight = (x.contiguous() for x in (student, teacher, weight, teacher_weight))
     rows, prototypes = student.shape[0], weight.shape[0]
     stats = torch.empty(3, rows, dtype=dtype, device=student.device)
-    blocks = _distillation_blocks(student, teacher, weight)
-    params = torch.tensor([student_scale, teacher_scale], dtype=dtype, device=student.device)
+    blocks = _distillation_blocks(student, teacher, weight, dtype)
     _linear_distillation_forward_kernel[(triton.cdiv(rows, blocks["BLOCK_N"]),)](
-        student, teacher, weight, teacher_weight, shift.to(dtype).contiguous(), stats, params, rows, prototypes,
+        student, teacher, weight, teacher_weight, shift.to(dtype).contiguous(), stats, *float64_parts(student_scale),
+        *float64_parts(teacher_scale), rows, prototypes,
         student.shape[1], teacher.shape[1], FP64=dtype == torch.float64, **blocks)
     return stats
 
@@ -369,18 +412,17 @@ def linear_distillation_backward(grad_scale: Tensor, student: Tensor, teacher: T
     dtype = stats.dtype
     student, teacher, weight, teacher_weight = (x.contiguous() for x in (student, teacher, weight, teacher_weight))
     rows, prototypes = student.shape[0], weight.shape[0]
-    blocks = _distillation_blocks(student, teacher, weight)
-    params = torch.cat([torch.tensor([student_scale, teacher_scale], dtype=dtype, device=student.device),
-                        grad_scale.reshape(1).to(dtype)])
+    blocks = _distillation_blocks(student, teacher, weight, dtype)
     shift = shift.to(dtype).contiguous()
     grad_s, grad_w = torch.empty_like(student), torch.empty_like(weight)
     grad_t = torch.empty_like(teacher) if teacher_grad else grad_s
     grad_wt = torch.empty_like(teacher_weight) if teacher_grad else grad_w
     grad_shift = torch.empty(prototypes, dtype=dtype, device=student.device)
     sizes = (rows, prototypes, student.shape[1], teacher.shape[1])
-    common = (student, teacher, weight, teacher_weight, shift, stats, params)
+    common = (student, teacher, weight, teacher_weight, shift, stats, grad_scale.reshape(1).to(dtype))
+    scales = (*float64_parts(student_scale), *float64_parts(teacher_scale))
     _linear_distillation_rows_kernel[(triton.cdiv(rows, blocks["BLOCK_N"]),)](
-        *common, grad_s, grad_t, *sizes, FP64=dtype == torch.float64, TEACHER_GRAD=teacher_grad, **blocks)
+        *common, grad_s, grad_t, *scales, *sizes, FP64=dtype == torch.float64, TEACHER_GRAD=teacher_grad, **blocks)
     _linear_distillation_columns_kernel[(triton.cdiv(prototypes, blocks["BLOCK_K"]),)](
-        *common, grad_w, grad_wt, grad_shift, *sizes, FP64=dtype == torch.float64, TEACHER_GRAD=teacher_grad, **blocks)
+        *common, grad_w, grad_wt, grad_shift, *scales, *sizes, FP64=dtype == torch.float64, TEACHER_GRAD=teacher_grad, **blocks)
     return (grad_s, grad_w) + ((grad_t, grad_wt, grad_shift) if teacher_grad else ())

@@ -235,16 +235,11 @@ def _teacher_grad(case):
 # default set, triton 3.9's ptxas). An entry that starts to XPASS is fixed and goes (the InfoNCE
 # spills and the half Frobenius product's missing mma went with issue 17 items 5-7).
 KNOWN_FAILURES = {
-    ("_linear_distillation_rows_kernel", "fp64", "shared"): (_on_sm80, (
-        "float64 32x64 tiles of 64 + 64 features: 181,248 B of shared memory on sm_80 (it has 166,912)")),
     ("_linear_distillation_columns_kernel", "fp32", "spill"): (lambda case: _on_sm80(case) and _teacher_grad(case), (
         "TF32 32x64 tiles with the teacher's gradients, 4 warps: 84 B per thread spilled on sm_80")),
     ("_linear_distillation_columns_kernel", "fp16", "spill"): (lambda case: _on_sm80(case) and _teacher_grad(case), (
         "TF32 32x64 tiles (half inputs read into float32) with the teacher's gradients: 200 B per thread spilled "
         "on sm_80")),
-    ("_linear_distillation_columns_kernel", "fp64", "spill"): (lambda case: _teacher_grad(case) or "-sm90-" in case, (
-        "float64 32x64 tiles on 4 warps: 1,620 B (sm_90) / 1,708 B (sm_80) per thread spilled with the teacher's "
-        "gradients, 144 B on sm_90 without")),
 }
 
 
