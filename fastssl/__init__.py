@@ -101,6 +101,7 @@ from .functional import codebook_diversity_loss, hubert_loss, mae_loss, sample_n
 from .losses import HuBERTLoss, MAELoss, Wav2Vec2ContrastiveLoss
 from .functional import ibot_patch, ibot_plus_plus_patch
 from .losses import IBOTPatchLoss, IBOTPlusPlusPatchLoss
+from .functional import roi_resample_to_grid
 
 __version__ = "0.1.0"
 
@@ -127,6 +128,7 @@ __all__ = [
     "MAELoss", "Wav2Vec2ContrastiveLoss", "HuBERTLoss", "mae_loss", "sample_negatives", "wav2vec2_contrastive_loss",
     "codebook_diversity_loss", "hubert_loss",
     "IBOTPatchLoss", "IBOTPlusPlusPatchLoss", "ibot_patch", "ibot_plus_plus_patch",
+    "roi_resample_to_grid",
 ]
 
 # Resolve the always-available backends now: torch.compile cannot trace the registry's imports.

@@ -39,6 +39,7 @@ from .distillation import msn, msn_targets, msn_terms, pmsn, pmsn_custom
 from .distillation.linear_distillation import linear_distillation_loss
 from .masked import masked_lm_loss
 from .distillation import ibot_patch, ibot_plus_plus_patch
+from .spectral.roi import roi_resample_to_grid
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "barlow_twins", "vicreg", "sinkhorn_knopp", "sinkhorn",
@@ -54,4 +55,5 @@ __all__ = [
     "linear_distillation_loss", "masked_lm_loss",
     "mae_loss", "sample_negatives", "wav2vec2_contrastive_loss", "codebook_diversity_loss", "hubert_loss",
     "ibot_patch", "ibot_plus_plus_patch",
+    "roi_resample_to_grid",
 ]

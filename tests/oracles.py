@@ -994,3 +994,42 @@ def lightly_ibot_plus_plus64(teacher, student, mask, center, teacher_temp, stude
     masked = (ce * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
     visible = (ce * (1 - m)).sum(dim=1) / (1 - m).sum(dim=1).clamp(min=1.0)
     return (masked + visible_loss_weight * visible).mean()
+
+
+def roi_align_aligned64(feature_map, boxes, out_h, out_w):
+    """torchvision's ``roi_align(feature_map, [batch index, boxes], (out_h, out_w), spatial_scale=1,
+    sampling_ratio=-1, aligned=True)`` with one box per sample, as its per-sample loop, in float64:
+    bin (p, q) averages ceil(extent / out) × ceil(extent / out) bilinear samples; a sample more than
+    a pixel outside the map is 0, one just outside reads the edge. Returns (B, out_h · out_w, C)."""
+    fm, bx = feature_map.double(), boxes.detach().double()  # differentiable in feature_map
+    batch, channels, height, width = fm.shape
+
+    def bilinear(image, y, x):
+        if y < -1.0 or y > height or x < -1.0 or x > width:
+            return torch.zeros(channels, dtype=torch.float64)
+        y, x = max(y, 0.0), max(x, 0.0)
+        y_low, x_low = int(y), int(x)
+        y_high, x_high = min(y_low + 1, height - 1), min(x_low + 1, width - 1)
+        if y_low >= height - 1:
+            y_low, y = height - 1, float(height - 1)
+        if x_low >= width - 1:
+            x_low, x = width - 1, float(width - 1)
+        ly, lx = y - y_low, x - x_low
+        return ((1 - ly) * (1 - lx) * image[:, y_low, x_low] + (1 - ly) * lx * image[:, y_low, x_high]
+                + ly * (1 - lx) * image[:, y_high, x_low] + ly * lx * image[:, y_high, x_high])
+
+    out = torch.zeros(batch, out_h, out_w, channels, dtype=torch.float64)
+    for b in range(batch):
+        x0, y0, x1, y1 = (v - 0.5 for v in bx[b].tolist())
+        bin_h, bin_w = (y1 - y0) / out_h, (x1 - x0) / out_w
+        grid_h, grid_w = math.ceil((y1 - y0) / out_h), math.ceil((x1 - x0) / out_w)
+        count = max(grid_h * grid_w, 1)
+        for p in range(out_h):
+            for q in range(out_w):
+                total = torch.zeros(channels, dtype=torch.float64)
+                for iy in range(max(grid_h, 0)):
+                    y = y0 + p * bin_h + (iy + 0.5) * bin_h / grid_h
+                    for ix in range(max(grid_w, 0)):
+                        total += bilinear(fm[b], y, x0 + q * bin_w + (ix + 0.5) * bin_w / grid_w)
+                out[b, p, q] = total / count
+    return out.reshape(batch, out_h * out_w, channels)

@@ -169,6 +169,8 @@ calls = {
     "IBOTPlusPlusPatchLoss": lambda: fastssl.IBOTPlusPlusPatchLoss(output_dim=8)(
         a.view(2, 8, 8), b.view(2, 8, 8), torch.arange(16).view(2, 8) % 3 == 0),
     "DINOLoss (Sinkhorn-Knopp)": lambda: fastssl.DINOLoss(output_dim=8, center_mode="sinkhorn_knopp")([a, b], [a, b]),
+    "roi_resample_to_grid": lambda: fastssl.roi_resample_to_grid(
+        a.view(2, 1, 8, 8), torch.tensor([[0.5, 1.0, 6.0, 7.5]] * 2), 3, 3).sum(),
 }
 heavy = ("triton", "torch._dynamo", "torch.utils.cpp_extension")
 seen = {}
