@@ -94,6 +94,11 @@ def test_patch_methods_need_the_vit_and_run_on_it_by_default(capsys):
     assert "vit backbone (128 features), batch 24 × 1+0 crops" in capsys.readouterr().out
 
 
+def test_dinov2_trains_with_dinov2s_sinkhorn_knopp_teacher():
+    result = train.run(["--method", "dinov2", "--centering", "sinkhorn_knopp"] + TINY)
+    assert all(math.isfinite(record["loss"]) for record in result["history"])
+
+
 def test_dinov2_masks_follow_dinov2s_ratios_and_the_seed():
     from types import SimpleNamespace
 
