@@ -317,12 +317,14 @@ class DINOv2(MaskingMethod, MomentumMethod):
     mask token and predicts the teacher's head output at those patches; shared head, as iBOT),
     plus KoLeo on the student's class tokens of each global crop. A share ``mask_probability`` of
     each global crop's images is masked, with ratios spread over [mask_ratio_min, mask_ratio_max]
-    as in DINOv2."""
+    as in DINOv2. ``centering``: the teacher of both losses, "mean" (DINO's EMA centre) or
+    "sinkhorn_knopp" (DINOv2's)."""
 
     arch = "vit"
-    defaults = dict(lr=1e-3, projection_dim=64, output_dim=256, local_crops=2, momentum=0.9, teacher_temp=0.04,
-                    warmup_teacher_temp_epochs=10, ibot_weight=1.0, koleo_weight=0.1, mask_probability=0.5,
-                    mask_ratio_min=0.1, mask_ratio_max=0.5)
+    # weight_decay 0.04 (DINO's starting value): val kNN-5 of the class token 95.5% → 96.6% over 1e-4.
+    defaults = dict(lr=1e-3, weight_decay=0.04, projection_dim=64, output_dim=256, local_crops=2, momentum=0.9,
+                    teacher_temp=0.04, warmup_teacher_temp_epochs=10, ibot_weight=1.0, koleo_weight=0.1,
+                    mask_probability=0.5, mask_ratio_min=0.1, mask_ratio_max=0.5, centering="mean")
 
     def __init__(self, backbone, feature_dim, config):
         super().__init__(backbone, feature_dim, config)
@@ -334,8 +336,9 @@ class DINOv2(MaskingMethod, MomentumMethod):
         self.teacher = frozen_copy(self.student)
         self.dino = fastssl.DINOLoss(config.output_dim, teacher_temp=config.teacher_temp,
                                      warmup_teacher_temp_epochs=config.warmup_teacher_temp_epochs,
-                                     backend=config.backend)
-        self.ibot = fastssl.IBOTPatchLoss(config.output_dim, teacher_temp=config.teacher_temp, backend=config.backend)
+                                     center_mode=config.centering, backend=config.backend)
+        self.ibot = fastssl.IBOTPatchLoss(config.output_dim, teacher_temp=config.teacher_temp,
+                                          center_mode=config.centering, backend=config.backend)
         self.koleo = fastssl.KoLeoLoss(backend=config.backend)
 
     def draw_masks(self, images: Tensor) -> Tensor:

@@ -94,6 +94,11 @@ def test_patch_methods_need_the_vit_and_run_on_it_by_default(capsys):
     assert "vit backbone (128 features), batch 24 × 1+0 crops" in capsys.readouterr().out
 
 
+def test_dinov2_trains_with_dinov2s_sinkhorn_knopp_teacher():
+    result = train.run(["--method", "dinov2", "--centering", "sinkhorn_knopp"] + TINY)
+    assert all(math.isfinite(record["loss"]) for record in result["history"])
+
+
 def test_dinov2_masks_follow_dinov2s_ratios_and_the_seed():
     from types import SimpleNamespace
 
@@ -256,7 +261,7 @@ def test_torchrun_two_gloo_processes_stay_in_sync():
 @pytest.mark.slow
 @pytest.mark.parametrize("method, target", [
     ("simclr", 0.97),
-    pytest.param("dinov2", 0.97, marks=pytest.mark.xfail(strict=True, reason="unmet: kNN-5 94.1% on the ViT")),
+    pytest.param("dinov2", 0.97, marks=pytest.mark.xfail(strict=True, reason="unmet: kNN-5 95.2% on the ViT (seeds 0-2: 95.2-96.3%)")),
     ("mae", 0.0),  # the issue asks MAE for the gain over random init only
 ])
 def test_default_run_reaches_the_issue_target(method, target):
