@@ -248,12 +248,6 @@ def _row_blocks(rows: int, prototypes: int) -> List[slice]:
     return blocks(rows, prototypes, scale=16, max_blocks=None)
 
 
-# Rows per elementwise part: 1/4 of BLOCK_ELEMENTS (1 MiB of float32 logits per buffer, both
-# buffers' parts in a 2 MiB L2): the ~12 passes of a part read the cache, not L3 or memory.
-_PART_FRACTION = 4
-_FEW_ROWS = 16  # parts of at most this many rows make their row dots one by one
-
-
 def _tile_logits(rows: Tensor, weight: Tensor, cols: slice, dtype: torch.dtype) -> Tensor:
     """rows (N, D) @ weight[cols]ᵀ: the (N, k) logits of one tile, in ``dtype``."""
     return rows @ weight[cols].to(dtype).T
@@ -309,37 +303,24 @@ def _exp_sums_(x: Tensor) -> Tensor:
     return x.sum(dim=-1, keepdim=True)
 
 
-def _row_dots(x: Tensor, y: Tensor) -> Tensor:
-    """Σ_k x_nk y_nk (b, 1): one BLAS dot per row for the few rows of a cache-sized part (one
-    read of each; vecdot makes the product first), a vecdot for many short rows."""
-    if x.shape[0] <= _FEW_ROWS:
-        return torch.stack([torch.dot(row, other) for row, other in zip(x, y)])[:, None]
-    return torch.linalg.vecdot(x, y)[:, None]
-
-
-def _softmax_terms_(z: Tensor, q: Tensor, inverse_sums: Tensor, shift: Optional[Tensor],
-                    teacher_grad: Optional[Tensor], student_side: bool) -> Tensor:
-    """Rows' student logits z and teacher logits q (b, K), in place: q becomes e = exp(q − shift
-    − max) (the teacher's softmax times its row sums S; 1/S is written to ``inverse_sums`` (b, 1)), then
-    S ⊙ (q − p) (p = softmax(z)) where ``student_side``; ``teacher_grad`` (b, K) or None receives
-    S ⊙ q ⊙ (m − z) (S · N ∂ℓ/∂u). The caller divides the rows' products by S: the softmax is
-    never divided out, one pass fewer. Returns Σ_rows (L − Σ_k q z)."""
-    torch.reciprocal(_exp_sums_(_shift_to_peak_(q if shift is None else q.sub_(shift))), out=inverse_sums)
+def _softmax_terms_(z: Tensor, q: Tensor, shift: Optional[Tensor], teacher_grad: Optional[Tensor],
+                    student_side: bool) -> Tensor:
+    """Rows' student logits z and teacher logits q (b, K), in place: q becomes the teacher's
+    softmax(q − shift), then q − p (p = softmax(z)) where ``student_side``; ``teacher_grad``
+    (b, K) or None receives q ⊙ (m − z) (N ∂ℓ/∂u). Returns Σ_rows (L − Σ_k q z)."""
+    q.div_(_exp_sums_(_shift_to_peak_(q if shift is None else q.sub_(shift))))
     _shift_to_peak_(z)
-    centred = _row_dots(q, z).mul_(inverse_sums)  # m − max z
     if teacher_grad is not None:
+        centred = torch.linalg.vecdot(q, z)[:, None]  # m − max z
         torch.sub(centred, z, out=teacher_grad).mul_(q)
+        cross = centred.sum()
+    else:
+        cross = torch.dot(q.view(-1), z.view(-1))
     sums = _exp_sums_(z)
-    terms = sums.log().sum() - centred.sum()
+    terms = sums.log().sum() - cross
     if student_side:
-        q.addcmul_(z, sums.reciprocal_().div_(inverse_sums), value=-1.0)  # S / S_z
+        q.addcmul_(z, sums.reciprocal_(), value=-1.0)
     return terms
-
-
-def _accumulate_mm(out: Tensor, left: Tensor, right: Tensor, alpha: float, first: bool) -> Tensor:
-    """out += alpha · left @ right, or out = that on the ``first`` block (out's old values, even
-    NaN, ignored: no zero fill of the (K, D) gradients)."""
-    return torch.addmm(out, left, right, beta=0.0 if first else 1.0, alpha=alpha, out=out)
 
 
 def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
@@ -360,41 +341,35 @@ def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor
     has_shift = iterations > 0 or center is not None
     student_side = need[0] or need[2]
     teacher_side = iterations == 0 and (need[1] or need[3] or need[4])
-    grads = [torch.empty(t.shape, dtype=dtype, device=student.device) if wanted else library.empty_grad(student)
+    grads = [torch.zeros(t.shape, dtype=dtype, device=student.device) if wanted else library.empty_grad(student)
              for t, wanted in zip(tensors, need)]
-    if need[4]:
-        grads[4].zero_()
-    if iterations > 0:  # constant targets: zeros on the teacher's side
-        for index in (1, 3, 4):
-            grads[index].zero_()
     row_blocks = _row_blocks(rows, prototypes)
     size = row_blocks[0].stop
     logits = student.new_empty((size, prototypes), dtype=dtype)  # z, then exp(z − max z)
-    targets = torch.empty_like(logits)  # u, then S q, then S (q − p)
-    inverse_sums = student.new_empty((size, 1), dtype=dtype)  # 1 / S: the teacher's softmax sums
+    targets = torch.empty_like(logits)  # u, then q, then q − p
     teacher_logits_grad = torch.empty_like(logits) if teacher_side else None
     loss = torch.zeros((), dtype=dtype, device=student.device)
-    for index, block in enumerate(row_blocks):
-        count, first = block.stop - block.start, index == 0
-        z, q, inverse = logits[:count], targets[:count], inverse_sums[:count]
+    for block in row_blocks:
+        count = block.stop - block.start
+        z, q = logits[:count], targets[:count]
         torch.mm(student_rows[block], weight_c.T, out=z)
         torch.mm(teacher_rows[block], teacher_weight_c.T, out=q)
-        gu = teacher_logits_grad[:count] if teacher_side else None  # S N ∂ℓ/∂u
-        for part in blocks(count, _PART_FRACTION * prototypes, max_blocks=None):  # L2-sized rows
-            loss += _softmax_terms_(z[part], q[part], inverse[part], shift if has_shift else None,
-                                    None if gu is None else gu[part], student_side)
+        gu = teacher_logits_grad[:count] if teacher_side else None  # N ∂ℓ/∂u
+        for part in blocks(count, prototypes, max_blocks=None):  # cache-sized rows for the elementwise passes
+            loss += _softmax_terms_(z[part], q[part], shift if has_shift else None, None if gu is None else gu[part],
+                                    student_side)
         if teacher_side:
             if need[1]:
-                torch.mm(gu, teacher_weight_c, out=grads[1][block]).mul_(inverse).mul_(teacher_scale / rows)
+                torch.mm(gu, teacher_weight_c, out=grads[1][block]).mul_(teacher_scale / rows)
             if need[3]:
-                _accumulate_mm(grads[3], gu.T, teacher_rows[block] * inverse, 1.0 / rows, first)
+                grads[3].addmm_(gu.T, teacher_rows[block], alpha=1.0 / rows)
             if need[4]:
-                grads[4].addmv_(gu.T, inverse.view(-1), alpha=-teacher_scale / rows)
-        if student_side:  # q holds S (q − p) = −S N ∂ℓ/∂z
+                grads[4].sub_(gu.sum(dim=0), alpha=teacher_scale / rows)
+        if student_side:  # q holds q − p = −N ∂ℓ/∂z
             if need[0]:
-                torch.mm(q, weight_c, out=grads[0][block]).mul_(inverse).mul_(-student_scale / rows)
+                torch.mm(q, weight_c, out=grads[0][block]).mul_(-student_scale / rows)
             if need[2]:
-                _accumulate_mm(grads[2], q.T, student_rows[block] * inverse, -1.0 / rows, first)
+                grads[2].addmm_(q.T, student_rows[block], alpha=-1.0 / rows)
     return (loss / rows, *grads)
 
 
