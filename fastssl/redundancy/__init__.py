@@ -118,9 +118,16 @@ def vicreg(
 
         >>> loss = fastssl.vicreg(expander(y1), expander(y2))
     """
-    check_views(("z_a", "z_b"), (z_a, z_b), ndim=None)
     check_float_tensor("z_a", z_a, min_ndim=2)
-    check_batch_at_least("z_a", z_a, 2, "the unbiased variance needs two rows")
+    check_float_tensor("z_b", z_b, min_ndim=2)
+    # lightly asserts these two, in this order: InputError is caught by `except AssertionError` too
+    if z_a.shape[0] < 2 or z_b.shape[0] < 2:
+        raise InputError(f"z_a and z_b must have batch size > 1 (the unbiased variance needs two rows) but "
+                         f"found {z_a.shape[0]} and {z_b.shape[0]}: z_a {tuple(z_a.shape)}, z_b {tuple(z_b.shape)}")
+    if z_a.shape != z_b.shape:
+        raise InputError(f"z_a and z_b must have same shape but found z_a {tuple(z_a.shape)} and "
+                         f"z_b {tuple(z_b.shape)}.")
+    check_views(("z_a", "z_b"), (z_a, z_b), ndim=None)
     for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
         check_non_negative(name, value)
     eps = check_non_negative("eps", eps)
@@ -130,8 +137,7 @@ def vicreg(
     if chosen in ("reference", "torch") and not (gather_distributed and distributed.world_size() > 1):
         # the whole loss in one op (its gradients in closed form, in the same pass), where it exists
         core = registry.select("vicreg", chosen, grouped)[1]
-        options = () if chosen == "reference" else (algorithm,)
-        return core(*grouped, lambda_param, mu_param, nu_param, eps, *options)
+        return core(*grouped, lambda_param, mu_param, nu_param, eps, algorithm)
     invariance = reference.invariance(z_a, z_b)
     variance, covariance = _variance_covariance(z_a, z_b, eps, gather_distributed, algorithm, backend)
     return lambda_param * invariance + mu_param * variance + nu_param * covariance

@@ -74,10 +74,12 @@ def invariance(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
 
 
 def vicreg(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float, nu_param: float,
-           eps: float) -> torch.Tensor:
+           eps: float, algorithm: str = "auto") -> torch.Tensor:
     """VICReg of two (B, G, D) views: λ · MSE + μ · variance + ν · covariance (the terms of
     :func:`vicreg_variance_covariance`), in lightly's order of operations, op for op: on float32
-    inputs the same bits as lightly's ``VICRegLoss``, gradients included.
+    inputs the same bits as lightly's ``VICRegLoss``, gradients included. ``algorithm`` (the op's
+    Gram-or-direct choice) is taken so the spec has the op's signature; the spec always forms Cov
+    directly, as lightly does.
 
     Returns a 0-dim float32 loss (float64 for float64 inputs).
     """

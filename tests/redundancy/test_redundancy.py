@@ -330,6 +330,14 @@ def test_mismatched_shapes_raise_naming_both(loss, shape_a, shape_b):
         loss(torch.randn(*shape_a), torch.randn(*shape_b))
 
 
+@pytest.mark.parametrize("shape_a,shape_b", [pytest.param((1, 32), (1, 32), id="batch-of-one"),
+                                             pytest.param((2, 32), (2, 16), id="D-mismatch")])
+def test_vicreg_errors_are_caught_as_assertion_errors_like_lightly(shape_a, shape_b):
+    # lightly's VICRegLoss asserts both; `except AssertionError` written for lightly must still catch them
+    with pytest.raises(AssertionError, match=r"z_a and z_b must have"):
+        fastssl.VICRegLoss()(torch.randn(*shape_a), torch.randn(*shape_b))
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_one_dimensional_input_raises(loss):
     with pytest.raises(ValueError, match=r"z_a.*dimensions.*\(5,\)"):
