@@ -66,11 +66,19 @@ def msn_targets(targets: Tensor, prototypes: Tensor, temperature: float = 0.1,
     log_probs = F.log_softmax(logits / (temperature * target_sharpen_temperature), dim=1)
     if sinkhorn_iterations == 0:
         return log_probs.exp_()
+    return balanced_probabilities(log_probs, sinkhorn_iterations, gather_distributed, backend)
+
+
+def balanced_probabilities(log_probs: Tensor, iterations: int, gather_distributed: bool = False,
+                           backend: str = "auto") -> Tensor:
+    """lightly's MSN ``sinkhorn`` (``iterations`` ≥ 1 rounds: each prototype's mass to 1/K, then
+    each row's to 1) of the (B, K) probabilities exp(``log_probs``), in the log domain. Returns
+    (B, K) rows summing to 1, no gradient, in the compute dtype."""
     # The clustering family's op (through the registry: that family imports this one). Its
     # uniform column marginals 1 / (B_rank · W) are proportional to lightly's 1 / B_rank on every
     # rank, so the result is lightly's for unequal batches too.
     _, sinkhorn = registry.select("sinkhorn", backend, (log_probs,))
-    return sinkhorn(log_probs, sinkhorn_iterations, 1.0, None, None, 0.0, bool(gather_distributed))
+    return sinkhorn(log_probs, iterations, 1.0, None, None, 0.0, bool(gather_distributed))
 
 
 def msn_terms(anchors: Tensor, targets: Tensor, prototypes: Tensor, target_sharpen_temperature: float = 0.25,
