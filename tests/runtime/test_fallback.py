@@ -68,14 +68,15 @@ LAUNCH_FAILURES = {
 @pytest.fixture
 def failing_sinkhorn_kernel(request, monkeypatch):
     """Auto may take the interpreter (as it takes compiled Triton on CUDA), no failure recorded
-    before, and the Sinkhorn sample-pass kernel failing with the parametrized error."""
+    before, and the Sinkhorn kernel of a plain call (all phases in one kernel) failing with the
+    parametrized error."""
     from fastssl.kernels import clustering as kernels
 
     make_error, name = LAUNCH_FAILURES[request.param]
     monkeypatch.setattr(registry, "AUTO_USES_INTERPRETER", True)
     monkeypatch.setattr(registry, "_CALL_FAILURES", {})
     kernel = FailingKernel(make_error())
-    monkeypatch.setattr(kernels, "_sinkhorn_sample_kernel", kernel)
+    monkeypatch.setattr(kernels, "_sinkhorn_phases_kernel", kernel)
     return kernel, name
 
 
