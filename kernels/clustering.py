@@ -294,7 +294,7 @@ def sinkhorn_codes(scores: Tensor, iterations: int, epsilon: float, log_r: Tenso
     log marginals log r (K,) and log c (B,) in the compute dtype, no tolerance: one launch of
     2·iterations + 1 phases on a card, one launch per phase under the interpreter."""
     batch, num_prototypes = scores.shape
-    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    dtype = log_r.dtype
     block_b, block_k = phase_blocks(dtype, batch, num_prototypes)
     tiles_b, tiles_k = triton.cdiv(batch, block_b), triton.cdiv(num_prototypes, block_k)
     device = scores.device

@@ -184,7 +184,7 @@ struct RowSweeps {
   template <typename Row>
   void weighted_sums(int64_t chunk, int64_t begin, int64_t end, int thread, Row row) {
     const int64_t K = prototypes_;
-    acc_t* buffer = row_buffers_.data() + static_cast<size_t>(thread) * K;
+    acc_t* buffer = row_buffer(thread);
     acc_t* sums = chunk_sums(chunk);
     std::fill(sums, sums + K, acc_t(0));
     acc_t beta = -kInfinity<acc_t>;
