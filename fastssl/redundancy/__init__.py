@@ -127,14 +127,15 @@ def vicreg(
     if z_a.shape != z_b.shape:
         raise InputError(f"z_a and z_b must have same shape but found z_a {tuple(z_a.shape)} and "
                          f"z_b {tuple(z_b.shape)}.")
-    check_views(("z_a", "z_b"), (z_a, z_b), ndim=None)
+    check_same_dtype(("z_a", "z_b"), (z_a, z_b))
+    check_same_device(("z_a", "z_b"), (z_a, z_b))
     for name, value in (("lambda_param", lambda_param), ("mu_param", mu_param), ("nu_param", nu_param)):
         check_non_negative(name, value)
     eps = check_non_negative("eps", eps)
     check_choice("algorithm", algorithm, ALGORITHMS)
     grouped = [z.reshape(z.shape[0], -1, z.shape[-1]) for z in (z_a, z_b)]
     chosen = registry.select("vicreg_variance_covariance", backend, grouped)[0]
-    if chosen in ("reference", "torch") and not (gather_distributed and distributed.world_size() > 1):
+    if chosen in registry.MANIFEST["vicreg"] and not (gather_distributed and distributed.world_size() > 1):
         # the whole loss in one op (its gradients in closed form, in the same pass), where it exists
         core = registry.select("vicreg", chosen, grouped)[1]
         return core(*grouped, lambda_param, mu_param, nu_param, eps, algorithm)
