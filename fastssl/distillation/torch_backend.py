@@ -335,8 +335,9 @@ def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor
     dtype = compute_dtype(*tensors)
     rows, prototypes = student.shape[0], weight.shape[0]
     weight_c, teacher_weight_c = weight.to(dtype), teacher_weight.to(dtype)
-    student_rows, teacher_rows = student.to(dtype) * student_scale, teacher.to(dtype) * teacher_scale
-    shift = _teacher_shift(teacher.to(dtype), teacher_weight, center, teacher_scale, iterations,
+    teacher_c = teacher.to(dtype)
+    student_rows, teacher_rows = student.to(dtype) * student_scale, teacher_c * teacher_scale
+    shift = _teacher_shift(teacher_c, teacher_weight, center, teacher_scale, iterations,
                            _prototype_tiles(prototypes, rows), dtype)
     has_shift = iterations > 0 or center is not None
     student_side = need[0] or need[2]

@@ -300,8 +300,6 @@ class MaskingMethod(Method):
     """Draws its patch masks from its own generator, seeded per (seed, step, rank): a resumed run
     masks what the uninterrupted one masked, and every process masks differently."""
 
-    generator = None
-
     def start_step(self, step, total_steps, epoch):
         super().start_step(step, total_steps, epoch)
         self.step = step
