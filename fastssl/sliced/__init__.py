@@ -60,7 +60,7 @@ def random_unit_columns(rows: int, columns: int, like: Tensor, shared: bool = Fa
     vectors = torch.randn(rows, columns, device=like.device, dtype=like.dtype)
     if shared:
         distributed.broadcast_no_grad(vectors, src=0)
-    return vectors / vectors.norm(p=2, dim=0)
+    return vectors.div_(vectors.norm(p=2, dim=0))  # in place, as lightly: no second (rows, columns) buffer
 
 
 def sigreg_statistic(proj: Tensor, vectors: Tensor, t: Tensor, phi: Tensor, weights: Tensor, *,

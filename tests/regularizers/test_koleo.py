@@ -34,6 +34,7 @@ def separated_rows(n, d, dtype=torch.float32):
 def test_koleo_equals_float64_formula(n, d, ragged, backend, monkeypatch):
     if ragged:
         monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 7 * n)  # blocks of 7 rows (and a ragged last one)
+        monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_SCALE", 1)
     x = separated_rows(n, d)
     loss = fn.koleo(x, backend=backend)
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -117,6 +118,7 @@ def grouped_koleo64(x, group_size, p=2.0, eps=1e-8):
 def test_koleo_groups_equal_float64_formula(group_size, tiles, backend, monkeypatch):
     if tiles == "ragged-tiles":  # tiles of 5 rows × 3 candidates: row and column tails, self entries split
         monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 15)
+        monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_SCALE", 1)
         monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_COLUMNS", 3)
     x = separated_rows(36, 6, dtype=torch.float64).requires_grad_(True)
     loss = fn.koleo(x, group_size=group_size, backend=backend)
@@ -130,14 +132,16 @@ def test_koleo_groups_equal_float64_formula(group_size, tiles, backend, monkeypa
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_koleo_groups_gradcheck(backend, monkeypatch):
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 6)  # tiles of 2 rows × 3 candidates
+    monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_SCALE", 1)
     monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_COLUMNS", 3)
     x = separated_rows(12, 4, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: fn.koleo(t, group_size=6, backend=backend), (x,))
 
 
 def test_koleo_tiles_bound_the_similarities_held(monkeypatch):
-    """The torch backend's neighbour search holds at most one tile of BLOCK_ELEMENTS similarities
-    (never the N × N matrix): every GEMM it makes is checked here, on 300 rows with a 1,000-entry tile."""
+    """The torch backend's neighbour search holds at most one tile of NEIGHBOUR_TILE_SCALE ×
+    BLOCK_ELEMENTS similarities (never the N × N matrix): every GEMM it makes is checked here, on
+    300 rows with 4,000-entry tiles (90,000 similarities in all)."""
     monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1000)
     monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_COLUMNS", 64)
     x = torch.nn.functional.normalize(torch.randn(300, 8, dtype=torch.float64), dim=1)[None]
@@ -152,7 +156,7 @@ def test_koleo_tiles_bound_the_similarities_held(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
     neighbours = koleo_torch_backend.nearest_other_in_groups(x, x, 0)
     monkeypatch.setattr(torch.Tensor, "__matmul__", original)
-    assert largest and max(largest) <= 1000
+    assert largest and max(largest) <= koleo_torch_backend.NEIGHBOUR_TILE_SCALE * 1000 < 300 * 300 / 4
     cosine = (x[0] @ x[0].T).fill_diagonal_(-2)
     assert torch.equal(neighbours[0], cosine.argmax(dim=1))
 
