@@ -22,6 +22,7 @@ from ..runtime import blocks as tiling
 from ..runtime.blocks import blocks
 from ..runtime.library import define_precomputed_gradient_op
 from ..runtime.dtypes import compute_dtype
+from ..runtime.normalize import normalize, normalize_backward_
 from ..spectral.torch_backend import nuclear_norm
 from .reference import koleo_from_neighbours, koleo_groups
 
@@ -101,27 +102,12 @@ def _divergence_and_logit_grads(p: Tensor, q: Tensor, with_gradient: bool
             h.addcmul_(big_q, h.sum(dim=1, keepdim=True), value=-1))
 
 
-NORMALIZE_EPS = 1e-12  # F.normalize's: each row over max(‖x‖, eps)
-
 # Up to this many rows (no bank, one block) the q logits are the p logits' transpose: one GEMM for
 # both, and one ∂/∂logits for the two gradient GEMMs (3 GEMMs, not 6). Above it the transposed
 # reads of the N × N matrices (4 KiB strides at 1024 rows) cost more than the GEMMs they save.
 # Measured (``co2_forward`` alone, D=128, 1 thread, process time, Xeon AVX-512), whole batch /
 # blocks: 0.40 at 128 rows, 0.61 at 256, 0.71 at 512, 1.03 at 1024.
 WHOLE_BATCH_MAX_ROWS = 512
-
-
-def _unit_rows(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``F.normalize(x, dim=1)`` (N, D), its clamped row norms max(‖x‖, eps) and where ‖x‖ > eps (N, 1)."""
-    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    clamped = norms.clamp_min(NORMALIZE_EPS)
-    return x / clamped, clamped, norms > NORMALIZE_EPS
-
-
-def _unit_rows_backward_(unit: Tensor, clamped: Tensor, unclamped: Tensor, grad: Tensor) -> Tensor:
-    """∂⟨grad, x̂⟩/∂x = (g − x̂(x̂·g))/‖x‖ (g/eps where the norm is clamped), written over ``grad``."""
-    along = torch.where(unclamped, torch.linalg.vecdot(unit, grad, dim=1).unsqueeze(1), 0.0)
-    return grad.addcmul_(unit, along, value=-1).div_(clamped)
 
 
 def _whole_batch_divergence(a: Tensor, b: Tensor, scale: float, gradient_scale: float, with_gradient: bool
@@ -186,7 +172,8 @@ def co2_forward(x0: Tensor, x1: Tensor, negatives: Optional[Tensor], alpha: floa
     which the KL does not see. The bank takes no gradient (lightly detaches it). The temperature
     scales the (N, D) rows before the GEMMs, not the (N, K) logits after them."""
     dtype = compute_dtype(x0, x1)
-    (a, clamped_a, unclamped_a), (b, clamped_b, unclamped_b) = _unit_rows(x0.to(dtype)), _unit_rows(x1.to(dtype))
+    rows_a, rows_b = normalize(x0.to(dtype), 1), normalize(x1.to(dtype), 1)
+    a, b = rows_a.unit, rows_b.unit
     n = a.shape[0]
     factor = alpha * 0.5 / n
     if negatives is None and n <= WHOLE_BATCH_MAX_ROWS and n * n <= tiling.BLOCK_ELEMENTS:  # one block
@@ -196,8 +183,7 @@ def co2_forward(x0: Tensor, x1: Tensor, negatives: Optional[Tensor], alpha: floa
                                                     factor * scale, with_gradient)
     if not with_gradient:
         return factor * total, library.empty_grad(x0), library.empty_grad(x1)
-    return (factor * total, _unit_rows_backward_(a, clamped_a, unclamped_a, grad_a),
-            _unit_rows_backward_(b, clamped_b, unclamped_b, grad_b))
+    return factor * total, normalize_backward_(rows_a, grad_a), normalize_backward_(rows_b, grad_b)
 
 
 def _co2_fake(x0, x1, negatives, alpha, scale, with_gradient):

@@ -47,6 +47,40 @@ def gradient_fakes(with_gradient: bool, like: Sequence[torch.Tensor], dtype: tor
     return [torch.empty_like(t, dtype=dtype) if with_gradient else empty_grad(t) for t in like]
 
 
+def _define_once_differentiable(name: str, schema: str, forward: Callable, fake: Callable, differentiable: int,
+                                first_gradient: int, loss_per_index: bool) -> torch._ops.OpOverload:
+    """Define ``fastssl::<name><schema>`` (output 0 the loss, outputs ``first_gradient:`` the
+    forward's ∂loss/∂input for its first ``differentiable`` inputs) with the autograd both factories
+    below share: the backward only scales those gradients by the loss's. ``loss_per_index``: the
+    loss may hold one entry per leading index of the gradients (the scale broadcasts over the rest)."""
+    op = define(name, schema, forward, fake)
+
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.input_dtypes = [t.dtype if isinstance(t, torch.Tensor) else None for t in inputs[:differentiable]]
+        ctx.num_inputs = len(inputs)
+        ctx.save_for_backward(*output[first_gradient:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def scaled(grad_loss, gradient):
+        if loss_per_index:
+            grad_loss = grad_loss.reshape(grad_loss.shape + (1,) * (gradient.dim() - grad_loss.dim()))
+        return grad_loss * gradient
+
+    def autograd_backward(ctx, grad_loss, *_unused):
+        if grad_loss is None or not any(ctx.needs_input_grad[:differentiable]):  # nothing to scale
+            return (None,) * ctx.num_inputs
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(f"fastssl::{name} is differentiable once: its gradients are computed in closed form "
+                               "without a graph, so backward(create_graph=True) through it is not supported")
+        gradients = tuple(scaled(grad_loss, g).to(dtype) if need else None
+                          for g, dtype, need in zip(ctx.saved_tensors, ctx.input_dtypes, ctx.needs_input_grad))
+        return gradients + (None,) * (ctx.num_inputs - differentiable)
+
+    register_autograd(op, autograd_backward, setup_context)
+    return op
+
+
 def define_precomputed_gradient_op(name: str, inputs: str, differentiable: int, extra_outputs: int,
                                    forward: Callable, fake: Callable) -> Callable:
     """Register ``fastssl::<name>(<inputs>, bool with_gradient=True) -> (loss, *extras, *gradients)``.
@@ -68,27 +102,9 @@ def define_precomputed_gradient_op(name: str, inputs: str, differentiable: int, 
     def with_default(function):  # the dispatcher drops a trailing argument that equals its default
         return lambda *args: function(*args, *([True] if len(args) == count else []))
 
-    op = define(name, f"({inputs}, bool with_gradient=True) -> ({outputs})", with_default(forward),
-                        with_default(fake))
-
-    def setup_context(ctx, inputs, output):
-        ctx.set_materialize_grads(False)
-        ctx.input_dtypes = [inputs[i].dtype for i in range(differentiable)]
-        ctx.num_inputs = len(inputs)
-        ctx.save_for_backward(*output[1 + extra_outputs:])
-        ctx.mark_non_differentiable(*output[1:])
-
-    def autograd_backward(ctx, grad, *_unused):
-        if grad is None:  # the loss is not part of the graph being differentiated
-            return (None,) * ctx.num_inputs
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise RuntimeError(f"fastssl::{name} is differentiable once: its gradient is computed in closed form "
-                               "without a graph, so backward(create_graph=True) through it is not supported")
-        gradients = tuple((grad.reshape(grad.shape + (1,) * (g.dim() - grad.dim())) * g).to(dtype)
-                          for g, dtype in zip(ctx.saved_tensors, ctx.input_dtypes))
-        return gradients + (None,) * (ctx.num_inputs - differentiable)
-
-    register_autograd(op, autograd_backward, setup_context)
+    op = _define_once_differentiable(name, f"({inputs}, bool with_gradient=True) -> ({outputs})",
+                                     with_default(forward), with_default(fake), differentiable,
+                                     1 + extra_outputs, loss_per_index=True)
 
     def core(*args):
         with_gradient = torch.is_grad_enabled() and any(t.requires_grad for t in args[:differentiable])
@@ -113,27 +129,9 @@ def define_needed_gradients_op(name: str, tensors: str, params: str, forward: Ca
     (the op is its ``.op``). Differentiable once: the gradients carry no graph.
     """
     count = len(tensors.split(","))
-    op = define(name, f"({tensors}, {params}, bool[]? needs_grad=None) -> ({', '.join(['Tensor'] * (1 + count))})",
-                        forward, fake)
-
-    def setup_context(ctx, inputs, output):
-        ctx.set_materialize_grads(False)
-        ctx.input_dtypes = [t.dtype if isinstance(t, torch.Tensor) else None for t in inputs[:count]]
-        ctx.num_inputs = len(inputs)
-        ctx.save_for_backward(*output[1:])
-        ctx.mark_non_differentiable(*output[1:])
-
-    def autograd_backward(ctx, grad_loss, *_unused):
-        if grad_loss is None or not any(ctx.needs_input_grad[:count]):
-            return (None,) * ctx.num_inputs
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise RuntimeError(f"fastssl::{name} is differentiable once: its gradients are made in the forward "
-                               "without a graph, so backward(create_graph=True) through it is not supported")
-        grads = tuple((grad_loss * g).to(dtype) if need else None
-                      for g, dtype, need in zip(ctx.saved_tensors, ctx.input_dtypes, ctx.needs_input_grad))
-        return grads + (None,) * (ctx.num_inputs - count)
-
-    register_autograd(op, autograd_backward, setup_context)
+    op = _define_once_differentiable(
+        name, f"({tensors}, {params}, bool[]? needs_grad=None) -> ({', '.join(['Tensor'] * (1 + count))})",
+        forward, fake, count, 1, loss_per_index=False)
 
     def precomputed_gradients_core(*args):
         grad_enabled = torch.is_grad_enabled()

@@ -8,8 +8,8 @@ gradients.
   backward is two more): ∂‖ZZᵀ‖²_F/∂Z = 4ZZᵀZ, ∂logdet(I + cZZᵀ)/∂Z = 2c(I + cZZᵀ)⁻¹Z (one
   Cholesky solve), ∂‖Z‖_*/∂Z = (ZZᵀ)^(−1/2) Z = UVᵀ, TiCo's ∂(ρ/N Σ ẑC'ẑᵀ)/∂ẑ = 2ρ/N ẑC' — one
   GEMM each. TiCo, FroSSL and the total coding rate compute theirs in the forward, with the
-  normalisation's backward written out (``runtime.library.define_precomputed_gradient_op``): no autograd
-  graph, and their backward is one multiply.
+  normalisation's backward written out (``runtime.normalize``; ops from
+  ``runtime.library.define_precomputed_gradient_op``): no autograd graph, and their backward is one multiply.
 * Nuclear norms from the eigenvalues of the smaller Gram, formed and decomposed in float64
   (small: m² entries): its rounding (≈ n·u64·σ_max²) moves a singular value σ by at most
   ≈ √(n·u64)·σ_max, where an SVD of the float32 matrix has its own u32·σ_max.
@@ -32,23 +32,9 @@ from ..runtime import library
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
 from ..runtime.library import define_precomputed_gradient_op
+from ..runtime.normalize import normalize, normalize_backward_
 
 Tensor = torch.Tensor
-NORMALIZE_EPS = 1e-12  # F.normalize's default
-
-
-def _normalize(x: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
-    """``F.normalize(x, dim=dim)`` (eps 1e-12) and the norms (keepdim), kept for the backward."""
-    norms = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
-    return x / norms.clamp_min(NORMALIZE_EPS), norms
-
-
-def _normalize_backward_(unit: Tensor, norms: Tensor, grad: Tensor, dim: int) -> Tensor:
-    """∂⟨grad, x̂⟩/∂x for x̂ = F.normalize(x, dim): (g − x̂(x̂·g))/‖x‖, or g/eps where ‖x‖ ≤ eps
-    (autograd through F.normalize's clamp gives the same), written over ``grad``."""
-    unclamped = norms > NORMALIZE_EPS
-    along = torch.where(unclamped, (unit * grad).sum(dim=dim, keepdim=True), torch.zeros_like(norms))
-    return grad.addcmul_(unit, along, value=-1).div_(torch.where(unclamped, norms, NORMALIZE_EPS))
 
 
 def tico_forward(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: float, rho: float,
@@ -59,8 +45,8 @@ def tico_forward(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: f
     gradient 2ρ/N·ẐC' of ρ/N Σ_i ẑ_i C' ẑ_iᵀ takes C' symmetric, as a covariance is (TiCo's own
     state always is)."""
     dtype = compute_dtype(z_a, z_b)
-    a, norms_a = _normalize(z_a.to(dtype), 1)
-    b, norms_b = _normalize(z_b.to(dtype), 1)
+    rows_a, rows_b = normalize(z_a.to(dtype), 1), normalize(z_b.to(dtype), 1)
+    a, b = rows_a.unit, rows_b.unit
     n = a.shape[0]
     if covariance is None:
         updated = torch.mm(a.T * ((1 - beta) / n), a)
@@ -69,8 +55,8 @@ def tico_forward(z_a: Tensor, z_b: Tensor, covariance: Optional[Tensor], beta: f
     projected = a @ updated
     loss = 1.0 - (a * b).sum(dim=1).mean() + rho / n * (a * projected).sum()
     gradients = library.gradients_or_empty(with_gradient, (z_a, z_b), lambda: (
-        _normalize_backward_(a, norms_a, torch.add(b, projected, alpha=-2 * rho).div_(-n), 1),
-        _normalize_backward_(b, norms_b, a / -n, 1)))
+        normalize_backward_(rows_a, torch.add(b, projected, alpha=-2 * rho).div_(-n)),
+        normalize_backward_(rows_b, a / -n)))
     return (loss, updated) + gradients
 
 
@@ -156,7 +142,8 @@ def frossl_forward(views: Tensor, invariance_weight: float, with_gradient: bool)
     Gram is two; tr K = Σẑ² (the number of nonzero columns) without K's diagonal; the
     invariance's gradient 2wV/N·(ẑ_v − z̄) (Σ_v(ẑ_v − z̄) = 0 removes z̄'s own share)."""
     dtype = compute_dtype(views)
-    unit, norms = _normalize(views.to(dtype), 1)
+    normalized = normalize(views.to(dtype), 1)
+    unit = normalized.unit
     num_views, rows, dim = unit.shape
     gram, by_rows = _smaller_gram(unit)
     squared_norm = gram.square().sum(dim=(1, 2))
@@ -168,7 +155,7 @@ def frossl_forward(views: Tensor, invariance_weight: float, with_gradient: bool)
     def gradient():  # in place on one temporary: this runs at the loss's peak memory
         direction = (torch.bmm(gram, unit) if by_rows else torch.bmm(unit, gram)).mul_((4 / squared_norm)[:, None, None])
         direction.add_(difference, alpha=2 * invariance_weight * num_views / rows)
-        return [_normalize_backward_(unit, norms, direction, 1)]
+        return [normalize_backward_(normalized, direction)]
 
     return (loss,) + library.gradients_or_empty(with_gradient, (views,), gradient)
 
