@@ -52,10 +52,7 @@ def linear_distillation_loss(student_features: Tensor, teacher_features: Tensor,
     teacher_weight_given = teacher_weight is not None
     teacher_weight = teacher_weight if teacher_weight_given else weight
     check_last_layer("teacher_weight" if teacher_weight_given else "weight (teacher_weight=None)", teacher_weight,
-                     teacher_features)
-    if teacher_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"teacher_weight must have as many prototypes as weight ({weight.shape[0]}), got "
-                         f"{tuple(teacher_weight.shape)}")
+                     teacher_features, weight.shape[0], "prototype of weight")
     if teacher_features.shape[0] != student_features.shape[0]:
         raise ValueError(f"student_features and teacher_features must have the same number of rows, got "
                          f"{tuple(student_features.shape)} and {tuple(teacher_features.shape)}")

@@ -323,6 +323,18 @@ def _softmax_terms_(z: Tensor, q: Tensor, shift: Optional[Tensor], teacher_grad:
     return terms
 
 
+def _outputs(tensors: Sequence[Optional[Tensor]], needs_grad: Optional[Sequence[bool]]
+             ) -> Tuple[List[bool], torch.dtype, Tensor, List[Tensor]]:
+    """The set-up :func:`linear_distillation_forward` and its fake share: (one flag per tensor,
+    whether its gradient is made (None: every tensor given); the compute dtype; the 0-dim loss
+    and the gradients as zeros in it, an empty tensor where not made)."""
+    need = [t is not None for t in tensors] if needs_grad is None else list(needs_grad)
+    dtype, device = compute_dtype(*tensors), tensors[0].device
+    grads = [torch.zeros(t.shape, dtype=dtype, device=device) if wanted else library.empty_grad(tensors[0])
+             for t, wanted in zip(tensors, need)]
+    return need, dtype, torch.zeros((), dtype=dtype, device=device), grads
+
+
 def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
                                 center: Optional[Tensor], student_scale: float, teacher_scale: float,
                                 iterations: int, needs_grad: Optional[Sequence[bool]] = None) -> Tuple[Tensor, ...]:
@@ -331,8 +343,7 @@ def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor
     made where ``needs_grad`` (one flag per tensor; None: every tensor given) asks for it, an
     empty tensor elsewhere; the teacher's side is zeros with Sinkhorn targets (constants)."""
     tensors = (student, teacher, weight, teacher_weight, center)
-    need = [t is not None for t in tensors] if needs_grad is None else list(needs_grad)
-    dtype = compute_dtype(*tensors)
+    need, dtype, loss, grads = _outputs(tensors, needs_grad)
     rows, prototypes = student.shape[0], weight.shape[0]
     weight_c, teacher_weight_c = weight.to(dtype), teacher_weight.to(dtype)
     teacher_c = teacher.to(dtype)
@@ -342,14 +353,11 @@ def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor
     has_shift = iterations > 0 or center is not None
     student_side = need[0] or need[2]
     teacher_side = iterations == 0 and (need[1] or need[3] or need[4])
-    grads = [torch.zeros(t.shape, dtype=dtype, device=student.device) if wanted else library.empty_grad(student)
-             for t, wanted in zip(tensors, need)]
     row_blocks = _row_blocks(rows, prototypes)
     size = row_blocks[0].stop
     logits = student.new_empty((size, prototypes), dtype=dtype)  # z, then exp(z − max z)
     targets = torch.empty_like(logits)  # u, then q, then q − p
     teacher_logits_grad = torch.empty_like(logits) if teacher_side else None
-    loss = torch.zeros((), dtype=dtype, device=student.device)
     for block in row_blocks:
         count = block.stop - block.start
         z, q = logits[:count], targets[:count]
@@ -378,11 +386,8 @@ def _linear_distillation_fakes(student: Tensor, teacher: Tensor, weight: Tensor,
                                center: Optional[Tensor], student_scale: float, teacher_scale: float, iterations: int,
                                needs_grad: Optional[Sequence[bool]] = None) -> Tuple[Tensor, ...]:
     """The outputs' shapes and dtypes of :func:`linear_distillation_forward`."""
-    tensors = (student, teacher, weight, teacher_weight, center)
-    need = [t is not None for t in tensors] if needs_grad is None else list(needs_grad)
-    dtype = compute_dtype(*tensors)
-    return (student.new_empty((), dtype=dtype), *(
-        t.new_empty(t.shape, dtype=dtype) if wanted else library.empty_grad(student) for t, wanted in zip(tensors, need)))
+    _, _, loss, grads = _outputs((student, teacher, weight, teacher_weight, center), needs_grad)
+    return (loss, *grads)
 
 # ============================================================================================
 # Fused last layer + cross-entropy with hard labels (masked language modelling)
