@@ -270,8 +270,9 @@ class Center(nn.Module):
 from .capi import CAPILoss, capi, capi_sinkhorn_knopp  # noqa: E402
 from .msn import MSNLoss, PMSNCustomLoss, PMSNLoss, msn, msn_targets, msn_terms, pmsn, pmsn_custom  # noqa: E402
 from .ibot import IBOTPatchLoss, IBOTPlusPlusPatchLoss, ibot_patch, ibot_plus_plus_patch  # noqa: E402
+from .heads import DINOProjectionHead  # noqa: E402
 
 __all__ = ["dino", "dino_center", "DINOLoss", "Center", "pair_losses", "off_diagonal_mean", "check_last_layer",
            "CAPILoss", "capi", "capi_sinkhorn_knopp",
            "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "msn", "msn_targets", "msn_terms", "pmsn", "pmsn_custom",
-           "IBOTPatchLoss", "IBOTPlusPlusPatchLoss", "ibot_patch", "ibot_plus_plus_patch"]
+           "IBOTPatchLoss", "IBOTPlusPlusPatchLoss", "ibot_patch", "ibot_plus_plus_patch", "DINOProjectionHead"]
