@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from . import occupancy
-from .launch import float64_parts, on_device
+from .launch import float64_parts, from_float64_parts, on_device
 
 Tensor = torch.Tensor
 
@@ -32,16 +32,6 @@ def _online_lse(running_max, running_sum, x, AXIS: tl.constexpr):
     return new_max, running_sum * tl.exp(running_max - shift) + tile_sum
 
 
-@triton.jit
-def _inverse_epsilon(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64: tl.constexpr):
-    """1/ε from its float32 parts (``launch.float64_parts``): their float64 sum, or the first."""
-    inv_epsilon = tl.cast(inv_epsilon_high, tl.float32)
-    if FP64:
-        inv_epsilon = ((tl.cast(inv_epsilon_high, tl.float64) + tl.cast(inv_epsilon_middle, tl.float64))
-                       + tl.cast(inv_epsilon_low, tl.float64))
-    return inv_epsilon
-
-
 # ============================================================================================
 # Sinkhorn-Knopp passes over the (B, K) scores s, in the log domain
 # ============================================================================================
@@ -56,7 +46,7 @@ def _inverse_epsilon(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64
 def _sinkhorn_prototype_lse_kernel(
     # pointers
     scores_ptr, potential_ptr, lse_ptr,
-    # 1/ε in float32 parts (a float argument is float32; see _inverse_epsilon)
+    # 1/ε in float32 parts (a float argument is float32; see launch.from_float64_parts)
     inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low,
     # sizes
     B, K,
@@ -66,7 +56,7 @@ def _sinkhorn_prototype_lse_kernel(
     HAS_POTENTIAL: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    inv_epsilon = _inverse_epsilon(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64)
+    inv_epsilon = from_float64_parts(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64)
     k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = k < K
     running_max = tl.full([BLOCK_K], float("-inf"), acc_dtype)
@@ -109,7 +99,7 @@ def _sinkhorn_sample_kernel(
     WRITE_CODES: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    inv_epsilon = _inverse_epsilon(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64)
+    inv_epsilon = from_float64_parts(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64)
     b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = b < B
     running_max = tl.full([BLOCK_B], float("-inf"), acc_dtype)
@@ -227,7 +217,7 @@ def _sinkhorn_phases_kernel(
     GRID_SYNC: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    inv_epsilon = _inverse_epsilon(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64)
+    inv_epsilon = from_float64_parts(inv_epsilon_high, inv_epsilon_middle, inv_epsilon_low, FP64)
     tiles_b = tl.cdiv(B, BLOCK_B)
     tiles_k = tl.cdiv(K, BLOCK_K)
     programs = tl.num_programs(0)

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .clustering import _inverse_epsilon as _from_parts, _online_lse, block_size  # (a float from its float32 parts)
-from .launch import float64_parts, on_input_device
+from .clustering import _online_lse, block_size
+from .launch import from_float64_parts, float64_parts, on_input_device
 
 Tensor = torch.Tensor
 
@@ -44,7 +44,7 @@ def _soft_ce_pairs_forward_kernel(
     FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    scale = _from_parts(scale_high, scale_middle, scale_low, FP64)
+    scale = from_float64_parts(scale_high, scale_middle, scale_low, FP64)
     pid = tl.program_id(0).to(tl.int64)
     b, s = pid // S, pid % S
     t = tl.arange(0, BLOCK_T).to(tl.int64)
@@ -82,8 +82,8 @@ def _soft_ce_pairs_logits_grad_kernel(
     FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    scale = _from_parts(scale_high, scale_middle, scale_low, FP64)
-    inv_batch = _from_parts(inv_batch_high, inv_batch_middle, inv_batch_low, FP64)
+    scale = from_float64_parts(scale_high, scale_middle, scale_low, FP64)
+    inv_batch = from_float64_parts(inv_batch_high, inv_batch_middle, inv_batch_low, FP64)
     pid = tl.program_id(0).to(tl.int64)
     b, s = pid // S, pid % S
     t = tl.arange(0, BLOCK_T).to(tl.int64)
@@ -114,8 +114,8 @@ def _soft_ce_pairs_targets_grad_kernel(
     FP64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    scale = _from_parts(scale_high, scale_middle, scale_low, FP64)
-    inv_batch = _from_parts(inv_batch_high, inv_batch_middle, inv_batch_low, FP64)
+    scale = from_float64_parts(scale_high, scale_middle, scale_low, FP64)
+    inv_batch = from_float64_parts(inv_batch_high, inv_batch_middle, inv_batch_low, FP64)
     pid = tl.program_id(0).to(tl.int64)
     b, t = pid // T, pid % T
     s = tl.arange(0, BLOCK_S).to(tl.int64)
@@ -216,8 +216,8 @@ def _linear_distillation_tiles(s, t, w_ptr, wt_ptr, shift_ptr, k, k_mask, d, d_m
 def _scales(student_scale_high, student_scale_middle, student_scale_low, teacher_scale_high, teacher_scale_middle,
             teacher_scale_low, FP64: tl.constexpr):
     """(σ_s, σ_t) from their float32 parts (launch.float64_parts)."""
-    return (_from_parts(student_scale_high, student_scale_middle, student_scale_low, FP64),
-            _from_parts(teacher_scale_high, teacher_scale_middle, teacher_scale_low, FP64))
+    return (from_float64_parts(student_scale_high, student_scale_middle, student_scale_low, FP64),
+            from_float64_parts(teacher_scale_high, teacher_scale_middle, teacher_scale_low, FP64))
 
 
 @triton.jit
@@ -279,16 +279,15 @@ def _linear_distillation_forward_kernel(
 
 
 @triton.jit
-def _linear_distillation_gradients(s, t, w_ptr, wt_ptr, shift_ptr, stats_ptr, grad_scale_ptr, n, n_mask, k, k_mask,
-                                   N, D, DT, student_scale, teacher_scale, acc_dtype,
+def _linear_distillation_gradients(s, t, w_ptr, wt_ptr, shift_ptr, student_lse, teacher_lse, teacher_mean,
+                                   gradient_scale, k, k_mask, D, DT, student_scale, teacher_scale, acc_dtype,
                                    BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr):
     """(∂ℓ/∂z, σ_t ∂ℓ/∂u) of the (BLOCK_N, BLOCK_K) tile of rows n and prototypes k (masked
-    entries 0), its logits made again: the two backward kernels' common part."""
+    entries 0), its logits made again, from the rows' (L, M, m) and g, which the callers load
+    (the rows kernel once for all its K tiles): the two backward kernels' common part."""
     d, dt = tl.arange(0, BLOCK_D).to(tl.int64), tl.arange(0, BLOCK_DT).to(tl.int64)
     z, scaled, u = _linear_distillation_tiles(s, t, w_ptr, wt_ptr, shift_ptr, k, k_mask, d, d < D, dt, dt < DT,
                                               D, DT, student_scale, teacher_scale, acc_dtype)
-    student_lse, teacher_lse, teacher_mean = _row_stats(stats_ptr, n, n_mask, N)
-    gradient_scale = tl.load(grad_scale_ptr).to(acc_dtype)
     p = tl.exp(u - teacher_lse[:, None])
     grad_z = gradient_scale * (tl.exp(scaled - student_lse[:, None]) - p)
     grad_u = gradient_scale * teacher_scale * p * (teacher_mean[:, None] - z)
@@ -315,14 +314,16 @@ def _linear_distillation_rows_kernel(
     n_mask = n < N
     d, dt = tl.arange(0, BLOCK_D).to(tl.int64), tl.arange(0, BLOCK_DT).to(tl.int64)
     s, t = _row_features(s_ptr, t_ptr, n, n_mask, D, DT, acc_dtype, BLOCK_D, BLOCK_DT)
+    student_lse, teacher_lse, teacher_mean = _row_stats(stats_ptr, n, n_mask, N)
+    gradient_scale = tl.load(grad_scale_ptr).to(acc_dtype)
     grad_s = tl.zeros([BLOCK_N, BLOCK_D], acc_dtype)
     grad_t = tl.zeros([BLOCK_N, BLOCK_DT], acc_dtype)
     for start in range(0, K, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = k < K
-        grad_z, grad_u = _linear_distillation_gradients(s, t, w_ptr, wt_ptr, shift_ptr, stats_ptr, grad_scale_ptr, n,
-                                                        n_mask, k, k_mask, N, D, DT, student_scale, teacher_scale,
-                                                        acc_dtype, BLOCK_D, BLOCK_DT)
+        grad_z, grad_u = _linear_distillation_gradients(s, t, w_ptr, wt_ptr, shift_ptr, student_lse, teacher_lse,
+                                                        teacher_mean, gradient_scale, k, k_mask, D, DT, student_scale,
+                                                        teacher_scale, acc_dtype, BLOCK_D, BLOCK_DT)
         w = tl.load(w_ptr + k[:, None] * D + d[None, :], mask=k_mask[:, None] & (d < D)[None, :], other=0.0)
         grad_s += tl.dot(grad_z, w.to(acc_dtype))
         if TEACHER_GRAD:
@@ -357,13 +358,15 @@ def _linear_distillation_columns_kernel(
     grad_w = tl.zeros([BLOCK_K, BLOCK_D], acc_dtype)
     grad_wt = tl.zeros([BLOCK_K, BLOCK_DT], acc_dtype)
     grad_shift = tl.zeros([BLOCK_K], acc_dtype)  # Σ_n σ_t ∂ℓ/∂u: ∂center = −this
+    gradient_scale = tl.load(grad_scale_ptr).to(acc_dtype)
     for start in range(0, N, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = n < N
         s, t = _row_features(s_ptr, t_ptr, n, n_mask, D, DT, acc_dtype, BLOCK_D, BLOCK_DT)
-        grad_z, grad_u = _linear_distillation_gradients(s, t, w_ptr, wt_ptr, shift_ptr, stats_ptr, grad_scale_ptr, n,
-                                                        n_mask, k, k_mask, N, D, DT, student_scale, teacher_scale,
-                                                        acc_dtype, BLOCK_D, BLOCK_DT)
+        student_lse, teacher_lse, teacher_mean = _row_stats(stats_ptr, n, n_mask, N)
+        grad_z, grad_u = _linear_distillation_gradients(s, t, w_ptr, wt_ptr, shift_ptr, student_lse, teacher_lse,
+                                                        teacher_mean, gradient_scale, k, k_mask, D, DT, student_scale,
+                                                        teacher_scale, acc_dtype, BLOCK_D, BLOCK_DT)
         grad_w += tl.dot(tl.trans(grad_z), s)
         if TEACHER_GRAD:
             grad_wt += tl.dot(tl.trans(grad_u), t)

@@ -12,6 +12,8 @@ import struct
 from typing import Callable, Dict, Hashable, Iterable, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 Tensor = torch.Tensor
 
@@ -61,6 +63,16 @@ def float64_parts(value: float) -> Tuple[float, float, float]:
     high = to_float32(value)
     middle = to_float32(value - high)
     return high, middle, value - high - middle
+
+
+@triton.jit
+def from_float64_parts(high, middle, low, FP64: tl.constexpr):
+    """In a kernel, the scalar that :func:`float64_parts` split: the float64 sum of its parts, or
+    (float32 arithmetic) the first one."""
+    value = tl.cast(high, tl.float32)
+    if FP64:
+        value = (tl.cast(high, tl.float64) + tl.cast(middle, tl.float64)) + tl.cast(low, tl.float64)
+    return value
 
 
 def shape_bucket(size: int) -> int:

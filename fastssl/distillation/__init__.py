@@ -35,12 +35,16 @@ def off_diagonal_mean(pair_loss: Tensor) -> Tensor:
     return (pair_loss.sum() - diagonal) / (rows * cols - min(rows, cols))
 
 
-def check_last_layer(name: str, weight: Tensor, crop: Tensor) -> None:
-    """A (K, D) weight for (B, D) crops, on their device."""
+def check_last_layer(name: str, weight: Tensor, crop: Tensor, outputs: Optional[int] = None,
+                     output_name: str = "output dim") -> None:
+    """A (K, D) weight for (..., D) crops, on their device; with ``outputs``, K = ``outputs`` (one
+    row per ``output_name``: the teacher's output dims, clusters, prototypes)."""
     check_float_tensor(name, weight, ndim=2)
     if weight.shape[1] != crop.shape[-1]:
         raise ValueError(f"{name} must be (K, {crop.shape[-1]}) for crops of shape {tuple(crop.shape)}, "
                          f"got {tuple(weight.shape)}")
+    if outputs is not None and weight.shape[0] != outputs:
+        raise ValueError(f"{name} must have one row per {output_name} ({outputs}), got {tuple(weight.shape)}")
     check_same_device(("crops", name), (crop, weight))
 
 
@@ -140,10 +144,7 @@ def dino(
     teacher = _as_crops("teacher_out", teacher_out)
     student = _as_crops("student_out", student_out)
     if last_layer_weight is not None:
-        check_last_layer("last_layer_weight", last_layer_weight, student)
-        if last_layer_weight.shape[0] != teacher.shape[-1]:
-            raise ValueError(f"last_layer_weight must have one row per output dim ({teacher.shape[-1]}), got "
-                             f"{tuple(last_layer_weight.shape)}")
+        check_last_layer("last_layer_weight", last_layer_weight, student, teacher.shape[-1])
     if teacher.shape[1] != student.shape[1] or (last_layer_weight is None and teacher.shape[2] != student.shape[2]):
         raise ValueError(f"teacher_out and student_out crops must share (B, D), got teacher_out "
                          f"{tuple(teacher.shape)} and student_out {tuple(student.shape)}")
@@ -269,8 +270,9 @@ class Center(nn.Module):
 from .capi import CAPILoss, capi, capi_sinkhorn_knopp  # noqa: E402
 from .msn import MSNLoss, PMSNCustomLoss, PMSNLoss, msn, msn_targets, msn_terms, pmsn, pmsn_custom  # noqa: E402
 from .ibot import IBOTPatchLoss, IBOTPlusPlusPatchLoss, ibot_patch, ibot_plus_plus_patch  # noqa: E402
+from .heads import DINOProjectionHead  # noqa: E402
 
 __all__ = ["dino", "dino_center", "DINOLoss", "Center", "pair_losses", "off_diagonal_mean", "check_last_layer",
            "CAPILoss", "capi", "capi_sinkhorn_knopp",
            "MSNLoss", "PMSNLoss", "PMSNCustomLoss", "msn", "msn_targets", "msn_terms", "pmsn", "pmsn_custom",
-           "IBOTPatchLoss", "IBOTPlusPlusPatchLoss", "ibot_patch", "ibot_plus_plus_patch"]
+           "IBOTPatchLoss", "IBOTPlusPlusPatchLoss", "ibot_patch", "ibot_plus_plus_patch", "DINOProjectionHead"]

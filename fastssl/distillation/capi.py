@@ -68,10 +68,7 @@ def _check_capi_inputs(teacher_logits: Tensor, student_logits: Tensor, teacher_i
     check_float_tensor("student_logits", student_logits, ndim=3)
     (batch, tokens, clusters), shape = teacher_logits.shape, tuple(student_logits.shape)
     if last_layer_weight is not None:
-        check_last_layer("last_layer_weight", last_layer_weight, student_logits)
-        if last_layer_weight.shape[0] != clusters:
-            raise ValueError(f"last_layer_weight must have one row per cluster ({clusters}), got "
-                             f"{tuple(last_layer_weight.shape)}")
+        check_last_layer("last_layer_weight", last_layer_weight, student_logits, clusters, "cluster")
         shape = shape[:2] + (clusters,)  # the student's logits that the features make
     if teacher_index is None:
         if shape != (batch, tokens, clusters):

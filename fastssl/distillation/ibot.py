@@ -25,10 +25,7 @@ def _check_rows(teacher: Tensor, student: Tensor, last_layer_weight: Optional[Te
     for a (K, D) ``last_layer_weight``."""
     if last_layer_weight is None:
         return
-    check_last_layer("last_layer_weight", last_layer_weight, student)
-    if last_layer_weight.shape[0] != teacher.shape[-1]:
-        raise ValueError(f"last_layer_weight must have one row per output dim ({teacher.shape[-1]}), got "
-                         f"{tuple(last_layer_weight.shape)}")
+    check_last_layer("last_layer_weight", last_layer_weight, student, teacher.shape[-1])
 
 
 def _check_mask(mask: Tensor) -> Tensor:

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from ..runtime import registry
-from ..runtime.validation import check_choice, check_float_tensor, check_int_at_least, check_positive, check_same_device
+from ..runtime.validation import (check_choice, check_distributed_available, check_float_tensor, check_int_at_least,
+                                  check_positive, check_same_device)
 from . import check_last_layer
 
 Tensor = torch.Tensor
@@ -18,7 +19,7 @@ CENTERINGS = ("mean", "sinkhorn")
 def linear_distillation_loss(student_features: Tensor, teacher_features: Tensor, weight: Tensor, *,
                              teacher_weight: Optional[Tensor] = None, student_temp: float, teacher_temp: float,
                              center: Optional[Tensor] = None, centering: str = "mean", iterations: int = 3,
-                             backend: str = "auto") -> Tensor:
+                             gather_distributed: bool = False, backend: str = "auto") -> Tensor:
     r"""Mean soft cross-entropy between teacher and student distributions over K prototypes,
     with the last layer fused: the (N, K) logits are made tile by tile and never held whole.
 
@@ -27,7 +28,8 @@ def linear_distillation_loss(student_features: Tensor, teacher_features: Tensor,
     with teacher targets p = softmax((t Wₜᵀ − center) / τ_t) (``centering="mean"``, differentiable
     in t, Wₜ and center) or DINOv2's Sinkhorn-Knopp targets of t Wₜᵀ / τ_t after ``iterations``
     normalisations (``centering="sinkhorn"``: constants, as DINOv2 computes them under no_grad;
-    the normalisations run over this process's rows).
+    the normalisations run over this process's rows, or with ``gather_distributed`` over every
+    rank's).
 
     Args:
         student_features: (N, D) inputs of the student's last layer. teacher_features: (N, Dₜ).
@@ -36,6 +38,12 @@ def linear_distillation_loss(student_features: Tensor, teacher_features: Tensor,
         student_temp, teacher_temp: τ_s, τ_t > 0. center: K values ((K,), (1, K), (1, 1, K)) or
             None (no centring); ``centering="mean"`` only.
         iterations: Sinkhorn-Knopp iterations (≥ 1), ``centering="sinkhorn"`` only.
+        gather_distributed: with ``centering="sinkhorn"`` and a process group, each prototype's
+            normalisation sums over the rows of every rank (DINOv2 all-reduces those sums), so
+            each rank's targets are its rows of the targets of the gathered batch, which may hold
+            a different number of rows per rank; the loss stays the mean over this rank's rows
+            (DDP's gradient averaging makes it the gathered batch's loss when the counts are
+            equal). No effect with ``centering="mean"``: no batch statistic enters it there.
     Returns:
         0-dim float32 loss (float64 for float64 inputs).
 
@@ -52,10 +60,7 @@ def linear_distillation_loss(student_features: Tensor, teacher_features: Tensor,
     teacher_weight_given = teacher_weight is not None
     teacher_weight = teacher_weight if teacher_weight_given else weight
     check_last_layer("teacher_weight" if teacher_weight_given else "weight (teacher_weight=None)", teacher_weight,
-                     teacher_features)
-    if teacher_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"teacher_weight must have as many prototypes as weight ({weight.shape[0]}), got "
-                         f"{tuple(teacher_weight.shape)}")
+                     teacher_features, weight.shape[0], "prototype of weight")
     if teacher_features.shape[0] != student_features.shape[0]:
         raise ValueError(f"student_features and teacher_features must have the same number of rows, got "
                          f"{tuple(student_features.shape)} and {tuple(teacher_features.shape)}")
@@ -63,6 +68,7 @@ def linear_distillation_loss(student_features: Tensor, teacher_features: Tensor,
     student_scale = 1.0 / check_positive("student_temp", student_temp)
     teacher_scale = 1.0 / check_positive("teacher_temp", teacher_temp)
     check_choice("centering", centering, CENTERINGS)
+    check_distributed_available("gather_distributed", gather_distributed)
     if centering == "sinkhorn":
         check_int_at_least("iterations", iterations, 1)
         if center is not None:
@@ -79,4 +85,4 @@ def linear_distillation_loss(student_features: Tensor, teacher_features: Tensor,
     _, core = registry.select("linear_distillation", backend,
                               (student_features, teacher_features, weight, teacher_weight, center))
     return core(student_features, teacher_features, weight, teacher_weight, center, student_scale, teacher_scale,
-                iterations if centering == "sinkhorn" else 0)
+                iterations if centering == "sinkhorn" else 0, bool(gather_distributed))

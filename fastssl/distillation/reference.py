@@ -35,27 +35,33 @@ def linear_soft_cross_entropy_pairs(targets: torch.Tensor, features: torch.Tenso
     return soft_cross_entropy_pairs(targets, features.to(dtype) @ weight.to(dtype).T, scale)
 
 
-def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_scale: float, iterations: int) -> torch.Tensor:
+def sinkhorn_knopp_teacher(teacher_logits: torch.Tensor, teacher_scale: float, iterations: int,
+                           gather_distributed: bool = False) -> torch.Tensor:
     """DINOv2's ``sinkhorn_knopp_teacher`` on (N, K) logits, in the log domain: Q = exp(teacher_scale ·
     logits), then ``iterations`` times every prototype's column normalised (DINOv2: to 1/K) and
     every sample's row (to 1/N); returns the rows scaled to sum 1 (DINOv2's N · Qᵀ). The constant
-    factors drop out; DINOv2's exp() of raw logits / τ overflows float32 from |logits| > 88 τ."""
+    factors drop out; DINOv2's exp() of raw logits / τ overflows float32 from |logits| > 88 τ.
+    With ``gather_distributed`` (and a process group) a column runs over every rank's rows, as
+    DINOv2 all-reduces the prototypes' sums: each rank gets its rows of the gathered batch's codes."""
     log_q = teacher_logits * teacher_scale
     for _ in range(iterations):
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)
+        column_lse = torch.logsumexp(log_q, dim=0, keepdim=True)
+        if gather_distributed and distributed.world_size() > 1:  # (W, K) → the LSE over all ranks' rows
+            column_lse = torch.logsumexp(distributed.gather_no_grad(column_lse), dim=0, keepdim=True)
+        log_q = log_q - column_lse
         log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
     return log_q.exp()
 
 
 def linear_distillation(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
                         teacher_weight: torch.Tensor, center: Optional[torch.Tensor], student_scale: float,
-                        teacher_scale: float, iterations: int) -> torch.Tensor:
+                        teacher_scale: float, iterations: int, gather_distributed: bool) -> torch.Tensor:
     """Mean soft cross-entropy of teacher and student distributions over the last layer's outputs.
 
     loss = −(1/N) Σ_n Σ_k p_nk · log softmax(student_scale · s_n Wᵀ)_k, with teacher logits
     t = teacher · teacher_weightᵀ and p = softmax(teacher_scale · (t − center)) (``iterations`` = 0,
     differentiable) or DINOv2's Sinkhorn-Knopp targets of t (``iterations`` > 0, no gradient,
-    as DINOv2 computes them under ``no_grad``).
+    as DINOv2 computes them under ``no_grad``; over every rank's rows with ``gather_distributed``).
 
     Args: student, teacher (N, D); weight, teacher_weight (K, D); center (K,) or None.
     Returns: 0-dim, float32 (float64 for float64 inputs).
@@ -67,7 +73,7 @@ def linear_distillation(student: torch.Tensor, teacher: torch.Tensor, weight: to
         targets = F.softmax(teacher_scale * shifted, dim=-1)
     else:
         with torch.no_grad():
-            targets = sinkhorn_knopp_teacher(teacher_logits, teacher_scale, iterations)
+            targets = sinkhorn_knopp_teacher(teacher_logits, teacher_scale, iterations, gather_distributed)
     log_p = F.log_softmax(student_scale * (student.to(dtype) @ weight.to(dtype).T), dim=-1)
     return -(targets * log_p).sum(dim=-1).mean()
 

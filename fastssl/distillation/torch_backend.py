@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..clustering.reference import _distributed_logsumexp
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
 from ..runtime import library
@@ -260,14 +261,16 @@ def _teacher_tile(rows: Tensor, weight: Tensor, cols: slice, scale: float, shift
     return u if shift is None else u.sub_(shift[cols])
 
 
-def _sinkhorn_shift(rows: Tensor, weight: Tensor, scale: float, iterations: int, tiles: Sequence[slice],
-                    dtype: torch.dtype) -> Tensor:
+def _sinkhorn_shift(rows: Tensor, weight: Tensor, scale: float, iterations: int, gather_distributed: bool,
+                    tiles: Sequence[slice], dtype: torch.dtype) -> Tensor:
     """a (K,): DINOv2's Sinkhorn-Knopp in the log domain, its targets being softmax_k(σ_t t_n − a).
 
     Q_nk = exp(σ_t t_nk − a_k − b_n) (constant factors drop out of every normalisation); each
     iteration sets a_k = LSE_n(σ_t t_nk − b_n) (the prototypes' normalisation) in one pass over the
     tiles, which also accumulates b_n = LSE_k(σ_t t_nk − a_k) (the samples') for the next one;
-    b starts at 0. The final row normalisation is the softmax of the main pass.
+    b starts at 0. The final row normalisation is the softmax of the main pass. With
+    ``gather_distributed`` a_k's LSE runs over every rank's rows (DINOv2's all-reduced prototype
+    sums), b_n staying local: each rank gets its rows of the gathered batch's targets.
     """
     row_shift = torch.zeros(rows.shape[0], dtype=dtype, device=rows.device)
     shift = torch.empty(weight.shape[0], dtype=dtype, device=rows.device)
@@ -275,17 +278,17 @@ def _sinkhorn_shift(rows: Tensor, weight: Tensor, scale: float, iterations: int,
         next_row_shift = torch.full_like(row_shift, -math.inf)
         for cols in tiles:
             u = _teacher_tile(rows, weight, cols, scale, None, dtype)
-            shift[cols] = torch.logsumexp(u - row_shift[:, None], dim=0)
+            shift[cols] = _distributed_logsumexp(u - row_shift[:, None], 0, gather_distributed)
             next_row_shift = torch.logaddexp(next_row_shift, _student_lse(u.sub_(shift[cols]), 1.0))
         row_shift = next_row_shift
     return shift
 
 
 def _teacher_shift(teacher: Tensor, teacher_weight: Tensor, center: Optional[Tensor], scale: float, iterations: int,
-                   tiles: Sequence[slice], dtype: torch.dtype) -> Tensor:
+                   gather_distributed: bool, tiles: Sequence[slice], dtype: torch.dtype) -> Tensor:
     """a (K,): σ_t · center (zeros without one) for mean centring, Sinkhorn's for ``iterations`` > 0."""
     if iterations > 0:
-        return _sinkhorn_shift(teacher, teacher_weight, scale, iterations, tiles, dtype)
+        return _sinkhorn_shift(teacher, teacher_weight, scale, iterations, gather_distributed, tiles, dtype)
     if center is None:
         return torch.zeros(teacher_weight.shape[0], dtype=dtype, device=teacher.device)
     return center.to(dtype) * scale
@@ -323,33 +326,42 @@ def _softmax_terms_(z: Tensor, q: Tensor, shift: Optional[Tensor], teacher_grad:
     return terms
 
 
+def _outputs(tensors: Sequence[Optional[Tensor]], needs_grad: Optional[Sequence[bool]]
+             ) -> Tuple[List[bool], torch.dtype, Tensor, List[Tensor]]:
+    """The set-up :func:`linear_distillation_forward` and its fake share: (one flag per tensor,
+    whether its gradient is made (None: every tensor given); the compute dtype; the 0-dim loss
+    and the gradients as zeros in it, an empty tensor where not made)."""
+    need = [t is not None for t in tensors] if needs_grad is None else list(needs_grad)
+    dtype, device = compute_dtype(*tensors), tensors[0].device
+    grads = [torch.zeros(t.shape, dtype=dtype, device=device) if wanted else library.empty_grad(tensors[0])
+             for t, wanted in zip(tensors, need)]
+    return need, dtype, torch.zeros((), dtype=dtype, device=device), grads
+
+
 def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
                                 center: Optional[Tensor], student_scale: float, teacher_scale: float,
-                                iterations: int, needs_grad: Optional[Sequence[bool]] = None) -> Tuple[Tensor, ...]:
+                                iterations: int, gather_distributed: bool,
+                                needs_grad: Optional[Sequence[bool]] = None) -> Tuple[Tensor, ...]:
     """student, teacher (N, D), weight, teacher_weight (K, D), center (K,) or None → (loss (),
     ∂loss/∂student, ∂teacher, ∂weight, ∂teacher_weight, ∂center), compute dtype; a gradient is
     made where ``needs_grad`` (one flag per tensor; None: every tensor given) asks for it, an
     empty tensor elsewhere; the teacher's side is zeros with Sinkhorn targets (constants)."""
     tensors = (student, teacher, weight, teacher_weight, center)
-    need = [t is not None for t in tensors] if needs_grad is None else list(needs_grad)
-    dtype = compute_dtype(*tensors)
+    need, dtype, loss, grads = _outputs(tensors, needs_grad)
     rows, prototypes = student.shape[0], weight.shape[0]
     weight_c, teacher_weight_c = weight.to(dtype), teacher_weight.to(dtype)
     teacher_c = teacher.to(dtype)
     student_rows, teacher_rows = student.to(dtype) * student_scale, teacher_c * teacher_scale
-    shift = _teacher_shift(teacher_c, teacher_weight, center, teacher_scale, iterations,
+    shift = _teacher_shift(teacher_c, teacher_weight, center, teacher_scale, iterations, gather_distributed,
                            _prototype_tiles(prototypes, rows), dtype)
     has_shift = iterations > 0 or center is not None
     student_side = need[0] or need[2]
     teacher_side = iterations == 0 and (need[1] or need[3] or need[4])
-    grads = [torch.zeros(t.shape, dtype=dtype, device=student.device) if wanted else library.empty_grad(student)
-             for t, wanted in zip(tensors, need)]
     row_blocks = _row_blocks(rows, prototypes)
     size = row_blocks[0].stop
     logits = student.new_empty((size, prototypes), dtype=dtype)  # z, then exp(z − max z)
     targets = torch.empty_like(logits)  # u, then q, then q − p
     teacher_logits_grad = torch.empty_like(logits) if teacher_side else None
-    loss = torch.zeros((), dtype=dtype, device=student.device)
     for block in row_blocks:
         count = block.stop - block.start
         z, q = logits[:count], targets[:count]
@@ -376,13 +388,11 @@ def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor
 
 def _linear_distillation_fakes(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
                                center: Optional[Tensor], student_scale: float, teacher_scale: float, iterations: int,
-                               needs_grad: Optional[Sequence[bool]] = None) -> Tuple[Tensor, ...]:
+                               gather_distributed: bool, needs_grad: Optional[Sequence[bool]] = None
+                               ) -> Tuple[Tensor, ...]:
     """The outputs' shapes and dtypes of :func:`linear_distillation_forward`."""
-    tensors = (student, teacher, weight, teacher_weight, center)
-    need = [t is not None for t in tensors] if needs_grad is None else list(needs_grad)
-    dtype = compute_dtype(*tensors)
-    return (student.new_empty((), dtype=dtype), *(
-        t.new_empty(t.shape, dtype=dtype) if wanted else library.empty_grad(student) for t, wanted in zip(tensors, need)))
+    _, _, loss, grads = _outputs((student, teacher, weight, teacher_weight, center), needs_grad)
+    return (loss, *grads)
 
 # ============================================================================================
 # Fused last layer + cross-entropy with hard labels (masked language modelling)
@@ -542,7 +552,8 @@ def msn_anchor_terms_backward(
 msn_anchor_terms = define_anchor_terms_op("msn_anchor_terms", msn_anchor_terms_forward, msn_anchor_terms_backward)
 linear_distillation = library.define_needed_gradients_op(
     "linear_distillation", "Tensor student, Tensor teacher, Tensor weight, Tensor teacher_weight, Tensor? center",
-    "float student_scale, float teacher_scale, int iterations", linear_distillation_forward, _linear_distillation_fakes)
+    "float student_scale, float teacher_scale, int iterations, bool gather_distributed", linear_distillation_forward,
+    _linear_distillation_fakes)
 linear_cross_entropy = define_fused_loss_op(
     "linear_cross_entropy", "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels",
     "int ignore_index, float label_smoothing", 1, linear_cross_entropy_forward, linear_cross_entropy_backward,

@@ -36,15 +36,15 @@ def not_supported_reasons(tensors) -> list:
 
 def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weight: Tensor,
                                 center: Optional[Tensor], student_scale: float, teacher_scale: float,
-                                iterations: int) -> Tuple[Tensor, Tensor, Tensor]:
+                                iterations: int, gather_distributed: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """student, teacher (N, D), weight, teacher_weight (K, D), center (K,) or None → (loss (),
     [L; M; m] (3, N), a (K,)): the column shift (σ_t·center, or Sinkhorn's log-domain passes) from
     the torch backend, the rows' statistics from the kernels (tiles of K with an online LSE; the
     backward makes each tile's logits again, a GPU's GEMMs being cheap next to its memory)."""
     dtype = compute_dtype(student, teacher, weight, teacher_weight, center)
     tiles = torch_backend._prototype_tiles(weight.shape[0], student.shape[0])
-    shift = torch_backend._teacher_shift(teacher.to(dtype), teacher_weight, center, teacher_scale, iterations, tiles,
-                                         dtype)
+    shift = torch_backend._teacher_shift(teacher.to(dtype), teacher_weight, center, teacher_scale, iterations,
+                                         gather_distributed, tiles, dtype)
     stats = kernels.linear_distillation_stats(student, teacher, weight, teacher_weight, shift, student_scale,
                                               teacher_scale, dtype)
     return (stats[0] - student_scale * stats[2]).mean(), stats, shift
@@ -53,7 +53,7 @@ def linear_distillation_forward(student: Tensor, teacher: Tensor, weight: Tensor
 def linear_distillation_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, weight: Tensor,
                                  teacher_weight: Tensor, center: Optional[Tensor], stats: Tensor, shift: Tensor,
                                  student_scale: float, teacher_scale: float, iterations: int,
-                                 needs_grad: Sequence[bool]) -> List[Tensor]:
+                                 gather_distributed: bool, needs_grad: Sequence[bool]) -> List[Tensor]:
     """Gradients [∂student, ∂teacher, ∂weight, ∂teacher_weight, ∂center] (empty where not needed;
     zeros on the teacher's side with Sinkhorn targets)."""
     teacher_grad = iterations == 0 and any(needs_grad[i] for i in (1, 3, 4))
@@ -80,5 +80,5 @@ def _saved_fakes(student: Tensor, teacher: Tensor, weight: Tensor, teacher_weigh
 linear_distillation = define_fused_loss_op(
     "linear_distillation_triton",
     "Tensor student, Tensor teacher, Tensor weight, Tensor teacher_weight, Tensor? center",
-    "float student_scale, float teacher_scale, int iterations", 2,
+    "float student_scale, float teacher_scale, int iterations, bool gather_distributed", 2,
     linear_distillation_forward, linear_distillation_backward, _saved_fakes)

@@ -183,7 +183,7 @@ def test_sinkhorn_targets_balance_the_prototypes():
     teacher = torch.randn(12, 4, dtype=torch.float64)
     teacher_weight = torch.randn(6, 4, dtype=torch.float64)
     tiles = distillation._prototype_tiles(6, 12)
-    shift = distillation._sinkhorn_shift(teacher, teacher_weight, 1 / 0.5, 2000, tiles, torch.float64)
+    shift = distillation._sinkhorn_shift(teacher, teacher_weight, 1 / 0.5, 2000, False, tiles, torch.float64)
     p = torch.softmax(teacher @ teacher_weight.T / 0.5 - shift, dim=-1)
     torch.testing.assert_close(p.sum(0), torch.full((6,), 2.0, dtype=torch.float64), rtol=1e-9, atol=0)
 
@@ -309,7 +309,7 @@ def test_torch_backend_never_holds_the_logits(monkeypatch, iterations):
     center = center if iterations == 0 else None
     with LargestTensor() as mode:
         outputs = distillation.linear_distillation_forward(student, teacher, weight, teacher_weight, center, 10.0, 25.0,
-                                                           iterations, [True] * 4 + [center is not None])
+                                                           iterations, False, [True] * 4 + [center is not None])
     assert [g.shape for g in outputs[1:]] == [x.shape if x is not None else (0,)
                                               for x in (student, teacher, weight, teacher_weight, center)]
     assert mode.largest <= max(weight.numel(), 16 * 25) < 20 * 200, mode.largest
@@ -319,8 +319,8 @@ def test_torch_backend_never_holds_the_logits(monkeypatch, iterations):
 def test_opcheck(backend):
     student, teacher, weight, teacher_weight, center = inputs(5, 3, 11, torch.float32)
     op = backends.implementation("linear_distillation", backend).fn.op
-    torch.library.opcheck(op, (student, teacher, weight, teacher_weight, center, 10.0, 25.0, 0))
-    torch.library.opcheck(op, (student, teacher.detach(), weight, teacher_weight.detach(), None, 10.0, 25.0, 3))
+    torch.library.opcheck(op, (student, teacher, weight, teacher_weight, center, 10.0, 25.0, 0, False))
+    torch.library.opcheck(op, (student, teacher.detach(), weight, teacher_weight.detach(), None, 10.0, 25.0, 3, False))
 
 
 # ============================================================================================
@@ -339,7 +339,8 @@ def _call(**changes):
     (dict(student_features=torch.randn(5, 3, 1)), ValueError, "student_features must have 2 dimensions"),
     (dict(teacher_features=torch.randn(4, 3)), ValueError, "same number of rows"),
     (dict(weight=torch.randn(11, 4)), ValueError, "weight must be"),
-    (dict(teacher_weight=torch.randn(12, 3)), ValueError, "teacher_weight must have as many prototypes"),
+    (dict(teacher_weight=torch.randn(12, 3)), ValueError,
+     r"teacher_weight must have one row per prototype of weight \(11\), got \(12, 3\)"),
     (dict(teacher_weight=torch.randn(11, 2)), ValueError, "teacher_weight must be"),
     (dict(student_temp=0.0), ValueError, "student_temp"),
     (dict(teacher_temp=-1.0), ValueError, "teacher_temp"),
@@ -353,6 +354,18 @@ def _call(**changes):
 def test_bad_input_names_the_argument(changes, error, match):
     with pytest.raises(error, match=match):
         _call(**changes)
+
+
+def test_gather_without_torch_distributed_raises(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="gather_distributed is True but torch.distributed is not available"):
+        _call(centering="sinkhorn", center=None, gather_distributed=True)
+
+
+def test_gather_without_a_process_group_is_this_process_alone():
+    """One process: the gathered batch is this process's (the DDP equality: tests/distributed)."""
+    alone = _call(centering="sinkhorn", center=None)
+    torch.testing.assert_close(_call(centering="sinkhorn", center=None, gather_distributed=True), alone, rtol=0, atol=0)
 
 
 def test_public_names():

@@ -121,9 +121,9 @@ def _distillation(dtype, every):
         weight, teacher_weight = _tensor(prototypes, features, dtype=dtype), _tensor(prototypes, features, dtype=dtype)
         for center, iterations in ((_tensor(prototypes, dtype=dtype), 0), (None, 3)):
             _, stats, shift = glue.linear_distillation_forward(student, teacher, weight, teacher_weight, center, 10.0,
-                                                               25.0, iterations)
+                                                               25.0, iterations, False)
             glue.linear_distillation_backward(_tensor((), dtype=stats.dtype), student, teacher, weight,
-                                              teacher_weight, center, stats, shift, 10.0, 25.0, iterations,
+                                              teacher_weight, center, stats, shift, 10.0, 25.0, iterations, False,
                                               (True, True, True, True, center is not None))
 
 

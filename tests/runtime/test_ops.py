@@ -33,10 +33,10 @@ def _op_samples(dtype):
         ("vicreg", (rand(7, 3, 5), rand(7, 3, 5), 2.0, 3.0, 0.5, 1e-3, "gram")),
         ("soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9, grad=False), -1), rand(4, 5, 9), 10.0)),
         ("linear_soft_cross_entropy_pairs", (torch.softmax(rand(2, 5, 9), -1), rand(4, 5, 3), rand(9, 3), 10.0)),
-        ("linear_distillation", (rand(5, 3), rand(5, 4), rand(9, 3), rand(9, 4), rand(9), 2.0, 3.0, 0)),
+        ("linear_distillation", (rand(5, 3), rand(5, 4), rand(9, 3), rand(9, 4), rand(9), 2.0, 3.0, 0, False)),
         # Sinkhorn targets are constants: the teacher's side takes no gradient
         ("linear_distillation", (rand(5, 3), rand(5, 3, grad=False), rand(9, 3), rand(9, 3, grad=False), None, 2.0, 3.0,
-                                 3)),
+                                 3, False)),
         ("linear_cross_entropy", (rand(7, 3), rand(9, 3), rand(9), torch.tensor([0, 8, -100, 3, 3, -100, 1]), -100, 0.1)),
         ("kmeans_assign", (rand(7, 5, grad=False), rand(4, 5, grad=False))),
         ("mutual_nearest_neighbors", (rand(3, 7, 5, grad=False), rand(3, 2, 4, 5, grad=False))),
