@@ -170,7 +170,6 @@ struct RowSweeps {
         threads_(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks_.count)))),
         row_buffers_(static_cast<size_t>(threads_) * prototypes),
         chunk_sums_(static_cast<size_t>(chunks_.count) * prototypes),
-        chunk_values_(chunks_.count),
         chunk_shifts_(chunks_.count),
         weights_(prototypes) {}
 
@@ -270,7 +269,6 @@ struct RowSweeps {
   const RowChunks chunks_;
   const int threads_;  // at most one per chunk: one alone runs without a parallel region
   std::vector<acc_t> row_buffers_, chunk_sums_;
-  std::vector<acc_t> chunk_values_;  // one value per chunk (the kernel path's widest row span)
   std::vector<acc_t> chunk_shifts_, weights_;
 };
 
@@ -295,6 +293,7 @@ bool kernel_sinkhorn(const at::Tensor& scores, int64_t iterations, double epsilo
   enum class Sweep { kBuild, kLse, kCodes } sweep = Sweep::kBuild;
   acc_t alpha = 0;  // max a of the weights
   bool narrow = true;
+  std::vector<acc_t> chunk_spans(sweeps.chunks_.count);  // the build sweep's widest row span per chunk
   sweeps.run(false,
       [&](int64_t chunk, int64_t begin, int64_t end, int thread) {
         if (sweep == Sweep::kBuild) {
@@ -307,7 +306,7 @@ bool kernel_sinkhorn(const at::Tensor& scores, int64_t iterations, double epsilo
             shifted_exp(input + b * K, inv_epsilon, high, K, e);
             return std::make_pair(static_cast<const acc_t*>(e), high);
           });
-          sweeps.chunk_values_[chunk] = span;
+          chunk_spans[chunk] = span;
         } else if (sweep == Sweep::kLse) {
           sweeps.weighted_sums(chunk, begin, end, thread, [&](int64_t b, acc_t*) {
             const acc_t* e = kernel_data + b * K;
@@ -323,7 +322,7 @@ bool kernel_sinkhorn(const at::Tensor& scores, int64_t iterations, double epsilo
       [&]() {
         if (sweep == Sweep::kBuild) {
           const acc_t max_span = -std::log(sqrt_tiny<acc_t>());  // reference.max_exp_span
-          const acc_t span = *std::max_element(sweeps.chunk_values_.begin(), sweeps.chunk_values_.end());
+          const acc_t span = *std::max_element(chunk_spans.begin(), chunk_spans.end());
           if (!(span <= max_span)) {
             narrow = false;
             return Next::kStop;

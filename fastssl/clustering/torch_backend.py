@@ -144,16 +144,22 @@ def sinkhorn_with(
     col_marginals: Optional[Tensor],
     tolerance: float,
     gather_distributed: bool,
+    fused: Optional[Callable[[Tensor, int, float, Tensor, Tensor], Tensor]] = None,
 ) -> Tensor:
     """Sinkhorn-Knopp with the reference's signature, on the passes ``passes_for(scores, ε)``.
 
     With ``gather_distributed`` the prototype LSEs are combined over ranks (a max and a sum
     all-reduce of K values per row step); the column steps are local. The tolerance test needs
     the prototype totals after a column step, which the next row step needs anyway.
+    ``fused(scores, iterations, ε, log r, log c)``, where given, runs a whole iteration with
+    nothing to test between steps (no tolerance, one rank, ≥ 1 iteration) instead of the
+    passes; it takes the scores in any layout and returns contiguous codes.
     """
-    scores = scores.contiguous()  # the codes come back contiguous whatever the layout of the scores
     world = distributed.world_size() if gather_distributed else 1
     log_r, log_c = marginal_logs(scores, row_marginals, col_marginals, world)
+    if fused is not None and iterations > 0 and tolerance <= 0 and world == 1:
+        return fused(scores, iterations, epsilon, log_r, log_c)
+    scores = scores.contiguous()  # the codes come back contiguous whatever the layout of the scores
     if iterations == 0:  # the globally normalised plan, without any scaling
         logits = scores.to(log_c.dtype) / epsilon
         total = _distributed_logsumexp(logits, None, world > 1)

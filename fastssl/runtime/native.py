@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -108,13 +109,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_directory(part: str) -> Path:
-    """The cache subdirectory of this part, torch version, source tree, flags and CPU."""
+@functools.lru_cache(maxsize=None)
+def _source_digest() -> "hashlib._Hash":
+    """The sha256 state after the source tree (every source's path and bytes; copy it before
+    updating), read once per process: each look-up of a built library needs it; a build hashes
+    afresh what it compiles (:func:`_compile_reporting`), so a library is never filed under
+    sources edited since."""
     digest = hashlib.sha256()
     for path in sorted(SOURCE_DIR.rglob("*")):
         if path.suffix in (".cpp", ".cu", ".h", ".cuh"):
             digest.update(path.relative_to(SOURCE_DIR).as_posix().encode())
             digest.update(path.read_bytes())
+    return digest
+
+
+def build_directory(part: str) -> Path:
+    """The cache subdirectory of this part, torch version, source tree, flags and CPU."""
+    digest = _source_digest().copy()
     flags = CXX_FLAGS + LD_FLAGS + (CUDA_FLAGS if part == "cuda" else ())
     digest.update(repr((flags, part, cpu_model(), os.environ.get("CXX", "c++"))).encode())
     return cache_root() / f"torch{torch.__version__}-{part}-{digest.hexdigest()[:16]}"
@@ -256,6 +267,7 @@ def build(parts: Sequence[str] = PARTS, log=sys.stderr) -> Dict[str, Tuple[str, 
 
 
 def _compile_reporting(part: str, log) -> Tuple[str, ...]:
+    _source_digest.cache_clear()  # the directory names the sources compiled now
     names = ", ".join(path.relative_to(SOURCE_DIR).as_posix() for path in sources(part))
     print(f"fastssl native {part}: building {names} into {build_directory(part)} ...", file=log, flush=True)
     start = time.perf_counter()

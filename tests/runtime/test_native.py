@@ -65,6 +65,38 @@ def test_cache_directory_is_predictable(monkeypatch, tmp_path):
     assert native.cache_root() == tmp_path / "xdg" / "fastssl" / "native"
 
 
+@pytest.fixture
+def fresh_source_digest():
+    """The sources' digest read anew, and forgotten after the test (which may point SOURCE_DIR elsewhere)."""
+    native._source_digest.cache_clear()
+    yield
+    native._source_digest.cache_clear()
+
+
+def test_sources_are_read_once_per_process_and_again_by_a_build(monkeypatch, tmp_path, fresh_source_digest):
+    """Every look-up of a built library names its directory: csrc is read by the first only. A
+    build reads it again, so an edited source is compiled into a directory of its own."""
+    sources = tmp_path / "csrc"
+    shutil.copytree(native.SOURCE_DIR, sources)
+    monkeypatch.setattr(native, "SOURCE_DIR", sources)
+    reads = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: reads.append(path) or read_bytes(path))
+    directory = native.build_directory("cpu")
+    first_reads = len(reads)
+    assert first_reads == len([p for p in sources.rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh")]) > 0
+    assert native.build_directory("cpu") == directory and native.build_directory("cuda") != directory
+    assert len(reads) == first_reads
+
+    (sources / "common" / "common.h").write_text((sources / "common" / "common.h").read_text() + "\n// edited\n")
+    assert native.build_directory("cpu") == directory  # not read again: the process's own sources
+    compiled_into = []
+    monkeypatch.setattr(native, "_compile", lambda part: compiled_into.append(native.build_directory(part)))
+    assert native._compile_reporting("cpu", io.StringIO()) == ()
+    assert len(reads) == 2 * first_reads
+    assert compiled_into[0] != directory and native.build_directory("cpu") == compiled_into[0]
+
+
 def test_a_second_process_waits_for_the_build_lock(built):
     """While one process holds the build lock, another one's build blocks, then loads."""
     if native._prebuilt_library("cpu") is not None:
