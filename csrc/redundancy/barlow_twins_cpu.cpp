@@ -14,8 +14,13 @@
 // recomputes a, b and starts g = coef ⊙ b (⊙ a), g += (2λ/N²) Gb a (addmm_), the column means of
 // g and g ⊙ a, and one write of dz. Blocks are split over threads (each with its own buffers and,
 // forward, its own Grams, summed at the end); the GEMMs of a block run on its thread.
-// Saved for the backward (the torch backend's layout): stats (5, D) = [mean_a, rstd_a, mean_b,
-// rstd_b, c] and products (2, N, N) = [Ga, Gb]. Arithmetic in float32 (fp16/bf16/fp32 inputs) or
+// Each view is normalised as ((z − m) − δ) · rstd, m its rounded column mean and δ = mean(z − m),
+// as the torch backend's _batch_normalize: z − m is exact for a feature far from zero (Sterbenz),
+// so a's columns sum to zero to the rounding of small numbers, which batch norm's backward formula
+// assumes; (z − m) · rstd alone leaves a column mean of m's rounding (an ulp of 300 is 3% of a
+// feature at 300 ± 1e-3) and put 7e-4 relative error on that gradient.
+// Saved for the backward (the torch backend's layout): stats (5, D) = [δ_a, rstd_a, δ_b,
+// rstd_b, c] and products (2, N, N) = [Ga, Gb]; the backward recomputes m as the forward did. Arithmetic in float32 (fp16/bf16/fp32 inputs) or
 // float64; gradients in the input dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -83,11 +88,13 @@ __attribute__((noinline)) void column_means(const scalar_t* __restrict z, int64_
   for (int64_t k = 0; k < w; ++k) mean[k] /= n;
 }
 
-// rstd_k = 1 / sqrt(var_k + eps) of the packed block x (stride ld), with the biased variance
-// by the corrected two-pass algorithm (Σ(x − m)² − (Σ(x − m))² / n) / n, as redundancy._centre.
+// shift_k = Σ(x − m) / n, what the rounded mean m left, and rstd_k = 1 / sqrt(var_k + eps) of the
+// packed block x (stride ld), with the biased variance by the corrected two-pass algorithm
+// (Σ(x − m)² − (Σ(x − m))² / n) / n.
 template <typename acc_t>
 __attribute__((noinline)) void column_rstd(const acc_t* __restrict x, int64_t ld, int64_t n, int64_t w,
-                                           const acc_t* __restrict mean, acc_t* __restrict rstd) {
+                                           const acc_t* __restrict mean, acc_t* __restrict shift,
+                                           acc_t* __restrict rstd) {
   for_strips<acc_t>(w, [&](auto width, int64_t s0) {
     const int64_t W = width;
     constexpr int64_t S = kStrip<acc_t>;
@@ -102,29 +109,35 @@ __attribute__((noinline)) void column_rstd(const acc_t* __restrict x, int64_t ld
         s2[k] += d * d;
       }
     }
-    for (int64_t k = 0; k < W; ++k)
+    for (int64_t k = 0; k < W; ++k) {
+      shift[s0 + k] = s1[k] / n;
       rstd[s0 + k] = acc_t(1) / std::sqrt((s2[k] - s1[k] * s1[k] / n) / n + acc_t(kBatchNormEps));
+    }
   });
 }
 
-// In place on the packed blocks (stride ld): a = (a − ma) ra, b = (b − mb) rb; diag_k = Σ_r a b / n.
+// In place on the packed blocks (stride ld): a = ((a − ma) − sa) ra, b = ((b − mb) − sb) rb;
+// diag_k = Σ_r a b / n.
 template <typename acc_t>
 __attribute__((noinline)) void normalise_pair(acc_t* __restrict a, acc_t* __restrict b, int64_t ld, int64_t n, int64_t w,
-                                              const acc_t* __restrict ma, const acc_t* __restrict ra,
-                                              const acc_t* __restrict mb, const acc_t* __restrict rb,
+                                              const acc_t* __restrict ma, const acc_t* __restrict sa,
+                                              const acc_t* __restrict ra, const acc_t* __restrict mb,
+                                              const acc_t* __restrict sb, const acc_t* __restrict rb,
                                               acc_t* __restrict diag) {
   for_strips<acc_t>(w, [&](auto width, int64_t s0) {
     const int64_t W = width;
     constexpr int64_t S = kStrip<acc_t>;
-    acc_t mean_a[S], rstd_a[S], mean_b[S], rstd_b[S], dot[S];
-    for (int64_t k = 0; k < W; ++k)
-      mean_a[k] = ma[s0 + k], rstd_a[k] = ra[s0 + k], mean_b[k] = mb[s0 + k], rstd_b[k] = rb[s0 + k], dot[k] = 0;
+    acc_t mean_a[S], shift_a[S], rstd_a[S], mean_b[S], shift_b[S], rstd_b[S], dot[S];
+    for (int64_t k = 0; k < W; ++k) {
+      mean_a[k] = ma[s0 + k], shift_a[k] = sa[s0 + k], rstd_a[k] = ra[s0 + k];
+      mean_b[k] = mb[s0 + k], shift_b[k] = sb[s0 + k], rstd_b[k] = rb[s0 + k], dot[k] = 0;
+    }
     for (int64_t r = 0; r < n; ++r) {
       acc_t *row_a = a + r * ld + s0, *row_b = b + r * ld + s0;
 #pragma omp simd
       for (int64_t k = 0; k < W; ++k) {
-        const acc_t value_a = (row_a[k] - mean_a[k]) * rstd_a[k];
-        const acc_t value_b = (row_b[k] - mean_b[k]) * rstd_b[k];
+        const acc_t value_a = ((row_a[k] - mean_a[k]) - shift_a[k]) * rstd_a[k];
+        const acc_t value_b = ((row_b[k] - mean_b[k]) - shift_b[k]) * rstd_b[k];
         row_a[k] = value_a;
         row_b[k] = value_b;
         dot[k] += value_a * value_b;
@@ -139,7 +152,8 @@ __attribute__((noinline)) void normalise_pair(acc_t* __restrict a, acc_t* __rest
 template <typename scalar_t, typename acc_t>
 __attribute__((noinline)) void recompute_and_start(const scalar_t* __restrict za, const scalar_t* __restrict zb,
                                                    int64_t ldz, int64_t n, int64_t w, const acc_t* __restrict ma,
-                                                   const acc_t* __restrict ra, const acc_t* __restrict mb,
+                                                   const acc_t* __restrict sa, const acc_t* __restrict ra,
+                                                   const acc_t* __restrict mb, const acc_t* __restrict sb,
                                                    const acc_t* __restrict rb, const acc_t* __restrict coef,
                                                    acc_t* __restrict a, acc_t* __restrict b, acc_t* __restrict ga,
                                                    acc_t* __restrict gb, int64_t ldo) {
@@ -150,8 +164,8 @@ __attribute__((noinline)) void recompute_and_start(const scalar_t* __restrict za
     const int64_t o = r * ldo;
 #pragma omp simd
     for (int64_t k = 0; k < w; ++k) {
-      const acc_t value_a = (static_cast<acc_t>(row_a[k]) - ma[k]) * ra[k];
-      const acc_t value_b = (static_cast<acc_t>(row_b[k]) - mb[k]) * rb[k];
+      const acc_t value_a = ((static_cast<acc_t>(row_a[k]) - ma[k]) - sa[k]) * ra[k];
+      const acc_t value_b = ((static_cast<acc_t>(row_b[k]) - mb[k]) - sb[k]) * rb[k];
       a[o + k] = value_a;
       b[o + k] = value_b;
       ga[o + k] = coef[k] * value_b;
@@ -224,7 +238,7 @@ std::tuple<Tensor, Tensor, Tensor> barlow_forward(const Tensor& za, const Tensor
   const auto options = za.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   Tensor stats = at::empty({5, d}, options), products = at::empty({2, n, n}, options);
   acc_t* st = stats.data_ptr<acc_t>();
-  acc_t *mean_a = st, *rstd_a = st + d, *mean_b = st + 2 * d, *rstd_b = st + 3 * d, *diag = st + 4 * d;
+  acc_t *shift_a = st, *rstd_a = st + d, *shift_b = st + 2 * d, *rstd_b = st + 3 * d, *diag = st + 4 * d;
   const scalar_t *pa = za.data_ptr<scalar_t>(), *pb = zb.data_ptr<scalar_t>();
   // The blocks in `parts` contiguous runs, one per thread, each summing its own Grams (the first
   // run into `products`), added up after the parallel loop.
@@ -232,6 +246,8 @@ std::tuple<Tensor, Tensor, Tensor> barlow_forward(const Tensor& za, const Tensor
   Tensor more_grams = at::empty({parts - 1, 2, n, n}, options);
   at::parallel_for(0, parts, 1, [&](int64_t first_part, int64_t end_part) {
     Tensor buffers = at::empty({2, n * std::min(kBlockColumns, d)}, options);
+    std::vector<acc_t> rounded(2 * kBlockColumns);  // the block's rounded column means of a, then b
+    acc_t *mean_a = rounded.data(), *mean_b = mean_a + kBlockColumns;
     for (int64_t part = first_part; part < end_part; ++part) {
       const Tensor grams = part == 0 ? products : more_grams[part - 1];
       const int64_t first_block = blocks * part / parts, end_block = blocks * (part + 1) / parts;
@@ -239,11 +255,12 @@ std::tuple<Tensor, Tensor, Tensor> barlow_forward(const Tensor& za, const Tensor
         const int64_t k = block * kBlockColumns, w = std::min(kBlockColumns, d - k);
         Tensor a = packed(buffers[0], n, w), b = packed(buffers[1], n, w);
         acc_t *a_ptr = a.data_ptr<acc_t>(), *b_ptr = b.data_ptr<acc_t>();
-        column_means(pa + k, d, n, w, mean_a + k, a_ptr, w);
-        column_rstd(a_ptr, w, n, w, mean_a + k, rstd_a + k);
-        column_means(pb + k, d, n, w, mean_b + k, b_ptr, w);
-        column_rstd(b_ptr, w, n, w, mean_b + k, rstd_b + k);
-        normalise_pair(a_ptr, b_ptr, w, n, w, mean_a + k, rstd_a + k, mean_b + k, rstd_b + k, diag + k);
+        column_means(pa + k, d, n, w, mean_a, a_ptr, w);
+        column_rstd(a_ptr, w, n, w, mean_a, shift_a + k, rstd_a + k);
+        column_means(pb + k, d, n, w, mean_b, b_ptr, w);
+        column_rstd(b_ptr, w, n, w, mean_b, shift_b + k, rstd_b + k);
+        normalise_pair(a_ptr, b_ptr, w, n, w, mean_a, shift_a + k, rstd_a + k, mean_b, shift_b + k, rstd_b + k,
+                       diag + k);
         gram_accumulate(grams[0], a, block == first_block);
         gram_accumulate(grams[1], b, block == first_block);
       }
@@ -270,7 +287,7 @@ std::tuple<Tensor, Tensor> barlow_backward(const Tensor& grad, const Tensor& sta
   const auto options = stats.options();
   const double g = grad.item<double>();
   const acc_t* st = stats.data_ptr<acc_t>();
-  const acc_t *mean_a = st, *rstd_a = st + d, *mean_b = st + 2 * d, *rstd_b = st + 3 * d, *diag = st + 4 * d;
+  const acc_t *shift_a = st, *rstd_a = st + d, *shift_b = st + 2 * d, *rstd_b = st + 3 * d, *diag = st + 4 * d;
   Tensor work = at::empty({5, d}, options);
   // coef, then per view the column means of its gradient g and of g ⊙ (its normalised view).
   acc_t *coef = work.data_ptr<acc_t>(), *mean_ga = coef + d, *mean_gaa = coef + 2 * d, *mean_gb = coef + 3 * d,
@@ -283,14 +300,20 @@ std::tuple<Tensor, Tensor> barlow_backward(const Tensor& grad, const Tensor& sta
   scalar_t *da = dza.data_ptr<scalar_t>(), *db = dzb.data_ptr<scalar_t>();
   at::parallel_for(0, block_count(d), 1, [&](int64_t first_block, int64_t end_block) {
     Tensor buffers = at::empty({4, n * std::min(kBlockColumns, d)}, options);
+    std::vector<acc_t> rounded(2 * kBlockColumns);  // the forward's rounded column means, recomputed
+    acc_t *mean_a = rounded.data(), *mean_b = mean_a + kBlockColumns;
     for (int64_t block = first_block; block < end_block; ++block) {
       const int64_t k = block * kBlockColumns, w = std::min(kBlockColumns, d - k);
       Tensor a = packed(buffers[0], n, w), b = packed(buffers[1], n, w);
       Tensor ga = packed(buffers[2], n, w), gb = packed(buffers[3], n, w);
       acc_t *a_ptr = a.data_ptr<acc_t>(), *b_ptr = b.data_ptr<acc_t>();
       acc_t *ga_ptr = ga.data_ptr<acc_t>(), *gb_ptr = gb.data_ptr<acc_t>();
-      recompute_and_start(pa + k, pb + k, d, n, w, mean_a + k, rstd_a + k, mean_b + k, rstd_b + k, coef + k, a_ptr,
-                          b_ptr, ga_ptr, gb_ptr, w);
+      // the forward's rounded means, bit for bit (same code, same block); the packed copies they
+      // leave in a and b are overwritten by the recomputed views
+      column_means(pa + k, d, n, w, mean_a, a_ptr, w);
+      column_means(pb + k, d, n, w, mean_b, b_ptr, w);
+      recompute_and_start(pa + k, pb + k, d, n, w, mean_a, shift_a + k, rstd_a + k, mean_b, shift_b + k, rstd_b + k,
+                          coef + k, a_ptr, b_ptr, ga_ptr, gb_ptr, w);
       ga.addmm_(scaled_b, a);
       gb.addmm_(scaled_a, b);
       batch_norm_backward(ga_ptr, a_ptr, w, n, w, rstd_a + k, mean_ga + k, mean_gaa + k, da + k, d);

@@ -73,21 +73,6 @@ def gram(x: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def _centre(z: Tensor, dtype: torch.dtype, correction: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """(z − mean, mean, variance) over the batch (dim 0) in ``dtype``; the variance divides by N − correction.
-
-    The corrected two-pass algorithm: Σ(z − m)² − (Σ(z − m))² / N removes the error of the
-    rounded mean m (a feature at 300 ± 1e-3 has a mean good to ~1% of its spread in fp32).
-    As accurate as ``torch.var_mean``, whose dim-0 Welford kernel is ~40× slower on CPU.
-    """
-    z = z.to(dtype)
-    n = z.shape[0]
-    mean = z.mean(dim=0)
-    centred = z - mean
-    sum_squares = torch.linalg.vecdot(centred, centred, dim=0) - centred.sum(dim=0).pow(2) / n
-    return centred, mean, sum_squares / (n - correction)
-
-
 def _shift(z: Tensor, dtype: torch.dtype) -> Tensor:
     """z − z.mean(0) in ``dtype``, a new tensor: exact for a feature far from zero (Sterbenz), and
     what is left has a mean of the order of the mean's rounding. The same bits in the forward and
@@ -185,6 +170,44 @@ def barlow_twins_forward_fake(z_a: Tensor, z_b: Tensor, lambda_param: float, alg
 # --------------------------------------------------------------------------------------------
 # VICReg
 # --------------------------------------------------------------------------------------------
+# rows per step of ``_column_squares``: at least 32, and as many as fit SQUARES_SCRATCH elements, so
+# that the scratch stays in cache at D = 8192 and narrow views take a few steps, not hundreds (at
+# 8192 × 4, 32-row steps made the step 0.36× lightly's; 1.38× now: bench.sweep, 1 thread, process clock)
+SQUARES_BLOCK = 32
+SQUARES_SCRATCH = 32 * 8192
+
+
+def _column_squares(x: Tensor) -> Tensor:
+    """Σ_b x² of (G, B, D) ``x`` → (G, D), in blocks of rows: one small scratch instead of an
+    N×D temporary (a fresh N×D buffer costs its page faults, more than the multiply itself)."""
+    step = max(SQUARES_BLOCK, SQUARES_SCRATCH // (x.shape[0] * x.shape[2]))
+    scratch = x.new_empty(x.shape[0], min(step, x.shape[1]), x.shape[2])
+    total = x.new_zeros(x.shape[0], x.shape[2])
+    for start in range(0, x.shape[1], step):
+        block = x[:, start:start + step]
+        squares = torch.mul(block, block, out=scratch[:, :block.shape[1]])
+        total.add_(squares.sum(dim=1))
+    return total
+
+
+def _centre(z: Tensor, out: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``out`` (G, B, D) ← x = z − mean of the (B, G, D) view z, in out's dtype; returns (x, mean
+    (G, D), unbiased variance (G, D), residual mean r = mean_b x (G, D)).
+
+    The variance by the corrected two-pass algorithm: Σ x² − (Σ x)² / B removes the error of the
+    rounded mean (a feature at 300 ± 1e-3 has a mean good to ~1% of its spread in fp32), as
+    accurate as ``torch.var_mean``, whose dim-0 Welford kernel is ~40× slower on CPU. r is what
+    the rounded mean left (the gradient's centring takes it out, see ``vicreg_forward``).
+    """
+    batch = z.shape[0]
+    z = z.to(out.dtype)
+    mean = z.mean(dim=0)
+    x = torch.sub(z.transpose(0, 1), mean.unsqueeze(1), out=out)
+    residual = x.sum(dim=1)
+    variance = (_column_squares(x) - residual.pow(2) / batch) / (batch - 1)
+    return x, mean, variance, residual / batch
+
+
 def _centred_groups(z: Tensor, mean: Tensor) -> Tensor:
     """(B, G, D) view minus its batch mean (G, D), as (G, B, D) in the mean's dtype."""
     return (z.to(mean.dtype) - mean).transpose(0, 1)
@@ -206,9 +229,8 @@ def vicreg_variance_covariance_forward(z_a: Tensor, z_b: Tensor, eps: float,
     stats = torch.empty(2, 2, groups, dim, dtype=dtype, device=z_a.device)
     variance = covariance = 0.0
     for view, z in enumerate((z_a, z_b)):
-        centred, mean, var = _centre(z, dtype, correction=1)
+        x, mean, var, _ = _centre(z, torch.empty(groups, batch, dim, dtype=dtype, device=z.device))
         stats[view, 0], stats[view, 1] = mean, var
-        x = centred.transpose(0, 1)
         gram(x if on_gram else x.transpose(1, 2), products[view])
         squared_norm = torch.linalg.vecdot(products[view].flatten(1), products[view].flatten(1))
         off_diagonal = squared_norm / (batch - 1) ** 2 - var.pow(2).sum(dim=1)
@@ -255,37 +277,6 @@ def vicreg_variance_covariance_forward_fake(z_a: Tensor, z_b: Tensor, eps: float
 # --------------------------------------------------------------------------------------------
 # VICReg, whole: invariance + variance + covariance and their gradients in one op
 # --------------------------------------------------------------------------------------------
-SQUARES_BLOCK = 32  # rows per step of ``_column_squares``: a (32, D) scratch stays in cache
-
-
-def _column_squares(x: Tensor) -> Tensor:
-    """Σ_b x² of (G, B, D) ``x`` → (G, D), in blocks of rows: one small scratch instead of an
-    N×D temporary (a fresh N×D buffer costs its page faults, more than the multiply itself)."""
-    scratch = x.new_empty(x.shape[0], min(SQUARES_BLOCK, x.shape[1]), x.shape[2])
-    total = x.new_zeros(x.shape[0], x.shape[2])
-    for start in range(0, x.shape[1], SQUARES_BLOCK):
-        block = x[:, start:start + SQUARES_BLOCK]
-        squares = torch.mul(block, block, out=scratch[:, :block.shape[1]])
-        total.add_(squares.sum(dim=1))
-    return total
-
-
-def _centre_into(buffer: Tensor, z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """The first B rows per group of ``buffer`` (G, ≥ B, D) ← x = z − mean of the (B, G, D) view z,
-    in the buffer's dtype; returns (x, unbiased variance (G, D), residual mean r = mean_b x (G, D)).
-
-    The variance by ``_centre``'s corrected two-pass algorithm; r is what the rounded mean left
-    (the gradient's centring takes it out, see ``vicreg_forward``).
-    """
-    batch = z.shape[0]
-    z = z.to(buffer.dtype)
-    x = buffer[:, :batch]
-    torch.sub(z.transpose(0, 1), z.mean(dim=0).unsqueeze(1), out=x)
-    residual = x.sum(dim=1)
-    variance = (_column_squares(x) - residual.pow(2) / batch) / (batch - 1)
-    return x, variance, residual / batch
-
-
 def vicreg_forward(z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: float, nu_param: float, eps: float,
                    algorithm: str, with_gradient: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """VICReg of two (B, G, D) views (``reference.vicreg``) and, ``with_gradient``, ∂loss/∂z_a,
@@ -317,7 +308,7 @@ def vicreg_forward(z_a: Tensor, z_b: Tensor, lambda_param: float, mu_param: floa
     product = torch.empty(groups, size, size, dtype=dtype, device=z_a.device)
     gradients = []
     for sign, z in ((1.0, z_a), (-1.0, z_b)):
-        x, var, residual = _centre_into(buffer, z)
+        x, _, var, residual = _centre(z, buffer[:, :batch])
         gram(x if on_gram else x.transpose(1, 2), product)
         squared_norm = torch.linalg.vecdot(product.flatten(1), product.flatten(1))
         std = torch.sqrt(var + eps)
