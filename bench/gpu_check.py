@@ -14,7 +14,7 @@ adds them. The cases, in priority order (each a case name for ``--cases``):
 1. ``sinkhorn_barrier``: the Triton Sinkhorn-Knopp in one cooperative launch with grid barriers
    between its phases (``kernels/clustering.py``), at 4096 × 3000 — never run on a card before,
    and it spins forever if the programs are not all resident. Run first, alone, killed after
-   ``BARRIER_TIMEOUT_S``: a kill after the launch returned is reported as ``deadlock``, and every
+   ``BARRIER_TIMEOUT_S``: a kill once it has launched is reported as ``deadlock``, and every
    later worker runs the Sinkhorn one launch per phase instead (``--per-phase-sinkhorn``). Also:
    its error against float64, its time (goal: < 60 µs) and its kernel launches per call (goal: 1).
 2. ``ops:<op>``: every op of the registry (``fastssl.runtime.registry.MANIFEST``) × dtype (float32,
@@ -413,8 +413,8 @@ def _sinkhorn_args(ctx: Context, dtype) -> list:
 
 def sinkhorn_barrier(ctx: Context) -> List[Dict[str, object]]:
     """The one-launch Triton Sinkhorn (cooperative grid, grid barriers between phases): does it
-    finish, is it right, how fast, how many launches. Progress "launched" before the wait, so
-    that a kill from then on reads as a deadlock of the barrier, not a slow compile."""
+    finish, is it right, how fast, how many launches. Its progress messages say where a kill found
+    it: once it has launched, a kill reads as a deadlock of the barrier."""
     import torch
 
     from bench import op_counts
@@ -778,8 +778,9 @@ class _Worker:
 
     def assign(self, case: CheckCase) -> None:
         self.case, self.started, self.progress = case, time.monotonic(), ""
-        self.process.stdin.write(case.name + "\n")
-        self.process.stdin.flush()
+        with contextlib.suppress(BrokenPipeError):  # it died meanwhile: the next poll reports the case as crashed
+            self.process.stdin.write(case.name + "\n")
+            self.process.stdin.flush()
 
     def close(self) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
@@ -832,6 +833,8 @@ def supervise(cases: Sequence[CheckCase], start_worker: Callable[[bool], _Worker
                     elif kind == "end":
                         outcome(worker.case, "done", event["seconds"])
                         worker.case = None
+                    elif kind == "poisoned":  # the worker exits; its next case goes to a fresh one
+                        log(f"{event['case']}: the worker's CUDA context failed after it ({event['reason']})")
                 exited = worker.process.poll()
                 now = time.monotonic()
                 if exited is not None or (not worker.ready and now - worker.created > WORKER_START_TIMEOUT_S):
@@ -847,8 +850,9 @@ def supervise(cases: Sequence[CheckCase], start_worker: Callable[[bool], _Worker
                 elif worker.case is not None and now > deadline(worker):
                     worker.kill()
                     workers.remove(worker)
-                    launched = worker.progress.startswith("launched")
-                    status = "deadlock" if worker.case.name == "sinkhorn_barrier" and launched else "timeout"
+                    # past its first launch, nothing in the barrier case but the kernel's grid barriers can spin for
+                    # minutes (the launches of its timing and launch count are the same kernel)
+                    status = "deadlock" if worker.case.name == "sinkhorn_barrier" and worker.progress else "timeout"
                     limit = "the budget ended" if now >= budget_end else f"over its {deadline(worker) - worker.started:.0f} s"
                     outcome(worker.case, status, now - worker.started,
                             f"killed: {limit} (last progress: {worker.progress or 'none'})")
@@ -927,6 +931,8 @@ def markdown(result: dict) -> str:
     counted = [r for r in rows if r["section"] == "launch_counts" and "ops" in r]
     if counted:
         lines += [f"## {counted[0]['counted'].capitalize()} per training step", "",
+                  "One step (forward + backward; the Sinkhorn-Knopp's forward) after a warm-up step: fastssl "
+                  '(backend="auto"), the family\'s plain PyTorch code (backend="reference") and lightly 1.6.', "",
                   *op_counts.table_lines(counted, counted[0]["counted"], (sweep.FASTSSL, sweep.PLAIN, sweep.LIGHTLY)), ""]
     lines += ["## Large cases and the autotune pass", "",
               "| case | dtype | backend | status | ms | × torch | error vs float64 | note |", "|---|---|---|---|---|---|---|---|"]
@@ -1040,7 +1046,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = [r for r in result["rows"] if r["status"] in FAILING]
     skipped = [c for c in result["cases"] if c["status"] == "skipped"]
     print(f"{len(result['rows'])} checks, {len(failed)} failed, timed out or crashed; "
-          f"{len(skipped)} cases skipped{': ' if skipped else ''}"
+          f"{len(skipped)} case(s) skipped{': ' if skipped else ''}"
           + "; ".join(f"{c['case']} ({c['reason']})" for c in skipped) + f"; results in {out}")
     return 1 if failed else 0
 
