@@ -376,7 +376,9 @@ class DINOv2(MaskingMethod, MomentumMethod):
         class_features = outputs[self.global_crops + crops + 3:]
         loss = self.dino(list(teacher), list(student), epoch=self.epoch)
         if mask.any():
-            loss = loss + self.config.ibot_weight * self.ibot(teacher_patches, student_patches, mask)
+            # iBOT's teacher follows DINO's temperature warm-up, as in DINOv2.
+            loss = loss + self.config.ibot_weight * self.ibot(teacher_patches, student_patches, mask,
+                                                              self.dino.teacher_temperature(self.epoch))
         return loss + self.config.koleo_weight * sum(self.koleo(features) for features in class_features)
 
 

@@ -118,6 +118,33 @@ def test_dinov2_masks_follow_dinov2s_ratios_and_the_seed():
     assert not torch.equal(mask, method.draw_masks(torch.zeros(20, 1, 8, 8)))
 
 
+def test_dinov2_ibot_teacher_follows_dinos_temperature_warm_up(monkeypatch):
+    from types import SimpleNamespace
+
+    from fastssl.examples.methods import DINOv2
+    from fastssl.examples.models import build_backbone
+
+    backbone, features, _ = build_backbone("vit", (1, 8, 8), torch.zeros(1), torch.ones(1))
+    config = SimpleNamespace(**{**train.hyper_parameters("dinov2"), "teacher_temp": 0.07,
+                                "warmup_teacher_temp_epochs": 4}, gather=False, backend="auto", seed=0)
+    method = DINOv2(backbone, features, config)
+    temperatures = []
+    ibot_forward = type(method.ibot).forward
+
+    def recording_forward(module, teacher_out, student_out, mask, teacher_temp=None, **kwargs):
+        temperatures.append(teacher_temp)
+        return ibot_forward(module, teacher_out, student_out, mask, teacher_temp, **kwargs)
+
+    monkeypatch.setattr(type(method.ibot), "forward", recording_forward)
+    views = [torch.rand(8, 1, 8, 8) for _ in range(2)] + [torch.rand(8, 1, 6, 6) for _ in range(2)]
+    for epoch in (0, 2, 5):
+        method.start_step(epoch, 10, epoch)
+        method.loss(*method(views))
+    # DINO's schedule: 0.04 → 0.07 linearly over epochs 0 … 3, then 0.07; iBOT gets the same.
+    assert temperatures == pytest.approx([0.04, 0.06, 0.07])
+    assert temperatures == pytest.approx([method.dino.teacher_temperature(e) for e in (0, 2, 5)])
+
+
 def test_mae_decoder_puts_kept_tokens_back_at_their_patches():
     from fastssl.examples.models import MAEDecoder
 
