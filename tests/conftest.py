@@ -29,7 +29,7 @@ if _capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 from fastssl import backends  # noqa: E402
-from fastssl.runtime import blocks, native  # noqa: E402
+from fastssl.runtime import blocks, native, registry  # noqa: E402
 from helpers import triton_skip_reason  # noqa: E402
 
 # Decorate every kernel now, while TRITON_INTERPRET is set: @triton.jit picks interpreter or
@@ -69,9 +69,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed_and_isolate_backend(monkeypatch):
-    """Every test starts from seed 0 and without a FASTSSL_BACKEND override from the shell."""
+    """Every test starts from seed 0, without a FASTSSL_BACKEND override from the shell and without
+    ``auto``'s cached choices (tests patch the gates those were made with)."""
     monkeypatch.delenv("FASTSSL_BACKEND", raising=False)
     torch.manual_seed(0)
+    registry.forget_choices()
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,15 @@ Tensor = torch.Tensor
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _normalized(op: str, backend: str, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+def _normalized(op: str, backend: str, *tensors: Optional[Tensor], chosen: Optional[str] = None
+                ) -> Tuple[Optional[Tensor], ...]:
     """``tensors`` (None kept) with L2-normalised rows, computed in float32 for half inputs; cast back
-    once to the half input dtype where the backend that ``op`` takes for them runs half operands
+    once to the half input dtype where the backend that runs ``op`` on them (``chosen`` when the
+    caller has selected it already, else selected here, for half inputs only) runs half operands
     (the triton kernels: half dots on tensor cores), else left in float32, whose rounding the torch
     path's accuracy relies on."""
     first = next(t for t in tensors if t is not None)
-    keep = first.dtype in HALF_DTYPES and registry.select(op, backend, tensors)[0] == "triton"
+    keep = first.dtype in HALF_DTYPES and (chosen or registry.select(op, backend, tensors)[0]) == "triton"
     return tuple(None if t is None else reference.l2_normalize(t, t.dtype if keep else None) for t in tensors)
 
 
@@ -140,9 +142,10 @@ def info_nce(
         if eager() and (self_index.max() >= m or self_index.min() < -1):
             raise ValueError(f"self_index must lie in [-1, {m}) for keys of shape {tuple(keys.shape)}")
 
+    # chosen on the inputs: their normalised rows keep dtype (half for triton), device and shape
+    chosen, core = registry.select("info_nce", backend, (query, keys, positive_keys))
     if normalize:
-        query, keys, positive_keys = _normalized("info_nce", backend, query, keys, positive_keys)
-    _, core = registry.select("info_nce", backend, (query, keys, positive_keys))
+        query, keys, positive_keys = _normalized("info_nce", backend, query, keys, positive_keys, chosen=chosen)
     row_loss, col_loss = core(query, keys, positive_keys, query_labels, key_labels, self_index,
                               scale, symmetric)
     if reduction == "none":
@@ -213,8 +216,10 @@ def nt_xent(
         check_label_tensor("labels", labels, batch)
     if mode != "simclr" and len(views) != 2:
         raise ValueError(f"mode={mode!r} takes exactly two views, got {len(views)}")
-    if normalize:
-        views = _normalized("info_nce", backend, *views)
+    world = distributed.world_size() if gather_distributed and negatives is None else 1
+    if normalize:  # the half cast is decided by the op that runs: one device's SimCLR runs info_nce_self
+        self_similarity = negatives is None and mode == "simclr" and world == 1
+        views = _normalized("info_nce_self" if self_similarity else "info_nce", backend, *views)
     common = dict(temperature=temperature, normalize=False, backend=backend)
 
     if negatives is not None:
@@ -227,7 +232,6 @@ def nt_xent(
         loss = info_nce(views[0], negatives.to(views[0].dtype), positive_keys=views[1], **common)
         directions = 1
     else:
-        world = distributed.world_size() if gather_distributed else 1
         rank = distributed.rank() if world > 1 else 0
         local = torch.arange(batch, device=out0.device) + rank * batch
         if labels is None:
@@ -582,11 +586,11 @@ def macl(z0: Tensor, z1: Tensor, temperature: float = 0.1, alpha: float = 0.5, A
     """
     check_views(("z0", "z1"), (z0, z1))
     check_macl_parameters(temperature, alpha, A_0)
-    x0, x1 = _normalized("info_nce", backend, z0, z1)
+    chosen, core = registry.select("info_nce", backend, (z0, z1))
+    x0, x1 = _normalized("info_nce", backend, z0, z1, chosen=chosen)
     batch = x0.shape[0]
     mean_positive = (x0.detach() * x1.detach()).sum(dim=1, dtype=compute_dtype(x0)).mean()  # half rows: triton's
     inverse_t = 1.0 / (temperature * (1 + alpha * (mean_positive - A_0)))
-    chosen, core = registry.select("info_nce", backend, (x0, x1))
     if chosen == "torch" and 2 * batch <= MACL_PLAIN_MAX_ROWS:
         losses = _macl_plain_losses(x0, x1, inverse_t)
     else:

@@ -69,7 +69,8 @@ class Positives:
 
     Sparse form: ``pair_rows``/``pair_cols`` (P,) sorted by row and ``row_start`` (N + 1 ints) so
     that rows [a, b) own pairs [row_start[a], row_start[b]). Dense form (``pair_rows`` None):
-    compare ``query_labels`` with ``key_labels`` per block, minus self.
+    compare ``query_labels`` with ``key_labels`` per block (``self_index``: the entries that the
+    caller leaves out).
     """
 
     count: Tensor
@@ -86,11 +87,9 @@ class Positives:
         return self.pair_rows[a:b] - start, self.pair_cols[a:b]
 
     def block_mask(self, start: int, stop: int) -> Tensor:
-        """(stop − start, M) bool: positive entries of rows [start, stop) (dense form)."""
-        mask = self.query_labels[start:stop, None] == self.key_labels[None, :]
-        if self.self_index is not None:
-            _mask_self(mask, self.self_index[start:stop], False)
-        return mask
+        """(stop − start, M) bool: entries of rows [start, stop) with the row's label (dense form;
+        self entries included)."""
+        return self.query_labels[start:stop, None] == self.key_labels[None, :]
 
 
 def _label_ranges(query_labels: Tensor, key_labels: Tensor):
@@ -116,58 +115,100 @@ def find_positives(query_labels: Tensor, key_labels: Tensor, self_index: Optiona
     """Positives of every row: keys with the row's label, its own entry excluded. O((N + M) log M)."""
     n = query_labels.shape[0]
     order, low, high = ranges = _label_ranges(query_labels, key_labels)
-    count = count_positives(query_labels, key_labels, self_index, ranges)
-    total = int((high - low).sum())
-    positives = Positives(count, query_labels, key_labels, self_index)
-    if total > MAX_PAIRS_PER_ROW * max(n, 1):
-        return positives
     with_self = high - low
-    rows = torch.repeat_interleave(torch.arange(n, device=query_labels.device), with_self)
-    first = torch.cumsum(with_self, 0) - with_self
-    cols = order[low[rows] + torch.arange(total, device=query_labels.device) - first[rows]]
+    total = int(with_self.sum())
+    if total > MAX_PAIRS_PER_ROW * max(n, 1):
+        return Positives(count_positives(query_labels, key_labels, self_index, ranges), query_labels, key_labels,
+                         self_index)
+    # pair p of row r is the key order[low[r] + (p − first pair of r)]
+    rows = torch.repeat_interleave(with_self, output_size=total)
+    first_pair = torch.cumsum(with_self, 0) - with_self
+    cols = order[torch.arange(total, device=query_labels.device) + (low - first_pair)[rows]]
     if self_index is not None:
         keep = cols != self_index[rows]
         rows, cols = rows[keep], cols[keep]
-    row_start = torch.cat([torch.zeros(1, dtype=torch.long, device=rows.device),
-                           torch.cumsum(torch.bincount(rows, minlength=n), 0)])
-    positives.pair_rows, positives.pair_cols, positives.row_start = rows, cols, row_start.tolist()
-    return positives
+    per_row = torch.bincount(rows, minlength=n)
+    row_start = [0] + torch.cumsum(per_row, 0).tolist()
+    return Positives(per_row.to(torch.float64), query_labels, key_labels, self_index, rows, cols, row_start)
 
 
-def _mask_self(block: Tensor, self_index: Tensor, value) -> None:
-    """block[i, self_index[i]] = value for the rows that have a self entry (in place)."""
-    rows = torch.nonzero(self_index >= 0).squeeze(1)
-    block[rows, self_index[rows]] = value
-
-
-def _block_logits(scaled_query: Tensor, keys: Tensor, self_index: Optional[Tensor], start: int, stop: int,
-                  excluded: Optional[Positives] = None) -> Tensor:
-    """scale · Q[start:stop] Kᵀ with self entries (and ``excluded``'s pairs) set to −inf: (stop − start, M)."""
+def _block_logits(scaled_query: Tensor, keys: Tensor, start: int, stop: int, excluded: Positives) -> Tensor:
+    """scale · Q[start:stop] Kᵀ with ``excluded``'s pairs set to −inf: (stop − start, M)."""
     logits = scaled_query[start:stop] @ keys.T
-    if self_index is not None:
-        _mask_self(logits, self_index[start:stop], float("-inf"))
-    if excluded is not None:
-        if excluded.pair_rows is not None:
-            logits[excluded.block_pairs(start, stop)] = float("-inf")
-        else:
-            logits.masked_fill_(excluded.block_mask(start, stop), float("-inf"))
+    if excluded.pair_rows is not None:
+        logits[excluded.block_pairs(start, stop)] = float("-inf")
+    else:
+        logits.masked_fill_(excluded.block_mask(start, stop), float("-inf"))
     return logits
 
 
-def _positive_logit_sums(logits: Tensor, positives: Positives, start: int, stop: int, with_columns: bool = False
-                         ) -> Tuple[Tensor, Optional[Tensor], Union[Tuple[Tensor, Tensor], Tensor]]:
-    """Σ of each block row's positive logits (stop − start,), with ``with_columns`` each key
-    column's (M,) too (else None), and where the positives are: (rows, cols) pairs of the block
-    (sparse) or its (stop − start, M) mask."""
+def _positive_logit_sums(logits: Tensor, positives: Positives, start: int, stop: int
+                         ) -> Tuple[Tensor, Union[Tuple[Tensor, Tensor], Tensor]]:
+    """Σ of each block row's positive logits (stop − start,) and where the positives are: (rows,
+    cols) pairs of the block (sparse) or its (stop − start, M) mask."""
     if positives.pair_rows is not None:
         rows, cols = positives.block_pairs(start, stop)
-        values = logits[rows, cols]
-        row_sums = logits.new_zeros(stop - start).index_add_(0, rows, values)
-        col_sums = logits.new_zeros(logits.shape[1]).index_add_(0, cols, values) if with_columns else None
-        return row_sums, col_sums, (rows, cols)
+        return logits.new_zeros(stop - start).index_add_(0, rows, logits[rows, cols]), (rows, cols)
     mask = positives.block_mask(start, stop)
-    kept = torch.where(mask, logits, logits.new_zeros(()))
-    return kept.sum(dim=1), (kept.sum(dim=0) if with_columns else None), mask
+    return torch.where(mask, logits, logits.new_zeros(())).sum(dim=1), mask
+
+
+class _Buffer:
+    """One buffer that every block of a call reuses (no allocation per block), with its (rows,
+    cols) views and their transposes made once per shape (a call has at most four shapes)."""
+
+    def __init__(self, elements: int, dtype: torch.dtype, device: torch.device):
+        self.storage = torch.empty(elements, dtype=dtype, device=device)
+        self.views = {}
+
+    def matrix(self, rows: int, cols: int) -> Tensor:
+        return self.matrix_and_transpose(rows, cols)[0]
+
+    def matrix_and_transpose(self, rows: int, cols: int) -> Tuple[Tensor, Tensor]:
+        if (rows, cols) not in self.views:
+            matrix = self.storage[: rows * cols].view(rows, cols)
+            self.views[rows, cols] = matrix, matrix.T
+        return self.views[rows, cols]
+
+
+class _RowBlocks:
+    """Rows of N queries against M keys in blocks of ``rows_per_block(M)``, and where each block's
+    self entries (``self_index``) and positive pairs lie in its logits: flat indices of the block's
+    (rows, M) matrix, found once per call for all blocks (the loop then writes or reads them with one
+    ``put_``/``take`` per block instead of selecting rows per block)."""
+
+    def __init__(self, n: int, num_keys: int, positives: Optional[Positives], self_index: Optional[Tensor]):
+        self.step = rows_per_block(num_keys)
+        self.num_keys = num_keys
+        self.bounds = [(start, min(start + self.step, n)) for start in range(0, n, self.step)]
+        self.self_entries = self.pair_entries = None
+        if self_index is not None:
+            rows = torch.nonzero(self_index >= 0).squeeze(1)
+            self.self_sizes, self.self_entries = self._flat_entries(rows, self_index[rows])
+        self.sparse = positives is not None and positives.pair_rows is not None
+        if self.sparse:
+            self.pair_sizes = [positives.row_start[stop] - positives.row_start[start] for start, stop in self.bounds]
+            self.pair_entries = self._flat_entries(positives.pair_rows, positives.pair_cols, self.pair_sizes)[1]
+
+    def _flat_entries(self, rows: Tensor, cols: Tensor, sizes: Optional[list] = None
+                      ) -> Tuple[list, Tuple[Tensor, ...]]:
+        """Entries (rows, cols), rows sorted, as (number per block, flat indices per block)."""
+        if sizes is None:
+            sizes = torch.bincount(torch.div(rows, self.step, rounding_mode="floor"),
+                                   minlength=len(self.bounds)).tolist()
+        return sizes, torch.add(cols, rows % self.step, alpha=self.num_keys).split(sizes)
+
+    def split(self, values: Tensor, dim: int = 0) -> Tuple[Tensor, ...]:
+        """``values`` (N along ``dim``) in the blocks' pieces: views, made with one op."""
+        return values.split(self.step, dim=dim)
+
+    def fill_self(self, value, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, ...]:
+        """Per block, ``value`` as many times as the block has self entries: ``put_``'s source."""
+        return torch.full((sum(self.self_sizes),), value, dtype=dtype, device=device).split(self.self_sizes)
+
+    def buffer(self, dtype: torch.dtype, device: torch.device) -> _Buffer:
+        rows = max((stop - start for start, stop in self.bounds), default=0)
+        return _Buffer(rows * self.num_keys, dtype, device)
 
 
 def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor], positives: Optional[Positives],
@@ -177,43 +218,73 @@ def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor],
 
     m is the row max, or 0 when ``unshifted`` (see ``exps_stay_normal``). ``columns`` (unshifted,
     symmetric, labels only): (M,) sums of each column's positive logits and of its exp(s), added
-    to in place from the same blocks — the symmetric loss then needs no second pass.
+    to in place from the same blocks — the symmetric loss then needs no second pass. Each block:
+    one GEMM into the reused buffer, its self entries set to −inf (``put_``), its positive logits
+    copied out (``take``, sparse form), and exp and the row sum (shifted: the max and the shift
+    before): the loss is assembled from those (N,) sums after the loop.
     """
-    n = scaled_query.shape[0]
-    dtype = scaled_query.dtype
-    loss, row_max, row_sum = (torch.empty(n, dtype=dtype, device=keys.device) for _ in range(3))
-    step = rows_per_block(keys.shape[0])
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        logits = _block_logits(scaled_query, keys, self_index, start, stop)
-        if unshifted:
-            m = torch.zeros(stop - start, dtype=dtype, device=keys.device)
-        else:
-            m = logits.amax(dim=1)
-            if extra is not None:
-                m = torch.maximum(m, extra[start:stop])
-            logits.sub_(m[:, None])  # shifted logits s − m: exactly 0 at the row max
-        if extra is not None:
-            positive_shifted = extra[start:stop] - m
-        else:  # same labels: the pair (i, j) is also column j's positive i
-            positive_sum, column_sums, _ = _positive_logit_sums(logits, positives, start, stop, columns is not None)
-            positive_shifted = positive_sum / positives.count[start:stop].clamp_min(1).to(dtype)
+    n, dtype, device = scaled_query.shape[0], scaled_query.dtype, keys.device
+    blocks = _RowBlocks(n, keys.shape[0], positives, self_index)
+    row_max = torch.zeros(n, dtype=dtype, device=device) if unshifted else torch.empty(n, dtype=dtype, device=device)
+    row_sum = torch.empty(n, dtype=dtype, device=device)
+    buffer, keys_t = blocks.buffer(dtype, device), keys.T
+    query_blocks, sum_blocks = blocks.split(scaled_query), blocks.split(row_sum)
+    if not unshifted:
+        max_blocks = blocks.split(row_max[:, None])
+        extra_blocks = blocks.split(extra[:, None]) if extra is not None else None
+    minus_inf = blocks.fill_self(float("-inf"), dtype, device) if self_index is not None else None
+    if blocks.sparse:
+        positive_logits = keys.new_empty(positives.pair_rows.shape[0])
+        positive_blocks = positive_logits.split(blocks.pair_sizes)
+    elif positives is not None:
+        positive_sum = keys.new_empty(n)
+        positive_sum_blocks = blocks.split(positive_sum)
+        unmasked = blocks.fill_self(False, torch.bool, device) if self_index is not None else None
+    for b, (start, stop) in enumerate(blocks.bounds):
+        logits = torch.mm(query_blocks[b], keys_t, out=buffer.matrix(stop - start, keys.shape[0]))
+        if self_index is not None:
+            logits.put_(blocks.self_entries[b], minus_inf[b])
+        if blocks.sparse:
+            torch.take(logits, blocks.pair_entries[b], out=positive_blocks[b])
+        elif positives is not None:  # same labels: the pair (i, j) is also column j's positive i
+            mask = positives.block_mask(start, stop)
+            if self_index is not None:
+                mask.put_(blocks.self_entries[b], unmasked[b])
+            kept = torch.where(mask, logits, logits.new_zeros(()))
+            torch.sum(kept, dim=1, out=positive_sum_blocks[b])
             if columns is not None:
-                columns[0].add_(column_sums)
-        total = logits.exp_().sum(dim=1)
+                columns[0].add_(kept.sum(dim=0))
+        if not unshifted:
+            torch.amax(logits, dim=1, keepdim=True, out=max_blocks[b])
+            if extra is not None:
+                torch.maximum(max_blocks[b], extra_blocks[b], out=max_blocks[b])
+            logits.sub_(max_blocks[b])  # shifted logits s − m: exactly 0 at the row max
+        torch.sum(logits.exp_(), dim=1, out=sum_blocks[b])
         if columns is not None:
             columns[1].add_(logits.sum(dim=0))
-        if extra is not None:
-            total += torch.exp(positive_shifted)
-        block_loss = torch.log(total) - positive_shifted
-        if positives is not None:
-            block_loss = torch.where(positives.count[start:stop] > 0, block_loss, torch.zeros_like(block_loss))
-        loss[start:stop], row_max[start:stop], row_sum[start:stop] = block_loss, m, total
-    return loss, row_max, row_sum
+    if extra is not None:
+        positive_shifted = extra - row_max
+        row_sum += torch.exp(positive_shifted)
+        return torch.log(row_sum) - positive_shifted, row_max, row_sum
+    if blocks.sparse:
+        positive_sum = keys.new_zeros(n).index_add_(0, positives.pair_rows, positive_logits)
+        if columns is not None:
+            columns[0].index_add_(0, positives.pair_cols, positive_logits)
+    count = positives.count.to(dtype)
+    # (m − mean_p s_ip) + log l: at τ = 0.01 the logits are ~100 and the loss may be tiny
+    loss = (row_max - positive_sum / count.clamp_min(1)) + torch.log(row_sum)
+    return torch.where(count > 0, loss, torch.zeros_like(loss)), row_max, row_sum
 
 
 def _positive_labels(query_labels, key_labels, self_index) -> Optional[Positives]:
     return None if query_labels is None else find_positives(query_labels, key_labels, self_index)
+
+
+def _column_counts(positives: Positives, query_labels: Tensor, key_labels: Tensor) -> Tensor:
+    """(M,) float64: the number of rows with each key's label (symmetric losses: no self entries)."""
+    if positives.pair_rows is not None and positives.self_index is None:  # the pairs, seen from their columns
+        return torch.bincount(positives.pair_cols, minlength=key_labels.shape[0]).to(torch.float64)
+    return count_positives(key_labels, query_labels, None)
 
 
 def info_nce_forward(query: Tensor, keys: Tensor, positive_keys: Optional[Tensor], query_labels: Optional[Tensor],
@@ -229,14 +300,14 @@ def info_nce_forward(query: Tensor, keys: Tensor, positive_keys: Optional[Tensor
     extra = scale * (q * extra_keys[0]).sum(1) if extra_keys else None
     unshifted = exps_stay_normal(scale, q, k, *extra_keys)
     columns = (k.new_zeros(k.shape[0]), k.new_zeros(k.shape[0])) if symmetric and unshifted else None
-    row_loss, row_max, row_sum = _row_statistics(
-        q * scale, k, extra, _positive_labels(query_labels, key_labels, self_index), self_index, unshifted, columns)
+    positives = _positive_labels(query_labels, key_labels, self_index)
+    row_loss, row_max, row_sum = _row_statistics(q * scale, k, extra, positives, self_index, unshifted, columns)
     if not symmetric:
         empty = q.new_zeros(0)
         return row_loss, empty, torch.stack([row_max, row_sum]), q.new_zeros(2, 0)
     if columns is not None:
         col_positive_sum, col_sum = columns
-        col_count = count_positives(key_labels, query_labels, None).to(dtype)
+        col_count = _column_counts(positives, query_labels, key_labels).to(dtype)
         col_loss = torch.log(col_sum) - col_positive_sum / col_count.clamp_min(1)
         col_loss = torch.where(col_count > 0, col_loss, torch.zeros_like(col_loss))
         return row_loss, col_loss, torch.stack([row_max, row_sum]), torch.stack([torch.zeros_like(col_sum), col_sum])
@@ -250,10 +321,15 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
                       self_index: Optional[Tensor], row_stats: Tensor, col_stats: Tensor, scale: float,
                       symmetric: bool, keys_grad: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Blocked backward: one recompute of each logit block feeds dQ and dK. Returns input-dtype grads
-    (for the keys an empty tensor without ``keys_grad``: MoCo's queue takes no gradient)."""
+    (for the keys an empty tensor without ``keys_grad``: MoCo's queue takes no gradient).
+
+    Each block, as in the forward: one GEMM into the reused buffer, −inf over its self entries,
+    exp (shifted: less the row max) times the per-row factor, the positives' −weights added at
+    their flat indices (``put_``, sparse form), then dQ_b = G K and dKᵀ += Q_bᵀ G (a GEMM into the
+    transposed view: no transpose per block)."""
     dtype = compute_dtype(query, keys, positive_keys)
     q, k = query.to(dtype), keys.to(dtype)
-    n = q.shape[0]
+    n, m = q.shape[0], k.shape[0]
     row_max, row_sum = row_stats.to(dtype)
     positives = _positive_labels(query_labels, key_labels, self_index)
     # per-row factor of the softmax term: g_i · scale / l_i (0 for rows without positives)
@@ -266,44 +342,57 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
     if symmetric:
         col_max, col_sum = col_stats.to(dtype)
         unshifted = unshifted and not bool(col_max.any())
-        col_count = count_positives(key_labels, query_labels, None)
+        col_count = _column_counts(positives, query_labels, key_labels)
         col_coef = torch.where(col_count > 0, grad_col.to(dtype) * scale, torch.zeros_like(col_sum))
         col_positive_weight = col_coef / col_count.clamp_min(1).to(dtype)
-        col_softmax_coef = col_coef / col_sum
+        col_softmax_coef, col_max_row = col_coef[None, :] / col_sum, col_max[None, :]
 
+    blocks = _RowBlocks(n, m, positives, self_index)
     grad_q = torch.empty_like(q)
     grad_k = torch.zeros_like(k) if keys_grad else k.new_empty(0)
-    scaled_q = q * scale
-    step = rows_per_block(k.shape[0])
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        logits = _block_logits(scaled_q, k, self_index, start, stop)
+    grad_k_t = grad_k.T if keys_grad else None
+    buffer, keys_t = blocks.buffer(dtype, device=q.device), k.T
+    # symmetric: G = (both directions' softmax terms) needs the logits once more beside it
+    gradient_buffer = blocks.buffer(dtype, device=q.device) if symmetric else buffer
+    query_blocks, transposed_query_blocks = blocks.split(q * scale), blocks.split(q.T, dim=1)
+    grad_q_blocks, coef_blocks = blocks.split(grad_q), blocks.split(row_softmax_coef[:, None])
+    max_blocks = blocks.split(row_max[:, None]) if not unshifted else None
+    minus_inf = blocks.fill_self(float("-inf"), dtype, q.device) if self_index is not None else None
+    if blocks.sparse:
+        pair_weight = row_positive_weight[positives.pair_rows]
+        if symmetric:
+            pair_weight += col_positive_weight[positives.pair_cols]
+        pair_weight_blocks = pair_weight.neg_().split(blocks.pair_sizes)
+    elif positives is not None:
+        positive_weight_blocks = blocks.split(row_positive_weight[:, None])
+        unmasked = blocks.fill_self(False, torch.bool, q.device) if self_index is not None else None
+    for b, (start, stop) in enumerate(blocks.bounds):
+        logits = torch.mm(query_blocks[b], keys_t, out=buffer.matrix(stop - start, m))
+        if self_index is not None:
+            logits.put_(blocks.self_entries[b], minus_inf[b])
+        grad_logits, grad_logits_t = gradient_buffer.matrix_and_transpose(stop - start, m)
         if symmetric and unshifted:  # one exp() serves both directions
-            logits.exp_()
-            grad_logits = torch.mul(logits, col_softmax_coef[None, :])
-            grad_logits.addcmul_(logits, row_softmax_coef[start:stop, None])
+            torch.mul(logits.exp_(), col_softmax_coef, out=grad_logits).addcmul_(logits, coef_blocks[b])
         elif symmetric:
-            grad_logits = torch.exp(logits - col_max[None, :]).mul_(col_softmax_coef[None, :])
-            grad_logits.addcmul_(logits.sub_(row_max[start:stop, None]).exp_(), row_softmax_coef[start:stop, None])
+            torch.sub(logits, col_max_row, out=grad_logits).exp_().mul_(col_softmax_coef)
+            grad_logits.addcmul_(logits.sub_(max_blocks[b]).exp_(), coef_blocks[b])
         elif unshifted:
-            grad_logits = logits.exp_().mul_(row_softmax_coef[start:stop, None])
+            logits.exp_().mul_(coef_blocks[b])
         else:
-            grad_logits = logits.sub_(row_max[start:stop, None]).exp_().mul_(row_softmax_coef[start:stop, None])
-        if positives is not None:
-            if positives.pair_rows is not None:
-                rows, cols = positives.block_pairs(start, stop)
-                weight = row_positive_weight[start:stop][rows]
-                if symmetric:
-                    weight = weight + col_positive_weight[cols]
-                grad_logits.index_put_((rows, cols), -weight, accumulate=True)
-            else:
-                mask = positives.block_mask(start, stop).to(dtype)
-                grad_logits.sub_(mask * row_positive_weight[start:stop, None])
-                if symmetric:
-                    grad_logits.sub_(mask * col_positive_weight[None, :])
-        torch.mm(grad_logits, k, out=grad_q[start:stop])
+            logits.sub_(max_blocks[b]).exp_().mul_(coef_blocks[b])
+        if blocks.sparse:
+            grad_logits.put_(blocks.pair_entries[b], pair_weight_blocks[b], accumulate=True)
+        elif positives is not None:
+            mask = positives.block_mask(start, stop)
+            if self_index is not None:
+                mask.put_(blocks.self_entries[b], unmasked[b])
+            mask = mask.to(dtype)
+            grad_logits.sub_(mask * positive_weight_blocks[b])
+            if symmetric:
+                grad_logits.sub_(mask * col_positive_weight[None, :])
+        torch.mm(grad_logits, k, out=grad_q_blocks[b])
         if keys_grad:
-            grad_k.addmm_(grad_logits.T, q[start:stop])
+            grad_k_t.addmm_(transposed_query_blocks[b], grad_logits)
 
     grad_positive_keys = None
     if positive_keys is not None:
@@ -344,10 +433,10 @@ def info_nce_masked_forward(query: Tensor, keys: Tensor, query_labels: Tensor, p
     step = rows_per_block(k.shape[0])
     for start in range(0, n, step):
         stop = min(start + step, n)
-        logits = _block_logits(scaled_q, k, None, start, stop, excluded)
+        logits = _block_logits(scaled_q, k, start, stop, excluded)
         if not unshifted:
             logits.sub_(logits.amax(dim=1)[:, None])
-        positive_sum, _, where_positive = _positive_logit_sums(logits, positives, start, stop)
+        positive_sum, where_positive = _positive_logit_sums(logits, positives, start, stop)
         exp_sum = logits.exp_().sum(dim=1)
         row_loss = torch.log(exp_sum) - positive_sum / positives.count[start:stop].clamp_min(1).to(dtype)
         total = total + (weights[start:stop] * row_loss).sum()
@@ -439,19 +528,6 @@ def _tiles(n: int):
             yield bi, bj, i, min(i + step, n), j, min(j + step, n)
 
 
-def _shaped_views(buffer: Tensor):
-    """(rows, cols) → a (rows, cols) view of the start of ``buffer`` (reused across tiles: no
-    allocation per tile), each shape's view made once (a call has at most four shapes)."""
-    views = {}
-
-    def view(rows: int, cols: int) -> Tensor:
-        if (rows, cols) not in views:
-            views[rows, cols] = buffer[: rows * cols].view(rows, cols)
-        return views[rows, cols]
-
-    return view
-
-
 def _add_positive_logits(positive_sum: Tensor, positives: Positives, pairs: dict, tile: Tensor, i0: int, i1: int,
                          j0: int, j1: int) -> None:
     """Add the tile's positive logits to the sums of the rows they belong to, both orientations."""
@@ -508,9 +584,10 @@ def info_nce_self_forward(embeddings: Tensor, labels: Tensor, exclude_self: bool
     # per-block views made once (one split each), not sliced again for every tile
     step = tile_size(n)
     scaled_blocks, transposed_blocks, row_sum_blocks = scaled.split(step), z.T.split(step, dim=1), row_sum.split(step)
-    tile_view = _shaped_views(torch.empty(step ** 2, dtype=dtype, device=z.device))
+    tiles = _Buffer(step ** 2, dtype, z.device)
     for bi, bj, i0, i1, j0, j1 in _tiles(n):
-        tile = torch.mm(scaled_blocks[bi], transposed_blocks[bj], out=tile_view(i1 - i0, j1 - j0))  # scale · Z_I Z_Jᵀ
+        # scale · Z_I Z_Jᵀ
+        tile = torch.mm(scaled_blocks[bi], transposed_blocks[bj], out=tiles.matrix(i1 - i0, j1 - j0))
         _add_positive_logits(positive_sum, positives, pairs, tile, i0, i1, j0, j1)
         if decoupled:
             _drop_positives(tile, positives, pairs, i0, i1, j0, j1, float("-inf"))
@@ -554,10 +631,10 @@ def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor,
         z.split(step), z.T.split(step, dim=1), scaled.split(step), grad.split(step))
     row_coefs = softmax_coef[:, None].split(step)
     col_coefs = softmax_coef[None, :].split(step, dim=1) if n > step else ()  # for tiles off the diagonal
-    tile_view, weight_view = (_shaped_views(torch.empty(step ** 2, dtype=dtype, device=z.device)) for _ in range(2))
+    tiles, weights_buffer = (_Buffer(step ** 2, dtype, z.device) for _ in range(2))
     negative_weight = -positive_weight
     for bi, bj, i0, i1, j0, j1 in _tiles(n):
-        tile = torch.mm(scaled_blocks[bi], transposed_blocks[bj], out=tile_view(i1 - i0, j1 - j0))
+        tile = torch.mm(scaled_blocks[bi], transposed_blocks[bj], out=tiles.matrix(i1 - i0, j1 - j0))
         if i0 == j0 and exclude_self:
             tile.fill_diagonal_(float("-inf"))
         if decoupled:  # positives have no softmax term, only their −1/|P| (added below)
@@ -565,7 +642,7 @@ def info_nce_self_backward(grad_row: Tensor, embeddings: Tensor, labels: Tensor,
         # W = G_IJ (rows of block I) + G_JIᵀ (rows of block J, seen through the tile's columns)
         if unshifted:
             tile.exp_()
-            weights = torch.mul(tile, row_coefs[bi], out=weight_view(i1 - i0, j1 - j0))
+            weights = torch.mul(tile, row_coefs[bi], out=weights_buffer.matrix(i1 - i0, j1 - j0))
             if i0 != j0:
                 weights.addcmul_(tile, col_coefs[bj])
         else:

@@ -10,7 +10,6 @@ from torch import nn
 
 from ..runtime import registry
 from ..runtime.validation import FLOAT_DTYPES, check_positive, check_views
-from . import reference, torch_backend
 
 Tensor = torch.Tensor
 
@@ -37,18 +36,8 @@ def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float 
     # (B, D) along dim 1 are the rows already: no view nodes for autograd to walk
     rows = ([x0, x1] if x0.dim() == 2 and dim in (1, -1) else
             [x.movedim(dim, -1).reshape(-1, x.shape[dim]) for x in (x0, x1)])
-    if (x0.numel() <= torch_backend.PLAIN_MAX_ENTRIES
-            and registry.requested_backend(backend) in _BACKENDS_OF_THE_PLAIN_PATH):
-        # what the torch backend runs at this size (lightly's code), without the backend
-        # selection, a third of a small call's Python
-        return reference.negative_cosine_similarity(rows[0], rows[1], eps)
-    _, core = registry.select("negative_cosine_similarity", backend, rows)
+    _, core = registry.select("negative_cosine_similarity", backend, rows)  # cached: cheap for small calls
     return core(rows[0], rows[1], eps)
-
-
-# Small calls asking for these run the plain code directly: the manifest lists no backend that
-# ``auto`` would try before ``torch`` for this op (a test keeps it so).
-_BACKENDS_OF_THE_PLAIN_PATH = ("auto", "torch")
 
 
 def _valid_views(x0, x1) -> bool:

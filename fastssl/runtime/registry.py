@@ -239,6 +239,7 @@ def preload(*backends: str) -> None:
             if backend == "native" and native.status("cpu"):
                 continue
             _import_reasons(op, backend)
+    forget_choices()
 
 
 def requested_backend(backend: str) -> str:
@@ -309,11 +310,13 @@ def _falling_back(op: str, backend: str, fn: Callable, tensors: Sequence[torch.T
     def fall_back(error, args, kwargs):
         key = (op, backend, _signature(tensors))
         _CALL_FAILURES[key] = f"its compiled code failed on {describe(tensors)} ({_failure_text(error)})"
+        forget_choices()
         try:
             chosen, fallback = _select_auto(op, tensors)
             result = fallback(*args, **kwargs)
         except Exception:
             del _CALL_FAILURES[key]  # every backend fails: the call is wrong, not the backend
+            forget_choices()
             raise
         warnings.warn(f"fastssl op {op!r}: the {backend} backend failed ({_failure_text(error)}); backend='auto' "
                       f"uses {chosen} for {describe(tensors)} from now on (python -m fastssl.info lists it)",
@@ -346,12 +349,62 @@ def _select_auto(op: str, tensors: Sequence[torch.Tensor]) -> Tuple[str, Callabl
     raise BackendUnavailableError(f"no backend can run fastssl op {op!r} on {describe(tensors)}")
 
 
+# ``_choice_key(op, tensors)`` -> the backend ``auto`` chose. A training loop
+# asks the same question every step; the answer's reasons (gates, imports, each module's
+# ``not_supported_reasons`` and ``auto_skip_reasons``) are then one dict lookup, which small calls
+# notice (about a third of a small cosine call's Python). Only the name is kept: the function is
+# looked up in ``_RESOLVED`` on every call, and compiled backends are wrapped for each call's tensors.
+_CHOICES: Dict[tuple, str] = {}
+MAX_CHOICES = 4096  # then the cache starts again (ragged shapes must not grow it without bound)
+
+
+def forget_choices() -> None:
+    """Drop the cached choices of ``auto``: after anything that changes what it would choose
+    (a backend's compiled code failing on a call, :func:`preload`, a test patching the registry)."""
+    _CHOICES.clear()
+
+
+def _choice_key(op: str, tensors: Sequence[torch.Tensor]) -> tuple:
+    """What ``auto``'s choice for ``op`` on ``tensors`` reads: the tensors' dtype, device, shape and
+    requires_grad, and the process state that can change between calls — ``AUTO_USES_INTERPRETER``,
+    the recorded call failures, the native extension's load status per part and, where Triton is a
+    candidate (tensors off the CPU, or the interpreter allowed), the Triton interpreter switch
+    (environment) and TF32 (the triton InfoNCE skip). About 3 µs for two tensors."""
+    key = [op, AUTO_USES_INTERPRETER, id(_CALL_FAILURES), len(_CALL_FAILURES), native._STATUS.get("cpu"),
+           native._STATUS.get("cuda")]
+    for t in tensors:
+        key += (t.dtype, t.shape, t.requires_grad)
+    if AUTO_USES_INTERPRETER or not all(t.is_cpu for t in tensors):  # CPU tensors: their device is known
+        key += (triton.interpreted(), torch.backends.cuda.matmul.allow_tf32, *[t.device for t in tensors])
+    return tuple(key)
+
+
+def _select_auto_cached(op: str, tensors: Sequence[torch.Tensor]) -> Tuple[str, Callable]:
+    """``_select_auto``, its choice cached per ``_choice_key``."""
+    key = _choice_key(op, tensors)
+    chosen = _CHOICES.get(key)
+    if chosen is None:
+        chosen, fn = _select_auto(op, tensors)
+        if len(_CHOICES) >= MAX_CHOICES:
+            _CHOICES.clear()
+        _CHOICES[key] = chosen
+        return chosen, fn
+    fn = implementation(op, chosen).fn
+    if chosen in COMPILED_BACKENDS:
+        fn = _falling_back(op, chosen, fn, tensors)
+    return chosen, fn
+
+
 def select(op: str, backend: str, tensors: Sequence[Optional[torch.Tensor]]) -> Tuple[str, Callable]:
-    """Pick the implementation of ``op`` for ``tensors``: returns (backend name, function)."""
+    """Pick the implementation of ``op`` for ``tensors``: returns (backend name, function). The
+    choice of ``auto`` in eager code is cached (``_CHOICES``); traced code chooses afresh (its
+    shapes may be symbolic)."""
     tensors = [t for t in tensors if t is not None]
     backend = requested_backend(backend)
     if backend == "auto":
-        return _select_auto(op, tensors)
+        if torch.compiler.is_compiling():
+            return _select_auto(op, tensors)
+        return _select_auto_cached(op, tensors)
     reasons = unavailable_reasons(op, backend, tensors)
     if reasons:
         raise BackendUnavailableError(

@@ -525,15 +525,20 @@ def test_negative_cosine_similarity_takes_the_plain_code_up_to_its_crossover(row
     assert x0.grad is not None and x1.grad is None
 
 
-def test_negative_cosine_similarity_small_calls_skip_only_a_selection_that_picks_torch():
-    """Small auto / torch calls run the torch backend's plain code without ``registry.select``: right only
-    while ``auto`` has no backend to try before ``torch`` for this op."""
-    from fastssl.cosine import _BACKENDS_OF_THE_PLAIN_PATH
+def test_negative_cosine_similarity_small_calls_choose_through_the_registry(monkeypatch):
+    """Small calls ask ``registry.select`` like every other (its choice is cached, so that is cheap):
+    a backend override reaches them."""
     from fastssl.runtime import registry
-    assert set(registry.MANIFEST["negative_cosine_similarity"]) == {"reference", "torch"}
-    assert _BACKENDS_OF_THE_PLAIN_PATH == ("auto", "torch")
+    calls = []
+    original = registry.implementation("negative_cosine_similarity", "reference")
+    monkeypatch.setitem(registry._RESOLVED, ("negative_cosine_similarity", "reference"), registry.Implementation(
+        lambda *args: calls.append(1) or original.fn(*args), original.supports))
     x0, x1 = _pair(8, 5, grad=True)
-    assert registry.select("negative_cosine_similarity", "auto", [x0, x1])[0] == "torch"
+    fn.negative_cosine_similarity(x0, x1)
+    assert calls == []
+    monkeypatch.setenv("FASTSSL_BACKEND", "reference")
+    fn.negative_cosine_similarity(x0, x1)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("setting, message", [("bogus", r"backend must be 'auto' or one of"),

@@ -125,3 +125,68 @@ def test_triton_interpreter_runs_a_kernel_on_cpu():
     out = torch.empty_like(x)
     scaled_add[(triton.cdiv(37, 16),)](x, y, out, 37, 0.5, BLOCK=16)
     torch.testing.assert_close(out, 0.5 * x + y)
+
+
+def _counting_select_auto(monkeypatch):
+    """Record every uncached choice of ``auto`` (the op asked), passing it on."""
+    asked = []
+    original = registry._select_auto
+
+    def counting(op, tensors):
+        asked.append(op)
+        return original(op, tensors)
+
+    monkeypatch.setattr(registry, "_select_auto", counting)
+    return asked
+
+
+def test_auto_choices_are_cached_per_dtype_shape_and_requires_grad(monkeypatch):
+    asked = _counting_select_auto(monkeypatch)
+    x, y = torch.randn(5, 4, requires_grad=True), torch.randn(5, 4)
+    op = "negative_cosine_similarity"
+    first = registry.select(op, "auto", [x, y])
+    assert registry.select(op, "auto", [x, y]) == first and asked == [op]  # the second call asks nothing
+    registry.select(op, "auto", [x.double(), y.double()])
+    registry.select(op, "auto", [x.detach(), y])
+    registry.select(op, "auto", [torch.randn(6, 4), y[:1].expand(6, 4)])
+    assert asked == [op] * 4
+    registry.select(op, "auto", [x, y])
+    assert asked == [op] * 4  # still cached
+    registry.forget_choices()
+    registry.select(op, "auto", [x, y])
+    assert asked == [op] * 5
+
+
+def test_a_cached_choice_follows_the_backend_override(monkeypatch):
+    x = torch.randn(5, 4)
+    assert registry.select("barlow_twins", "auto", [x, x])[0] in ("native", "torch")
+    monkeypatch.setenv("FASTSSL_BACKEND", "reference")
+    assert registry.select("barlow_twins", "auto", [x, x])[0] == "reference"
+    monkeypatch.delenv("FASTSSL_BACKEND")
+    assert registry.select("barlow_twins", "auto", [x, x])[0] in ("native", "torch")
+
+
+def test_a_recorded_failure_changes_the_cached_choice(monkeypatch):
+    """A backend's compiled code failing on a signature (here: recorded by hand for torch) makes
+    ``auto`` choose again for it; the other signatures keep their choice."""
+    x, y = torch.randn(5, 4), torch.randn(5, 4, dtype=torch.float64)
+    op = "negative_cosine_similarity"
+    assert registry.select(op, "auto", [x, x])[0] == "torch" and registry.select(op, "auto", [y, y])[0] == "torch"
+    monkeypatch.setitem(registry._CALL_FAILURES, (op, "torch", registry._signature([x, x])), "failed")
+    assert registry.select(op, "auto", [x, x])[0] == "reference"
+    assert registry.select(op, "auto", [y, y])[0] == "torch"
+
+
+@pytest.mark.triton
+def test_a_cached_choice_follows_the_triton_interpreter_switch(monkeypatch):
+    """With the interpreter allowed for ``auto``, CPU float16 InfoNCE goes to Triton while
+    TRITON_INTERPRET is set and to torch once it is not: the environment is part of the cached
+    choice's key."""
+    monkeypatch.setattr(registry, "AUTO_USES_INTERPRETER", True)
+    x = torch.randn(8, 4, dtype=torch.float16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert registry.select("info_nce", "auto", [x, x])[0] == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert registry.select("info_nce", "auto", [x, x])[0] == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert registry.select("info_nce", "auto", [x, x])[0] == "triton"
