@@ -952,3 +952,15 @@ def assert_within_twice_the_official_error(results, exact, official):
     for index, (got, want, theirs) in enumerate(zip(results, exact, official)):
         error, allowed = (got.double() - want).abs().max(), 2 * (theirs.double() - want).abs().max()
         assert error <= allowed, f"result {index}: error {error.item():.3g} > twice the official {allowed.item() / 2:.3g}"
+
+
+# VICReg's test shapes, (N, D) or (N, *groups, D): batch 2 (lightly's smallest), odd D, N < D and
+# N > D, and middle dims (lightly's groups)
+VICREG_SHAPES = [
+    pytest.param((7, 37), id="B7-D37"),
+    pytest.param((33, 130), id="B33-D130"),
+    pytest.param((130, 5), id="B130-D5"),
+    pytest.param((2, 3), id="B2-D3"),
+    pytest.param((5, 3, 17), id="B5-G3-D17"),
+    pytest.param((6, 2, 2, 9), id="B6-G2x2-D9"),
+]

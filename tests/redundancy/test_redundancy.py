@@ -10,7 +10,7 @@ import fastssl
 import fastssl.functional as fn
 from fastssl import BarlowTwinsLoss, VICRegLoss
 
-from helpers import (BACKENDS_ON_CPU, HALF_DTYPES, _assert_barlow_within, _assert_close_scaled, _assert_grads_within,
+from helpers import (VICREG_SHAPES, BACKENDS_ON_CPU, HALF_DTYPES, _assert_barlow_within, _assert_close_scaled, _assert_grads_within,
                      _assert_vicreg_within, _grads, _views, half_error_within_twice_reference)
 from oracles import barlow_formula, vicreg_formula, vicreg_terms
 
@@ -165,14 +165,6 @@ def test_barlow_twins_half_inputs(dtype, backend):
 # ============================================================================================
 # VICReg
 # ============================================================================================
-VICREG_SHAPES = [
-    pytest.param((7, 37), id="B7-D37"),
-    pytest.param((33, 130), id="B33-D130"),
-    pytest.param((130, 5), id="B130-D5"),
-    pytest.param((2, 3), id="B2-D3"),
-    pytest.param((5, 3, 17), id="B5-G3-D17"),
-    pytest.param((6, 2, 2, 9), id="B6-G2x2-D9"),
-]
 VICREG_PARAMS = [
     pytest.param({}, id="lightly-defaults"),
     pytest.param(dict(lambda_param=1.0, mu_param=2.0, nu_param=3.0, eps=1e-2), id="custom"),
