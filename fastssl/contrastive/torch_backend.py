@@ -154,20 +154,16 @@ def _positive_logit_sums(logits: Tensor, positives: Positives, start: int, stop:
 
 
 class _Buffer:
-    """One buffer that every block of a call reuses (no allocation per block), with its (rows,
-    cols) views and their transposes made once per shape (a call has at most four shapes)."""
+    """One buffer that every block of a call reuses (no allocation per block), its (rows, cols)
+    views made once per shape (a call has at most four shapes)."""
 
     def __init__(self, elements: int, dtype: torch.dtype, device: torch.device):
         self.storage = torch.empty(elements, dtype=dtype, device=device)
         self.views = {}
 
     def matrix(self, rows: int, cols: int) -> Tensor:
-        return self.matrix_and_transpose(rows, cols)[0]
-
-    def matrix_and_transpose(self, rows: int, cols: int) -> Tuple[Tensor, Tensor]:
         if (rows, cols) not in self.views:
-            matrix = self.storage[: rows * cols].view(rows, cols)
-            self.views[rows, cols] = matrix, matrix.T
+            self.views[rows, cols] = self.storage[: rows * cols].view(rows, cols)
         return self.views[rows, cols]
 
 
@@ -177,7 +173,8 @@ class _RowBlocks:
     (rows, M) matrix, found once per call for all blocks (the loop then writes or reads them with one
     ``put_``/``take`` per block instead of selecting rows per block)."""
 
-    def __init__(self, n: int, num_keys: int, positives: Optional[Positives], self_index: Optional[Tensor]):
+    def __init__(self, n: int, num_keys: int, positives: Optional[Positives], self_index: Optional[Tensor],
+                 dtype: torch.dtype):
         self.step = rows_per_block(num_keys)
         self.num_keys = num_keys
         self.bounds = [(start, min(start + self.step, n)) for start in range(0, n, self.step)]
@@ -185,10 +182,13 @@ class _RowBlocks:
         if self_index is not None:
             rows = torch.nonzero(self_index >= 0).squeeze(1)
             self.self_sizes, self.self_entries = self._flat_entries(rows, self_index[rows])
+            self.self_minus_inf = self.fill_self(float("-inf"), dtype, self_index.device)  # ``logits``' source
         self.sparse = positives is not None and positives.pair_rows is not None
         if self.sparse:
             self.pair_sizes = [positives.row_start[stop] - positives.row_start[start] for start, stop in self.bounds]
             self.pair_entries = self._flat_entries(positives.pair_rows, positives.pair_cols, self.pair_sizes)[1]
+        elif positives is not None and self_index is not None:  # ``positive_mask``'s source for the self entries
+            self.self_unmasked = self.fill_self(False, torch.bool, self_index.device)
 
     def _flat_entries(self, rows: Tensor, cols: Tensor, sizes: Optional[list] = None
                       ) -> Tuple[list, Tuple[Tensor, ...]]:
@@ -205,6 +205,22 @@ class _RowBlocks:
     def fill_self(self, value, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, ...]:
         """Per block, ``value`` as many times as the block has self entries: ``put_``'s source."""
         return torch.full((sum(self.self_sizes),), value, dtype=dtype, device=device).split(self.self_sizes)
+
+    def logits(self, b: int, query_blocks: Tuple[Tensor, ...], keys_t: Tensor, buffer: _Buffer) -> Tensor:
+        """Block ``b``'s logits Q_b Kᵀ (rows, M) into ``buffer``, its self entries −inf."""
+        start, stop = self.bounds[b]
+        logits = torch.mm(query_blocks[b], keys_t, out=buffer.matrix(stop - start, self.num_keys))
+        if self.self_entries is not None:
+            logits.put_(self.self_entries[b], self.self_minus_inf[b])
+        return logits
+
+    def positive_mask(self, positives: Positives, b: int) -> Tensor:
+        """(rows, M) bool: block ``b``'s entries with the row's label, its self entries left out
+        (dense form)."""
+        mask = positives.block_mask(*self.bounds[b])
+        if self.self_entries is not None:
+            mask.put_(self.self_entries[b], self.self_unmasked[b])
+        return mask
 
     def buffer(self, dtype: torch.dtype, device: torch.device) -> _Buffer:
         rows = max((stop - start for start, stop in self.bounds), default=0)
@@ -224,7 +240,7 @@ def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor],
     before): the loss is assembled from those (N,) sums after the loop.
     """
     n, dtype, device = scaled_query.shape[0], scaled_query.dtype, keys.device
-    blocks = _RowBlocks(n, keys.shape[0], positives, self_index)
+    blocks = _RowBlocks(n, keys.shape[0], positives, self_index, dtype)
     row_max = torch.zeros(n, dtype=dtype, device=device) if unshifted else torch.empty(n, dtype=dtype, device=device)
     row_sum = torch.empty(n, dtype=dtype, device=device)
     buffer, keys_t = blocks.buffer(dtype, device), keys.T
@@ -232,25 +248,18 @@ def _row_statistics(scaled_query: Tensor, keys: Tensor, extra: Optional[Tensor],
     if not unshifted:
         max_blocks = blocks.split(row_max[:, None])
         extra_blocks = blocks.split(extra[:, None]) if extra is not None else None
-    minus_inf = blocks.fill_self(float("-inf"), dtype, device) if self_index is not None else None
     if blocks.sparse:
         positive_logits = keys.new_empty(positives.pair_rows.shape[0])
         positive_blocks = positive_logits.split(blocks.pair_sizes)
     elif positives is not None:
         positive_sum = keys.new_empty(n)
         positive_sum_blocks = blocks.split(positive_sum)
-        unmasked = blocks.fill_self(False, torch.bool, device) if self_index is not None else None
-    for b, (start, stop) in enumerate(blocks.bounds):
-        logits = torch.mm(query_blocks[b], keys_t, out=buffer.matrix(stop - start, keys.shape[0]))
-        if self_index is not None:
-            logits.put_(blocks.self_entries[b], minus_inf[b])
+    for b in range(len(blocks.bounds)):
+        logits = blocks.logits(b, query_blocks, keys_t, buffer)
         if blocks.sparse:
             torch.take(logits, blocks.pair_entries[b], out=positive_blocks[b])
         elif positives is not None:  # same labels: the pair (i, j) is also column j's positive i
-            mask = positives.block_mask(start, stop)
-            if self_index is not None:
-                mask.put_(blocks.self_entries[b], unmasked[b])
-            kept = torch.where(mask, logits, logits.new_zeros(()))
+            kept = torch.where(blocks.positive_mask(positives, b), logits, logits.new_zeros(()))
             torch.sum(kept, dim=1, out=positive_sum_blocks[b])
             if columns is not None:
                 columns[0].add_(kept.sum(dim=0))
@@ -347,7 +356,7 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
         col_positive_weight = col_coef / col_count.clamp_min(1).to(dtype)
         col_softmax_coef, col_max_row = col_coef[None, :] / col_sum, col_max[None, :]
 
-    blocks = _RowBlocks(n, m, positives, self_index)
+    blocks = _RowBlocks(n, m, positives, self_index, dtype)
     grad_q = torch.empty_like(q)
     grad_k = torch.zeros_like(k) if keys_grad else k.new_empty(0)
     grad_k_t = grad_k.T if keys_grad else None
@@ -357,7 +366,6 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
     query_blocks, transposed_query_blocks = blocks.split(q * scale), blocks.split(q.T, dim=1)
     grad_q_blocks, coef_blocks = blocks.split(grad_q), blocks.split(row_softmax_coef[:, None])
     max_blocks = blocks.split(row_max[:, None]) if not unshifted else None
-    minus_inf = blocks.fill_self(float("-inf"), dtype, q.device) if self_index is not None else None
     if blocks.sparse:
         pair_weight = row_positive_weight[positives.pair_rows]
         if symmetric:
@@ -365,12 +373,9 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
         pair_weight_blocks = pair_weight.neg_().split(blocks.pair_sizes)
     elif positives is not None:
         positive_weight_blocks = blocks.split(row_positive_weight[:, None])
-        unmasked = blocks.fill_self(False, torch.bool, q.device) if self_index is not None else None
     for b, (start, stop) in enumerate(blocks.bounds):
-        logits = torch.mm(query_blocks[b], keys_t, out=buffer.matrix(stop - start, m))
-        if self_index is not None:
-            logits.put_(blocks.self_entries[b], minus_inf[b])
-        grad_logits, grad_logits_t = gradient_buffer.matrix_and_transpose(stop - start, m)
+        logits = blocks.logits(b, query_blocks, keys_t, buffer)
+        grad_logits = gradient_buffer.matrix(stop - start, m)
         if symmetric and unshifted:  # one exp() serves both directions
             torch.mul(logits.exp_(), col_softmax_coef, out=grad_logits).addcmul_(logits, coef_blocks[b])
         elif symmetric:
@@ -383,10 +388,7 @@ def info_nce_backward(grad_row: Tensor, grad_col: Tensor, query: Tensor, keys: T
         if blocks.sparse:
             grad_logits.put_(blocks.pair_entries[b], pair_weight_blocks[b], accumulate=True)
         elif positives is not None:
-            mask = positives.block_mask(start, stop)
-            if self_index is not None:
-                mask.put_(blocks.self_entries[b], unmasked[b])
-            mask = mask.to(dtype)
+            mask = blocks.positive_mask(positives, b).to(dtype)
             grad_logits.sub_(mask * positive_weight_blocks[b])
             if symmetric:
                 grad_logits.sub_(mask * col_positive_weight[None, :])
