@@ -30,6 +30,14 @@ from ..runtime.validation import (
 from . import reference
 from .torch_backend import ALGORITHMS
 
+# Up to this many entries per (B, D) view, ``backend="auto"`` VICReg runs lightly's own order of
+# operations as plain autograd ops (``reference.vicreg``, no op), for the same bits as lightly:
+# lightly's tests compare its loss with the paper's code exactly, at 2 × 32. The price, measured
+# (fwd+bwd, 1 thread, process clock, 7 alternating rounds, min–median–max): at 2 × 32 the plain
+# path took 608–650–726 µs, lightly 637–663–688 and the fused op 547–582–643; at 64 × 64 the op
+# is 1.4× lightly (627 against 906 median), so larger views and grouped (B, G, D) ones take the op.
+LIGHTLY_ORDER_MAX_ENTRIES = 256
+
 Tensor = torch.Tensor
 
 
@@ -133,13 +141,13 @@ def vicreg(
         check_non_negative(name, value)
     eps = check_non_negative("eps", eps)
     check_choice("algorithm", algorithm, ALGORITHMS)
+    gathers = gather_distributed and distributed.world_size() > 1
+    if backend == "auto" and z_a.dim() == 2 and z_a.numel() <= LIGHTLY_ORDER_MAX_ENTRIES and not gathers:
+        return reference.vicreg(z_a, z_b, lambda_param, mu_param, nu_param, eps)
     grouped = [z.reshape(z.shape[0], -1, z.shape[-1]) for z in (z_a, z_b)]
     chosen = registry.select("vicreg_variance_covariance", backend, grouped)[0]
-    if chosen in registry.MANIFEST["vicreg"] and not (gather_distributed and distributed.world_size() > 1):
-        # the whole loss in one op (its gradients in closed form, in the same pass), where it exists.
-        # No small-size switch to the lightly-order reference: the op's step was faster at every size
-        # measured, 2 × 4 to 64 × 64 and up to 8192 rows at D = 4 (fwd+bwd, 1 thread, process clock,
-        # alternating, loaded machine: 0.55–0.65 ms against 0.59–0.71 ms at 2 × 4, 5–35% above that)
+    if chosen in registry.MANIFEST["vicreg"] and not gathers:
+        # the whole loss in one op (its gradients in closed form, in the same pass), where it exists
         core = registry.select("vicreg", chosen, grouped)[1]
         return core(*grouped, lambda_param, mu_param, nu_param, eps, algorithm)
     invariance = reference.invariance(z_a, z_b)

@@ -101,9 +101,12 @@ def _lightly_covariance(x: torch.Tensor) -> torch.Tensor:
     """lightly's ``covariance_loss`` of (B, …, D): mean over groups of Σ_{c≠d} Cov_cd² / D."""
     x = x - x.mean(dim=0)
     batch, dim = x.size(0), x.size(-1)
-    off_diagonal = ~torch.eye(dim, device=x.device, dtype=torch.bool)
     cov = torch.einsum("b...c,b...d->...cd", x, x) / (batch - 1)
-    return (cov[..., off_diagonal].pow(2).sum(-1) / dim).mean()
+    # lightly's cov[..., ~eye] without the mask: the flat (D·D) row minus its first entry, read as
+    # (D − 1) rows of D + 1, drops the diagonal as their last column. The same values in the same
+    # order, copied contiguous, so the sum has lightly's bits; no eye, no nonzero.
+    off_diagonal = cov.flatten(-2)[..., 1:].unflatten(-1, (dim - 1, dim + 1))[..., :-1].flatten(-2)
+    return (off_diagonal.pow(2).sum(-1) / dim).mean()
 
 
 def mutual_nearest_neighbors(a: torch.Tensor, b: torch.Tensor):

@@ -221,11 +221,12 @@ def _largest_saved(loss_fn, z_a, z_b):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", [pytest.param(_barlow, id="barlow_twins"), pytest.param(_vicreg, id="vicreg")])
 def test_auto_saves_nothing_larger_than_the_inputs(loss, backend):
-    """N < D: the Gram path, nothing D×D is kept for the backward (the reference keeps D×D)."""
+    """N < D: the Gram path, nothing D×D is kept for the backward (the reference keeps D×D, or for
+    VICReg its D(D − 1) off-diagonal entries)."""
     n, d = 6, 50
     z_a, z_b = _views(n, d, grad=True)
     assert _largest_saved(loss(backend, "auto"), z_a, z_b) == n * d  # the inputs themselves
-    assert _largest_saved(loss("reference", "auto"), z_a, z_b) >= d * d
+    assert _largest_saved(loss("reference", "auto"), z_a, z_b) >= d * (d - 1)
 
 
 @pytest.mark.parametrize("n,d,products", [pytest.param(6, 50, (2, 6, 6), id="N6-D50-gram"),

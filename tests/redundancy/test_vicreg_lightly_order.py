@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastssl.redundancy
 from fastssl import VICRegLoss
 
 from helpers import VICREG_SHAPES, _views
@@ -66,3 +67,24 @@ def test_reference_backend_is_lightlys_bits(shape, arguments):
         weights["eps"] = arguments[4]
     expected = _value_and_grads(lambda a, b: _lightly_vicreg(a, b, **weights), z_a, z_b)
     _assert_same_bits(_value_and_grads(VICRegLoss(*arguments, backend="reference"), z_a, z_b), expected)
+
+
+@pytest.mark.parametrize("shape", [(2, 32), (2, 3), (8, 32)])
+def test_default_backend_is_lightlys_bits_at_lightly_test_sizes(shape):
+    # lightly's own test compares VICRegLoss with the paper's code exactly at 2 × 32: up to
+    # LIGHTLY_ORDER_MAX_ENTRIES per view, "auto" runs lightly's order, value and gradients
+    assert shape[0] * shape[1] <= fastssl.redundancy.LIGHTLY_ORDER_MAX_ENTRIES
+    z_a, z_b = _views(*shape, scale=0.6, shift=0.2, grad=True)
+    _assert_same_bits(_value_and_grads(VICRegLoss(), z_a, z_b), _value_and_grads(_lightly_vicreg, z_a, z_b))
+
+
+def test_default_backend_takes_the_fused_op_above_the_lightly_order_size(monkeypatch):
+    called = []
+    monkeypatch.setattr(fastssl.redundancy.reference, "vicreg",
+                        lambda *args, **kwargs: called.append(args) or torch.zeros(()))
+    small = _views(2, 32, grad=True)
+    VICRegLoss()(*small)
+    assert len(called) == 1  # the lightly-order path is the one taken at 2 × 32
+    large = _views(4, fastssl.redundancy.LIGHTLY_ORDER_MAX_ENTRIES // 4 + 1, grad=True)
+    value = VICRegLoss()(*large)
+    assert len(called) == 1 and value.item() != 0.0  # above it, the op (not the reference)
