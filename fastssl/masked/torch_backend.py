@@ -27,23 +27,11 @@ from ..runtime import library
 from ..runtime.blocks import blocks
 from ..runtime.dtypes import compute_dtype
 from ..runtime.library import define_precomputed_gradient_op
+from ..runtime.normalize import normalize, normalize_backward_
 from .reference import NORM_PIX_EPS
 
 Tensor = torch.Tensor
 COSINE_EPS = 1e-8  # torch.cosine_similarity's: each vector over max(‖v‖, eps)
-
-
-def _unit(v: Tensor) -> Tuple[Tensor, Tensor]:
-    """Rows over max(‖v‖, 1e-8) (``torch.cosine_similarity``'s normalisation) and the norms (keepdim)."""
-    norms = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    return v / norms.clamp_min(COSINE_EPS), norms
-
-
-def _unit_backward_(unit: Tensor, norms: Tensor, grad: Tensor) -> Tensor:
-    """∂⟨grad, v̂⟩/∂v = (g − v̂(v̂·g))/‖v‖ (g/eps where the norm is clamped), written over ``grad``."""
-    unclamped = norms > COSINE_EPS
-    along = torch.where(unclamped, (unit * grad).sum(dim=-1, keepdim=True), torch.zeros_like(norms))
-    return grad.addcmul_(unit, along, value=-1).div_(norms.clamp_min(COSINE_EPS))
 
 
 def mae_forward(pred: Tensor, target: Tensor, mask: Tensor, patch_dims: int, normalize: bool,
@@ -92,8 +80,8 @@ def wav2vec2_contrastive_forward(x: Tensor, y: Tensor, negatives: Tensor, temper
     """``reference.wav2vec2_contrastive`` from each utterance's Gram S = x̂ŷᵀ/τ (T×T): logits
     [S_tt, S_t,n(t,k)], and ∂L/∂S = (softmax − e₀)/(B·T) scattered back (repeated distractors add)."""
     dtype = compute_dtype(x, y)
-    x_unit, x_norms = _unit(x.to(dtype))
-    y_unit, y_norms = _unit(y.to(dtype))
+    x_normalized, y_normalized = normalize(x.to(dtype), -1, COSINE_EPS), normalize(y.to(dtype), -1, COSINE_EPS)
+    x_unit, y_unit = x_normalized.unit, y_normalized.unit
     batch, frames, _ = x.shape
     count = batch * frames
     excluded = _equal_to_positive(y, negatives)
@@ -116,7 +104,7 @@ def wav2vec2_contrastive_forward(x: Tensor, y: Tensor, negatives: Tensor, temper
     loss = total / count
     if not with_gradient:
         return loss, library.empty_grad(x), library.empty_grad(y)
-    return loss, _unit_backward_(x_unit, x_norms, grad_x), _unit_backward_(y_unit, y_norms, grad_y)
+    return loss, normalize_backward_(x_normalized, grad_x), normalize_backward_(y_normalized, grad_y)
 
 
 def _wav2vec2_fake(x, y, negatives, temperature, with_gradient):
@@ -134,8 +122,9 @@ def hubert_forward(features: Tensor, codes: Tensor, targets: Tensor, weights: Te
     """``reference.hubert`` by row blocks of logits x̂ĉᵀ/τ (R×V): codes exactly equal to a frame's
     target embedding (other than the target) out of its softmax; ∂L/∂logits = w(softmax − e_target)."""
     dtype = compute_dtype(features, codes)
-    x_unit, x_norms = _unit(features.to(dtype))
-    c_unit, c_norms = _unit(codes.to(dtype))
+    x_normalized = normalize(features.to(dtype), -1, COSINE_EPS)
+    c_normalized = normalize(codes.to(dtype), -1, COSINE_EPS)
+    x_unit, c_unit = x_normalized.unit, c_normalized.unit
     _, group = torch.unique(codes + 0.0, dim=0, return_inverse=True)  # exact duplicates of a code
     w = weights.to(dtype)
     total = x_unit.new_zeros(())
@@ -156,7 +145,7 @@ def hubert_forward(features: Tensor, codes: Tensor, targets: Tensor, weights: Te
             grad_c.addmm_(grad_logits.T, x_unit[rows])
     if not with_gradient:
         return total, library.empty_grad(features), library.empty_grad(codes)
-    return total, _unit_backward_(x_unit, x_norms, grad_x), _unit_backward_(c_unit, c_norms, grad_c)
+    return total, normalize_backward_(x_normalized, grad_x), normalize_backward_(c_normalized, grad_c)
 
 
 def _hubert_fake(features, codes, targets, weights, temperature, with_gradient):
