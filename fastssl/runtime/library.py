@@ -63,7 +63,7 @@ def _define_once_differentiable(name: str, schema: str, forward: Callable, fake:
         ctx.mark_non_differentiable(*output[1:])
 
     def scaled(grad_loss, gradient):
-        if loss_per_index:
+        if loss_per_index and grad_loss.dim():  # a 0-dim scale broadcasts as it is: no reshape op
             grad_loss = grad_loss.reshape(grad_loss.shape + (1,) * (gradient.dim() - grad_loss.dim()))
         return grad_loss * gradient
 
