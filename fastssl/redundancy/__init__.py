@@ -142,7 +142,8 @@ def vicreg(
     eps = check_non_negative("eps", eps)
     check_choice("algorithm", algorithm, ALGORITHMS)
     gathers = gather_distributed and distributed.world_size() > 1
-    if registry.requested_backend(backend) == "auto" and z_a.dim() == 2 and z_a.numel() <= LIGHTLY_ORDER_MAX_ENTRIES and not gathers:
+    lightly_sized = z_a.dim() == 2 and z_a.numel() <= LIGHTLY_ORDER_MAX_ENTRIES
+    if lightly_sized and not gathers and registry.requested_backend(backend) == "auto":
         return reference.vicreg(z_a, z_b, lambda_param, mu_param, nu_param, eps)
     grouped = [z.reshape(z.shape[0], -1, z.shape[-1]) for z in (z_a, z_b)]
     chosen = registry.select("vicreg_variance_covariance", backend, grouped)[0]
