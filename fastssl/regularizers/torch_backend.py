@@ -52,7 +52,9 @@ def nearest_other_in_groups(queries: Tensor, candidates: Tensor, offset: int) ->
     columns = min(size, NEIGHBOUR_TILE_COLUMNS)
     rows_per_tile = max(1, NEIGHBOUR_TILE_SCALE * tiling.BLOCK_ELEMENTS // columns)  # read per call: tests shrink it
     groups_per_tile = max(1, rows_per_tile // rows)
-    best = torch.full((groups, rows), -math.inf, dtype=queries.dtype, device=queries.device)
+    running = columns < size  # several column tiles per row: keep a running max across them
+    if running:
+        best = torch.full((groups, rows), -math.inf, dtype=queries.dtype, device=queries.device)
     neighbours = torch.zeros(groups, rows, dtype=torch.long, device=queries.device)
     for first_group in range(0, groups, groups_per_tile):
         tile_groups = slice(first_group, first_group + groups_per_tile)
@@ -61,13 +63,12 @@ def nearest_other_in_groups(queries: Tensor, candidates: Tensor, offset: int) ->
             for first_column in range(0, size, columns):
                 similarity = queries[tile_groups, tile_rows] @ candidates[tile_groups,
                                                                           first_column:first_column + columns].mT
-                # the rows' own columns inside this tile (one diagonal run, in Python ints: no data-dependent shape)
-                low = max(tile_rows.start + offset, first_column)
-                high = min(tile_rows.stop + offset, first_column + similarity.shape[2])
-                if low < high:
-                    own = torch.arange(low, high, device=queries.device)
-                    similarity[:, own - offset - tile_rows.start, own - first_column] = -2
+                # the rows' own columns: one diagonal of the tile (an empty view where it holds none)
+                similarity.diagonal(tile_rows.start + offset - first_column, dim1=1, dim2=2).fill_(-2)
                 value, index = similarity.max(dim=2)
+                if not running:  # the tile holds every candidate: its max is the answer
+                    neighbours[tile_groups, tile_rows] = index
+                    continue
                 better = value > best[tile_groups, tile_rows]
                 best[tile_groups, tile_rows] = torch.where(better, value, best[tile_groups, tile_rows])
                 neighbours[tile_groups, tile_rows] = torch.where(better, index + first_column,
