@@ -37,7 +37,10 @@ def koleo_from_neighbours(queries: torch.Tensor, candidates: torch.Tensor, neigh
                           eps: float) -> torch.Tensor:
     """−mean log(‖x_i − c_{n(i)} + eps‖_p + eps) of unit rows ``queries`` (g, q, D), their groups'
     ``candidates`` (g, G, D) and neighbours (g, q) (indices into the group)."""
-    chosen = torch.gather(candidates, 1, neighbours[:, :, None].expand(-1, -1, candidates.shape[2]))
+    if queries.shape[0] == 1:  # one group: a row gather, whose backward (index_add) is cheaper than gather's
+        queries, chosen = queries[0], candidates[0].index_select(0, neighbours[0])
+    else:
+        chosen = torch.gather(candidates, 1, neighbours[:, :, None].expand(-1, -1, candidates.shape[2]))
     return -(F.pairwise_distance(queries, chosen, p=p, eps=eps) + eps).log().mean()
 
 
