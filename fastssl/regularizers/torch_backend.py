@@ -45,9 +45,9 @@ def nearest_other_in_groups(queries: Tensor, candidates: Tensor, offset: int) ->
     ``offset + i``; a group of one row is its own neighbour, as the reference's −2 gives).
 
     Tiles of at most NEIGHBOUR_TILE_SCALE × BLOCK_ELEMENTS similarities (rows × up to
-    NEIGHBOUR_TILE_COLUMNS candidates, or several small groups at once) with a running max per
-    row: O(tile) memory at any batch,
-    where the reference holds q × G. Ties keep the lowest index, as ``argmax`` does."""
+    NEIGHBOUR_TILE_COLUMNS candidates, or several small groups at once), with a running max per
+    row across column tiles when a group has more candidates than one tile holds: O(tile) memory at
+    any batch, where the reference holds q × G. Ties keep the lowest index, as ``argmax`` does."""
     groups, rows, size = queries.shape[0], queries.shape[1], candidates.shape[1]
     columns = min(size, NEIGHBOUR_TILE_COLUMNS)
     rows_per_tile = max(1, NEIGHBOUR_TILE_SCALE * tiling.BLOCK_ELEMENTS // columns)  # read per call: tests shrink it

@@ -10,8 +10,9 @@ import fastssl
 import fastssl.functional as fn
 from fastssl import BarlowTwinsLoss, VICRegLoss
 
-from helpers import (VICREG_SHAPES, BACKENDS_ON_CPU, HALF_DTYPES, _assert_barlow_within, _assert_close_scaled, _assert_grads_within,
-                     _assert_vicreg_within, _grads, _views, half_error_within_twice_reference)
+from helpers import (VICREG_SHAPES, BACKENDS_ON_CPU, HALF_DTYPES, _assert_barlow_within, _assert_close_scaled,
+                     _assert_grads_within, _assert_vicreg_within, _grads, _views,
+                     half_error_within_twice_reference)
 from oracles import barlow_formula, vicreg_formula, vicreg_terms
 
 # Ragged shapes: odd N, D not a power of two, N < D and N > D.
