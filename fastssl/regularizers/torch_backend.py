@@ -6,8 +6,9 @@ Each row's nearest neighbour n(i) = argmax_{j≠i} x̂_i·x̂_j (within its grou
 comes from tiles of rows against up to 4096 candidates with a running max (about
 4 × ``runtime.blocks.BLOCK_ELEMENTS`` similarities at a time, without gradient: the choice of
 neighbour has none), and the loss −mean log(‖x̂_i − x̂_{n(i)} + eps‖_p + eps) from the
-reference's O(N·D) expression, which autograd differentiates. Memory: O(N·D + tile) instead of
-N·G, for the same neighbours wherever no two candidates tie to rounding.
+reference's O(N·D) expression with its closed-form gradient formed in the forward (autograd
+differentiates it where a group spans ranks). Memory: O(N·D + tile) instead of N·G, for the same
+neighbours wherever no two candidates tie to rounding.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..runtime import library
+from ..runtime import distributed, library
 from ..runtime import blocks as tiling
 from ..runtime.blocks import blocks
 from ..runtime.library import define_precomputed_gradient_op
@@ -38,6 +39,14 @@ NEIGHBOUR_TILE_COLUMNS = 4096  # candidates per similarity tile: a tile's GEMM s
 NEIGHBOUR_TILE_SCALE = 4
 
 
+def _best_other(queries: Tensor, candidates: Tensor, own_diagonal: int) -> Tuple[Tensor, Tensor]:
+    """max and argmax over the candidates of one tile's similarities (g, q, c), the queries' own
+    entries (the tile's diagonal ``own_diagonal``: an empty view where it holds none) at −2."""
+    similarity = queries @ candidates.mT
+    similarity.diagonal(own_diagonal, dim1=1, dim2=2).fill_(-2)
+    return similarity.max(dim=2)
+
+
 @torch.no_grad()
 def nearest_other_in_groups(queries: Tensor, candidates: Tensor, offset: int) -> Tensor:
     """(g, q) int64: for each unit row of ``queries`` (g, q, D), the candidate of its group
@@ -53,6 +62,8 @@ def nearest_other_in_groups(queries: Tensor, candidates: Tensor, offset: int) ->
     rows_per_tile = max(1, NEIGHBOUR_TILE_SCALE * tiling.BLOCK_ELEMENTS // columns)  # read per call: tests shrink it
     groups_per_tile = max(1, rows_per_tile // rows)
     running = columns < size  # several column tiles per row: keep a running max across them
+    if not running and rows <= rows_per_tile and groups <= groups_per_tile:
+        return _best_other(queries, candidates, offset).indices  # one tile: no slicing, no copies (small batches)
     if running:
         best = torch.full((groups, rows), -math.inf, dtype=queries.dtype, device=queries.device)
     neighbours = torch.zeros(groups, rows, dtype=torch.long, device=queries.device)
@@ -61,11 +72,9 @@ def nearest_other_in_groups(queries: Tensor, candidates: Tensor, offset: int) ->
         for first_row in range(0, rows, rows_per_tile):
             tile_rows = slice(first_row, min(first_row + rows_per_tile, rows))
             for first_column in range(0, size, columns):
-                similarity = queries[tile_groups, tile_rows] @ candidates[tile_groups,
-                                                                          first_column:first_column + columns].mT
-                # the rows' own columns: one diagonal of the tile (an empty view where it holds none)
-                similarity.diagonal(tile_rows.start + offset - first_column, dim1=1, dim2=2).fill_(-2)
-                value, index = similarity.max(dim=2)
+                value, index = _best_other(queries[tile_groups, tile_rows],
+                                           candidates[tile_groups, first_column:first_column + columns],
+                                           tile_rows.start + offset - first_column)
                 if not running:  # the tile holds every candidate: its max is the answer
                     neighbours[tile_groups, tile_rows] = index
                     continue
@@ -76,12 +85,72 @@ def nearest_other_in_groups(queries: Tensor, candidates: Tensor, offset: int) ->
     return neighbours
 
 
+def _koleo_distance_grads(difference: Tensor, distances: Tensor, p: float, weights: Tensor) -> Tensor:
+    """∂/∂d of Σ_i w_i‖d_i‖_p for rows d (n, D), their norms (n,) and weights w (n,): torch's
+    norm backward, d_i|d_i|^(p−2)·w_i/‖d_i‖^(p−1) (sign(d) for p = 1), 0 where ‖d_i‖ = 0 (there
+    d_i = 0, so a clamped norm gives the 0)."""
+    if p == 1:
+        return difference.sign().mul_(weights[:, None])
+    tiny = torch.finfo(distances.dtype).tiny
+    if p == 2:
+        return difference * (weights / distances.clamp_min(tiny))[:, None]
+    scale = weights / distances.clamp_min(tiny).pow(p - 1)
+    return difference.sign().mul_(difference.abs().pow_(p - 1)).mul_(scale[:, None])
+
+
+def koleo_local_forward(x: Tensor, p: float, eps: float, group_size: Optional[int], with_gradient: bool
+                        ) -> Tuple[Tensor, Tensor]:
+    """x: (N, D) → (loss, ∂loss/∂x) in the compute dtype: ``reference.koleo`` on groups of local rows
+    (``group_size`` dividing N, None: one group) with its closed-form gradient, the rows'
+    normalisation included (no autograd graph). With x̂ = x/max(‖x‖, eps), d_i = x̂_i − x̂_{n(i)} +
+    eps and r_i = ‖d_i‖_p (``F.pairwise_distance``'s expression, the same bits), the loss is
+    −mean log(r_i + eps), ∂/∂r_i = −1/(N(r_i + eps)); d_i's gradient goes to x̂_i and, negated, to
+    x̂_{n(i)} (an index_add), then through the normalisation (``runtime.normalize_backward_``)."""
+    rows = normalize(x.to(compute_dtype(x)), 1, eps)
+    unit = rows.unit
+    batch, dim = unit.shape
+    size = group_size or batch
+    grouped = unit.view(-1, size, dim)
+    neighbours = nearest_other_in_groups(grouped, grouped, 0)
+    if size < batch:  # indices within each group → row indices
+        neighbours = neighbours + torch.arange(0, batch, size, device=x.device)[:, None]
+    neighbours = neighbours.view(-1)
+    difference = (unit - unit.index_select(0, neighbours)).add_(eps)
+    distances = torch.linalg.vector_norm(difference, p, dim=1)
+    shifted = distances + eps
+    loss = -shifted.log().mean()
+    if not with_gradient:
+        return loss, library.empty_grad(x)
+    grad_difference = _koleo_distance_grads(difference, distances, p, shifted.reciprocal_().mul_(-1.0 / batch))
+    return loss, normalize_backward_(rows, grad_difference.index_add(0, neighbours, grad_difference, alpha=-1))
+
+
+def _koleo_local_fake(x, p, eps, group_size, with_gradient):
+    dtype = compute_dtype(x)
+    return (x.new_empty((), dtype=dtype), *library.gradient_fakes(with_gradient, (x,), dtype))
+
+
+koleo_local = define_precomputed_gradient_op("koleo", "Tensor x, float p, float eps, int? group_size", 1, 0,
+                                             koleo_local_forward, _koleo_local_fake)
+
+
 def koleo(x: Tensor, p: float, eps: float, group_size: Optional[int] = None, gather_distributed: bool = False
           ) -> Tensor:
-    """``reference.koleo``'s signature and result, the neighbours from ``nearest_other_in_groups``."""
+    """``reference.koleo``'s signature and result, the neighbours from ``nearest_other_in_groups``:
+    the closed-form op ``koleo_local`` where every group lies in the local rows and p ≥ 1
+    (autograd's backward through the normaliser, the gather and the distance costs more than the
+    forward); a group spanning ranks (its candidates' gradients go to other ranks) or p < 1
+    (|d|^(p−1) is infinite at d = 0, where torch's norm backward has its own convention)
+    differentiates the same expression by autograd."""
+    world = distributed.world_size() if gather_distributed else 1
+    if (group_size or x.shape[0] * world) <= x.shape[0] and p >= 1:
+        return koleo_local(x, p, eps, group_size)
     x = F.normalize(x.to(compute_dtype(x)), p=2, dim=-1, eps=eps)
     queries, candidates, offset = koleo_groups(x, group_size, gather_distributed)
     return koleo_from_neighbours(queries, candidates, nearest_other_in_groups(queries, candidates, offset), p, eps)
+
+
+koleo.op = koleo_local.op  # the registered op behind the backend (what opcheck checks)
 
 
 def _divergence_and_logit_grads(p: Tensor, q: Tensor, with_gradient: bool

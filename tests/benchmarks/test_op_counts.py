@@ -25,6 +25,7 @@ PINNED = {
     ("redundancy", 16, 64): {"barlow_twins": 101, "vicreg": 165},
     ("redundancy", 64, 16): {"barlow_twins": 78, "vicreg": 155},
     ("byol", 300, 256): {"negative_cosine_similarity": 26},
+    ("regularizers", 128, 32): {"koleo": 36},  # the closed-form op
 }
 
 

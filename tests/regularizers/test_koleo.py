@@ -54,6 +54,21 @@ def test_koleo_gradcheck(backend):
     x = separated_rows(9, 4, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: fn.koleo(t, 2.0, 1e-8, backend=backend), (x,))
     assert torch.autograd.gradcheck(lambda t: fn.koleo(t, 3.0, 1e-3, backend=backend), (x,))
+    assert torch.autograd.gradcheck(lambda t: fn.koleo(t, 1.0, 1e-8, backend=backend), (x,))
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 1.5, 2.0])
+def test_koleo_torch_gradient_equals_autograd_of_the_reference(p):
+    """The torch backend's closed-form gradient (p ≥ 1; autograd below) against autograd
+    through the reference, float64, one group and groups of 4."""
+    x = separated_rows(16, 5, dtype=torch.float64).requires_grad_(True)
+    for group_size in (None, 4):
+        loss = fn.koleo(x, p, 1e-3, group_size=group_size, backend="torch")
+        expected = fn.koleo(x, p, 1e-3, group_size=group_size, backend="reference")
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+        grad, = torch.autograd.grad(loss, x)
+        expected_grad, = torch.autograd.grad(expected, x)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

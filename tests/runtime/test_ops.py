@@ -42,7 +42,8 @@ def _op_samples(dtype):
         ("mutual_nearest_neighbors", (rand(3, 7, 5, grad=False), rand(3, 2, 4, 5, grad=False))),
         ("mutual_nearest_neighbors", (rand(3, 7, 2, grad=False), rand(3, 1, 9, 2, grad=False))),
         ("negative_cosine_similarity", (rand(7, 5), rand(7, 5), 1e-8)),
-        ("koleo", (rand(7, 5), 2.0, 1e-8)),
+        ("koleo", (rand(7, 5), 2.0, 1e-8, None)),
+        ("koleo", (rand(6, 5), 3.0, 1e-3, 3)),  # groups of 3 rows, another p
         ("co2", (torch.nn.functional.normalize(rand(6, 5), dim=1), torch.nn.functional.normalize(rand(6, 5), dim=1),
                  None, 1.0, 5.0)),
         ("co2", (rand(6, 5), rand(6, 5), torch.nn.functional.normalize(rand(9, 5, grad=False), dim=1), 1.0, 5.0)),
@@ -95,7 +96,7 @@ def _overload(fn):
 # mmcr and emp_ssl compose ops checked in tests/spectral (nuclear_norm, total_coding_rate) with plain ones;
 # wmse composes whitening with plain ones; dse composes nuclear_norm and effective_dimensionality
 # (opchecked in tests/regularizers/test_dse.py) with plain ones.
-PLAIN_PYTORCH_OPS = {"koleo", "mmcr", "emp_ssl", "wmse", "dse"}
+PLAIN_PYTORCH_OPS = {"mmcr", "emp_ssl", "wmse", "dse"}
 
 
 def _torch_backend(name):
