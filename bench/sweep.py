@@ -5,7 +5,8 @@ lightly 1.6 and the family's plain PyTorch code (fastssl's ``reference`` backend
 
 For each (loss, size, thread count) the providers are timed in alternating rounds on the same
 inputs (``bench.versus``'s steps: forward + backward, ``--runs`` of them per provider per round,
-one where a step takes over a second; the order rotates every round), so load on a shared machine
+more where they take under ``--min-round-ms`` together, one where a step takes over a second; the
+order rotates every round), so load on a shared machine
 hits all of them alike. The ratio of a round is the other provider's time over fastssl's; a cell
 is the median of the rounds [min–max]. A provider whose first step exceeds ``--max-step-s`` is
 left out of that size and every larger one (the row says so). Writes ``sweep.md``, ``sweep.json``
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -86,10 +88,20 @@ def providers(case: core.Case) -> Dict[str, Callable[[], Callable]]:
             LIGHTLY: case.peers[LIGHTLY]}
 
 
+def steps_per_round(step_ms: float, runs: int, min_round_ms: float) -> int:
+    """``runs`` steps, or as many more as fill ``min_round_ms`` (a round of three 0.4 ms steps is
+    within a scheduler tick: its time is noise), one where a step takes over a second."""
+    if step_ms > 1e3:
+        return 1
+    return max(runs, math.ceil(min_round_ms / max(step_ms, 1e-3)))
+
+
 def alternate(case: core.Case, builders: Dict[str, Callable[[], Callable]], rounds: int, runs: int,
-              clock: Callable[[], float], max_step_s: float) -> dict:
+              clock: Callable[[], float], max_step_s: float, min_round_ms: float = 0.0) -> dict:
     """Time every provider of ``builders`` in alternating rounds: {"ms": {provider: median},
-    "ratios": {provider: [its ms / fastssl ms per round]}, "skipped": {provider: why}}."""
+    "ratios": {provider: [its ms / fastssl ms per round]}, "skipped": {provider: why}}. Each
+    round of a provider runs ``steps_per_round`` steps (from its second step's time: the first
+    pays one-time costs)."""
     args, leaves = core.make_inputs(case, torch.device("cpu"), torch.float32)
     forward_only = not case.differentiable  # Sinkhorn: no gradient, the forward is timed
     losses, first_ms, skipped = {}, {}, {}
@@ -105,13 +117,15 @@ def alternate(case: core.Case, builders: Dict[str, Callable[[], Callable]], roun
         if first_ms[name] > max_step_s * 1e3:
             skipped[name] = f"first step {first_ms[name] / 1e3:.1f} s > --max-step-s {max_step_s:g}"
             del losses[name]
+    steps = {name: steps_per_round(first_ms[name] if first_ms[name] > 1e3 else
+                                   versus._steps_ms(losses[name], args, leaves, 1, clock, forward_only),
+                                   runs, min_round_ms) for name in losses}
     times: Dict[str, List[float]] = {name: [] for name in losses}
     order = list(losses)
     for round_index in range(rounds):
         shift = round_index % max(len(order), 1)
         for name in order[shift:] + order[:shift]:
-            times[name].append(versus._steps_ms(losses[name], args, leaves,
-                                                1 if first_ms[name] > 1e3 else runs, clock, forward_only))
+            times[name].append(versus._steps_ms(losses[name], args, leaves, steps[name], clock, forward_only))
     ratios = ({name: [t / f for t, f in zip(times[name], times[FASTSSL])] for name in times if name != FASTSSL}
               if FASTSSL in times else {})
     return {"ms": {name: statistics.median(t) for name, t in times.items()}, "ratios": ratios, "skipped": skipped}
@@ -119,7 +133,7 @@ def alternate(case: core.Case, builders: Dict[str, Callable[[], Callable]], roun
 
 def run(families: Sequence[str], sizes: Sequence[int], thread_counts: Sequence[int], rounds: int, runs: int,
         clock: str, losses: Sequence[str] = (), dim: Optional[int] = None, max_step_s: float = 10.0,
-        max_input_gb: float = 4.0) -> List[dict]:
+        max_input_gb: float = 4.0, min_round_ms: float = 0.0) -> List[dict]:
     """One row per (family, loss, size, threads). A provider skipped at a size for its time stays
     skipped at the larger sizes of that loss and thread count; a case whose inputs exceed
     ``max_input_gb`` (DINO's 12 crops × 65,536 dims grow fast) is not built, its row says so."""
@@ -138,7 +152,8 @@ def run(families: Sequence[str], sizes: Sequence[int], thread_counts: Sequence[i
                         why = f"inputs {size_bytes / 2 ** 30:.1f} GiB > --max-input-gb {max_input_gb:g}"
                         result = {"ms": {}, "ratios": {}, "skipped": {name: why for name in builders}}
                     else:
-                        result = alternate(case, builders, rounds, runs, versus.CLOCKS[clock_name], max_step_s)
+                        result = alternate(case, builders, rounds, runs, versus.CLOCKS[clock_name], max_step_s,
+                                           min_round_ms)
                     skipped = dict(result["skipped"])
                     for name, why in skipped.items():
                         if why.startswith("first step"):
@@ -229,6 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="auto: process CPU time at one thread, wall time with more")
     parser.add_argument("--max-step-s", type=float, default=10.0,
                         help="leave out a provider whose first step takes longer (and its larger sizes)")
+    parser.add_argument("--min-round-ms", type=float, default=100.0,
+                        help="a provider's round runs at least --runs steps and as many as take this long")
     parser.add_argument("--max-input-gb", type=float, default=4.0,
                         help="leave out a case whose inputs take more memory (GiB)")
     parser.add_argument("--out", type=Path, help="folder for sweep.md / sweep.json / PNGs "
@@ -247,10 +264,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = args.out or report.RESULTS_DIR / info["key"] / "sweep"
     started = time.perf_counter()
     rows = run(args.family, args.sizes, sorted(set(args.threads)), args.rounds, args.runs, args.clock,
-               args.loss, args.dim, args.max_step_s, args.max_input_gb)
+               args.loss, args.dim, args.max_step_s, args.max_input_gb, args.min_round_ms)
     command = " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"{report.machine_line(info)}; fwd+bwd float32, {args.rounds} alternating rounds of {args.runs} "
-              f"steps per provider, clock {args.clock}; {time.perf_counter() - started:.0f} s\n\n"
+              f"steps per provider (more where they take under {args.min_round_ms:g} ms), clock {args.clock}; "
+              f"{time.perf_counter() - started:.0f} s\n\n"
               f"command: `python -m bench.sweep {command}`")
     out.mkdir(parents=True, exist_ok=True)
     plot_paths: List[Path] = []

@@ -188,6 +188,15 @@ def test_sweep_rows_ratios_and_writers(tmp_path):
     assert slow[1]["skipped"][sweep.PLAIN].startswith("skipped: slower than --max-step-s at 6 rows")
 
 
+def test_sweep_rounds_of_fast_steps_fill_the_minimum_round_time():
+    from bench import sweep
+
+    assert sweep.steps_per_round(0.4, 3, 100.0) == 250  # sub-ms steps: enough to outlast scheduler noise
+    assert sweep.steps_per_round(50.0, 3, 100.0) == 3  # --runs already fills the round
+    assert sweep.steps_per_round(2e3, 3, 1e4) == 1  # a step over a second runs once, as before
+    assert sweep.steps_per_round(0.4, 3, 0.0) == 3  # the default of run(): --runs as given
+
+
 @pytest.mark.parametrize("family,sizes,dim,losses", [
     ("clustering", [6, 12], 10, ["swav", "sinkhorn_knopp"]),
     ("whitening", [8, 16], 4, ["wmse", "whitening2d"]),
