@@ -129,12 +129,15 @@ def grouped_koleo64(x, group_size, p=2.0, eps=1e-8):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("group_size", [1, 4, 9, 36], ids=lambda g: f"G{g}")
-@pytest.mark.parametrize("tiles", ["one-tile", "ragged-tiles"])
+@pytest.mark.parametrize("tiles", ["one-tile", "ragged-tiles", "symmetric-tiles"])
 def test_koleo_groups_equal_float64_formula(group_size, tiles, backend, monkeypatch):
     if tiles == "ragged-tiles":  # tiles of 5 rows × 3 candidates: row and column tails, self entries split
         monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 15)
         monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_SCALE", 1)
         monkeypatch.setattr(koleo_torch_backend, "NEIGHBOUR_TILE_COLUMNS", 3)
+    if tiles == "symmetric-tiles":  # one group of 36 (G36) in tiles of 5 × 5 on and above the diagonal
+        monkeypatch.setattr(koleo_torch_backend, "SYMMETRIC_MIN_ROWS", 2)
+        monkeypatch.setattr(koleo_torch_backend, "SYMMETRIC_TILE_ROWS", 5)
     x = separated_rows(36, 6, dtype=torch.float64).requires_grad_(True)
     loss = fn.koleo(x, group_size=group_size, backend=backend)
     exact = grouped_koleo64(x.detach(), group_size)
@@ -174,6 +177,39 @@ def test_koleo_tiles_bound_the_similarities_held(monkeypatch):
     assert largest and max(largest) <= koleo_torch_backend.NEIGHBOUR_TILE_SCALE * 1000 < 300 * 300 / 4
     cosine = (x[0] @ x[0].T).fill_diagonal_(-2)
     assert torch.equal(neighbours[0], cosine.argmax(dim=1))
+
+
+@pytest.mark.parametrize("n,tile", [(50, 7), (49, 7), (12, 12), (3, 1)])
+def test_koleo_symmetric_search_equals_argmax(n, tile, monkeypatch):
+    """The symmetric search (tiles on and above the diagonal, each offering its row max to its rows
+    and its column max to its columns' rows) finds every row's argmax, ragged last tiles and tiles
+    of one row included; and no GEMM it makes is larger than a tile."""
+    monkeypatch.setattr(koleo_torch_backend, "SYMMETRIC_TILE_ROWS", tile)
+    unit = torch.nn.functional.normalize(separated_rows(n, 6, dtype=torch.float64), dim=1)
+    largest = []
+    original = torch.Tensor.__matmul__
+
+    def counting(a, b):
+        out = original(a, b)
+        largest.append(out.shape)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
+    neighbours = koleo_torch_backend.nearest_other_symmetric(unit)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", original)
+    assert max(max(shape) for shape in largest) <= tile
+    cosine = (unit @ unit.T).fill_diagonal_(-2)
+    assert torch.equal(neighbours, cosine.argmax(dim=1))
+
+
+def test_koleo_symmetric_search_keeps_the_lowest_of_equal_candidates(monkeypatch):
+    """Rows 0, 4 and 9 are one vector: each one's neighbours tie exactly, and as argmax the lowest
+    index other than itself wins, wherever the tiles put the candidates."""
+    monkeypatch.setattr(koleo_torch_backend, "SYMMETRIC_TILE_ROWS", 3)
+    unit = torch.nn.functional.normalize(torch.randn(11, 4, dtype=torch.float64), dim=1)
+    unit[4] = unit[9] = unit[0]
+    neighbours = koleo_torch_backend.nearest_other_symmetric(unit)
+    assert neighbours[[0, 4, 9]].tolist() == [4, 0, 0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
