@@ -49,6 +49,15 @@ SYMMETRIC_MIN_ROWS = 2048
 SYMMETRIC_TILE_ROWS = 768
 
 
+def _keep_better(best: Tensor, neighbours: Tensor, key, value: Tensor, index: Tensor, first_candidate: int) -> None:
+    """The running max of a search: where a tile's ``value`` beats ``best[key]`` (strictly: ties keep
+    the earlier, lower candidate), take it and its candidate ``index + first_candidate``."""
+    current = best[key]
+    better = value > current
+    best[key] = torch.where(better, value, current)
+    neighbours[key] = torch.where(better, index + first_candidate, neighbours[key])
+
+
 def _best_other(queries: Tensor, candidates: Tensor, own_diagonal: int) -> Tuple[Tensor, Tensor]:
     """max and argmax over the candidates of one tile's similarities (g, q, c), the queries' own
     entries (the tile's diagonal ``own_diagonal``: an empty view where it holds none) at −2."""
@@ -69,22 +78,15 @@ def nearest_other_symmetric(unit: Tensor) -> Tensor:
     tile = max(1, min(SYMMETRIC_TILE_ROWS, math.isqrt(NEIGHBOUR_TILE_SCALE * tiling.BLOCK_ELEMENTS)))
     best = torch.full((n,), -math.inf, dtype=unit.dtype, device=unit.device)
     neighbours = torch.zeros(n, dtype=torch.long, device=unit.device)
-
-    def offer(rows: slice, value: Tensor, index: Tensor, first_candidate: int) -> None:
-        current = best[rows]
-        better = value > current
-        best[rows] = torch.where(better, value, current)
-        neighbours[rows] = torch.where(better, index + first_candidate, neighbours[rows])
-
     for first in range(0, n, tile):
         block = unit[first:first + tile]
         for other in range(first, n, tile):
             similarity = block @ unit[other:other + tile].T
             if other == first:
                 similarity.fill_diagonal_(-2)  # the rows themselves
-            offer(slice(first, first + tile), *similarity.max(dim=1), other)
+            _keep_better(best, neighbours, slice(first, first + tile), *similarity.max(dim=1), other)
             if other > first:
-                offer(slice(other, other + tile), *similarity.max(dim=0), first)
+                _keep_better(best, neighbours, slice(other, other + tile), *similarity.max(dim=0), first)
     return neighbours
 
 
@@ -123,10 +125,7 @@ def nearest_other_in_groups(queries: Tensor, candidates: Tensor, offset: int) ->
                 if not running:  # the tile holds every candidate: its max is the answer
                     neighbours[tile_groups, tile_rows] = index
                     continue
-                better = value > best[tile_groups, tile_rows]
-                best[tile_groups, tile_rows] = torch.where(better, value, best[tile_groups, tile_rows])
-                neighbours[tile_groups, tile_rows] = torch.where(better, index + first_column,
-                                                                 neighbours[tile_groups, tile_rows])
+                _keep_better(best, neighbours, (tile_groups, tile_rows), value, index, first_column)
     return neighbours
 
 
